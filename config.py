@@ -1,0 +1,234 @@
+"""The one training config: defaults, help text, validation and the command line.
+
+Every field is a ``--flag`` of ``train.py`` with the field's help text. Defaults point at the
+embedded tiny model and toy data that ``scripts/setup.sh`` builds, so ``python train.py`` runs
+offline; the ``exps/*.sh`` scripts override them with published settings.
+"""
+
+import argparse
+import dataclasses
+import json
+import math
+import platform
+import subprocess
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from losses import get_spec, loss_names
+from losses.dpo import DPO_BETA
+from losses.kto import KTO_UTILITIES
+
+REPO_ROOT = Path(__file__).resolve().parent
+EMBEDDED_MODEL = REPO_ROOT / "build" / "tiny-sd15"
+EMBEDDED_DATA = REPO_ROOT / "build" / "toy-data"
+
+# Released Diffusion-KTO trainer: images labelled by their Pick-a-Pic comparison record.
+DEFAULT_SPLIT_LABELS = "exclusive_win=1,intersections=1,exclusive_lose=0"
+# Diffusion-KTO paper: each drawn sample is desirable with probability gamma = 0.8 (best).
+KTO_DESIRABLE_PROB = 0.8
+# Both released trainers replace the caption by "" with probability 0.2 (classifier-free guidance).
+CAPTION_DROPOUT = 0.2
+
+LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "datasets", "peft", "safetensors")
+
+
+def arg(default: Any, help: str, **extra: Any) -> Any:
+    """A config field with its help text (shown by ``train.py --help``)."""
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # Model
+    pretrained_model: str = arg(
+        str(EMBEDDED_MODEL), "diffusers-format model: local directory or hub name"
+    )
+    revision: str | None = arg(None, "hub revision of --pretrained_model")
+    variant: str | None = arg(None, "weight variant to load, e.g. fp16")
+    reference_model: str | None = arg(
+        None, "frozen reference UNet's model (default: the same weights as --pretrained_model)"
+    )
+    pretrained_vae: str | None = arg(None, "a separate VAE (directory or hub name), e.g. fp16-fix")
+
+    # Loss
+    loss: str = arg("dpo", "preference loss", choices=loss_names())
+    beta: float = arg(DPO_BETA, "KL strength beta (DPO: released 5000; KTO: paper 5000)")
+    kto_utility: str = arg(
+        "kahneman_tversky", "KTO utility function", choices=sorted(KTO_UTILITIES)
+    )
+    lambda_desirable: float = arg(1.0, "KTO weight of desirable samples")
+    lambda_undesirable: float = arg(1.0, "KTO weight of undesirable samples")
+
+    # Data
+    data: str = arg(
+        str(EMBEDDED_DATA / "pickapic"),
+        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name",
+    )
+    csv: str | None = arg(
+        None, "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
+    )
+    images: str | None = arg(None, "image root that --csv file_name entries are relative to")
+    split_labels: str = arg(DEFAULT_SPLIT_LABELS, "CSV split -> label (1 desirable, 0 not)")
+    kto_desirable_prob: float = arg(
+        KTO_DESIRABLE_PROB, "probability that a drawn CSV sample is desirable (gamma)"
+    )
+    hub_split: str = arg("train", "split of a hub dataset given as --data")
+    resolution: int = arg(512, "training resolution: shorter side resized, then square crop")
+    random_crop: bool = arg(False, "random instead of centre crop (shared by a pair)")
+    random_flip: bool = arg(True, "horizontal flip with p=0.5 (one coin per pair)")
+    caption_dropout: float = arg(CAPTION_DROPOUT, "probability a caption is replaced by ''")
+    row_groups_per_block: int = arg(1, "parquet row groups shuffled together")
+    dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
+
+    # Optimisation
+    train_batch_size: int = arg(1, "per-device batch: pairs (dpo) or images (kto, sft)")
+    gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
+    max_train_steps: int = arg(2000, "optimizer steps")
+    learning_rate: float = arg(2.048e-5, "peak learning rate (no hidden batch scaling)")
+    lr_scheduler: str = arg(
+        "constant_with_warmup",
+        "learning-rate schedule",
+        choices=["constant", "constant_with_warmup", "linear", "cosine"],
+    )
+    lr_warmup_steps: int = arg(500, "warm-up optimizer steps")
+    adam_beta1: float = arg(0.9, "AdamW beta1")
+    adam_beta2: float = arg(0.999, "AdamW beta2")
+    adam_epsilon: float = arg(1e-8, "AdamW epsilon")
+    weight_decay: float = arg(1e-2, "AdamW weight decay")
+    max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
+    mixed_precision: str = arg(
+        "no",
+        "compute precision of the UNets (trainable weights stay fp32)",
+        choices=["no", "fp16", "bf16"],
+    )
+    gradient_checkpointing: bool = arg(False, "recompute UNet activations in backward")
+    seed: int = arg(0, "seed for data order, augmentation, timesteps and noise")
+
+    # Output
+    output_dir: str = arg("outputs/run", "where checkpoints, logs and the final unet/ go")
+    checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
+    checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
+    resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
+    tracker_project: str = arg("prefdiff", "tracker project name")
+
+    def validate(self) -> None:
+        """Fail at start-up, not hours in."""
+        spec = get_spec(self.loss)
+        problems = []
+        if spec.pairwise and self.csv:
+            problems.append(f"--loss {self.loss} trains on pairs: give --data, not --csv")
+        if self.loss == "kto" and not self.csv:
+            problems.append("--loss kto needs per-image labels: give --csv and --images")
+        if self.csv and not self.images:
+            problems.append("--csv needs --images (the image root of its file_name entries)")
+        positive = (
+            "beta",
+            "resolution",
+            "train_batch_size",
+            "gradient_accumulation_steps",
+            "max_train_steps",
+            "checkpointing_steps",
+            "learning_rate",
+        )
+        problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
+        if self.resolution % 8:
+            problems.append("--resolution must be a multiple of 8 (the VAE downsamples by 8)")
+        for name in ("caption_dropout", "kto_desirable_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"--{name} must be in [0, 1]")
+        if self.lr_warmup_steps < 0 or self.dataloader_num_workers < 0:
+            problems.append("--lr_warmup_steps and --dataloader_num_workers must be >= 0")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            problems.append("--checkpoints_total_limit must be >= 1")
+        if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
+            problems.append("--max_grad_norm must be finite and >= 0")
+        if problems:
+            raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _field_type(annotation: Any) -> type:
+    """The scalar type behind ``X | None``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        (annotation,) = [a for a in typing.get_args(annotation) if a is not type(None)]
+    return annotation
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(scalar: type) -> Any:
+    """Parser that maps 'none' to None, so a script variable can unset an optional flag."""
+
+    def parse(text: str) -> Any:
+        return None if text.lower() in ("none", "") else scalar(text)
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Diffusion-DPO / Diffusion-KTO / SFT preference fine-tuning",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    for f in dataclasses.fields(TrainConfig):
+        scalar = _field_type(f.type)
+        optional = scalar is not f.type
+        parse = _parse_bool if scalar is bool else scalar
+        parser.add_argument(
+            f"--{f.name}",
+            type=_optional(parse) if optional else parse,
+            default=f.default,
+            choices=f.metadata.get("choices"),
+            metavar="BOOL" if scalar is bool else None,
+            help=f.metadata["help"],
+        )
+    return parser
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    config.validate()
+    return config
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=5
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def provenance(config: TrainConfig) -> dict[str, Any]:
+    """What is saved with every checkpoint: the resolved config, versions and code revision."""
+    return {"config": config.to_dict(), "versions": library_versions(), "git_sha": git_sha()}
+
+
+def write_json(path: Path, payload: Any) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,147 @@
+"""Timesteps, noise and per-sample denoising errors for policy and reference.
+
+Randomness is drawn per *group* (a pair, or a single image) from a generator seeded by the
+group's index in this process's stream, so the draws of a sample do not depend on how samples
+are batched: batch 2 x accumulation 1 sees exactly the noise of batch 1 x accumulation 2, and a
+resumed run re-derives its draws from the step count alone.
+"""
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+
+
+@dataclass
+class GroupDraws:
+    """Random draws for N = group_size * G samples laid out as [group member][group index]
+    (pairs: all chosen first, then all rejected), matching the batch layout."""
+
+    latent_eps: torch.Tensor  # [N, C, h, w] VAE posterior sample noise (one per image)
+    timesteps: torch.Tensor  # [N] long, shared within a group
+    noise: torch.Tensor  # [N, C, h, w], shared within a group
+
+
+def group_generator(seed: int, process_index: int, group_index: int) -> torch.Generator:
+    """A generator unique to one group of one process, derived without any state."""
+    state = np.random.SeedSequence([seed, process_index, group_index]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def draw_groups(
+    latent_shape: tuple[int, int, int],
+    group_size: int,
+    first_group: int,
+    num_groups: int,
+    num_train_timesteps: int,
+    seed: int,
+    process_index: int,
+) -> GroupDraws:
+    """Draw, for groups ``first_group .. first_group + num_groups - 1``, one VAE sample noise per
+    image and one timestep and diffusion noise per group (Diffusion-DPO: a pair shares both)."""
+    latent_eps, timesteps, noise = [], [], []
+    for g in range(first_group, first_group + num_groups):
+        gen = group_generator(seed, process_index, g)
+        latent_eps.append(torch.randn((group_size, *latent_shape), generator=gen))
+        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=gen))
+        noise.append(torch.randn(latent_shape, generator=gen))
+    # [G, group_size, ...] -> [group_size * G, ...] with group members outermost.
+    eps = torch.stack(latent_eps, dim=1).flatten(0, 1)
+    return GroupDraws(
+        latent_eps=eps,
+        timesteps=torch.cat(timesteps).repeat(group_size),
+        noise=torch.stack(noise).repeat(group_size, 1, 1, 1),
+    )
+
+
+@torch.no_grad()
+def posterior_moments(
+    vae: AutoencoderKL, pixels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """pixels [N, 3, H, W] in [-1, 1] -> (mean, std) of the VAE posterior, each [N, C, h, w]."""
+    dist = vae.encode(pixels.to(vae.device, vae.dtype)).latent_dist
+    return dist.mean.float(), dist.std.float()
+
+
+def scaled_latents(
+    vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor
+) -> torch.Tensor:
+    """A posterior sample times the VAE scaling factor (minus its shift, for VAEs that have one)."""
+    latents = mean + std * eps.to(mean)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def noisy_inputs_and_target(
+    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, and the model's regression target."""
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    prediction_type = scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noisy, noise
+    if prediction_type == "v_prediction":
+        return noisy, scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"unsupported prediction_type {prediction_type!r}")
+
+
+def denoising_errors(
+    unet: UNet2DConditionModel,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: dict[str, torch.Tensor],
+    target: torch.Tensor,
+) -> torch.Tensor:
+    """Per-sample mean over C, H, W of the squared error, in fp32 -> [N].
+
+    The prediction is upcast before subtracting, so half-precision UNets give fp32 errors."""
+    dtype = (
+        next(unet.parameters()).dtype if not torch.is_autocast_enabled(noisy.device.type) else None
+    )
+    inputs = noisy if dtype is None else noisy.to(dtype)
+    cond = condition if dtype is None else {k: v.to(dtype) for k, v in condition.items()}
+    prediction = unet(inputs, timesteps, **cond).sample
+    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def batch_errors(
+    policy: torch.nn.Module,
+    reference: UNet2DConditionModel | None,
+    vae: AutoencoderKL,
+    scheduler: DDPMScheduler,
+    condition: dict[str, torch.Tensor],
+    pixels: torch.Tensor,
+    group_size: int,
+    first_group: int,
+    seed: int,
+    process_index: int,
+    autocast: Callable[[], AbstractContextManager],
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """pixels [N = group_size * G, 3, H, W] -> (policy_err [N] with grad, ref_err [N] or None).
+
+    Policy and reference see the same noisy latents, timesteps and conditioning and run under
+    the same autocast, so their errors are equal (margin 0) while the weights are equal."""
+    mean, std = posterior_moments(vae, pixels)
+    draws = draw_groups(
+        tuple(mean.shape[1:]),
+        group_size,
+        first_group,
+        mean.shape[0] // group_size,
+        scheduler.config.num_train_timesteps,
+        seed,
+        process_index,
+    )
+    device = mean.device
+    latents = scaled_latents(vae, mean, std, draws.latent_eps.to(device))
+    timesteps = draws.timesteps.to(device)
+    noisy, target = noisy_inputs_and_target(scheduler, latents, draws.noise.to(device), timesteps)
+    with autocast():
+        policy_err = denoising_errors(policy, noisy, timesteps, condition, target)
+        ref_err = None
+        if reference is not None:
+            with torch.no_grad():
+                ref_err = denoising_errors(reference, noisy, timesteps, condition, target)
+    return policy_err, ref_err

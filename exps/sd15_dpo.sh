@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Diffusion-DPO on SD1.5, the released recipe (Wallace et al. 2023, arXiv 2311.12908, and the
+# released training script): 2048 pairs per step (released: 16 GPUs x 1 x accumulation 128),
+# lr 1e-8 scaled by the batch = 2.048e-5 constant after 500 warm-up steps, AdamW (weight decay
+# 1e-2, clip 1.0), 2000 steps, beta 5000, fp16, 512 px, caption dropout 0.2.
+#   MODEL=runwayml/stable-diffusion-v1-5 DATA=/data/pickapic_v2 bash exps/sd15_dpo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+DATA=${DATA:?set DATA to the Pick-a-Pic v2 parquet directory (or a hub dataset name)}
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/sd15_dpo}
+NUM_PROCESSES=${NUM_PROCESSES:-8}
+BATCH=${BATCH:-1}                                        # pairs per GPU
+ACCUM=${ACCUM:-$((2048 / (NUM_PROCESSES * BATCH)))}      # keeps 2048 pairs per optimizer step
+LR=${LR:-2.048e-5}
+WARMUP=${WARMUP:-500}
+STEPS=${STEPS:-2000}
+BETA=${BETA:-5000}
+RESOLUTION=${RESOLUTION:-512}
+PRECISION=${PRECISION:-fp16}
+WORKERS=${WORKERS:-4}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
+REPORT_TO=${REPORT_TO:-wandb}
+
+bash scripts/setup.sh
+.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss dpo --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --beta "$BETA" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --weight_decay 1e-2 --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

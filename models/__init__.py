@@ -1,0 +1,6 @@
+"""Model families (what differs between SD1.5 and SDXL) and loading of the trained components."""
+
+from models.family import ModelFamily, family_for
+from models.loading import Components, load_components
+
+__all__ = ["Components", "ModelFamily", "family_for", "load_components"]

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Set up the project on first use: a .venv with the stack (re-installed only when the
+# requirements change), then the embedded tiny SD1.5-shaped model and toy Pick-a-Pic data.
+#   bash scripts/setup.sh          runtime stack + embedded assets
+#   bash scripts/setup.sh --dev    the same plus pytest and ruff
+# Machines without a GPU get the CPU build of torch (TORCH_VERSION, default 2.13.0; set
+# TORCH_INDEX_URL to install it from a specific index, e.g. PyTorch's CPU wheel index).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+requirements=requirements.txt
+[ "${1:-}" = "--dev" ] && requirements=requirements-dev.txt
+
+[ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+py=.venv/bin/python
+stamp=".venv/.installed-$(basename "$requirements" .txt)"
+wanted=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
+if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
+  if ! "$py" -c "import torch" 2>/dev/null; then
+    if command -v nvidia-smi >/dev/null 2>&1; then
+      "$py" -m pip install -q torch
+    else
+      "$py" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+    fi
+  fi
+  # Pin the torch just installed (or already there) so no dependency swaps it for another build.
+  constraint=$(mktemp)
+  "$py" -c "import torch; print('torch==' + torch.__version__)" >"$constraint"
+  "$py" -m pip install -q -r "$requirements" -c "$constraint"
+  rm -f "$constraint"
+  echo "$wanted" >"$stamp"
+fi
+
+"$py" scripts/build_tiny_model.py --out build/tiny-sd15
+"$py" scripts/build_toy_data.py --out build/toy-data

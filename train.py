@@ -1,0 +1,193 @@
+"""Preference fine-tuning of SD-family UNets: Diffusion-DPO, Diffusion-KTO and SFT.
+
+    accelerate launch train.py --loss dpo --pretrained_model DIR_OR_HUB --data PARQUET_DIR
+    python train.py --help
+
+config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
+"""
+
+import logging
+import math
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import ProjectConfiguration, gather_object
+from tqdm.auto import tqdm
+
+import checkpointing
+from build import build_dataloader, build_dataset, build_optimizer, dataset_size
+from config import TrainConfig, parse_config, provenance
+from diffusion import batch_errors
+from losses import build_loss, get_spec
+from models import load_components
+
+logger = get_logger("prefdiff")
+
+WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
+    """Average over micro-batches, then over processes; nan entries (a class absent from a
+    batch) are left out of the average rather than poisoning it."""
+    names = sorted(micro_metrics[0])
+    local = torch.tensor([[m[n] for n in names] for m in micro_metrics], dtype=torch.float64)
+    gathered = accelerator.gather(local.to(accelerator.device)).cpu()
+    return dict(zip(names, gathered.nanmean(dim=0).tolist(), strict=True))
+
+
+def tracker_config(config: TrainConfig) -> dict:
+    """Trackers accept only scalars and strings."""
+    return {k: ("none" if v is None else v) for k, v in config.to_dict().items()}
+
+
+def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, trainable: int) -> None:
+    unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
+    total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    lines = [
+        f"loss: {config.loss} (beta {config.beta})",
+        f"model: {config.pretrained_model}",
+        f"dataset: {size}",
+        f"batch: {config.train_batch_size} {unit} per device x {config.gradient_accumulation_steps}"
+        f" accumulation x {accelerator.num_processes} processes = {total} {unit} per step",
+        f"steps: {config.max_train_steps}, learning rate {config.learning_rate}"
+        f" ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
+        f"precision: {config.mixed_precision} compute, trainable weights fp32",
+        f"trainable parameters: {trainable:,}",
+        f"output: {config.output_dir}",
+    ]
+    logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    config = parse_config(argv)
+    spec = get_spec(config.loss)
+    output_dir = Path(config.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+    )
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    run_info = provenance(config)
+    logger.info("config: %s", run_info, main_process_only=True)
+
+    # Data first: a bad path, column or label must stop the run before any model loads.
+    dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
+    weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device)
+    loss_fn = build_loss(config.loss, config.to_dict())
+    optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
+    policy, optimizer = accelerator.prepare(models.policy, optimizer)
+    accelerator.register_for_checkpointing(lr_scheduler)
+    checkpointing.register_unet_hooks(accelerator)
+
+    state = checkpointing.TrainerState()
+    resume_dir = checkpointing.resolve_resume(output_dir, config.resume_from_checkpoint)
+    if resume_dir is not None:
+        accelerator.load_state(str(resume_dir))
+        state = checkpointing.TrainerState.load(resume_dir)
+        workers = max(1, config.dataloader_num_workers)
+        dataset.resume_from(state.positions, role_offset=state.micro_batches % workers)
+        logger.info("resumed from %s at step %d", resume_dir, state.global_step)
+    batches = iter(build_dataloader(config, dataset))
+
+    if accelerator.is_main_process:
+        accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
+    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
+    log_startup(config, accelerator, dataset_size(dataset), trainable)
+
+    group_size = 2 if spec.pairwise else 1
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=state.global_step,
+        desc="steps",
+        disable=not accelerator.is_local_main_process,
+    )
+    while state.global_step < config.max_train_steps:
+        micro_metrics, skipped = [], 0
+        for _ in range(config.gradient_accumulation_steps):
+            batch = next(batches)
+            with accelerator.accumulate(policy):
+                condition = models.family.condition(
+                    batch.captions, batch.original_sizes, batch.crop_top_lefts
+                )
+                policy_err, ref_err = batch_errors(
+                    policy,
+                    models.reference,
+                    models.vae,
+                    models.noise_scheduler,
+                    condition,
+                    batch.pixels.to(accelerator.device, non_blocking=True),
+                    group_size,
+                    first_group=state.micro_batches * config.train_batch_size,
+                    seed=config.seed,
+                    process_index=accelerator.process_index,
+                    autocast=accelerator.autocast,
+                )
+                labels = getattr(batch, "labels", None)
+                loss, metrics = loss_fn(
+                    policy_err, ref_err, labels=None if labels is None else labels.to(policy_err)
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro_metrics.append({"loss": loss.item(), **metrics})
+            state.micro_batches += 1
+            skipped += batch.skipped
+            state.positions.update({str(k): v for k, v in batch.positions.items()})
+
+        if not accelerator.optimizer_step_was_skipped:
+            lr_scheduler.step()
+        state.global_step += 1
+        logs = reduce_metrics(accelerator, micro_metrics)
+        step_skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
+        state.skipped_rows += step_skipped
+        logs.update({"lr": lr_scheduler.get_last_lr()[0], "data/skipped_rows": state.skipped_rows})
+        accelerator.log(logs, step=state.global_step)
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
+        )
+
+        final_step = state.global_step == config.max_train_steps
+        if state.global_step % config.checkpointing_steps == 0 or final_step:
+            merged = checkpointing.TrainerState(**vars(state))
+            merged.positions = {
+                k: v for d in gather_object([state.positions]) for k, v in d.items()
+            }
+            checkpointing.save_checkpoint(
+                accelerator, output_dir, merged, run_info, config.checkpoints_total_limit
+            )
+    progress.close()
+
+    unet_dir = checkpointing.export_unet(accelerator, policy, output_dir, run_info)
+    if state.skipped_rows:
+        logger.warning(
+            "skipped %d rows whose images did not decode",
+            state.skipped_rows,
+            main_process_only=True,
+        )
+    logger.info(
+        "trained UNet saved to %s (load with UNet2DConditionModel.from_pretrained("
+        "%r, subfolder='unet'))",
+        unet_dir,
+        str(output_dir),
+        main_process_only=True,
+    )
+    accelerator.end_training()
+    return unet_dir
+
+
+if __name__ == "__main__":
+    main()
