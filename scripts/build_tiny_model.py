@@ -1,0 +1,216 @@
+"""Build tiny, randomly initialised SD1.5- and SDXL-shaped pipelines, offline, in diffusers format.
+
+They have the real architecture families (CLIP text encoders with the real 49408-token vocabulary,
+a 4-level VAE giving 8x downsampling, a cross-attention UNet, SD's training noise schedule) at a
+size that builds, trains and samples in well under a second on a CPU, so tests and examples run
+the same code paths as the real models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+# Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.atomic_dir import atomic_directory
+from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Family = Literal["sd15", "sdxl"]
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+IMAGE_SIZE = 64  # pixels; the VAE's 3 downsamplings give 8x8 latents, like SD at 1/8 scale
+TEXT_HIDDEN = 32
+TEXT_PROJECTION = 32  # SDXL's pooled embedding width (1280 in the real model)
+TIME_EMBED = 8  # SDXL's addition_time_embed_dim (256 in the real model)
+NUM_TIME_IDS = 6  # SDXL time_ids: original H, W, crop top, left, target H, W
+# VAE latent scale per family, as in the real VAE configs.
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+
+
+def tiny_text_encoder(with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A 2-layer CLIP text encoder; SDXL's second encoder adds the pooled projection."""
+    config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=TEXT_HIDDEN,
+        intermediate_size=4 * TEXT_HIDDEN,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        projection_dim=TEXT_PROJECTION,
+        # SD1.5's encoder (OpenAI CLIP) uses quick_gelu, SDXL's second (OpenCLIP bigG) plain gelu.
+        hidden_act="gelu" if with_projection else "quick_gelu",
+        # The pooled output is read at the first eos_token_id; the legacy default (2) is a real
+        # token, so it must be CLIP's <|endoftext|> id.
+        bos_token_id=49406,
+        eos_token_id=49407,
+        pad_token_id=1,
+    )
+    model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    return model_cls(config)
+
+
+def tiny_unet(family: Family) -> UNet2DConditionModel:
+    """A 2-level cross-attention UNet on 8x8x4 latents (~1M params)."""
+    sdxl = family == "sdxl"
+    extra = {}
+    if sdxl:
+        # SDXL conditions on pooled text + time_ids through an added embedding (SDXL paper, 2.2).
+        extra = {
+            "addition_embed_type": "text_time",
+            "addition_time_embed_dim": TIME_EMBED,
+            "projection_class_embeddings_input_dim": NUM_TIME_IDS * TIME_EMBED + TEXT_PROJECTION,
+        }
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 8,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32,
+        # SDXL attends to both encoders' hidden states concatenated.
+        cross_attention_dim=2 * TEXT_HIDDEN if sdxl else TEXT_HIDDEN,
+        attention_head_dim=8,
+        use_linear_projection=sdxl,  # as in the real configs
+        **extra,
+    )
+
+
+def tiny_vae(family: Family) -> AutoencoderKL:
+    """A 4-level VAE (3 downsamplings: 64 px -> 8x8 latents) with 4 latent channels."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(32, 32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=IMAGE_SIZE,
+        scaling_factor=VAE_SCALING[family],
+    )
+
+
+def training_scheduler(prediction_type: str) -> DDPMScheduler:
+    """SD1.5 / SDXL's training noise schedule (scaled-linear betas, 1000 steps)."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="scaled_linear",
+        beta_start=0.00085,
+        beta_end=0.012,
+        clip_sample=False,
+        steps_offset=1,
+        timestep_spacing="leading",
+        prediction_type=prediction_type,
+    )
+
+
+def build_tiny_pipeline(
+    family: Family,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    tokenizer_cache: Path | None = None,
+) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
+    """Build (not save) a tiny pipeline of the given family; same seed, same weights."""
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}")
+    tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
+    # fork_rng: seeding must not disturb the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        parts = {
+            "unet": tiny_unet(family),
+            "vae": tiny_vae(family),
+            "text_encoder": tiny_text_encoder(with_projection=False),
+            "tokenizer": CLIPTokenizer.from_pretrained(tokenizer_dir),
+            "scheduler": training_scheduler(prediction_type),
+        }
+        if family == "sd15":
+            return StableDiffusionPipeline(
+                **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+            )
+        # SDXL's second tokenizer is the same BPE but pads with "!" (id 0), not <|endoftext|>.
+        parts["tokenizer_2"] = CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!")
+        parts["text_encoder_2"] = tiny_text_encoder(with_projection=True)
+        return StableDiffusionXLPipeline(**parts, add_watermarker=False)
+
+
+def build_tiny_model(
+    out_dir: Path,
+    family: Family = "sd15",
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    tokenizer_cache: Path | None = None,
+) -> Path:
+    """Build a tiny pipeline and save it to out_dir (safetensors), replacing it atomically."""
+    pipe = build_tiny_pipeline(family, seed, prediction_type, tokenizer_cache)
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return Path(out_dir)
+
+
+def build_tiny_sd15(
+    out_dir: Path,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    tokenizer_cache: Path | None = None,
+) -> Path:
+    """Tiny SD1.5-shaped pipeline in out_dir; see build_tiny_model."""
+    return build_tiny_model(out_dir, "sd15", seed, prediction_type, tokenizer_cache)
+
+
+def build_tiny_sdxl(
+    out_dir: Path,
+    seed: int = 0,
+    prediction_type: str = "epsilon",
+    tokenizer_cache: Path | None = None,
+) -> Path:
+    """Tiny SDXL-shaped pipeline in out_dir; see build_tiny_model."""
+    return build_tiny_model(out_dir, "sdxl", seed, prediction_type, tokenizer_cache)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="output pipeline directory")
+    parser.add_argument("--family", choices=FAMILIES, default="sd15", help="model family")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the random weights")
+    parser.add_argument(
+        "--prediction_type", choices=PREDICTION_TYPES, default="epsilon", help="UNet target"
+    )
+    parser.add_argument("--tokenizer_cache", type=Path, default=None, help="CLIP tokenizer cache")
+    parser.add_argument("--force", action="store_true", help="rebuild even if out exists")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if (args.out / "model_index.json").is_file() and not args.force:
+        print(f"tiny {args.family} model already in {args.out} (use --force to rebuild)")
+        return
+    start = time.perf_counter()
+    build_tiny_model(args.out, args.family, args.seed, args.prediction_type, args.tokenizer_cache)
+    print(f"built tiny {args.family} model in {args.out} ({time.perf_counter() - start:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,42 @@
+"""Shared pytest fixtures. Each section is owned by the module named in its header."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Tests never reach a model hub; set before anything imports huggingface_hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+# --- Tiny models and toy data (scripts/build_tiny_model.py, scripts/build_toy_data.py) ---
+# The CLIP tokenizer is cached in $PREFDIFF_TOKENIZER_CACHE (default build/clip-tokenizer).
+# Builders are imported inside the fixtures so only tests that use them pay for diffusers' import.
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD1.5-shaped pipeline in diffusers format (seed 0, epsilon)."""
+    from scripts.build_tiny_model import build_tiny_sd15
+
+    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SDXL-shaped pipeline in diffusers format (seed 0, epsilon)."""
+    from scripts.build_tiny_model import build_tiny_sdxl
+
+    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+
+
+@pytest.fixture(scope="session")
+def toy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Toy Pick-a-Pic data: pickapic/train-*.parquet and kto/train_processed_v3.csv + images."""
+    from scripts.build_toy_data import build_toy_data
+
+    out = tmp_path_factory.mktemp("toy-data") / "data"
+    build_toy_data(out)
+    return out
