@@ -8,6 +8,7 @@ config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
 
 import logging
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,11 +22,21 @@ from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors
 from losses import build_loss, get_spec
-from models import load_components
+from models import Components, load_components
 
 logger = get_logger("prefdiff")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class TrainResult:
+    """What a run leaves behind, for callers that drive ``main`` in-process (tests, notebooks)."""
+
+    unet_dir: Path
+    models: Components
+    history: list[dict[str, float]] = field(default_factory=list)  # logged metrics, one per step
+    skipped_rows: int = 0
 
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
@@ -60,7 +71,7 @@ def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, traina
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
 
-def main(argv: list[str] | None = None) -> Path:
+def main(argv: list[str] | None = None) -> TrainResult:
     config = parse_config(argv)
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
@@ -106,6 +117,7 @@ def main(argv: list[str] | None = None) -> Path:
     log_startup(config, accelerator, dataset_size(dataset), trainable)
 
     group_size = 2 if spec.pairwise else 1
+    history = []
     progress = tqdm(
         total=config.max_train_steps,
         initial=state.global_step,
@@ -155,6 +167,7 @@ def main(argv: list[str] | None = None) -> Path:
         state.skipped_rows += step_skipped
         logs.update({"lr": lr_scheduler.get_last_lr()[0], "data/skipped_rows": state.skipped_rows})
         accelerator.log(logs, step=state.global_step)
+        history.append(logs)
         progress.update(1)
         progress.set_postfix(
             loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
@@ -186,7 +199,7 @@ def main(argv: list[str] | None = None) -> Path:
         main_process_only=True,
     )
     accelerator.end_training()
-    return unet_dir
+    return TrainResult(unet_dir, models, history, state.skipped_rows)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,33 @@
+"""Training data: rows in, pixels and captions out (no models, no accelerate).
+
+- ``PickapicPairs``: Pick-a-Pic v2 parquet pairs, chosen first (Diffusion-DPO; SFT with
+  ``winners_only``).
+- ``LabeledImages``: the per-image CSV with desirable/undesirable labels (Diffusion-KTO).
+- ``collate_pairs`` / ``collate_images``: examples -> ``PairBatch`` / ``ImageBatch``.
+
+Both datasets are infinite and exactly resumable: every example carries its stream's ``role``
+and ``state``, batches gather them in ``positions``, and ``resume_from(positions)`` continues
+each stream right after its last consumed example (see ``data/roles.py``).
+"""
+
+from data.batches import ImageBatch, PairBatch, collate_images, collate_pairs
+from data.errors import DataError
+from data.examples import Example
+from data.kto_csv import DEFAULT_SPLIT_LABELS, LabeledImages, parse_split_labels
+from data.pickapic import PickapicPairs
+from data.transforms import ImageTransform, TransformedImages
+
+__all__ = [
+    "DEFAULT_SPLIT_LABELS",
+    "DataError",
+    "Example",
+    "ImageBatch",
+    "ImageTransform",
+    "LabeledImages",
+    "PairBatch",
+    "PickapicPairs",
+    "TransformedImages",
+    "collate_images",
+    "collate_pairs",
+    "parse_split_labels",
+]

@@ -1,0 +1,316 @@
+"""Pick-a-Pic v2 preference pairs from parquet shards, as an infinite, exactly resumable stream.
+
+The unit of work is a parquet row group. Each epoch, the row groups are permuted with a generator
+seeded by (seed, epoch) (file order when ``shuffle=False``) and cut into blocks of
+``row_groups_per_block`` consecutive groups; role r reads blocks b with ``b % num_roles == r``
+(see ``data/roles.py``), one block in memory at a time, its rows permuted by (seed, epoch, b).
+A role's state is ``[epoch, block, offset]``: the next row to read is row ``offset`` of block
+``block`` in that order. Every random decision for a row (caption dropout, flip, crop) comes from
+a generator seeded by (seed, epoch, block, offset), so a resumed stream is the same stream.
+
+A worker holds one block in memory (its JPEG bytes included), so ``row_groups_per_block`` trades
+memory for shuffle quality; the DataLoader must run the ``num_workers`` given here.
+
+Ties (``label_0 == label_1``) are dropped; the chosen image is the one labelled 1 and comes first.
+A row whose JPEG does not decode, or whose row group cannot be read, is skipped, logged and
+counted in the next example's ``skipped``.
+"""
+
+import logging
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+from torch.utils.data import IterableDataset
+
+from data.decode import UnreadableImage, load_rgb
+from data.errors import DataError
+from data.examples import Example, build_example
+from data.parquet_index import (
+    REQUIRED_COLUMNS,
+    ParquetIndex,
+    RowGroup,
+    local_parquet_files,
+    scan_shards,
+)
+from data.pickapic_hub import hub_rows, open_hub_pairs
+from data.roles import check_positions, check_topology, count_roles, current_role
+from data.transforms import ImageTransform
+
+logger = logging.getLogger(__name__)
+
+# Second seed word of each generator, so that e.g. the example generator of (epoch e, block 0,
+# offset 0) never equals the block generator of (epoch e): SeedSequence ignores trailing zeros.
+_ROW_GROUP_ORDER, _ROW_ORDER, _EXAMPLE, _HUB_EXAMPLE = range(4)
+
+
+class PickapicPairs(IterableDataset):
+    """Infinite stream of pair examples (pixels [2, 3, R, R], chosen first), or of the chosen
+    image alone (pixels [1, 3, R, R], label 1.0) with ``winners_only=True``.
+
+    ``source``: a directory (every ``*.parquet`` below it), a glob, a parquet file, or a hub
+    dataset name ``owner/name`` streamed with ``datasets`` (then ``num_pairs`` is None and the
+    state is ``[epoch, rows consumed by the role in that epoch]``). Local shards are validated
+    here, reading only their metadata and label columns.
+    """
+
+    def __init__(
+        self,
+        source: str,
+        transform: ImageTransform,
+        caption_dropout: float = 0.2,
+        seed: int = 0,
+        winners_only: bool = False,
+        shuffle: bool = True,
+        row_groups_per_block: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+        num_workers: int = 0,
+        hub_split: str = "train",
+        hub_revision: str | None = None,
+    ):
+        super().__init__()
+        check_topology(rank, world_size, num_workers)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
+        if row_groups_per_block < 1:
+            raise ValueError(f"row_groups_per_block must be >= 1, got {row_groups_per_block}")
+        self.source = source
+        self.transform = transform
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.winners_only = winners_only
+        self.shuffle = shuffle
+        self.row_groups_per_block = row_groups_per_block
+        self.rank = rank
+        self.num_workers = num_workers
+        self.num_roles = count_roles(world_size, num_workers)
+        self._positions: dict[int, list] = {}
+        self._role_offset = 0
+        self._index: ParquetIndex | None = None
+        self._hub = None
+        self.num_pairs: int | None = None
+        self.num_files: int | None = None
+        self.num_row_groups: int | None = None
+
+        files = local_parquet_files(source)
+        if files is None:
+            self._hub = open_hub_pairs(source, hub_split, hub_revision)
+            return
+        self._index = scan_shards(files)
+        self.num_pairs = self._index.num_pairs
+        self.num_files = len(files)
+        self.num_row_groups = len(self._index.row_groups)
+        if self.num_pairs == 0:
+            raise DataError(f"{source}: no pairs left after dropping ties (label_0 == label_1)")
+        if self._num_blocks() < self.num_roles:
+            raise DataError(
+                f"{source}: {self.num_row_groups} non-empty row groups in blocks of "
+                f"{row_groups_per_block} make {self._num_blocks()} blocks, fewer than the "
+                f"{self.num_roles} streams (world_size {world_size} x max(1, num_workers "
+                f"{num_workers})); use fewer DataLoader workers or processes, a smaller "
+                "row_groups_per_block, or re-shard into more row groups"
+            )
+
+    def resume_from(self, positions: dict[int, list], role_offset: int = 0) -> None:
+        """Continue each role right after its saved state; call before creating an iterator.
+
+        Roles missing from ``positions`` start from the beginning. ``role_offset`` rotates which
+        DataLoader worker plays which role (see ``data/roles.py``).
+        """
+        checked = check_positions(positions, self.num_roles, 2 if self._hub is not None else 3)
+        for role, state in checked.items():
+            if self._hub is None and state[1] % self.num_roles != role:
+                raise ValueError(f"resume state {state} is not a block of role {role}")
+        self._positions = checked
+        self._role_offset = role_offset
+
+    def __iter__(self) -> Iterator[Example]:
+        return self.iter_role(current_role(self.rank, self.num_workers, self._role_offset))
+
+    def iter_role(self, role: int) -> Iterator[Example]:
+        """The stream of one role, from its resume position (``__iter__`` picks the role from
+        rank and worker; tests and tools can read any role directly)."""
+        if not 0 <= role < self.num_roles:
+            raise ValueError(f"role must be in [0, {self.num_roles}), got {role}")
+        if self._hub is not None:
+            return self._iter_hub(role)
+        return self._iter_local(role)
+
+    def _num_blocks(self) -> int:
+        return math.ceil(len(self._index.row_groups) / self.row_groups_per_block)
+
+    def _blocks(self, epoch: int) -> list[list[RowGroup]]:
+        groups = self._index.row_groups
+        order = range(len(groups))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, _ROW_GROUP_ORDER, epoch]).permutation(
+                len(groups)
+            )
+        ordered = [groups[i] for i in order]
+        size = self.row_groups_per_block
+        return [ordered[i : i + size] for i in range(0, len(ordered), size)]
+
+    def _iter_local(self, role: int) -> Iterator[Example]:
+        epoch, block, offset = self._positions.get(role, [0, role, 0])
+        skipped = 0
+        idle_blocks = 0  # consecutive blocks that yielded nothing
+        shards: dict[int, pq.ParquetFile] = {}  # opened lazily, per iterator (i.e. per worker)
+        while True:
+            blocks = self._blocks(epoch)
+            while block < len(blocks):
+                yielded = False
+                for position, row in self._block_rows(epoch, block, blocks[block], offset, shards):
+                    if row is None:  # its row group could not be read (logged once)
+                        skipped += 1
+                        continue
+                    if row.labels[0] == row.labels[1]:
+                        continue  # a tie: dropped, not counted as skipped
+                    key = [self.seed, _EXAMPLE, epoch, block, position]
+                    example = self._example(row, key, role, [epoch, block, position + 1], skipped)
+                    if example is None:
+                        skipped += 1
+                        continue
+                    yield example
+                    skipped, yielded = 0, True
+                idle_blocks = 0 if yielded else idle_blocks + 1
+                if idle_blocks > math.ceil(len(blocks) / self.num_roles) + 1:
+                    raise DataError(
+                        f"{self.source}: stream {role} read a whole epoch without one usable "
+                        "pair (all ties or unreadable); check the data or use fewer streams"
+                    )
+                block, offset = block + self.num_roles, 0
+            epoch, block, offset = epoch + 1, role, 0
+
+    def _block_rows(
+        self, epoch: int, block: int, groups: list[RowGroup], offset: int, shards: dict
+    ) -> Iterator[tuple[int, "_Row | None"]]:
+        """(position, row) of one block from ``offset`` on, in the block's (shuffled) row
+        order; the row is None when its row group could not be read."""
+        size = sum(group.num_rows for group in groups)
+        if offset >= size:
+            return  # a state saved after the block's last row: do not read the block again
+        order = np.arange(size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, _ROW_ORDER, epoch, block]).permutation(size)
+        rows = _BlockRows(self._index, groups, shards)
+        for position in range(offset, size):
+            yield position, rows.row(int(order[position]))
+
+    def _iter_hub(self, role: int) -> Iterator[Example]:
+        epoch, start = self._positions.get(role, [0, 0])
+        skipped = 0
+        while True:
+            yielded = False
+            rows = hub_rows(self._hub, self.seed, self.shuffle, epoch, role, self.num_roles, start)
+            for n, record in enumerate(rows, start=start):
+                row = _Row(
+                    f"{self.source} stream {role} epoch {epoch} row {n}",
+                    record.get("caption"),
+                    (record.get("jpg_0"), record.get("jpg_1")),
+                    (record.get("label_0"), record.get("label_1")),
+                )
+                if row.labels[0] == row.labels[1]:
+                    continue
+                key = [self.seed, _HUB_EXAMPLE, epoch, role, n]
+                example = self._example(row, key, role, [epoch, n + 1], skipped)
+                if example is None:
+                    skipped += 1
+                    continue
+                yield example
+                skipped, yielded = 0, True
+            if not yielded and start == 0:
+                raise DataError(f"{self.source}: stream {role} has no usable pair in an epoch")
+            epoch, start = epoch + 1, 0
+
+    def _example(
+        self, row: "_Row", key: list[int], role: int, state: list[int], skipped: int
+    ) -> Example | None:
+        """The example of an untied row, or None when an image does not decode (logged)."""
+        # Chosen first: the image labelled 1 (labels were checked to be a 1/0 preference).
+        columns = ["jpg_1", "jpg_0"] if row.labels[1] == 1 else ["jpg_0", "jpg_1"]
+        if self.winners_only:
+            columns = columns[:1]  # SFT on winners: the rejected image is never decoded
+        images: list[Image.Image] = []
+        for column in columns:
+            cell = row.images[int(column[-1])]
+            if isinstance(cell, pa.Scalar):  # JPEG bytes are copied out only when needed
+                cell = cell.as_py()
+            try:
+                images.append(load_rgb(cell))
+            except UnreadableImage as exc:
+                logger.warning("skipping %s, column %s: %s", row.where, column, exc)
+                return None
+        rng = np.random.default_rng(key)
+        label = 1.0 if self.winners_only else None
+        caption = row.caption if isinstance(row.caption, str) else ""
+        return build_example(
+            images, caption, rng, self.transform, self.caption_dropout, role, state, skipped, label
+        )
+
+
+class _Row:
+    """The fields of one Pick-a-Pic row, plus where it came from (for log messages)."""
+
+    __slots__ = ("caption", "images", "labels", "where")
+
+    def __init__(self, where: str, caption: object, images: tuple, labels: tuple):
+        self.where, self.caption, self.images, self.labels = where, caption, images, labels
+
+
+class _BlockRows:
+    """The rows of one block: its row groups read one after the other, addressed 0..size-1.
+
+    A row group that fails to read keeps its place (its rows read as None), so positions, and
+    hence resume states, do not depend on whether a read failed.
+    """
+
+    def __init__(self, index: ParquetIndex, groups: list[RowGroup], shards: dict):
+        self.index = index
+        self.groups = groups
+        self.starts = np.cumsum([0] + [g.num_rows for g in groups])
+        self.size = int(self.starts[-1])
+        self.tables = [self._read(g, shards) for g in groups]
+
+    def _read(self, group: RowGroup, shards: dict) -> dict | None:
+        path = self.index.files[group.file]
+        try:
+            if group.file not in shards:
+                shards[group.file] = pq.ParquetFile(path)
+            table = shards[group.file].read_row_group(group.index, columns=list(REQUIRED_COLUMNS))
+        except (OSError, pa.ArrowException) as exc:
+            logger.warning(
+                "skipping row group %d of %s (rows %d-%d): %s",
+                group.index,
+                path,
+                group.first_row,
+                group.first_row + group.num_rows - 1,
+                exc,
+            )
+            return None
+        # Small columns as Python lists at once; JPEG bytes are pulled row by row when needed.
+        return {
+            "caption": table.column("caption").to_pylist(),
+            "label_0": table.column("label_0").to_pylist(),
+            "label_1": table.column("label_1").to_pylist(),
+            "jpg_0": table.column("jpg_0"),
+            "jpg_1": table.column("jpg_1"),
+        }
+
+    def row(self, index: int) -> _Row | None:
+        slot = int(np.searchsorted(self.starts, index, side="right")) - 1
+        table, group = self.tables[slot], self.groups[slot]
+        if table is None:
+            return None
+        local = index - int(self.starts[slot])
+        return _Row(
+            f"{self.index.files[group.file]} row {group.first_row + local}",
+            table["caption"][local],
+            (table["jpg_0"][local], table["jpg_1"][local]),
+            (table["label_0"][local], table["label_1"][local]),
+        )
