@@ -31,5 +31,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   echo "$wanted" >"$stamp"
 fi
 
-"$py" scripts/build_tiny_model.py --out build/tiny-sd15
-"$py" scripts/build_toy_data.py --out build/toy-data
+# The builders skip finished outputs themselves; checking here first saves their import time.
+[ -f build/tiny-sd15/model_index.json ] || "$py" scripts/build_tiny_model.py --out build/tiny-sd15
+[ -f build/toy-data/kto/train_processed_v3.csv ] || "$py" scripts/build_toy_data.py --out build/toy-data
