@@ -1,0 +1,90 @@
+"""The diffusion step: shared per-pair draws, targets, and which errors carry gradient."""
+
+from contextlib import nullcontext
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from config import parse_config
+from diffusion import batch_errors, denoising_errors, draw_groups, noisy_inputs_and_target
+from models import load_components
+
+SHAPE = (4, 8, 8)
+
+
+def draws(first: int, num: int, group_size: int = 2):
+    return draw_groups(SHAPE, group_size, first, num, 1000, seed=3, process_index=0)
+
+
+def test_a_pair_shares_timestep_and_noise_but_not_vae_noise():
+    d = draws(0, 3)
+    assert torch.equal(d.timesteps[:3], d.timesteps[3:])
+    assert torch.equal(d.noise[:3], d.noise[3:])
+    assert not torch.equal(d.latent_eps[:3], d.latent_eps[3:])
+    assert len(set(d.timesteps[:3].tolist())) > 1 or not torch.equal(d.noise[0], d.noise[1])
+
+
+def test_draws_do_not_depend_on_batching():
+    whole = draws(0, 2)
+    first, second = draws(0, 1), draws(1, 1)
+    # Layout [chosen 0, chosen 1, rejected 0, rejected 1] vs two single-pair batches.
+    order = [first, second, first, second]
+    for i, (part, j) in enumerate(zip(order, [0, 0, 1, 1], strict=True)):
+        assert torch.equal(whole.noise[i], part.noise[j])
+        assert torch.equal(whole.latent_eps[i], part.latent_eps[j])
+        assert whole.timesteps[i] == part.timesteps[j]
+
+
+def test_draws_differ_between_processes():
+    a = draw_groups(SHAPE, 1, 0, 1, 1000, seed=3, process_index=0)
+    b = draw_groups(SHAPE, 1, 0, 1, 1000, seed=3, process_index=1)
+    assert not torch.equal(a.noise, b.noise)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_targets_by_hand(prediction_type):
+    scheduler = DDPMScheduler(
+        beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        prediction_type=prediction_type,
+    )  # fmt: skip
+    x0, eps = torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)
+    t = torch.tensor([10, 900])
+    abar = scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    noisy, target = noisy_inputs_and_target(scheduler, x0, eps, t)
+    torch.testing.assert_close(noisy, abar.sqrt() * x0 + (1 - abar).sqrt() * eps)
+    expected = eps if prediction_type == "epsilon" else abar.sqrt() * eps - (1 - abar).sqrt() * x0
+    torch.testing.assert_close(target, expected)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_sd15_dir):
+    return load_components(
+        parse_config(["--pretrained_model", str(tiny_sd15_dir)]), True, torch.float32,
+        torch.device("cpu"),
+    )  # fmt: skip
+
+
+def test_denoising_errors_are_per_sample_mse(tiny):
+    noisy, target = torch.randn(2, *SHAPE), torch.randn(2, *SHAPE)
+    t = torch.tensor([5, 500])
+    cond = tiny.family.condition(["a", "b"], [(64, 64)] * 2, [(0, 0)] * 2)
+    errors = denoising_errors(tiny.reference, noisy, t, cond, target)
+    prediction = tiny.reference(noisy, t, **cond).sample
+    torch.testing.assert_close(errors, ((prediction - target) ** 2).mean(dim=(1, 2, 3)))
+    assert errors.dtype == torch.float32 and errors.shape == (2,)
+
+
+def test_gradient_reaches_the_policy_only(tiny):
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1
+    cond = tiny.family.condition(["a red circle", "a cat"], [(64, 64)] * 4, [(0, 0)] * 4)
+    assert torch.equal(cond["encoder_hidden_states"][0], cond["encoder_hidden_states"][2])
+    policy_err, ref_err = batch_errors(
+        tiny.policy, tiny.reference, tiny.vae, tiny.noise_scheduler, cond, pixels, 2, 0, 0, 0,
+        nullcontext,
+    )  # fmt: skip
+    assert policy_err.requires_grad and not ref_err.requires_grad
+    torch.testing.assert_close(policy_err.detach(), ref_err)  # same weights, same inputs
+    policy_err.sum().backward()
+    assert all(p.grad is None for p in tiny.reference.parameters())
+    assert sum(p.grad.abs().sum() for p in tiny.policy.parameters() if p.grad is not None) > 0
