@@ -1,7 +1,8 @@
 """Resumable checkpoints and the final export, both written atomically.
 
 A checkpoint is ``OUTPUT_DIR/checkpoint-<step>/`` holding accelerate's state (optimizer, LR
-schedule, RNG states), the policy as ``unet/`` in diffusers format, ``trainer_state.json`` (step
+schedule, RNG states), the policy as ``unet/`` in diffusers format (with LoRA: ``lora/``, the
+adapters only, see ``models/lora.py``), ``trainer_state.json`` (step
 and data positions) and ``train_config.json`` (config, library versions, git SHA). It is written
 under a temporary name and renamed into place, so ``latest`` never picks a half-written one.
 """
@@ -14,7 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
-from diffusers import UNet2DConditionModel
+
+from models.lora import FullUNetIO, LoraIO
 
 logger = logging.getLogger(__name__)
 
@@ -41,22 +43,21 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def register_unet_hooks(accelerator: Accelerator) -> None:
-    """Make save_state/load_state write and read the UNet as diffusers ``unet/``."""
+def register_unet_hooks(accelerator: Accelerator, io: FullUNetIO | LoraIO | None = None) -> None:
+    """Make save_state/load_state write and read the policy as diffusers ``unet/`` (full
+    fine-tuning) or as ``lora/`` (LoRA adapters only)."""
+    io = io or FullUNetIO()
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
         if accelerator.is_main_process:
             for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "unet")
+                io.save(accelerator.unwrap_model(model), Path(output_dir) / io.subfolder)
         weights.clear()  # accelerate would otherwise save the same weights again
 
     def load_hook(models: list, input_dir: str) -> None:
         while models:
             model = accelerator.unwrap_model(models.pop())
-            saved = UNet2DConditionModel.from_pretrained(
-                input_dir, subfolder="unet", use_safetensors=True
-            )
-            model.load_state_dict(saved.state_dict())
+            io.load(model, Path(input_dir) / io.subfolder)
 
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
@@ -114,15 +115,22 @@ def save_checkpoint(
 
 
 def export_unet(
-    accelerator: Accelerator, policy: Any, output_dir: Path, provenance: dict[str, Any]
+    accelerator: Accelerator,
+    policy: Any,
+    output_dir: Path,
+    provenance: dict[str, Any],
+    io: FullUNetIO | LoraIO | None = None,
 ) -> Path:
-    """Write ``OUTPUT_DIR/unet`` (diffusers format, safetensors) atomically; main process only."""
-    target = output_dir / "unet"
+    """Write ``OUTPUT_DIR/unet`` (diffusers format, safetensors), or ``OUTPUT_DIR/lora`` with
+    LoRA, atomically; main process only."""
+    io = io or FullUNetIO()
+    target = output_dir / io.subfolder
     if accelerator.is_main_process:
-        tmp = output_dir / f"unet{TMP_SUFFIX}"
+        tmp = output_dir / f"{io.subfolder}{TMP_SUFFIX}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        tmp.mkdir(parents=True)
+        io.save(accelerator.unwrap_model(policy), tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

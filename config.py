@@ -7,6 +7,7 @@ offline; the ``exps/*.sh`` scripts override them with published settings.
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import math
 import platform
@@ -33,7 +34,22 @@ KTO_DESIRABLE_PROB = 0.8
 # Both released trainers replace the caption by "" with probability 0.2 (classifier-free guidance).
 CAPTION_DROPOUT = 0.2
 
-LIBRARIES = ("torch", "diffusers", "transformers", "accelerate", "datasets", "peft", "safetensors")
+# How SDXL's micro-conditioning time_ids are filled (models/family.py, SDXLFamily.time_ids):
+# constant: (R, R, 0, 0, R, R) for every image, as the released Diffusion-DPO SDXL trainer did;
+# original: the image's true (H, W) before resizing and its crop (top, left), then (R, R).
+TIME_IDS_MODES = ("constant", "original")
+OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+
+LIBRARIES = (
+    "torch",
+    "diffusers",
+    "transformers",
+    "accelerate",
+    "datasets",
+    "peft",
+    "safetensors",
+    "bitsandbytes",
+)
 
 
 def arg(default: Any, help: str, **extra: Any) -> Any:
@@ -52,7 +68,23 @@ class TrainConfig:
     reference_model: str | None = arg(
         None, "frozen reference UNet's model (default: the same weights as --pretrained_model)"
     )
-    pretrained_vae: str | None = arg(None, "a separate VAE (directory or hub name), e.g. fp16-fix")
+    pretrained_vae: str | None = arg(
+        None, "a separate VAE (directory or hub name), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL"
+    )
+    time_ids: str = arg(
+        "constant",
+        "SDXL time_ids: 'constant' (R, R, 0, 0, R, R) as the released code, or 'original' "
+        "(true original size and crop of each image, then R, R); ignored by SD1.5",
+        choices=list(TIME_IDS_MODES),
+    )
+
+    # LoRA (peft): 0 = full fine-tuning. The reference is then the same UNet, adapters disabled.
+    lora_rank: int = arg(0, "LoRA rank on the UNet (0: full fine-tuning)")
+    lora_alpha: float | None = arg(None, "LoRA alpha (default: the rank, i.e. scale 1)")
+    lora_target_modules: str = arg(
+        "to_q,to_k,to_v,to_out.0", "comma-separated UNet module names that get LoRA adapters"
+    )
+    lora_dropout: float = arg(0.0, "dropout on the LoRA branch")
 
     # Loss
     loss: str = arg("dpo", "preference loss", choices=loss_names())
@@ -77,6 +109,11 @@ class TrainConfig:
         KTO_DESIRABLE_PROB, "probability that a drawn CSV sample is desirable (gamma)"
     )
     hub_split: str = arg("train", "split of a hub dataset given as --data")
+    cache: str | None = arg(
+        None,
+        "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
+        "encoders (needs centre crop)",
+    )
     resolution: int = arg(512, "training resolution: shorter side resized, then square crop")
     random_crop: bool = arg(False, "random instead of centre crop (shared by a pair)")
     random_flip: bool = arg(True, "horizontal flip with p=0.5 (one coin per pair)")
@@ -105,7 +142,18 @@ class TrainConfig:
         "compute precision of the UNets (trainable weights stay fp32)",
         choices=["no", "fp16", "bf16"],
     )
+    optimizer: str = arg(
+        "adamw",
+        "adamw (torch); adamw8bit (bitsandbytes, optional extra); adafactor (transformers)",
+        choices=list(OPTIMIZERS),
+    )
     gradient_checkpointing: bool = arg(False, "recompute UNet activations in backward")
+    attention: str = arg(
+        "sdpa", "attention kernel: sdpa (fused) or eager", choices=["sdpa", "eager"]
+    )
+    torch_compile: bool = arg(False, "torch.compile the UNet(s)")
+    compile_backend: str = arg("inductor", "torch.compile backend")
+    allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
     seed: int = arg(0, "seed for data order, augmentation, timesteps and noise")
 
     # Output
@@ -147,6 +195,16 @@ class TrainConfig:
             problems.append("--checkpoints_total_limit must be >= 1")
         if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
             problems.append("--max_grad_norm must be finite and >= 0")
+        if self.cache and self.random_crop:
+            problems.append("--cache stores centre crops: --random_crop cannot be cached")
+        if self.lora_rank < 0:
+            problems.append("--lora_rank must be >= 0 (0: full fine-tuning)")
+        if self.lora_rank and self.reference_model:
+            problems.append("--lora_rank uses the base UNet as reference: drop --reference_model")
+        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+            problems.append(
+                "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
+            )
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 

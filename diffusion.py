@@ -9,6 +9,7 @@ resumed run re-derives its draws from the step count alone.
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -66,8 +67,29 @@ def posterior_moments(
     return dist.mean.float(), dist.std.float()
 
 
+class LatentEncoder(Protocol):
+    """Images -> VAE posterior moments: the VAE itself, or a latent cache (``data/cache.py``)."""
+
+    config: Any  # the VAE's config: scaling_factor (and shift_factor, for VAEs that have one)
+
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [N, ...] -> (mean, std) of the posterior, each [N, C, h, w] fp32."""
+        ...
+
+
+class VaeEncoder:
+    """The live VAE as a ``LatentEncoder``: images are pixels [N, 3, H, W] in [-1, 1]."""
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae
+        self.config = vae.config
+
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return posterior_moments(self.vae, images)
+
+
 def scaled_latents(
-    vae: AutoencoderKL, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor
+    vae: AutoencoderKL | LatentEncoder, mean: torch.Tensor, std: torch.Tensor, eps: torch.Tensor
 ) -> torch.Tensor:
     """A posterior sample times the VAE scaling factor (minus its shift, for VAEs that have one)."""
     latents = mean + std * eps.to(mean)
@@ -88,11 +110,20 @@ def noisy_inputs_and_target(
     raise ValueError(f"unsupported prediction_type {prediction_type!r}")
 
 
+def cast_floats(value: Any, dtype: torch.dtype) -> Any:
+    """Cast the floating tensors of nested dicts (SDXL's ``added_cond_kwargs``) to ``dtype``."""
+    if isinstance(value, dict):
+        return {k: cast_floats(v, dtype) for k, v in value.items()}
+    if isinstance(value, torch.Tensor) and value.is_floating_point():
+        return value.to(dtype)
+    return value
+
+
 def denoising_errors(
     unet: UNet2DConditionModel,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
-    condition: dict[str, torch.Tensor],
+    condition: dict[str, Any],
     target: torch.Tensor,
 ) -> torch.Tensor:
     """Per-sample mean over C, H, W of the squared error, in fp32 -> [N].
@@ -102,29 +133,30 @@ def denoising_errors(
         next(unet.parameters()).dtype if not torch.is_autocast_enabled(noisy.device.type) else None
     )
     inputs = noisy if dtype is None else noisy.to(dtype)
-    cond = condition if dtype is None else {k: v.to(dtype) for k, v in condition.items()}
+    cond = condition if dtype is None else cast_floats(condition, dtype)
     prediction = unet(inputs, timesteps, **cond).sample
     return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
 
 
 def batch_errors(
     policy: torch.nn.Module,
-    reference: UNet2DConditionModel | None,
-    vae: AutoencoderKL,
+    reference: torch.nn.Module | None,
+    encoder: LatentEncoder,
     scheduler: DDPMScheduler,
-    condition: dict[str, torch.Tensor],
-    pixels: torch.Tensor,
+    condition: dict[str, Any],
+    images: torch.Tensor,
     group_size: int,
     first_group: int,
     seed: int,
     process_index: int,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """pixels [N = group_size * G, 3, H, W] -> (policy_err [N] with grad, ref_err [N] or None).
+    """images [N = group_size * G, ...] (pixels, or cached moments) -> (policy_err [N] with
+    grad, ref_err [N] or None).
 
     Policy and reference see the same noisy latents, timesteps and conditioning and run under
     the same autocast, so their errors are equal (margin 0) while the weights are equal."""
-    mean, std = posterior_moments(vae, pixels)
+    mean, std = encoder.moments(images)
     draws = draw_groups(
         tuple(mean.shape[1:]),
         group_size,
@@ -135,7 +167,7 @@ def batch_errors(
         process_index,
     )
     device = mean.device
-    latents = scaled_latents(vae, mean, std, draws.latent_eps.to(device))
+    latents = scaled_latents(encoder, mean, std, draws.latent_eps.to(device))
     timesteps = draws.timesteps.to(device)
     noisy, target = noisy_inputs_and_target(scheduler, latents, draws.noise.to(device), timesteps)
     with autocast():

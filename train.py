@@ -23,6 +23,7 @@ from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors
 from losses import build_loss, get_spec
 from models import Components, load_components
+from models.speed import allow_tf32
 
 logger = get_logger("prefdiff")
 
@@ -33,7 +34,7 @@ WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloa
 class TrainResult:
     """What a run leaves behind, for callers that drive ``main`` in-process (tests, notebooks)."""
 
-    unet_dir: Path
+    unet_dir: Path  # OUTPUT_DIR/unet, or OUTPUT_DIR/lora when training LoRA adapters
     models: Components
     history: list[dict[str, float]] = field(default_factory=list)  # logged metrics, one per step
     skipped_rows: int = 0
@@ -65,6 +66,9 @@ def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, traina
         f"steps: {config.max_train_steps}, learning rate {config.learning_rate}"
         f" ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
         f"precision: {config.mixed_precision} compute, trainable weights fp32",
+        f"policy: {f'LoRA rank {config.lora_rank}' if config.lora_rank else 'full UNet'}, "
+        f"optimizer {config.optimizer}, latents and text from "
+        f"{config.cache or 'the VAE and text encoders'}",
         f"trainable parameters: {trainable:,}",
         f"output: {config.output_dir}",
     ]
@@ -94,12 +98,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
     # Data first: a bad path, column or label must stop the run before any model loads.
     dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
+    allow_tf32(config.allow_tf32)
     models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device)
     loss_fn = build_loss(config.loss, config.to_dict())
     optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
     policy, optimizer = accelerator.prepare(models.policy, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
-    checkpointing.register_unet_hooks(accelerator)
+    checkpointing.register_unet_hooks(accelerator, models.policy_io)
 
     state = checkpointing.TrainerState()
     resume_dir = checkpointing.resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -135,7 +140,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
                 policy_err, ref_err = batch_errors(
                     policy,
                     models.reference,
-                    models.vae,
+                    models.latent_encoder,
                     models.noise_scheduler,
                     condition,
                     batch.pixels.to(accelerator.device, non_blocking=True),
@@ -184,7 +189,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
             )
     progress.close()
 
-    unet_dir = checkpointing.export_unet(accelerator, policy, output_dir, run_info)
+    unet_dir = checkpointing.export_unet(
+        accelerator, policy, output_dir, run_info, models.policy_io
+    )
     if state.skipped_rows:
         logger.warning(
             "skipped %d rows whose images did not decode",
@@ -192,10 +199,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
             main_process_only=True,
         )
     logger.info(
-        "trained UNet saved to %s (load with UNet2DConditionModel.from_pretrained("
-        "%r, subfolder='unet'))",
+        "trained %s saved to %s (load with models.load_pipeline(%r, %s=%r))",
+        "LoRA adapters" if config.lora_rank else "UNet",
         unet_dir,
-        str(output_dir),
+        config.pretrained_model,
+        "lora_dir" if config.lora_rank else "unet_dir",
+        str(unet_dir),
         main_process_only=True,
     )
     accelerator.end_training()

@@ -60,24 +60,31 @@ class ImageTransform:
             corners.append(corner)
         return TransformedImages(torch.stack(pixels), sizes, corners)
 
+    def crop_corner(
+        self, height: int, width: int, flip: bool, u: float, v: float
+    ) -> tuple[tuple[int, int], tuple[int, int]]:
+        """For an image of (height, width): its resized size, and the crop's (top, left) in the
+        resized image before flipping (``__call__`` reports ``left`` in the flipped frame)."""
+        res = self.resolution
+        height, width = resized_size(height, width, res)
+        slack_h, slack_w = height - res, width - res
+        if self.center_crop:
+            return (height, width), (slack_h // 2, slack_w // 2)
+        return (height, width), (round(u * slack_h), round(v * slack_w))
+
     def _one(
         self, image: Image.Image, flip: bool, u: float, v: float
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         res = self.resolution
         if image.mode != "RGB":
             image = image.convert("RGB")
-        height, width = resized_size(image.height, image.width, res)
+        (height, width), (top, left) = self.crop_corner(image.height, image.width, flip, u, v)
         if (height, width) != (image.height, image.width):
             # PIL's bilinear filter widens its support when downscaling, i.e. it antialiases.
             image = image.resize((width, height), Image.Resampling.BILINEAR)
-        slack_h, slack_w = height - res, width - res
-        if self.center_crop:
-            top, left = slack_h // 2, slack_w // 2
-        else:
-            top, left = round(u * slack_h), round(v * slack_w)
         array = np.asarray(image)[top : top + res, left : left + res]
         if flip:
             array = array[:, ::-1]
-            left = slack_w - left
+            left = width - res - left
         tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)  # writable, contiguous
         return tensor.float().div(127.5).sub(1.0), (top, left)

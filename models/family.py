@@ -1,15 +1,24 @@
 """Model-family adapters: everything that differs between SD-family models lives here.
 
-A family turns captions (and, for SDXL later, image sizes and crops) into the UNet's
-conditioning keyword arguments. It is chosen from the UNet's own config, never by an ``if`` in
-the training loop.
+A family turns captions, image sizes and crops into the UNet's conditioning keyword arguments,
+and knows the diffusers pipeline class its weights plug into. It is chosen from the UNet's own
+config, never by an ``if`` in the training loop.
+
+Text features come either from the frozen encoders or from a text cache (``data/cache.py``);
+both give the same flat dict of per-caption tensors, which ``condition`` turns into UNet kwargs.
 """
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from config import TIME_IDS_MODES
+
+TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
 
 
 @dataclass
@@ -18,10 +27,16 @@ class ModelFamily:
 
     tokenizers: list[PreTrainedTokenizerBase]
     text_encoders: list[PreTrainedModel]
+    resolution: int = 512
+    time_ids: str = "constant"
+    # Replaces the encoders when set (a text cache): captions [B] -> the same features.
+    text_source: Callable[[list[str]], TextFeatures] | None = None
 
-    name = "sd15"
+    name: ClassVar[str] = "sd15"
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
     # diffusers subfolders of the text stack, in order.
-    text_subfolders: tuple[tuple[str, str], ...] = (("tokenizer", "text_encoder"),)
+    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+    text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
 
     @staticmethod
     def matches(unet_config: dict) -> bool:
@@ -37,32 +52,108 @@ class ModelFamily:
         ).input_ids
 
     @torch.no_grad()
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """captions [B] -> text features [B, ...] (frozen encoders, no gradient)."""
+    def encode_text(self, captions: list[str]) -> TextFeatures:
+        """captions [B] -> text features [B, ...] from the frozen encoders (no gradient)."""
         encoder = self.text_encoders[0]
         ids = self._tokenize(self.tokenizers[0], captions).to(encoder.device)
         return {"encoder_hidden_states": encoder(ids)[0]}
+
+    def text_features(self, captions: list[str]) -> TextFeatures:
+        source = self.text_source or self.encode_text
+        return source(captions)
+
+    def unet_kwargs(
+        self,
+        text: TextFeatures,
+        original_sizes: Sequence[tuple[int, int]],
+        crop_top_lefts: Sequence[tuple[int, int]],
+    ) -> dict:
+        """Per-sample text features [N, ...] (and image geometry) -> UNet keyword arguments."""
+        return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
     def condition(
         self,
         captions: list[str],
         original_sizes: Sequence[tuple[int, int]],
         crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict[str, torch.Tensor]:
+    ) -> dict:
         """UNet keyword arguments for N = k * B samples whose captions are ``captions`` [B]
         repeated k times (a pair batch: k = 2, chosen then rejected, sharing their caption).
 
         The text encoders run once per caption, not once per image."""
         repeats, remainder = divmod(len(original_sizes), len(captions))
-        if remainder:
-            raise ValueError(f"{len(original_sizes)} images for {len(captions)} captions")
-        text = self.encode_text(captions)
-        return {
+        if remainder or len(crop_top_lefts) != len(original_sizes):
+            raise ValueError(
+                f"{len(original_sizes)} sizes and {len(crop_top_lefts)} crops for "
+                f"{len(captions)} captions"
+            )
+        text = self.text_features(captions)
+        repeated = {
             name: value.repeat(repeats, *[1] * (value.ndim - 1)) for name, value in text.items()
+        }
+        return self.unet_kwargs(repeated, original_sizes, crop_top_lefts)
+
+
+@dataclass
+class SDXLFamily(ModelFamily):
+    """SDXL: two CLIP encoders' penultimate hidden states concatenated, encoder 2's pooled
+    (projected) embedding, and the ``time_ids`` micro-conditioning (Podell et al. 2023, 2.2)."""
+
+    name: ClassVar[str] = "sdxl"
+    pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionXLPipeline
+    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
+        ("tokenizer", "text_encoder"),
+        ("tokenizer_2", "text_encoder_2"),
+    )
+    text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "text_embeds")
+
+    @staticmethod
+    def matches(unet_config: dict) -> bool:
+        return unet_config.get("addition_embed_type") == "text_time"
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> TextFeatures:
+        hidden, pooled = [], None
+        for tokenizer, encoder in zip(self.tokenizers, self.text_encoders, strict=True):
+            ids = self._tokenize(tokenizer, captions).to(encoder.device)
+            out = encoder(ids, output_hidden_states=True)
+            hidden.append(out.hidden_states[-2])  # SDXL conditions on the penultimate layer
+            pooled = out[0]  # the last encoder (with projection): pooled text_embeds [B, D2]
+        return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
+
+    def time_ids(
+        self,
+        original_sizes: Sequence[tuple[int, int]],
+        crop_top_lefts: Sequence[tuple[int, int]],
+    ) -> torch.Tensor:
+        """[N, 6]: (original H, W, crop top, left, target H, W) per image, per ``time_ids``."""
+        res = self.resolution
+        if self.time_ids == "constant":
+            rows = [(res, res, 0, 0, res, res)] * len(original_sizes)
+        elif self.time_ids == "original":
+            rows = [
+                (*size, *crop, res, res)
+                for size, crop in zip(original_sizes, crop_top_lefts, strict=True)
+            ]
+        else:
+            raise ValueError(f"time_ids must be one of {TIME_IDS_MODES}, got {self.time_ids!r}")
+        return torch.tensor(rows, dtype=torch.float32)
+
+    def unet_kwargs(
+        self,
+        text: TextFeatures,
+        original_sizes: Sequence[tuple[int, int]],
+        crop_top_lefts: Sequence[tuple[int, int]],
+    ) -> dict:
+        hidden = text["encoder_hidden_states"]
+        time_ids = self.time_ids(original_sizes, crop_top_lefts).to(hidden.device)
+        return {
+            "encoder_hidden_states": hidden,
+            "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids},
         }
 
 
-FAMILIES: tuple[type[ModelFamily], ...] = (ModelFamily,)
+FAMILIES: tuple[type[ModelFamily], ...] = (SDXLFamily, ModelFamily)
 
 
 def family_for(unet_config: dict) -> type[ModelFamily]:

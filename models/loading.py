@@ -1,8 +1,9 @@
-"""Load the policy, reference, VAE, text stack and noise scheduler with the right dtypes.
+"""Load the policy, reference, latent encoder, text stack and noise scheduler with the right
+dtypes, for full fine-tuning or LoRA, with or without the latent/text cache.
 
-Placement follows the diffusers training examples: the trainable policy stays fp32 (mixed
-precision casts on the fly); everything frozen is stored in the compute dtype and runs under
-no_grad. Weights are read from safetensors only.
+Placement follows the diffusers training examples: trainable weights stay fp32 (mixed precision
+casts on the fly); everything frozen is stored in the compute dtype and runs under no_grad.
+Weights are read from safetensors only.
 """
 
 from dataclasses import dataclass
@@ -12,7 +13,11 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
 
 from config import TrainConfig
+from data.cache import CachedLatentEncoder, TextCache
+from diffusion import LatentEncoder, VaeEncoder
 from models.family import ModelFamily, family_for
+from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
+from models.speed import apply_attention, compile_unet
 
 TEXT_ENCODER_CLASSES = {
     "text_encoder": CLIPTextModel,
@@ -23,10 +28,13 @@ TEXT_ENCODER_CLASSES = {
 @dataclass
 class Components:
     policy: UNet2DConditionModel
-    reference: UNet2DConditionModel | None  # None: the loss needs no reference (SFT)
-    vae: AutoencoderKL
+    # None: the loss needs no reference (SFT); a frozen UNet; or, with LoRA, the policy's UNet
+    # with its adapters disabled (models.lora.AdaptersDisabled).
+    reference: torch.nn.Module | None
+    latent_encoder: LatentEncoder  # the VAE, or the latent cache
     family: ModelFamily
     noise_scheduler: DDPMScheduler
+    policy_io: FullUNetIO | LoraIO  # how checkpoints and the export save the policy
 
 
 def _hub_args(config: TrainConfig) -> dict:
@@ -41,43 +49,80 @@ def load_unet(
     )
 
 
-def load_components(
-    config: TrainConfig, needs_reference: bool, weight_dtype: torch.dtype, device: torch.device
-) -> Components:
-    source = config.pretrained_model
-    hub = _hub_args(config)
-    policy = load_unet(source, config)
-    policy.train().requires_grad_(True)
-    if config.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-
-    reference = None
-    if needs_reference:
-        reference = load_unet(config.reference_model or source, config, weight_dtype)
-        reference.requires_grad_(False).eval().to(device)
-
+def vae_source(config: TrainConfig) -> tuple[str, dict]:
+    """(path, from_pretrained kwargs) of the VAE: --pretrained_vae, else the model's vae/."""
     if config.pretrained_vae:
-        vae = AutoencoderKL.from_pretrained(
-            config.pretrained_vae, dtype=weight_dtype, use_safetensors=True
-        )
-    else:
-        vae = AutoencoderKL.from_pretrained(source, subfolder="vae", dtype=weight_dtype, **hub)
-    vae.requires_grad_(False).eval().to(device)
+        return config.pretrained_vae, {"use_safetensors": True}
+    return config.pretrained_model, {"subfolder": "vae", **_hub_args(config)}
 
-    family_cls = family_for(policy.config)
+
+def load_vae(config: TrainConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
+    source, kwargs = vae_source(config)
+    vae = AutoencoderKL.from_pretrained(source, dtype=dtype, **kwargs)
+    return vae.requires_grad_(False).eval().to(device)
+
+
+def load_family(
+    config: TrainConfig, family_cls: type[ModelFamily], dtype: torch.dtype, device: torch.device
+) -> ModelFamily:
+    """The family with its frozen tokenizers and text encoders."""
     tokenizers, encoders = [], []
     for tokenizer_folder, encoder_folder in family_cls.text_subfolders:
         tokenizers.append(
             AutoTokenizer.from_pretrained(
-                source, subfolder=tokenizer_folder, revision=config.revision
+                config.pretrained_model, subfolder=tokenizer_folder, revision=config.revision
             )
         )
         encoder = TEXT_ENCODER_CLASSES[encoder_folder].from_pretrained(
-            source, subfolder=encoder_folder, dtype=weight_dtype, **hub
+            config.pretrained_model, subfolder=encoder_folder, dtype=dtype, **_hub_args(config)
         )
         encoders.append(encoder.requires_grad_(False).eval().to(device))
+    return family_cls(tokenizers, encoders, config.resolution, config.time_ids)
+
+
+def load_components(
+    config: TrainConfig, needs_reference: bool, weight_dtype: torch.dtype, device: torch.device
+) -> Components:
+    source = config.pretrained_model
+    lora = config.lora_rank > 0
+    # With LoRA the base weights are frozen: stored in the compute dtype like the reference.
+    policy = load_unet(source, config, weight_dtype if lora else torch.float32)
+    family_cls = family_for(policy.config)
+    if lora:
+        add_lora(policy, config.lora_rank, config.lora_alpha or config.lora_rank,
+                 config.lora_target_modules, config.lora_dropout)  # fmt: skip
+    else:
+        policy.requires_grad_(True)
+    policy.train()
+    apply_attention(policy, config.attention)
+    if config.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+
+    reference = None
+    if needs_reference and lora:
+        reference = AdaptersDisabled(policy)
+    elif needs_reference:
+        reference = load_unet(config.reference_model or source, config, weight_dtype)
+        reference.requires_grad_(False).eval().to(device)
+        apply_attention(reference, config.attention)
+        if config.torch_compile:
+            compile_unet(reference, config.compile_backend)
+    if config.torch_compile:
+        compile_unet(policy, config.compile_backend)
+
+    if config.cache:
+        # Neither the VAE nor the text encoders are loaded: only the VAE's config (its scale).
+        path, kwargs = vae_source(config)
+        where = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision")}
+        latent_encoder = CachedLatentEncoder(AutoencoderKL.load_config(path, **where), device)
+        family = family_cls([], [], config.resolution, config.time_ids)
+        family.text_source = TextCache(config.cache, family_cls.text_feature_names, device)
+    else:
+        latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))
+        family = load_family(config, family_cls, weight_dtype, device)
 
     scheduler = DDPMScheduler.from_pretrained(
         source, subfolder="scheduler", revision=config.revision
     )
-    return Components(policy, reference, vae, family_cls(tokenizers, encoders), scheduler)
+    policy_io = LoraIO(family_cls) if lora else FullUNetIO()
+    return Components(policy, reference, latent_encoder, family, scheduler, policy_io)

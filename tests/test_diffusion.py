@@ -80,8 +80,8 @@ def test_gradient_reaches_the_policy_only(tiny):
     cond = tiny.family.condition(["a red circle", "a cat"], [(64, 64)] * 4, [(0, 0)] * 4)
     assert torch.equal(cond["encoder_hidden_states"][0], cond["encoder_hidden_states"][2])
     policy_err, ref_err = batch_errors(
-        tiny.policy, tiny.reference, tiny.vae, tiny.noise_scheduler, cond, pixels, 2, 0, 0, 0,
-        nullcontext,
+        tiny.policy, tiny.reference, tiny.latent_encoder, tiny.noise_scheduler, cond, pixels,
+        2, 0, 0, 0, nullcontext,
     )  # fmt: skip
     assert policy_err.requires_grad and not ref_err.requires_grad
     torch.testing.assert_close(policy_err.detach(), ref_err)  # same weights, same inputs

@@ -1,0 +1,211 @@
+"""A latent and text-embedding cache: VAE posterior moments per image and text features per
+caption, precomputed once (``scripts/build_cache.py``) and read instead of running the VAE and
+the text encoders at every step.
+
+Layout of a cache directory::
+
+    manifest.json              what it was built from: model, VAE, family, resolution, flips
+    latents-00000.safetensors  "<image key>.<flip>.mean" / ".std": [C, h, w] fp32
+    text-00000.safetensors     "<caption key>.<feature name>": [...] fp32
+
+The image key is a hash of the decoded RGB pixels and size, the caption key a hash of the
+caption's text, so duplicate images and captions are stored once. Per image the cache keeps the
+posterior's mean and std, not a sample: the trainer draws the sample noise per pair exactly as
+without the cache (``diffusion.scaled_latents``), so cached and uncached runs see the same
+latents. Only the centre crop can be cached (a random crop is a new image every time); both flip
+orientations are stored when the cache is built with flips.
+
+Shards are written whole under a temporary name and renamed, so an interrupted build leaves only
+complete shards, and a rebuild skips every key they already hold.
+"""
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from data.errors import DataError
+from data.transforms import ImageTransform, TransformedImages
+
+MANIFEST = "manifest.json"
+LATENT_PREFIX = "latents-"
+TEXT_PREFIX = "text-"
+CACHE_FORMAT = 1
+
+
+def image_key(image: Image.Image) -> str:
+    """Content hash of a decoded image (mode, size and pixels): equal images share a key."""
+    digest = hashlib.sha256(f"{image.mode}{image.size}".encode())
+    digest.update(np.asarray(image).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def caption_key(caption: str) -> str:
+    return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
+
+
+def read_manifest(directory: str | Path) -> dict:
+    path = Path(directory) / MANIFEST
+    if not path.is_file():
+        raise DataError(f"--cache {directory}: no {MANIFEST}; build it with scripts/build_cache.py")
+    return json.loads(path.read_text())
+
+
+def write_manifest(directory: Path, manifest: dict) -> None:
+    tmp = directory / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    tmp.replace(directory / MANIFEST)
+
+
+def check_manifest(directory: str | Path, expected: dict) -> dict:
+    """Stop at start-up when the cache was built for another model, resolution or flips."""
+    manifest = read_manifest(directory)
+    wrong = [
+        f"{name}: cache has {manifest.get(name)!r}, run wants {value!r}"
+        for name, value in expected.items()
+        if manifest.get(name) != value
+    ]
+    if wrong:
+        raise DataError(f"--cache {directory} does not match this run:\n  " + "\n  ".join(wrong))
+    return manifest
+
+
+def _shards(directory: Path, prefix: str) -> list[Path]:
+    return sorted(directory.glob(f"{prefix}*.safetensors"))
+
+
+def _index(directory: Path, prefix: str) -> dict[str, Path]:
+    """Tensor name -> shard file, from the shards' headers (no tensor is read)."""
+    index = {}
+    for shard in _shards(directory, prefix):
+        with safe_open(str(shard), framework="pt") as handle:
+            index.update(dict.fromkeys(handle.keys(), shard))
+    return index
+
+
+class _ShardReader:
+    """Reads single tensors by name; shard handles are opened lazily, per process (workers)."""
+
+    def __init__(self, directory: str | Path, prefix: str):
+        self.directory = Path(directory)
+        self.index = _index(self.directory, prefix)
+        self._handles: dict[tuple[int, Path], object] = {}
+
+    def get(self, name: str, what: str) -> torch.Tensor:
+        shard = self.index.get(name)
+        if shard is None:
+            raise DataError(
+                f"--cache {self.directory}: no entry for {what}; the cache was built from other "
+                "data: rebuild it with scripts/build_cache.py"
+            )
+        key = (os.getpid(), shard)
+        if key not in self._handles:
+            self._handles[key] = safe_open(str(shard), framework="pt")
+        return self._handles[key].get_tensor(name)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_handles": {}}  # handles do not cross process boundaries
+
+
+class CachedImageTransform(ImageTransform):
+    """Stands in for ``ImageTransform``: the same random draws and geometry, but the images'
+    cached posterior moments instead of their pixels: ``pixels`` is [n, 2C, h, w] (mean, std)."""
+
+    def __init__(self, directory: str | Path, resolution: int, random_flip: bool = True):
+        super().__init__(resolution, center_crop=True, random_flip=random_flip)
+        self.reader = _ShardReader(directory, LATENT_PREFIX)
+
+    def __call__(self, images: list[Image.Image], rng: np.random.Generator) -> TransformedImages:
+        if not images:
+            raise ValueError("CachedImageTransform needs at least one image")
+        coin, u, v = rng.random(3)  # the same three draws as ImageTransform
+        flip = self.random_flip and bool(coin < 0.5)
+        moments, sizes, corners = [], [], []
+        for image in images:
+            (_, width), (top, left) = self.crop_corner(image.height, image.width, flip, u, v)
+            if flip:
+                left = width - self.resolution - left
+            key = f"{image_key(image)}.{int(flip)}"
+            what = f"an image of size {image.size} (flip {flip})"
+            mean = self.reader.get(f"{key}.mean", what)
+            std = self.reader.get(f"{key}.std", what)
+            moments.append(torch.cat([mean, std]))
+            sizes.append((image.height, image.width))
+            corners.append((top, left))
+        return TransformedImages(torch.stack(moments), sizes, corners)
+
+
+class TextCache:
+    """captions [B] -> the family's text features [B, ...] read from the cache, on ``device``."""
+
+    def __init__(self, directory: str | Path, names: Iterable[str], device: torch.device):
+        self.reader = _ShardReader(directory, TEXT_PREFIX)
+        self.names = tuple(names)
+        self.device = device
+
+    def __call__(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        features = {}
+        for name in self.names:
+            rows = [self.reader.get(f"{caption_key(c)}.{name}", f"caption {c!r}") for c in captions]
+            features[name] = torch.stack(rows).to(self.device)
+        return features
+
+
+class CachedLatentEncoder:
+    """A ``diffusion.LatentEncoder`` over cached moments [N, 2C, h, w]: splits mean and std."""
+
+    def __init__(self, vae_config: dict, device: torch.device):
+        self.config = _Config(vae_config)
+        self.device = device
+
+    def moments(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, std = images.to(self.device, torch.float32).chunk(2, dim=1)
+        return mean, std
+
+
+class _Config(dict):
+    """Attribute access to the VAE config dict, like diffusers' FrozenDict."""
+
+    def __getattr__(self, name: str):
+        try:
+            return self[name]
+        except KeyError as exc:
+            raise AttributeError(name) from exc
+
+
+class ShardWriter:
+    """Buffers named tensors and writes them as numbered shards, each atomically."""
+
+    def __init__(self, directory: Path, prefix: str, entries_per_shard: int):
+        self.directory = directory
+        self.prefix = prefix
+        self.entries_per_shard = entries_per_shard
+        self.done = set(_index(directory, prefix))
+        self.next_shard = len(_shards(directory, prefix))
+        self.buffer: dict[str, torch.Tensor] = {}
+        self.entries = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """One entry (an image's or a caption's tensors); flushes a full shard."""
+        self.buffer.update({k: v.detach().float().cpu().contiguous() for k, v in tensors.items()})
+        self.done.update(tensors)
+        self.entries += 1
+        if self.entries >= self.entries_per_shard:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.buffer:
+            return
+        final = self.directory / f"{self.prefix}{self.next_shard:05d}.safetensors"
+        tmp = final.with_suffix(".tmp")
+        save_file(self.buffer, str(tmp))
+        tmp.replace(final)
+        self.next_shard += 1
+        self.buffer, self.entries = {}, 0

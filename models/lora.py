@@ -1,0 +1,105 @@
+"""LoRA on the UNet (peft), the reference as the same UNet with its adapters disabled, and how a
+trained policy is saved: a full ``unet/`` or a ``lora/`` folder that pipelines load.
+
+With LoRA there is no second UNet in memory: the base weights are frozen (stored in the compute
+dtype), the adapters train in fp32, and the reference is the base model itself. The adapters'
+B matrices start at zero, so the policy equals the reference at step 0 (DPO loss = log 2).
+"""
+
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from models.family import ModelFamily
+
+# The attention projections, as in diffusers' LoRA training examples.
+DEFAULT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0"
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"  # the name pipe.load_lora_weights(dir) reads
+TRAINABLE_STATE = "trainable_params.safetensors"  # exact fp32 adapter state, for resuming
+
+
+def add_lora(
+    unet: UNet2DConditionModel, rank: int, alpha: float, targets: str, dropout: float = 0.0
+) -> None:
+    """Attach a trainable LoRA adapter; everything else in ``unet`` is frozen."""
+    unet.requires_grad_(False)
+    modules = [m.strip() for m in targets.split(",") if m.strip()]
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapter starts as a no-op
+        target_modules=modules,
+    )
+    unet.add_adapter(config)
+    for param in unet.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()  # trainable weights in fp32, whatever the base dtype
+
+
+class AdaptersDisabled(torch.nn.Module):
+    """The reference model: the policy's UNet with its LoRA adapters switched off for the call.
+
+    Its outputs equal the base UNet's exactly (peft skips the adapter branch entirely)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+
+    def forward(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
+
+
+def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in unet.named_parameters() if p.requires_grad}
+
+
+class FullUNetIO:
+    """Full fine-tuning: the policy is saved as a diffusers ``unet/`` folder."""
+
+    subfolder = "unet"
+
+    def save(self, unet: UNet2DConditionModel, directory: Path) -> None:
+        unet.save_pretrained(directory, safe_serialization=True)
+
+    def load(self, unet: UNet2DConditionModel, directory: Path) -> None:
+        saved = UNet2DConditionModel.from_pretrained(directory, use_safetensors=True)
+        unet.load_state_dict(saved.state_dict())
+
+
+class LoraIO:
+    """LoRA: ``lora/`` holds the adapter in the format ``pipe.load_lora_weights(dir)`` reads,
+    plus the exact trainable tensors that a resumed run loads back."""
+
+    subfolder = "lora"
+
+    def __init__(self, family: type[ModelFamily]):
+        self.family = family
+
+    def save(self, unet: UNet2DConditionModel, directory: Path) -> None:
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        self.family.pipeline_class.save_lora_weights(
+            directory, unet_lora_layers=layers, weight_name=LORA_WEIGHTS
+        )
+        save_file({k: v.contiguous() for k, v in trainable_state(unet).items()},
+                  str(directory / TRAINABLE_STATE))  # fmt: skip
+
+    def load(self, unet: UNet2DConditionModel, directory: Path) -> None:
+        state = load_file(str(directory / TRAINABLE_STATE))
+        expected = set(trainable_state(unet))
+        if set(state) != expected:
+            raise ValueError(
+                f"{directory / TRAINABLE_STATE}: adapter tensors do not match this run's LoRA "
+                f"(missing {sorted(expected - set(state))[:3]}, "
+                f"unexpected {sorted(set(state) - expected)[:3]})"
+            )
+        unet.load_state_dict(state, strict=False)
