@@ -13,7 +13,7 @@ from data import (
     collate_pairs,
     parse_split_labels,
 )
-from data.cache import CachedImageTransform
+from data.cache import CachedImageTransform, cache_identity, check_manifest
 from losses import LossSpec
 
 
@@ -24,6 +24,9 @@ def build_dataset(
 
     Validates the data at start-up: a bad path, column or label stops the run here."""
     if config.cache:  # cached posterior moments stand in for pixels (data/cache.py)
+        identity = cache_identity(config.pretrained_model, config.pretrained_vae,
+                                  config.revision, config.variant, config.resolution)  # fmt: skip
+        check_manifest(config.cache, identity, needs_flips=config.random_flip)
         transform = CachedImageTransform(config.cache, config.resolution, config.random_flip)
     else:
         transform = ImageTransform(config.resolution, not config.random_crop, config.random_flip)

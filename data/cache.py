@@ -21,18 +21,25 @@ complete shards, and a rebuild skips every key they already hold.
 
 import hashlib
 import json
+import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from data.errors import DataError
+from data.kto_table import load_labeled_csv
+from data.parquet_index import local_parquet_files
 from data.transforms import ImageTransform, TransformedImages
+
+logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATENT_PREFIX = "latents-"
@@ -51,6 +58,75 @@ def caption_key(caption: str) -> str:
     return hashlib.sha256(caption.encode("utf-8")).hexdigest()[:32]
 
 
+def cache_identity(
+    pretrained_model: str,
+    pretrained_vae: str | None,
+    revision: str | None,
+    variant: str | None,
+    resolution: int,
+) -> dict:
+    """What a cache's content depends on (besides the data): checked when a run opens it."""
+    return {
+        "format": CACHE_FORMAT,
+        "pretrained_model": pretrained_model,
+        "pretrained_vae": pretrained_vae,
+        "revision": revision,
+        "variant": variant,
+        "resolution": resolution,
+    }
+
+
+def default_cache_dir(data: str | None, csv: str | None, resolution: int) -> Path:
+    """Next to the data: inside the parquet directory (or beside the file / the CSV)."""
+    source = Path(csv or data or ".")
+    base = source if source.is_dir() else source.parent
+    return base / f"prefdiff-cache-{resolution}px"
+
+
+def source_images(
+    data: str | None, csv: str | None, images: str | None, split_labels: dict[str, int]
+) -> Iterator[tuple[str, object, str]]:
+    """(where, image cell, caption) for every image a run over this data can draw: both images
+    of every untied Pick-a-Pic pair, or every CSV row. Local data only."""
+    if csv:
+        table = load_labeled_csv(csv, images, split_labels)
+        for row, (name, caption) in enumerate(
+            zip(table.file_names.to_pylist(), table.captions.to_pylist(), strict=True)
+        ):
+            yield f"{csv} row {row + 1}", os.path.join(images, name), _caption(caption)
+        return
+    files = local_parquet_files(data)
+    if files is None:
+        raise DataError(f"{data}: the cache is built from local parquet files, not a hub name")
+    for path in files:
+        shard = pq.ParquetFile(path)
+        first = 0
+        for group in range(shard.num_row_groups):
+            table = shard.read_row_group(group)
+            label_0 = table.column("label_0").to_pylist()
+            label_1 = table.column("label_1").to_pylist()
+            captions = table.column("caption").to_pylist()
+            for i in range(table.num_rows):
+                if label_0[i] == label_1[i]:
+                    continue  # ties are never drawn
+                for column in ("jpg_0", "jpg_1"):
+                    cell = table.column(column)[i]
+                    if isinstance(cell, pa.Scalar):
+                        cell = cell.as_py()
+                    yield f"{path} row {first + i} {column}", cell, _caption(captions[i])
+            first += table.num_rows
+
+
+def _caption(value: object) -> str:
+    return value if isinstance(value, str) else ""  # as the datasets treat missing captions
+
+
+def centre_crop_pixels(image: Image.Image, resolution: int, flip: bool) -> torch.Tensor:
+    """[3, R, R] in [-1, 1]: what ``ImageTransform`` gives with centre crop and this flip."""
+    pixels, _ = ImageTransform(resolution, center_crop=True)._one(image, flip, 0.0, 0.0)
+    return pixels
+
+
 def read_manifest(directory: str | Path) -> dict:
     path = Path(directory) / MANIFEST
     if not path.is_file():
@@ -64,7 +140,7 @@ def write_manifest(directory: Path, manifest: dict) -> None:
     tmp.replace(directory / MANIFEST)
 
 
-def check_manifest(directory: str | Path, expected: dict) -> dict:
+def check_manifest(directory: str | Path, expected: dict, needs_flips: bool) -> dict:
     """Stop at start-up when the cache was built for another model, resolution or flips."""
     manifest = read_manifest(directory)
     wrong = [
@@ -72,6 +148,8 @@ def check_manifest(directory: str | Path, expected: dict) -> dict:
         for name, value in expected.items()
         if manifest.get(name) != value
     ]
+    if needs_flips and not manifest.get("flips"):
+        wrong.append("flips: the cache has no flipped images, the run uses --random_flip true")
     if wrong:
         raise DataError(f"--cache {directory} does not match this run:\n  " + "\n  ".join(wrong))
     return manifest

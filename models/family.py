@@ -28,7 +28,7 @@ class ModelFamily:
     tokenizers: list[PreTrainedTokenizerBase]
     text_encoders: list[PreTrainedModel]
     resolution: int = 512
-    time_ids: str = "constant"
+    time_ids_mode: str = "constant"  # SDXL only: see config.TIME_IDS_MODES
     # Replaces the encoders when set (a text cache): captions [B] -> the same features.
     text_source: Callable[[list[str]], TextFeatures] | None = None
 
@@ -126,17 +126,19 @@ class SDXLFamily(ModelFamily):
         original_sizes: Sequence[tuple[int, int]],
         crop_top_lefts: Sequence[tuple[int, int]],
     ) -> torch.Tensor:
-        """[N, 6]: (original H, W, crop top, left, target H, W) per image, per ``time_ids``."""
+        """[N, 6]: (original H, W, crop top, left, target H, W) per image (``time_ids_mode``)."""
         res = self.resolution
-        if self.time_ids == "constant":
+        if self.time_ids_mode == "constant":
             rows = [(res, res, 0, 0, res, res)] * len(original_sizes)
-        elif self.time_ids == "original":
+        elif self.time_ids_mode == "original":
             rows = [
                 (*size, *crop, res, res)
                 for size, crop in zip(original_sizes, crop_top_lefts, strict=True)
             ]
         else:
-            raise ValueError(f"time_ids must be one of {TIME_IDS_MODES}, got {self.time_ids!r}")
+            raise ValueError(
+                f"time_ids must be one of {TIME_IDS_MODES}, got {self.time_ids_mode!r}"
+            )
         return torch.tensor(rows, dtype=torch.float32)
 
     def unet_kwargs(

@@ -90,7 +90,7 @@ def load_components(
     family_cls = family_for(policy.config)
     if lora:
         add_lora(policy, config.lora_rank, config.lora_alpha or config.lora_rank,
-                 config.lora_target_modules, config.lora_dropout)  # fmt: skip
+                 config.lora_target_modules, config.lora_dropout, config.seed)  # fmt: skip
     else:
         policy.requires_grad_(True)
     policy.train()

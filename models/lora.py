@@ -24,9 +24,15 @@ TRAINABLE_STATE = "trainable_params.safetensors"  # exact fp32 adapter state, fo
 
 
 def add_lora(
-    unet: UNet2DConditionModel, rank: int, alpha: float, targets: str, dropout: float = 0.0
+    unet: UNet2DConditionModel,
+    rank: int,
+    alpha: float,
+    targets: str,
+    dropout: float = 0.0,
+    seed: int = 0,
 ) -> None:
-    """Attach a trainable LoRA adapter; everything else in ``unet`` is frozen."""
+    """Attach a trainable LoRA adapter; everything else in ``unet`` is frozen. The random A
+    matrices are drawn from ``seed``, so two runs with one config start from the same adapter."""
     unet.requires_grad_(False)
     modules = [m.strip() for m in targets.split(",") if m.strip()]
     config = LoraConfig(
@@ -36,7 +42,9 @@ def add_lora(
         init_lora_weights="gaussian",  # A ~ N(0, 1/r), B = 0: the adapter starts as a no-op
         target_modules=modules,
     )
-    unet.add_adapter(config)
+    with torch.random.fork_rng(devices=[]):  # leave the caller's global RNG stream alone
+        torch.manual_seed(seed)
+        unet.add_adapter(config)
     for param in unet.parameters():
         if param.requires_grad:
             param.data = param.data.float()  # trainable weights in fp32, whatever the base dtype

@@ -1,0 +1,177 @@
+"""Precompute the latent and text-embedding cache that ``train.py --cache DIR`` trains from.
+
+Takes train.py's own flags (model, VAE, data, resolution, flips), so the cache matches the run:
+
+    python scripts/build_cache.py --pretrained_model M --data PARQUET_DIR --resolution 512
+    python train.py --pretrained_model M --data PARQUET_DIR --resolution 512 --cache \
+        PARQUET_DIR/prefdiff-cache-512px
+
+``--cache`` names the output directory (default: ``prefdiff-cache-<R>px`` next to the data).
+Per image: the VAE posterior mean and std of the centre crop, both flip orientations when
+``--random_flip`` is on; per caption (and the empty caption of caption dropout): the family's
+text features. Images and captions are deduplicated by content. Interrupted? Run the same
+command again: finished shards are kept and their entries skipped.
+"""
+
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import UNet2DConditionModel
+
+# Run as a script, the repo root is not on sys.path.
+if __package__ in (None, ""):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from config import TrainConfig, build_parser
+from data.cache import (
+    LATENT_PREFIX,
+    MANIFEST,
+    TEXT_PREFIX,
+    ShardWriter,
+    cache_identity,
+    caption_key,
+    centre_crop_pixels,
+    default_cache_dir,
+    image_key,
+    read_manifest,
+    source_images,
+    write_manifest,
+)
+from data.decode import UnreadableImage, load_rgb
+from data.kto_table import parse_split_labels
+from diffusion import posterior_moments
+from models.family import ModelFamily, family_for
+from models.loading import load_family, load_vae
+
+logger = logging.getLogger("build_cache")
+
+
+@dataclass
+class CacheStats:
+    images_encoded: int = 0
+    images_already_cached: int = 0  # found in shards of an earlier, interrupted build
+    duplicate_images: int = 0  # the same pixels seen earlier in this build
+    unreadable_images: int = 0
+    captions_encoded: int = 0
+
+
+def _encode_images(
+    pending: list[tuple[str, object]],
+    vae: torch.nn.Module,
+    resolution: int,
+    flips: tuple[bool, ...],
+    writer: ShardWriter,
+) -> None:
+    """One VAE batch per flip orientation; one cache entry (all orientations) per image."""
+    entries: list[dict[str, torch.Tensor]] = [{} for _ in pending]
+    for flip in flips:
+        pixels = torch.stack([centre_crop_pixels(img, resolution, flip) for _, img in pending])
+        mean, std = posterior_moments(vae, pixels)
+        for entry, (key, _), m, s in zip(entries, pending, mean, std, strict=True):
+            entry[f"{key}.{int(flip)}.mean"] = m
+            entry[f"{key}.{int(flip)}.std"] = s
+    for entry in entries:
+        writer.add(entry)
+
+
+def _encode_captions(
+    captions: list[str], family: ModelFamily, batch_size: int, writer: ShardWriter
+) -> int:
+    first = family.text_feature_names[0]
+    todo = [c for c in captions if f"{caption_key(c)}.{first}" not in writer.done]
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        features = family.encode_text(batch)
+        for i, caption in enumerate(batch):
+            key = caption_key(caption)
+            writer.add({f"{key}.{name}": features[name][i] for name in family.text_feature_names})
+    return len(todo)
+
+
+def build_cache(
+    config: TrainConfig, out_dir: Path, batch_size: int = 16, entries_per_shard: int = 256
+) -> CacheStats:
+    """Build (or finish) the cache of ``config``'s model and data in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    identity = cache_identity(
+        config.pretrained_model,
+        config.pretrained_vae,
+        config.revision,
+        config.variant,
+        config.resolution,
+    )
+    unet_config = UNet2DConditionModel.load_config(
+        config.pretrained_model, subfolder="unet", revision=config.revision
+    )
+    family_cls = family_for(unet_config)
+    manifest = {**identity, "family": family_cls.name, "flips": config.random_flip}
+    if (out_dir / MANIFEST).is_file():
+        previous = read_manifest(out_dir)
+        if previous != manifest:
+            raise ValueError(
+                f"{out_dir} holds a cache built with {previous}; this build is {manifest}: "
+                "use another --cache directory"
+            )
+    write_manifest(out_dir, manifest)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    vae = load_vae(config, torch.float32, device)
+    family = load_family(config, family_cls, torch.float32, device)
+    flips = (False, True) if config.random_flip else (False,)
+    latents = ShardWriter(out_dir, LATENT_PREFIX, entries_per_shard)
+    texts = ShardWriter(out_dir, TEXT_PREFIX, entries_per_shard)
+    stats = CacheStats()
+    captions, seen, pending = {""}, set(), []  # "" : caption dropout's empty caption
+    split_labels = parse_split_labels(config.split_labels)
+    rows = source_images(config.data, config.csv, config.images, split_labels)
+    for where, cell, caption in rows:
+        captions.add(caption)
+        try:
+            image = load_rgb(cell)
+        except UnreadableImage as exc:
+            logger.warning("skipping %s: %s", where, exc)
+            stats.unreadable_images += 1
+            continue
+        key = image_key(image)
+        if key in seen:
+            stats.duplicate_images += 1
+            continue
+        seen.add(key)
+        if f"{key}.0.mean" in latents.done:
+            stats.images_already_cached += 1
+            continue
+        pending.append((key, image))
+        if len(pending) == batch_size:
+            _encode_images(pending, vae, config.resolution, flips, latents)
+            stats.images_encoded += len(pending)
+            pending = []
+    if pending:
+        _encode_images(pending, vae, config.resolution, flips, latents)
+        stats.images_encoded += len(pending)
+    latents.flush()
+    stats.captions_encoded = _encode_captions(sorted(captions), family, batch_size, texts)
+    texts.flush()
+    return stats
+
+
+def main(argv: list[str] | None = None) -> CacheStats:
+    parser = build_parser()
+    parser.description = __doc__.splitlines()[0]
+    parser.add_argument("--encode_batch_size", type=int, default=16, help="images per VAE call")
+    parser.add_argument("--entries_per_shard", type=int, default=256, help="images per shard")
+    args = vars(parser.parse_args(argv))
+    batch_size, per_shard = args.pop("encode_batch_size"), args.pop("entries_per_shard")
+    config = TrainConfig(**args)
+    config.validate()
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
+    out_dir = Path(config.cache or default_cache_dir(config.data, config.csv, config.resolution))
+    stats = build_cache(config, out_dir, batch_size, per_shard)
+    print(f"cache {out_dir}: {stats}")  # the CLI's summary line
+    return stats
+
+
+if __name__ == "__main__":
+    main()
