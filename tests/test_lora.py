@@ -11,7 +11,7 @@ from diffusers import UNet2DConditionModel
 
 from models import load_pipeline
 from models.lora import LORA_WEIGHTS, TRAINABLE_STATE
-from tests.test_train import run
+from tests.test_train import fresh_accelerate_state, run  # noqa: F401  (autouse fixture)
 
 LORA = ("--lora_rank", "4", "--learning_rate", "1e-2")
 
