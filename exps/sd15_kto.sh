@@ -2,7 +2,7 @@
 # Diffusion-KTO on SD1.5, the paper's settings (Li et al. 2024, arXiv 2404.04465): 8 images per
 # step (paper: 4 GPUs x 2), lr 1e-7 after 1000 warm-up steps, beta 5000, 10k steps, fp16,
 # gamma = 0.8 desirable draws, Kahneman-Tversky utility, caption dropout 0.2 (released code).
-# The paper used 8-bit AdamW; until the optional bitsandbytes optimizer lands this uses AdamW.
+# The paper's 8-bit AdamW needs the optional bitsandbytes extra (installed below when missing).
 #   MODEL=runwayml/stable-diffusion-v1-5 CSV=/data/pickapic/train_processed_v3.csv \
 #   IMAGES=/data/pickapic bash exps/sd15_kto.sh
 set -euo pipefail
@@ -21,6 +21,7 @@ STEPS=${STEPS:-10000}
 BETA=${BETA:-5000}
 GAMMA=${GAMMA:-0.8}
 UTILITY=${UTILITY:-kahneman_tversky}
+OPTIMIZER=${OPTIMIZER:-adamw8bit}
 RESOLUTION=${RESOLUTION:-512}
 PRECISION=${PRECISION:-fp16}
 WORKERS=${WORKERS:-4}
@@ -28,4 +29,7 @@ CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-1000}
 REPORT_TO=${REPORT_TO:-wandb}
 
 bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss kto --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --beta "$BETA" --kto_desirable_prob "$GAMMA" --kto_utility "$UTILITY" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+if [ "$OPTIMIZER" = adamw8bit ] && ! .venv/bin/python -c "import bitsandbytes" 2>/dev/null; then
+  .venv/bin/python -m pip install -q -r requirements-8bit.txt
+fi
+.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss kto --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --beta "$BETA" --kto_desirable_prob "$GAMMA" --kto_utility "$UTILITY" --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

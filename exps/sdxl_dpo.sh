@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# Diffusion-DPO on SDXL, the released recipe (Wallace et al. 2023, arXiv 2311.12908, and the
+# released training script): 2048 pairs per step, lr 2.048e-5 (1e-8 scaled by the batch)
+# constant after 200 warm-up steps, Adafactor, 2000 steps, beta 5000, fp16 with gradient
+# checkpointing, 1024 px, the fp16-fix VAE, constant time_ids (R, R, 0, 0, R, R) as released
+# (TIME_IDS=original uses each image's true size and crop). LORA_RANK>0 trains LoRA adapters.
+#   MODEL=stabilityai/stable-diffusion-xl-base-1.0 DATA=/data/pickapic_v2 bash exps/sdxl_dpo.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
+VAE=${VAE:-madebyollin/sdxl-vae-fp16-fix}              # "none": the model's own VAE
+DATA=${DATA:?set DATA to the Pick-a-Pic v2 parquet directory (or a hub dataset name)}
+CACHE=${CACHE:-none}                                   # scripts/build_cache.py output, or none
+OUTPUT_DIR=${OUTPUT_DIR:-outputs/sdxl_dpo}
+NUM_PROCESSES=${NUM_PROCESSES:-8}
+BATCH=${BATCH:-1}                                      # pairs per GPU
+ACCUM=${ACCUM:-$((2048 / (NUM_PROCESSES * BATCH)))}    # keeps 2048 pairs per optimizer step
+LR=${LR:-2.048e-5}
+WARMUP=${WARMUP:-200}
+STEPS=${STEPS:-2000}
+BETA=${BETA:-5000}
+OPTIMIZER=${OPTIMIZER:-adafactor}
+RESOLUTION=${RESOLUTION:-1024}
+TIME_IDS=${TIME_IDS:-constant}
+PRECISION=${PRECISION:-fp16}
+GRAD_CKPT=${GRAD_CKPT:-true}
+LORA_RANK=${LORA_RANK:-0}
+WORKERS=${WORKERS:-4}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
+REPORT_TO=${REPORT_TO:-wandb}
+
+bash scripts/setup.sh
+.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss dpo --pretrained_model "$MODEL" --pretrained_vae "$VAE" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --beta "$BETA" --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --time_ids "$TIME_IDS" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
