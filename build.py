@@ -92,7 +92,10 @@ def make_optimizer(config: TrainConfig, params: list[torch.nn.Parameter]) -> tor
         "weight_decay": config.weight_decay,
     }
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(params, **adam)
+        # The fused kernel updates every tensor in one multithreaded pass (CPU and CUDA); the
+        # default for-each loop was about half of a full SD1.5 step on CPU.
+        fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+        return torch.optim.AdamW(params, **adam, fused=fused)
     if config.optimizer == "adamw8bit":
         import bitsandbytes  # optional extra (requirements-8bit.txt); checked by validate()
 

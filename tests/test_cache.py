@@ -52,7 +52,7 @@ def latent_entries(directory):
 def test_cached_run_equals_uncached_run(tiny_sdxl_dir, small_data, sdxl_cache, tmp_path):
     # Adam with epsilon >> |g| steps along the gradient, so float rounding of the VAE (batched
     # differently when the cache was built) is not blown up to full-size updates.
-    common = ("--learning_rate", "0.1", "--adam_epsilon", "1", "--max_train_steps", "3",
+    common = ("--learning_rate", "0.1", "--adam_epsilon", "1", "--max_train_steps", "2",
               "--time_ids", "original")  # fmt: skip
     plain = run(tiny_sdxl_dir, small_data, tmp_path / "plain", "dpo", *common)
     reset_accelerate()
@@ -60,7 +60,7 @@ def test_cached_run_equals_uncached_run(tiny_sdxl_dir, small_data, sdxl_cache, t
                  "--cache", str(sdxl_cache))  # fmt: skip
     assert isinstance(cached.models.latent_encoder, CachedLatentEncoder)
     assert cached.models.family.text_encoders == []  # neither the VAE nor text encoders loaded
-    assert abs(plain.history[2]["loss"] - plain.history[0]["loss"]) > 1e-3  # training moved
+    assert abs(plain.history[1]["loss"] - plain.history[0]["loss"]) > 1e-3  # training moved
     for a, b in zip(plain.history, cached.history, strict=True):
         assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)

@@ -55,7 +55,8 @@ def test_eager_attention_matches_sdpa(tiny_sd15_dir, toy_data_dir, tmp_path):
         assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+# bf16 with full fine-tuning: tests/test_train.py::test_bf16_policy_and_reference_agree_at_start.
+@pytest.mark.parametrize("precision", ["fp16"])
 def test_mixed_precision_keeps_trainable_weights_fp32(precision, tiny_sd15_dir, toy_data_dir,
                                                       tmp_path):  # fmt: skip
     result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *ONE_PAIR,
@@ -68,9 +69,9 @@ def test_mixed_precision_keeps_trainable_weights_fp32(precision, tiny_sd15_dir, 
 
 
 def test_torch_compile_trains(tiny_sd15_dir, toy_data_dir, tmp_path):
-    # aot_eager traces forward and backward like inductor but skips code generation (fast).
+    # The eager backend captures graphs like inductor but skips code generation (fast on CPU).
     result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *ONE_PAIR,
-                 "--torch_compile", "true", "--compile_backend", "aot_eager")  # fmt: skip
+                 "--torch_compile", "true", "--compile_backend", "eager")  # fmt: skip
     assert all(math.isfinite(h["loss"]) for h in result.history)
     assert moved(result, tiny_sd15_dir)
     saved = UNet2DConditionModel.from_pretrained(tmp_path / "out", subfolder="unet")

@@ -1,0 +1,247 @@
+"""One benchmark case in its own process (so its peak memory is its own); prints one JSON line.
+
+    python -m bench.case --size sd15 --mode full --cache on --resolution 128
+
+Modes:
+- ``baseline``: the released Diffusion-DPO trainer's per-step work: text encoder(s) and VAE
+  encode every step, a second full reference UNet, torch's default AdamW; on GPU the SDXL
+  reference is moved to the GPU and back to the CPU every micro-step, as the released SDXL code
+  did.
+- ``full`` / ``lora``: this project's step (``diffusion.batch_errors``, the model family, the DPO
+  loss, ``build.make_optimizer``), full fine-tuning with a frozen reference UNet, or LoRA with
+  the reference = the same UNet with adapters disabled. ``--cache on`` replaces the VAE and
+  text encoders by precomputed posterior moments and text features (random tensors of the
+  cache's shapes; the VAE and text encoders are never built).
+"""
+
+import argparse
+import contextlib
+import copy
+import json
+import resource
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPTokenizer
+
+from bench.models import build_random_model, vae_config
+from build import make_optimizer
+from config import TrainConfig
+from data.cache import CachedLatentEncoder
+from diffusion import VaeEncoder, batch_errors
+from losses import build_loss
+from losses.dpo import DPO_BETA
+from models.family import family_for
+from models.lora import DEFAULT_LORA_TARGETS, AdaptersDisabled, add_lora
+from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+
+CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed, 8k"
+
+
+def tokenizers(count: int) -> list[CLIPTokenizer]:
+    path = ensure_clip_tokenizer(default_tokenizer_cache())
+    # SDXL's second tokenizer pads with "!" (id 0), as the released SDXL pipelines do.
+    first = CLIPTokenizer.from_pretrained(path)
+    return [first, CLIPTokenizer.from_pretrained(path, pad_token="!")][:count]
+
+
+def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
+    """Measured dense matmul FLOP/s: the denominator of MFU."""
+    n = 8192 if device.type == "cuda" else 2048
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    reps = 20 if device.type == "cuda" else 3
+    start = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n**3 * reps / (time.perf_counter() - start)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+    cached = args.cache == "on"
+    model = build_random_model(args.size, with_vae_and_text=not cached)
+    policy = model.unet
+    if args.mode == "lora":
+        policy.to(device, dtype)
+        add_lora(policy, args.lora_rank, args.lora_rank, DEFAULT_LORA_TARGETS)
+        reference = AdaptersDisabled(policy)
+    else:
+        policy.to(device).requires_grad_(True)
+        reference = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
+    policy.train()
+    if args.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    family_cls = family_for(policy.config)
+    pairs, latent = args.pairs, args.resolution // 8
+    captions = [CAPTION] * pairs
+    if cached:
+        encoder = CachedLatentEncoder(vae_config(args.size), device)
+        mean = torch.randn(2 * pairs, 4, latent, latent)
+        images = torch.cat([mean, torch.rand_like(mean) * 0.1], dim=1)  # [2B, 2C, h, w]
+        hidden = policy.config.cross_attention_dim
+        features = {"encoder_hidden_states": torch.randn(pairs, 77, hidden, device=device)}
+        if "text_embeds" in family_cls.text_feature_names:
+            features["text_embeds"] = torch.randn(pairs, 1280, device=device)
+        family = family_cls([], [], args.resolution, "constant", text_source=lambda _: features)
+    else:
+        encoder = VaeEncoder(model.vae.to(device, dtype).requires_grad_(False).eval())
+        encoders = [e.to(device, dtype).requires_grad_(False).eval() for e in model.text_encoders]
+        family = family_cls(tokenizers(len(encoders)), encoders, args.resolution, "constant")
+        images = torch.rand(2 * pairs, 3, args.resolution, args.resolution) * 2 - 1
+    trainable = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = make_optimizer(TrainConfig(learning_rate=1e-6), trainable)
+    loss_fn = build_loss("dpo", TrainConfig().to_dict())
+    sizes = [(args.resolution, args.resolution)] * (2 * pairs)
+    counter = iter(range(10**9))
+
+    def step() -> None:
+        condition = family.condition(captions, sizes, sizes)
+        policy_err, ref_err = batch_errors(
+            policy, reference, encoder, model.scheduler, condition, images.to(device), 2,
+            first_group=next(counter) * pairs, seed=0, process_index=0,
+            autocast=lambda: autocast(device, dtype),
+        )  # fmt: skip
+        loss, _ = loss_fn(policy_err, ref_err)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step, sum(p.numel() for p in trainable)
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def baseline_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
+    """The released trainer's per-step work, written out as it did it."""
+    model = build_random_model(args.size)
+    unet = model.unet.to(device).train()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    offload = device.type == "cuda" and args.size == "sdxl"
+    ref_unet = copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
+    if offload:
+        ref_unet.to("cpu")
+    vae = model.vae.to(device, dtype).requires_grad_(False)
+    encoders = [e.to(device, dtype).requires_grad_(False) for e in model.text_encoders]
+    toks = tokenizers(len(encoders))
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=1e-6, weight_decay=1e-2)
+    pairs, scheduler = args.pairs, model.scheduler
+    pixels = torch.rand(2 * pairs, 3, args.resolution, args.resolution) * 2 - 1
+    sdxl = len(encoders) == 2
+
+    def step() -> None:
+        with torch.no_grad():
+            hidden, pooled = [], None
+            for tok, enc in zip(toks, encoders, strict=True):
+                ids = tok([CAPTION] * pairs, padding="max_length", max_length=77,
+                          truncation=True, return_tensors="pt").input_ids.to(device)  # fmt: skip
+                out = enc(ids, output_hidden_states=True)
+                hidden.append(out.hidden_states[-2] if sdxl else out[0])
+                pooled = out[0]
+            text = torch.cat(hidden, dim=-1).repeat(2, 1, 1)
+            latents = vae.encode(pixels.to(device, dtype)).latent_dist.sample()
+            latents = latents * vae.config.scaling_factor
+        noise = torch.randn_like(latents[:pairs]).repeat(2, 1, 1, 1)
+        t = torch.randint(0, 1000, (pairs,), device=device).repeat(2)
+        noisy = scheduler.add_noise(latents, noise, t)
+        added = {}
+        if sdxl:
+            res = args.resolution
+            ids = torch.tensor([[res, res, 0, 0, res, res]] * 2 * pairs, device=device)
+            added = {"added_cond_kwargs": {"text_embeds": pooled.repeat(2, 1), "time_ids": ids}}
+        with autocast(device, dtype):
+            pred = unet(noisy, t, text, **added).sample
+            if offload:
+                ref_unet.to(device)
+            with torch.no_grad():
+                ref_pred = ref_unet(noisy, t, text, **added).sample
+            if offload:
+                ref_unet.to("cpu")
+        model_losses = F.mse_loss(pred.float(), noise.float(), reduction="none").mean((1, 2, 3))
+        ref_losses = F.mse_loss(ref_pred.float(), noise.float(), reduction="none").mean((1, 2, 3))
+        model_diff = model_losses[:pairs] - model_losses[pairs:]
+        ref_diff = ref_losses[:pairs] - ref_losses[pairs:]
+        loss = -F.logsigmoid(-0.5 * DPO_BETA * (model_diff - ref_diff)).mean()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step, sum(p.numel() for p in unet.parameters())
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", choices=["tiny", "sd15", "sdxl"], required=True)
+    parser.add_argument("--mode", choices=["baseline", "full", "lora"], required=True)
+    parser.add_argument("--cache", choices=["on", "off"], default="off")
+    parser.add_argument("--resolution", type=int, default=128)
+    parser.add_argument("--pairs", type=int, default=1, help="pairs per step")
+    parser.add_argument("--steps", type=int, default=2, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--lora_rank", type=int, default=8)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--flops", action="store_true", help="count FLOPs (one extra step)")
+    args = parser.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    torch.manual_seed(0)
+    build = baseline_step if args.mode == "baseline" else our_step
+    step, trainable = build(args, device, dtype)
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    result = {
+        **vars(args),
+        "device": device.type,
+        "trainable_params": trainable,
+        "seconds_per_step": seconds,
+        "seconds_per_pair": seconds / args.pairs,
+        "pairs_per_second": args.pairs / seconds,
+        "peak_memory_gib": peak_memory_gib(device),
+    }
+    if args.flops:
+        from torch.utils.flop_counter import FlopCounterMode
+
+        with FlopCounterMode(display=False) as counter:
+            step()
+        flops = counter.get_total_flops()
+        peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else dtype)
+        result.update(flops_per_step=flops, matmul_peak_flops=peak,
+                      mfu=flops / seconds / peak)  # fmt: skip
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
