@@ -44,6 +44,7 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # logged metrics, one per step
     skipped_rows: int = 0
     nonfinite_steps: int = 0
+    unreadable_files: list[str] = field(default_factory=list)  # parquet shards skipped whole
 
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
@@ -262,6 +263,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
             state.skipped_rows,
             main_process_only=True,
         )
+    unreadable = getattr(dataset, "unreadable_files", [])
+    if unreadable:
+        logger.warning(
+            "skipped %d unreadable parquet files: %s",
+            len(unreadable),
+            ", ".join(unreadable),
+            main_process_only=True,
+        )
     logger.info(
         "trained UNet saved to %s (load with UNet2DConditionModel.from_pretrained("
         "%r, subfolder='unet'))",
@@ -270,7 +279,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
         main_process_only=True,
     )
     accelerator.end_training()
-    return TrainResult(unet_dir, models, history, state.skipped_rows, state.nonfinite_steps)
+    return TrainResult(
+        unet_dir, models, history, state.skipped_rows, state.nonfinite_steps, unreadable
+    )
 
 
 if __name__ == "__main__":

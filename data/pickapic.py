@@ -97,6 +97,7 @@ class PickapicPairs(IterableDataset):
         self.num_pairs: int | None = None
         self.num_files: int | None = None
         self.num_row_groups: int | None = None
+        self.unreadable_files: list[str] = []
 
         files = local_parquet_files(source)
         if files is None:
@@ -106,6 +107,7 @@ class PickapicPairs(IterableDataset):
         self.num_pairs = self._index.num_pairs
         self.num_files = len(files)
         self.num_row_groups = len(self._index.row_groups)
+        self.unreadable_files = self._index.unreadable_files
         if self.num_pairs == 0:
             raise DataError(f"{source}: no pairs left after dropping ties (label_0 == label_1)")
         if self._num_blocks() < self.num_roles:
