@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 from diffusers import UNet2DConditionModel
 
 logger = logging.getLogger(__name__)
@@ -58,13 +59,31 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
+def full_model(accelerator: Accelerator, model: Any) -> Any:
+    """The model as a plain diffusers module holding all its weights, on the main process (None
+    elsewhere). Call it on EVERY process: under FSDP, gathering the shards is collective."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)  # full state dict on rank 0 (FULL_STATE_DICT)
+    if not accelerator.is_main_process:
+        return None
+    full = type(unwrapped).from_config(unwrapped.config)
+    full.load_state_dict(state)
+    return full
+
+
 def register_unet_hooks(accelerator: Accelerator) -> None:
-    """Make save_state/load_state write and read the UNet as diffusers ``unet/``."""
+    """Make save_state/load_state write and read the UNet as diffusers ``unet/``.
+
+    Under FSDP and DeepSpeed accelerate saves and loads the model in its own format and hands
+    the load hook no models; ``unet/`` is still written, for export and inspection."""
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
-                accelerator.unwrap_model(model).save_pretrained(Path(output_dir) / "unet")
+        for model in models:
+            full = full_model(accelerator, model)
+            if full is not None:
+                full.save_pretrained(Path(output_dir) / "unet")
         weights.clear()  # accelerate would otherwise save the same weights again
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -192,13 +211,15 @@ def save_checkpoint(
 def export_unet(
     accelerator: Accelerator, policy: Any, output_dir: Path, provenance: dict[str, Any]
 ) -> Path:
-    """Write ``OUTPUT_DIR/unet`` (diffusers format, safetensors) atomically; main process only."""
+    """Write ``OUTPUT_DIR/unet`` (diffusers format, safetensors) atomically; call on every
+    process (the main one writes)."""
     target = output_dir / "unet"
+    full = full_model(accelerator, policy)
     if accelerator.is_main_process:
         tmp = output_dir / f"unet{TMP_SUFFIX}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        accelerator.unwrap_model(policy).save_pretrained(tmp, safe_serialization=True)
+        full.save_pretrained(tmp, safe_serialization=True)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
