@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 import checkpointing
@@ -58,10 +58,13 @@ def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float
 
 def gradient_norm(accelerator: Accelerator, policy: torch.nn.Module, max_norm: float) -> float:
     """Total gradient norm after synchronisation (same on every rank), clipping to ``max_norm``
-    when it is > 0. NaN/inf when any gradient is non-finite; under DeepSpeed (which clips and
-    checks overflow itself) the norm is not returned and 0 stands in."""
+    when it is > 0; NaN/inf when any gradient is non-finite. DeepSpeed clips (its
+    ``gradient_clipping``) and handles overflow inside its engine step, and only reports the
+    previous step's norm, so 0 stands in there."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return 0.0
     norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
-    return 0.0 if norm is None else float(norm)
+    return float(norm)
 
 
 def any_rank(accelerator: Accelerator, flag: bool) -> bool:

@@ -94,10 +94,11 @@ def test_sigkill_during_training_resumes_exactly(
     out = tmp_path / "killed"
     args = train_argv(tiny_sd15_dir, toy_data_dir, out)
     process = start(args)
-    wait_for_step(out, 3, process)  # checkpoint-2 is sealed; step 4 is under way
+    wait_for_step(out, 3, process)  # checkpoint-2 is sealed; step 4 (or its save) under way
     os.kill(process.pid, signal.SIGKILL)
     assert finish(process) == -signal.SIGKILL
-    assert [p.name for p in checkpointing.checkpoint_dirs(out)] == ["checkpoint-2"]
+    sealed = [p.name for p in checkpointing.checkpoint_dirs(out)]
+    assert sealed in (["checkpoint-2"], ["checkpoint-2", "checkpoint-4"])  # where the kill hit
 
     assert finish(start([*args, "--resume_from_checkpoint", "latest"])) == 0
     expected = losses_by_step(uninterrupted)
