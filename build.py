@@ -66,7 +66,10 @@ def dataset_size(dataset: PickapicPairs | LabeledImages) -> str:
         )
     if dataset.num_pairs is None:
         return "streaming (size unknown)"
-    return f"{dataset.num_pairs} pairs after dropping ties, {dataset.num_row_groups} row groups"
+    size = f"{dataset.num_pairs} pairs after dropping ties, {dataset.num_row_groups} row groups"
+    if dataset.unreadable_files:
+        size += f" ({len(dataset.unreadable_files)} unreadable parquet files skipped)"
+    return size
 
 
 def build_dataloader(config: TrainConfig, dataset: IterableDataset) -> DataLoader:

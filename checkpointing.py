@@ -4,17 +4,27 @@ A checkpoint is ``OUTPUT_DIR/checkpoint-<step>/`` holding accelerate's state (op
 schedule, RNG states), the policy as ``unet/`` in diffusers format (with LoRA: ``lora/``, the
 adapters only, see ``models/lora.py``), ``trainer_state.json`` (step
 and data positions) and ``train_config.json`` (config, library versions, git SHA). It is written
-under a temporary name and renamed into place, so ``latest`` never picks a half-written one.
+under a temporary name, sealed by ``manifest.json`` (size and SHA-256 of every file, written
+last) and renamed into place, so ``latest`` never picks a half-written one; on resume a checkpoint
+whose files do not match its manifest is reported and the previous one is used.
+
+Fault injection (tests only): ``PREFDIFF_KILL_DURING_SAVE=<step>`` makes the process SIGKILL
+itself in the middle of writing checkpoint-<step>, after accelerate's state is on disk and before
+the manifest and the rename, the widest window a real crash could hit.
 """
 
+import hashlib
 import json
 import logging
+import os
 import shutil
+import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from accelerate.utils import DistributedType
 
 from models.lora import FullUNetIO, LoraIO
 
@@ -24,6 +34,13 @@ CHECKPOINT_PREFIX = "checkpoint-"
 TMP_SUFFIX = ".tmp"
 STATE_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.json"
+MANIFEST_FILE = "manifest.json"
+KILL_DURING_SAVE_ENV = "PREFDIFF_KILL_DURING_SAVE"
+_HASH_CHUNK = 1 << 22
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint directory whose files do not match its manifest (or that has none)."""
 
 
 @dataclass
@@ -34,6 +51,7 @@ class TrainerState:
     micro_batches: int = 0  # batches consumed by each process
     positions: dict[str, list] = field(default_factory=dict)  # data stream role -> state
     skipped_rows: int = 0  # undecodable / missing rows skipped so far, all processes
+    nonfinite_steps: int = 0  # optimizer steps skipped for a non-finite loss or gradient
 
     def save(self, directory: Path) -> None:
         (directory / STATE_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
@@ -43,15 +61,34 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
+def full_model(accelerator: Accelerator, model: Any) -> Any:
+    """The model as a plain diffusers module holding all its weights, on the main process (None
+    elsewhere). Call it on EVERY process: under FSDP, gathering the shards is collective."""
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return unwrapped if accelerator.is_main_process else None
+    state = accelerator.get_state_dict(model)  # full state dict on rank 0 (FULL_STATE_DICT)
+    if not accelerator.is_main_process:
+        return None
+    full = type(unwrapped).from_config(unwrapped.config)
+    full.load_state_dict(state)
+    return full
+
+
 def register_unet_hooks(accelerator: Accelerator, io: FullUNetIO | LoraIO | None = None) -> None:
     """Make save_state/load_state write and read the policy as diffusers ``unet/`` (full
-    fine-tuning) or as ``lora/`` (LoRA adapters only)."""
+    fine-tuning) or as ``lora/`` (LoRA adapters only).
+
+    Under FSDP and DeepSpeed accelerate saves and loads the model in its own format and hands
+    the load hook no models; ``unet/`` is still written, for export and inspection. (LoRA is
+    not supported under FSDP: the gathered copy has no adapters.)"""
     io = io or FullUNetIO()
 
     def save_hook(models: list, weights: list, output_dir: str) -> None:
-        if accelerator.is_main_process:
-            for model in models:
-                io.save(accelerator.unwrap_model(model), Path(output_dir) / io.subfolder)
+        for model in models:
+            full = full_model(accelerator, model)
+            if full is not None:
+                io.save(full, Path(output_dir) / io.subfolder)
         weights.clear()  # accelerate would otherwise save the same weights again
 
     def load_hook(models: list, input_dir: str) -> None:
@@ -73,17 +110,70 @@ def checkpoint_dirs(output_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
 
 
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path) -> None:
+    """Record size and SHA-256 of every file under ``directory``; written last, it seals it."""
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST_FILE)
+    entries = {
+        str(p.relative_to(directory)): {"size": p.stat().st_size, "sha256": _sha256(p)}
+        for p in files
+    }
+    tmp = directory / f"{MANIFEST_FILE}{TMP_SUFFIX}"
+    tmp.write_text(json.dumps({"files": entries}, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, directory / MANIFEST_FILE)
+
+
+def verify_checkpoint(directory: Path) -> None:
+    """Raise DamagedCheckpoint naming the first file that is missing or differs."""
+    try:
+        entries = json.loads((directory / MANIFEST_FILE).read_text())["files"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise DamagedCheckpoint(f"{directory}: no readable {MANIFEST_FILE} ({exc})") from exc
+    for name, expected in entries.items():
+        path = directory / name
+        if not path.is_file():
+            raise DamagedCheckpoint(f"{directory}: {name} is missing")
+        if path.stat().st_size != expected["size"]:
+            raise DamagedCheckpoint(
+                f"{directory}: {name} has {path.stat().st_size} bytes, manifest says "
+                f"{expected['size']}"
+            )
+        if _sha256(path) != expected["sha256"]:
+            raise DamagedCheckpoint(f"{directory}: {name} does not match its SHA-256")
+
+
 def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
-    """``latest`` -> newest checkpoint (None if there is none yet); otherwise the given path."""
+    """``latest`` -> newest checkpoint that verifies (None if there is none yet), falling back
+    past damaged ones with a warning; otherwise the given path, which must verify."""
     if resume_from is None:
         return None
     if resume_from == "latest":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
+        for candidate in reversed(checkpoint_dirs(output_dir)):
+            try:
+                verify_checkpoint(candidate)
+            except DamagedCheckpoint as exc:
+                logger.warning("not resuming from damaged checkpoint: %s; trying an older one", exc)
+                continue
+            return candidate
+        return None
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
         raise FileNotFoundError(f"--resume_from_checkpoint {path}: no {STATE_FILE} there")
+    verify_checkpoint(path)
     return path
+
+
+def _maybe_kill_during_save(step: int) -> None:
+    if os.environ.get(KILL_DURING_SAVE_ENV) == str(step):
+        logger.warning("%s=%d: killing this process mid-save", KILL_DURING_SAVE_ENV, step)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def save_checkpoint(
@@ -100,12 +190,18 @@ def save_checkpoint(
         shutil.rmtree(tmp)  # left over from a crash during an earlier save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()  # every rank's RNG state is in tmp before it is sealed
     if accelerator.is_main_process:
         state.save(tmp)
+        _maybe_kill_during_save(state.global_step)
         (tmp / CONFIG_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
+        write_manifest(tmp)
+        old = output_dir / f"{final.name}.old"
+        if final.exists():  # moved aside, not deleted, until the new one is in place
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
         if total_limit is not None:
             for old in checkpoint_dirs(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
@@ -122,15 +218,16 @@ def export_unet(
     io: FullUNetIO | LoraIO | None = None,
 ) -> Path:
     """Write ``OUTPUT_DIR/unet`` (diffusers format, safetensors), or ``OUTPUT_DIR/lora`` with
-    LoRA, atomically; main process only."""
+    LoRA, atomically; call on every process (the main one writes)."""
     io = io or FullUNetIO()
     target = output_dir / io.subfolder
+    full = full_model(accelerator, policy)
     if accelerator.is_main_process:
         tmp = output_dir / f"{io.subfolder}{TMP_SUFFIX}"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        io.save(accelerator.unwrap_model(policy), tmp)
+        io.save(full, tmp)
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)

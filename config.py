@@ -155,6 +155,11 @@ class TrainConfig:
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
     seed: int = arg(0, "seed for data order, augmentation, timesteps and noise")
+    max_consecutive_nonfinite: int = arg(
+        10,
+        "optimizer steps with a non-finite loss or gradient are skipped and counted; after "
+        "this many in a row the run saves a checkpoint and stops",
+    )
 
     # Output
     output_dir: str = arg("outputs/run", "where checkpoints, logs and the final unet/ go")
@@ -182,6 +187,7 @@ class TrainConfig:
             "max_train_steps",
             "checkpointing_steps",
             "learning_rate",
+            "max_consecutive_nonfinite",
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
         if self.resolution % 8:

@@ -1,8 +1,10 @@
 """Timesteps, noise and per-sample denoising errors for policy and reference.
 
-Randomness is drawn per *group* (a pair, or a single image) from a generator seeded by the
-group's index in this process's stream, so the draws of a sample do not depend on how samples
-are batched: batch 2 x accumulation 1 sees exactly the noise of batch 1 x accumulation 2, and a
+Randomness is drawn per *group* (a pair, or a single image) from a generator seeded by
+``(seed, global group index)`` only. The global index numbers the groups of the whole run across
+processes (``first_group_index``), so the draws of a sample do not depend on how samples are
+batched or spread over processes: batch 2 x accumulation 1 sees exactly the noise of batch 1 x
+accumulation 2, 2 processes x batch 1 the noise of 1 process x batch 1 x accumulation 2, and a
 resumed run re-derives its draws from the step count alone.
 """
 
@@ -26,9 +28,17 @@ class GroupDraws:
     noise: torch.Tensor  # [N, C, h, w], shared within a group
 
 
-def group_generator(seed: int, process_index: int, group_index: int) -> torch.Generator:
-    """A generator unique to one group of one process, derived without any state."""
-    state = np.random.SeedSequence([seed, process_index, group_index]).generate_state(2)
+def first_group_index(micro_batches: int, world_size: int, rank: int, batch_size: int) -> int:
+    """Global index of the first group of a micro-batch: micro-batch m of rank r holds groups
+    ``((m * world_size) + r) * batch_size + i``, the order in which one process with
+    accumulation would consume the same roles' batches (its micro-batch ``m * world_size + r``
+    comes from DataLoader worker, i.e. stream role, r)."""
+    return (micro_batches * world_size + rank) * batch_size
+
+
+def group_generator(seed: int, group_index: int) -> torch.Generator:
+    """A generator unique to one group of the run, derived without any state."""
+    state = np.random.SeedSequence([seed, group_index]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -39,13 +49,12 @@ def draw_groups(
     num_groups: int,
     num_train_timesteps: int,
     seed: int,
-    process_index: int,
 ) -> GroupDraws:
     """Draw, for groups ``first_group .. first_group + num_groups - 1``, one VAE sample noise per
     image and one timestep and diffusion noise per group (Diffusion-DPO: a pair shares both)."""
     latent_eps, timesteps, noise = [], [], []
     for g in range(first_group, first_group + num_groups):
-        gen = group_generator(seed, process_index, g)
+        gen = group_generator(seed, g)
         latent_eps.append(torch.randn((group_size, *latent_shape), generator=gen))
         timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=gen))
         noise.append(torch.randn(latent_shape, generator=gen))
@@ -148,7 +157,6 @@ def batch_errors(
     group_size: int,
     first_group: int,
     seed: int,
-    process_index: int,
     autocast: Callable[[], AbstractContextManager],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """images [N = group_size * G, ...] (pixels, or cached moments) -> (policy_err [N] with
@@ -164,7 +172,6 @@ def batch_errors(
         mean.shape[0] // group_size,
         scheduler.config.num_train_timesteps,
         seed,
-        process_index,
     )
     device = mean.device
     latents = scaled_latents(encoder, mean, std, draws.latent_eps.to(device))

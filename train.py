@@ -6,6 +6,7 @@
 config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
 """
 
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -14,13 +15,13 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
 from tqdm.auto import tqdm
 
 import checkpointing
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
-from diffusion import batch_errors
+from diffusion import batch_errors, first_group_index
 from losses import build_loss, get_spec
 from models import Components, load_components
 from models.speed import allow_tf32
@@ -28,6 +29,11 @@ from models.speed import allow_tf32
 logger = get_logger("prefdiff")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
+
+
+class NonFiniteTraining(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient."""
 
 
 @dataclass
@@ -38,6 +44,8 @@ class TrainResult:
     models: Components
     history: list[dict[str, float]] = field(default_factory=list)  # logged metrics, one per step
     skipped_rows: int = 0
+    nonfinite_steps: int = 0
+    unreadable_files: list[str] = field(default_factory=list)  # parquet shards skipped whole
 
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
@@ -47,6 +55,28 @@ def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float
     local = torch.tensor([[m[n] for n in names] for m in micro_metrics], dtype=torch.float64)
     gathered = accelerator.gather(local.to(accelerator.device)).cpu()
     return dict(zip(names, gathered.nanmean(dim=0).tolist(), strict=True))
+
+
+def gradient_norm(accelerator: Accelerator, policy: torch.nn.Module, max_norm: float) -> float:
+    """Total gradient norm after synchronisation (same on every rank), clipping to ``max_norm``
+    when it is > 0; NaN/inf when any gradient is non-finite. DeepSpeed clips (its
+    ``gradient_clipping``) and handles overflow inside its engine step, and only reports the
+    previous step's norm, so 0 stands in there."""
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return 0.0
+    norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
+    return float(norm)
+
+
+def any_rank(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on at least one."""
+    return bool(accelerator.reduce(torch.tensor(float(flag), device=accelerator.device)) > 0)
+
+
+def append_metrics(path: Path, step: int, logs: dict[str, float]) -> None:
+    """A crash-proof plain-text record of every step (the trackers buffer theirs)."""
+    with open(path, "a") as f:
+        f.write(json.dumps({"step": step, **logs}) + "\n")
 
 
 def tracker_config(config: TrainConfig) -> dict:
@@ -103,6 +133,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
     loss_fn = build_loss(config.loss, config.to_dict())
     optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
     policy, optimizer = accelerator.prepare(models.policy, optimizer)
+    deepspeed = accelerator.state.deepspeed_plugin
+    if deepspeed is not None:  # we step our own DataLoader, so DeepSpeed cannot read it from one
+        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     accelerator.register_for_checkpointing(lr_scheduler)
     checkpointing.register_unet_hooks(accelerator, models.policy_io)
 
@@ -123,6 +156,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
     group_size = 2 if spec.pairwise else 1
     history = []
+    consecutive_nonfinite = 0
+    metrics_path = output_dir / METRICS_FILE
     progress = tqdm(
         total=config.max_train_steps,
         initial=state.global_step,
@@ -130,7 +165,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
         disable=not accelerator.is_local_main_process,
     )
     while state.global_step < config.max_train_steps:
-        micro_metrics, skipped = [], 0
+        micro_metrics, skipped, grad_norm = [], 0, 0.0
         for _ in range(config.gradient_accumulation_steps):
             batch = next(batches)
             with accelerator.accumulate(policy):
@@ -145,9 +180,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
                     condition,
                     batch.pixels.to(accelerator.device, non_blocking=True),
                     group_size,
-                    first_group=state.micro_batches * config.train_batch_size,
+                    first_group=first_group_index(
+                        state.micro_batches,
+                        accelerator.num_processes,
+                        accelerator.process_index,
+                        config.train_batch_size,
+                    ),
                     seed=config.seed,
-                    process_index=accelerator.process_index,
                     autocast=accelerator.autocast,
                 )
                 labels = getattr(batch, "labels", None)
@@ -155,37 +194,73 @@ def main(argv: list[str] | None = None) -> TrainResult:
                     policy_err, ref_err, labels=None if labels is None else labels.to(policy_err)
                 )
                 accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(policy.parameters(), config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                if accelerator.sync_gradients:
+                    grad_norm = gradient_norm(accelerator, policy, config.max_grad_norm)
             micro_metrics.append({"loss": loss.item(), **metrics})
             state.micro_batches += 1
             skipped += batch.skipped
             state.positions.update({str(k): v for k, v in batch.positions.items()})
 
-        if not accelerator.optimizer_step_was_skipped:
+        # A NaN/inf loss or gradient on any rank skips the update on all of them (gradients
+        # are already synchronised, so every rank sees the same norm).
+        local_bad = not all(math.isfinite(m["loss"]) for m in micro_metrics)
+        nonfinite = any_rank(accelerator, local_bad or not math.isfinite(grad_norm))
+        if nonfinite and accelerator.scaler is not None:
+            optimizer.step()  # fp16: the grad scaler skips the step and lowers its scale
+        elif not nonfinite:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if not nonfinite and not accelerator.optimizer_step_was_skipped:
             lr_scheduler.step()
+        consecutive_nonfinite = consecutive_nonfinite + 1 if nonfinite else 0
+        state.nonfinite_steps += int(nonfinite)
         state.global_step += 1
+        if nonfinite:
+            logger.warning(
+                "step %d: non-finite loss or gradient (grad norm %s), optimizer step skipped "
+                "(%d in a row, %d in total)",
+                state.global_step,
+                grad_norm,
+                consecutive_nonfinite,
+                state.nonfinite_steps,
+                main_process_only=True,
+            )
         logs = reduce_metrics(accelerator, micro_metrics)
         step_skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
         state.skipped_rows += step_skipped
-        logs.update({"lr": lr_scheduler.get_last_lr()[0], "data/skipped_rows": state.skipped_rows})
+        logs.update(
+            {
+                "lr": lr_scheduler.get_last_lr()[0],
+                "grad_norm": grad_norm,
+                "data/skipped_rows": state.skipped_rows,
+                "nonfinite_steps": state.nonfinite_steps,
+            }
+        )
         accelerator.log(logs, step=state.global_step)
+        if accelerator.is_main_process:
+            append_metrics(metrics_path, state.global_step, logs)
         history.append(logs)
         progress.update(1)
         progress.set_postfix(
             loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
         )
 
+        stop = consecutive_nonfinite >= config.max_consecutive_nonfinite
         final_step = state.global_step == config.max_train_steps
-        if state.global_step % config.checkpointing_steps == 0 or final_step:
+        if state.global_step % config.checkpointing_steps == 0 or final_step or stop:
             merged = checkpointing.TrainerState(**vars(state))
             merged.positions = {
                 k: v for d in gather_object([state.positions]) for k, v in d.items()
             }
             checkpointing.save_checkpoint(
                 accelerator, output_dir, merged, run_info, config.checkpoints_total_limit
+            )
+        if stop:
+            raise NonFiniteTraining(
+                f"{consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                f"gradient (last at step {state.global_step}); stopped after saving "
+                f"{output_dir / f'checkpoint-{state.global_step}'} (its weights are those of the "
+                "last finite step). Lower the learning rate, check the data, or use bf16/fp32"
             )
     progress.close()
 
@@ -198,6 +273,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
             state.skipped_rows,
             main_process_only=True,
         )
+    unreadable = getattr(dataset, "unreadable_files", [])
+    if unreadable:
+        logger.warning(
+            "skipped %d unreadable parquet files: %s",
+            len(unreadable),
+            ", ".join(unreadable),
+            main_process_only=True,
+        )
     logger.info(
         "trained %s saved to %s (load with models.load_pipeline(%r, %s=%r))",
         "LoRA adapters" if config.lora_rank else "UNet",
@@ -208,7 +291,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
         main_process_only=True,
     )
     accelerator.end_training()
-    return TrainResult(unet_dir, models, history, state.skipped_rows)
+    return TrainResult(
+        unet_dir, models, history, state.skipped_rows, state.nonfinite_steps, unreadable
+    )
 
 
 if __name__ == "__main__":

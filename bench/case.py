@@ -109,7 +109,7 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
         condition = family.condition(captions, sizes, sizes)
         policy_err, ref_err = batch_errors(
             policy, reference, encoder, model.scheduler, condition, images.to(device), 2,
-            first_group=next(counter) * pairs, seed=0, process_index=0,
+            first_group=next(counter) * pairs, seed=0,
             autocast=lambda: autocast(device, dtype),
         )  # fmt: skip
         loss, _ = loss_fn(policy_err, ref_err)

@@ -21,6 +21,7 @@ class PairBatch:
     crop_top_lefts: list[tuple[int, int]]  # [2B]
     positions: dict[int, list]  # stream role -> resume state after this batch
     skipped: int  # undecodable or missing rows skipped while producing this batch
+    rows: list[tuple[int, ...]]  # [B] source row of each example (Example["row"])
 
 
 @dataclass
@@ -34,6 +35,7 @@ class ImageBatch:
     crop_top_lefts: list[tuple[int, int]]  # [B]
     positions: dict[int, list]
     skipped: int
+    rows: list[tuple[int, ...]]  # [B]
 
 
 def _positions(examples: list[Example]) -> dict[int, list]:
@@ -67,6 +69,7 @@ def collate_pairs(examples: list[Example]) -> PairBatch:
         + [e["crop_top_lefts"][1] for e in examples],
         positions=_positions(examples),
         skipped=sum(e["skipped"] for e in examples),
+        rows=[e["row"] for e in examples],
     )
 
 
@@ -81,4 +84,5 @@ def collate_images(examples: list[Example]) -> ImageBatch:
         crop_top_lefts=[e["crop_top_lefts"][0] for e in examples],
         positions=_positions(examples),
         skipped=sum(e["skipped"] for e in examples),
+        rows=[e["row"] for e in examples],
     )

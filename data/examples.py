@@ -22,6 +22,7 @@ class Example(TypedDict, total=False):
     role: int  # the stream that produced it
     state: list[int]  # the stream's resume position AFTER this example (JSON-serialisable)
     skipped: int  # bad rows skipped in this stream just before this example
+    row: tuple[int, ...]  # where it came from: (file index, row in file) for parquet, (csv row,)
 
 
 def build_example(
@@ -34,6 +35,7 @@ def build_example(
     state: list[int],
     skipped: int,
     label: float | None = None,
+    row: tuple[int, ...] = (),
 ) -> Example:
     """Drop the caption with probability ``caption_dropout`` (one draw, shared by all images,
     so both images of a pair are conditioned on the same text) and transform the images."""
@@ -47,6 +49,7 @@ def build_example(
         role=role,
         state=list(state),
         skipped=skipped,
+        row=tuple(row),
     )
     if label is not None:
         example["label"] = float(label)

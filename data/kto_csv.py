@@ -153,6 +153,7 @@ class LabeledImages(IterableDataset):
                 [draw],
                 skipped,
                 label=float(self._table.labels[row]),
+                row=(row,),
             )
             skipped = 0
 

@@ -5,9 +5,10 @@ the full 335 GB train split, so a bad shard fails in seconds instead of hours in
 """
 
 import glob
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from data.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 LABEL_VALUES = (0.0, 0.5, 1.0)
@@ -36,6 +39,7 @@ class ParquetIndex:
     files: list[str]
     row_groups: list[RowGroup]  # non-empty row groups, in file order
     num_pairs: int  # rows with label_0 != label_1 (ties dropped)
+    unreadable_files: list[str] = field(default_factory=list)  # skipped (e.g. truncated)
 
 
 def local_parquet_files(source: str) -> list[str] | None:
@@ -64,13 +68,20 @@ def local_parquet_files(source: str) -> list[str] | None:
 
 
 def scan_shards(files: list[str]) -> ParquetIndex:
-    """Check every shard's schema and labels; count pairs; list the non-empty row groups."""
-    row_groups, num_pairs = [], 0
+    """Check every shard's schema and labels; count pairs; list the non-empty row groups.
+
+    A shard whose footer cannot be read (a truncated or half-copied file) is skipped with a
+    warning and listed in ``unreadable_files``: one bad file out of thousands must not stop a
+    day-long run. A readable shard with a wrong schema or labels stops it (a systematic error).
+    """
+    row_groups, num_pairs, unreadable = [], 0, []
     for file_index, path in enumerate(files):
         try:
             shard = pq.ParquetFile(path)
         except (OSError, pa.ArrowException) as exc:
-            raise DataError(f"{path}: not a readable parquet file ({exc})") from exc
+            logger.warning("skipping %s: not a readable parquet file (%s)", path, exc)
+            unreadable.append(path)
+            continue
         names = set(shard.schema_arrow.names)
         for column in REQUIRED_COLUMNS:
             if column not in names:
@@ -78,14 +89,20 @@ def scan_shards(files: list[str]) -> ParquetIndex:
                     f"{path}: missing column {column} (a Pick-a-Pic shard needs "
                     f"{', '.join(REQUIRED_COLUMNS)}; found {', '.join(sorted(names))})"
                 )
-        num_pairs += count_pairs(path, shard.read(columns=["label_0", "label_1"]))
+        try:
+            labels = shard.read(columns=["label_0", "label_1"])
+        except (OSError, pa.ArrowException) as exc:
+            logger.warning("skipping %s: its label columns do not read (%s)", path, exc)
+            unreadable.append(path)
+            continue
+        num_pairs += count_pairs(path, labels)
         first_row = 0
         for index in range(shard.metadata.num_row_groups):
             num_rows = shard.metadata.row_group(index).num_rows
             if num_rows:
                 row_groups.append(RowGroup(file_index, index, first_row, num_rows))
             first_row += num_rows
-    return ParquetIndex(files, row_groups, num_pairs)
+    return ParquetIndex(files, row_groups, num_pairs, unreadable)
 
 
 def count_pairs(path: str, labels: pa.Table) -> int:

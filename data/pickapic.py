@@ -97,6 +97,7 @@ class PickapicPairs(IterableDataset):
         self.num_pairs: int | None = None
         self.num_files: int | None = None
         self.num_row_groups: int | None = None
+        self.unreadable_files: list[str] = []
 
         files = local_parquet_files(source)
         if files is None:
@@ -106,6 +107,7 @@ class PickapicPairs(IterableDataset):
         self.num_pairs = self._index.num_pairs
         self.num_files = len(files)
         self.num_row_groups = len(self._index.row_groups)
+        self.unreadable_files = self._index.unreadable_files
         if self.num_pairs == 0:
             raise DataError(f"{source}: no pairs left after dropping ties (label_0 == label_1)")
         if self._num_blocks() < self.num_roles:
@@ -214,6 +216,7 @@ class PickapicPairs(IterableDataset):
                     record.get("caption"),
                     (record.get("jpg_0"), record.get("jpg_1")),
                     (record.get("label_0"), record.get("label_1")),
+                    (role, n),
                 )
                 if row.labels[0] == row.labels[1]:
                     continue
@@ -250,17 +253,29 @@ class PickapicPairs(IterableDataset):
         label = 1.0 if self.winners_only else None
         caption = row.caption if isinstance(row.caption, str) else ""
         return build_example(
-            images, caption, rng, self.transform, self.caption_dropout, role, state, skipped, label
+            images,
+            caption,
+            rng,
+            self.transform,
+            self.caption_dropout,
+            role,
+            state,
+            skipped,
+            label,
+            row=row.ident,
         )
 
 
 class _Row:
     """The fields of one Pick-a-Pic row, plus where it came from (for log messages)."""
 
-    __slots__ = ("caption", "images", "labels", "where")
+    __slots__ = ("caption", "ident", "images", "labels", "where")
 
-    def __init__(self, where: str, caption: object, images: tuple, labels: tuple):
+    def __init__(
+        self, where: str, caption: object, images: tuple, labels: tuple, ident: tuple[int, ...]
+    ):
         self.where, self.caption, self.images, self.labels = where, caption, images, labels
+        self.ident = ident  # (file index, row in file); (role, row of the role's epoch) on hub
 
 
 class _BlockRows:
@@ -313,4 +328,5 @@ class _BlockRows:
             table["caption"][local],
             (table["jpg_0"][local], table["jpg_1"][local]),
             (table["label_0"][local], table["label_1"][local]),
+            (group.file, group.first_row + local),
         )

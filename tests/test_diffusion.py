@@ -7,14 +7,20 @@ import torch
 from diffusers import DDPMScheduler
 
 from config import parse_config
-from diffusion import batch_errors, denoising_errors, draw_groups, noisy_inputs_and_target
+from diffusion import (
+    batch_errors,
+    denoising_errors,
+    draw_groups,
+    first_group_index,
+    noisy_inputs_and_target,
+)
 from models import load_components
 
 SHAPE = (4, 8, 8)
 
 
 def draws(first: int, num: int, group_size: int = 2):
-    return draw_groups(SHAPE, group_size, first, num, 1000, seed=3, process_index=0)
+    return draw_groups(SHAPE, group_size, first, num, 1000, seed=3)
 
 
 def test_a_pair_shares_timestep_and_noise_but_not_vae_noise():
@@ -36,10 +42,16 @@ def test_draws_do_not_depend_on_batching():
         assert whole.timesteps[i] == part.timesteps[j]
 
 
-def test_draws_differ_between_processes():
-    a = draw_groups(SHAPE, 1, 0, 1, 1000, seed=3, process_index=0)
-    b = draw_groups(SHAPE, 1, 0, 1, 1000, seed=3, process_index=1)
-    assert not torch.equal(a.noise, b.noise)
+def test_global_group_index_matches_one_process_with_accumulation():
+    # 2 processes x batch 1: micro-batch m of rank r is group 2m + r, the group one process
+    # x batch 1 x accumulation 2 gives its micro-batch 2m + r; every group is used once.
+    two = [first_group_index(m, 2, r, 1) for m in range(3) for r in range(2)]
+    one = [first_group_index(m, 1, 0, 1) for m in range(6)]
+    assert two == one == list(range(6))
+    # batch 2 per process: groups 4m + 2r and 4m + 2r + 1.
+    assert [first_group_index(m, 2, r, 2) for m in range(2) for r in range(2)] == [0, 2, 4, 6]
+    a, b = draws(0, 1), draws(1, 1)
+    assert not torch.equal(a.noise, b.noise)  # different ranks' groups draw different noise
 
 
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
@@ -81,7 +93,7 @@ def test_gradient_reaches_the_policy_only(tiny):
     assert torch.equal(cond["encoder_hidden_states"][0], cond["encoder_hidden_states"][2])
     policy_err, ref_err = batch_errors(
         tiny.policy, tiny.reference, tiny.latent_encoder, tiny.noise_scheduler, cond, pixels,
-        2, 0, 0, 0, nullcontext,
+        2, 0, 0, nullcontext,
     )  # fmt: skip
     assert policy_err.requires_grad and not ref_err.requires_grad
     torch.testing.assert_close(policy_err.detach(), ref_err)  # same weights, same inputs

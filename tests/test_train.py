@@ -246,3 +246,16 @@ def test_every_config_field_is_a_flag_with_help():
     for f in dataclasses.fields(TrainConfig):
         assert f"--{f.name}" in help_text
         assert f.metadata["help"]
+
+
+def test_reference_model_can_differ_from_the_policy(tiny_sd15_dir, toy_data_dir, tmp_path):
+    from scripts.build_tiny_model import build_tiny_sd15
+
+    other = build_tiny_sd15(tmp_path / "other", seed=1)
+    args = ("--max_train_steps", "1", "--reference_model", str(other))
+    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *args)
+    reference = dict(base_unet(other).named_parameters())
+    for name, param in result.models.reference.named_parameters():
+        assert torch.equal(param, reference[name])
+    assert result.history[0]["err/policy"] != result.history[0]["err/ref"]
+    assert result.history[0]["loss"] != pytest.approx(math.log(2), abs=1e-4)

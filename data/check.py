@@ -1,0 +1,320 @@
+"""Check a training dataset before spending GPU hours on it.
+
+    python -m data.check /data/pickapic_v2                      # Pick-a-Pic parquet pairs
+    python -m data.check --csv train_processed_v3.csv --images /data/pickapic_kto
+
+Reports rows, ties, undecodable images, missing image files, duplicate pairs (or duplicate
+``file_name`` rows), captions longer than the tokenizer's limit (they get truncated), and
+label / split counts. Exits 1 when a problem would stop or corrupt training (an unreadable
+parquet file or row group, a missing column, a bad label, an unknown split, a path outside the
+image root, no usable rows), or, with ``--strict``, when anything at all was found; 0 otherwise.
+
+Images are decoded in JPEG draft mode (DCT scaling to about 1/8 size), which still reads the
+whole entropy-coded stream, so truncated or garbled files fail here as they would in training,
+at a fraction of the cost of a full decode.
+"""
+
+import argparse
+import hashlib
+import io
+import json
+import logging
+import os
+import sys
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from data.errors import DataError
+from data.kto_table import CSV_COLUMNS, DEFAULT_SPLIT_LABELS, parse_split_labels
+from data.parquet_index import REQUIRED_COLUMNS, count_pairs, local_parquet_files
+
+logger = logging.getLogger(__name__)
+
+UID_COLUMNS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic's image ids, used when present
+EXAMPLES_KEPT = 20  # locations listed per kind of defect; the counts are always complete
+DRAFT_SCALE = 8  # JPEG DCT scaling: the largest libjpeg offers
+
+
+@dataclass
+class Defects:
+    """A count plus the first few locations, so a report of 10K bad rows stays readable."""
+
+    count: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def add(self, where: str, n: int = 1) -> None:
+        self.count += n
+        if len(self.examples) < EXAMPLES_KEPT:
+            self.examples.append(where)
+
+
+@dataclass
+class Report:
+    source: str
+    rows: int = 0
+    ties: int = 0
+    usable: int = 0  # rows training would use: pairs after ties, or CSV rows with a known split
+    undecodable_images: Defects = field(default_factory=Defects)
+    missing_files: Defects = field(default_factory=Defects)
+    duplicates: Defects = field(default_factory=Defects)
+    long_captions: Defects = field(default_factory=Defects)
+    labels: dict[str, int] = field(default_factory=dict)  # chosen side / label -> count
+    splits: dict[str, int] = field(default_factory=dict)  # CSV split -> count
+    fatal: list[str] = field(default_factory=list)
+
+    def defects(self) -> int:
+        kinds = (self.undecodable_images, self.missing_files, self.duplicates)
+        return sum(d.count for d in kinds)
+
+    def exit_code(self, strict: bool) -> int:
+        return 1 if self.fatal or (strict and self.defects()) else 0
+
+    def summary(self) -> str:
+        lines = [
+            f"rows: {self.rows} ({self.usable} usable, {self.ties} ties)",
+            f"labels: {self.labels}",
+        ]
+        if self.splits:
+            lines.append(f"splits: {self.splits}")
+        for name in ("undecodable_images", "missing_files", "duplicates", "long_captions"):
+            defects: Defects = getattr(self, name)
+            shown = "; ".join(defects.examples[:5])
+            lines.append(f"{name}: {defects.count}" + (f" (e.g. {shown})" if shown else ""))
+        lines += [f"FATAL: {problem}" for problem in self.fatal]
+        return "\n  ".join([f"data check of {self.source}:", *lines])
+
+
+def image_decodes(data: bytes | str | None) -> bool:
+    """Whether an image (bytes or path) decodes; JPEGs in draft mode, other formats fully."""
+    if data is None:
+        return False
+    try:
+        with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as image:
+            size = (image.width // DRAFT_SCALE, image.height // DRAFT_SCALE)
+            image.draft("RGB", size)  # a no-op for non-JPEG formats
+            image.load()
+    except Exception:  # PIL raises OSError, SyntaxError, ValueError, ... for bad files
+        return False
+    return True
+
+
+class CaptionLengths:
+    """Counts captions whose token count (with BOS/EOS) exceeds the tokenizer's limit."""
+
+    def __init__(self, tokenizer_dir: str | None):
+        self.tokenizer = None
+        if tokenizer_dir is not None:
+            from transformers import AutoTokenizer  # only this check needs it
+
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+            self.limit = self.tokenizer.model_max_length
+
+    def too_long(self, captions: list[str]) -> np.ndarray:
+        """[N] bool, all False without a tokenizer."""
+        if self.tokenizer is None or not captions:
+            return np.zeros(len(captions), dtype=bool)
+        ids = self.tokenizer(captions, truncation=False)["input_ids"]
+        return np.array([len(x) > self.limit for x in ids], dtype=bool)
+
+
+def _pair_key(first: object, second: object) -> bytes:
+    """Order-insensitive 8-byte digest of a pair's two image ids (or their bytes)."""
+    parts = sorted(hashlib.blake2b(_as_bytes(x), digest_size=8).digest() for x in (first, second))
+    return hashlib.blake2b(b"".join(parts), digest_size=8).digest()
+
+
+def _as_bytes(value: object) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    return b"" if value is None else str(value).encode()
+
+
+def check_pairs(source: str, captions: CaptionLengths) -> Report:
+    """Scan every row group of every shard named by ``source`` (as ``--data`` takes it)."""
+    report = Report(source)
+    try:
+        files = local_parquet_files(source)
+    except DataError as exc:
+        report.fatal.append(str(exc))
+        return report
+    if files is None:
+        report.fatal.append(f"{source}: not a local path (the check reads local shards only)")
+        return report
+    seen: set[bytes] = set()
+    chosen: Counter = Counter()
+    for path in files:
+        _check_shard(path, report, seen, chosen, captions)
+    report.labels = {f"image_{side}_chosen": n for side, n in sorted(chosen.items())}
+    if report.usable == 0 and not report.fatal:
+        report.fatal.append(f"{source}: no usable pairs (every row is a tie or unreadable)")
+    return report
+
+
+def _check_shard(
+    path: str, report: Report, seen: set[bytes], chosen: Counter, captions: CaptionLengths
+) -> None:
+    try:
+        shard = pq.ParquetFile(path)
+    except (OSError, pa.ArrowException) as exc:
+        report.fatal.append(f"{path}: not a readable parquet file ({exc})")
+        return
+    names = set(shard.schema_arrow.names)
+    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    if missing:
+        report.fatal.append(f"{path}: missing column {', '.join(missing)}")
+        return
+    id_columns = list(UID_COLUMNS) if set(UID_COLUMNS) <= names else ["jpg_0", "jpg_1"]
+    columns = sorted(set(REQUIRED_COLUMNS) | set(id_columns))
+    first_row = 0
+    for group in range(shard.metadata.num_row_groups):
+        num_rows = shard.metadata.row_group(group).num_rows
+        where = f"{path} row group {group} (rows {first_row}-{first_row + num_rows - 1})"
+        try:
+            table = shard.read_row_group(group, columns=columns)
+            count_pairs(where, table.select(["label_0", "label_1"]))
+        except (OSError, pa.ArrowException, DataError) as exc:
+            report.fatal.append(f"{where}: {exc}" if not isinstance(exc, DataError) else str(exc))
+            first_row += num_rows
+            continue
+        _check_rows(path, first_row, table, id_columns, report, seen, chosen, captions)
+        first_row += num_rows
+
+
+def _check_rows(
+    path: str,
+    first_row: int,
+    table: pa.Table,
+    id_columns: list[str],
+    report: Report,
+    seen: set[bytes],
+    chosen: Counter,
+    captions: CaptionLengths,
+) -> None:
+    label_0 = table.column("label_0").to_numpy(zero_copy_only=False)
+    label_1 = table.column("label_1").to_numpy(zero_copy_only=False)
+    text = [c if isinstance(c, str) else "" for c in table.column("caption").to_pylist()]
+    long = captions.too_long(text)
+    ids = [table.column(c) for c in id_columns]
+    jpgs = [table.column("jpg_0"), table.column("jpg_1")]
+    for i in range(table.num_rows):
+        where = f"{path} row {first_row + i}"
+        report.rows += 1
+        if long[i]:
+            report.long_captions.add(where)
+        if label_0[i] == label_1[i]:
+            report.ties += 1
+            continue
+        report.usable += 1
+        chosen[0 if label_0[i] == 1 else 1] += 1
+        key = _pair_key(ids[0][i].as_py(), ids[1][i].as_py())
+        if key in seen:
+            report.duplicates.add(where)
+        seen.add(key)
+        for side in (0, 1):
+            if not image_decodes(jpgs[side][i].as_py()):
+                report.undecodable_images.add(f"{where}, column jpg_{side}")
+
+
+def check_csv(
+    csv_path: str, image_root: str, split_labels: dict[str, int], captions: CaptionLengths
+) -> Report:
+    """Check the per-image CSV and every image file it names."""
+    report = Report(csv_path)
+    if not os.path.isfile(csv_path) or not os.path.isdir(image_root):
+        report.fatal.append(f"{csv_path} must be a file and {image_root} a directory")
+        return report
+    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
+    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
+    if missing:
+        report.fatal.append(f"{csv_path}: missing column {', '.join(missing)}")
+        return report
+    report.rows = len(frame)
+    report.splits = dict(Counter(frame["split"]))
+    unknown = sorted(set(report.splits) - set(split_labels))
+    if unknown:
+        report.fatal.append(f"{csv_path}: column split: values {unknown} are not in the mapping")
+    labels = frame["split"].map(split_labels)
+    report.usable = int(labels.notna().sum())
+    report.labels = {str(k): int(v) for k, v in labels.dropna().astype(int).value_counts().items()}
+    long = captions.too_long(list(frame["caption"]))
+    first_seen: dict[str, int] = {}
+    root = os.path.realpath(image_root)
+    for i, (name, caption_long) in enumerate(zip(frame["file_name"], long, strict=True)):
+        where = f"{csv_path} row {i + 1} ({name})"
+        if caption_long:
+            report.long_captions.add(where)
+        if name in first_seen:
+            report.duplicates.add(f"{where}, first at row {first_seen[name] + 1}")
+            continue
+        first_seen[name] = i
+        path = os.path.realpath(os.path.join(image_root, name))
+        if not path.startswith(root + os.sep):
+            report.fatal.append(f"{where}: file_name is outside the image root {image_root}")
+        elif not os.path.isfile(path):
+            report.missing_files.add(where)
+        elif not image_decodes(path):
+            report.undecodable_images.add(where)
+    if report.usable == 0 and not report.fatal:
+        report.fatal.append(f"{csv_path}: no rows with a known split")
+    return report
+
+
+def default_tokenizer() -> str | None:
+    """The embedded tiny model's tokenizer: the real CLIP vocabulary, limit 77, as SD's."""
+    path = Path(__file__).resolve().parents[1] / "build" / "tiny-sd15" / "tokenizer"
+    return str(path) if path.is_dir() else None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", nargs="?", help="Pick-a-Pic parquet directory, glob or file")
+    parser.add_argument("--csv", help="per-image KTO CSV (file_name, caption, split)")
+    parser.add_argument("--images", help="image root of the CSV's file_name entries")
+    default_labels = ",".join(f"{k}={v}" for k, v in DEFAULT_SPLIT_LABELS.items())
+    parser.add_argument("--split_labels", default=default_labels, help="CSV split -> label")
+    parser.add_argument(
+        "--tokenizer",
+        default=default_tokenizer(),
+        help="tokenizer directory for the caption-length check (default: the embedded model's;"
+        " 'none' skips the check)",
+    )
+    parser.add_argument("--strict", action="store_true", help="exit 1 on any defect found")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON here")
+    return parser
+
+
+def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
+    """Parse the command line, check, log the summary; returns the report and the exit code."""
+    args = build_parser().parse_args(None if argv is None else list(argv))
+    if (args.data is None) == (args.csv is None) or (args.csv and not args.images):
+        raise SystemExit("give either a parquet DATA path, or --csv and --images")
+    tokenizer = None if str(args.tokenizer).lower() == "none" else args.tokenizer
+    captions = CaptionLengths(tokenizer)
+    if args.csv:
+        report = check_csv(args.csv, args.images, parse_split_labels(args.split_labels), captions)
+    else:
+        report = check_pairs(args.data, captions)
+    logger.info(report.summary())
+    if args.json:
+        args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+    return report, report.exit_code(args.strict)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    report, code = run()
+    print(f"data check: {'FAILED' if code else 'ok'} ({report.rows} rows, "
+          f"{report.defects()} defects, {len(report.fatal)} fatal)")  # fmt: skip
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()
