@@ -51,8 +51,9 @@ def test_eager_attention_matches_sdpa(tiny_sd15_dir, toy_data_dir, tmp_path):
     reset_accelerate()
     eager = run(tiny_sd15_dir, toy_data_dir, tmp_path / "b", "dpo", *ONE_PAIR,
                 "--attention", "eager")  # fmt: skip
-    for a, b in zip(sdpa.history, eager.history, strict=True):
-        assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
+    # Step 1 runs both attention kernels on identical weights: only rounding may differ. (Later
+    # steps would compare Adam updates, which normalise that rounding up to full-size steps.)
+    assert sdpa.history[0]["err/policy"] == pytest.approx(eager.history[0]["err/policy"], rel=1e-6)
 
 
 # bf16 with full fine-tuning: tests/test_train.py::test_bf16_policy_and_reference_agree_at_start.
