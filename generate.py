@@ -82,11 +82,11 @@ def load_pipeline(
     extra = {}
     if unet is not None:
         extra["unet"] = UNet2DConditionModel.from_pretrained(
-            unet_dir(unet), torch_dtype=dtype, use_safetensors=True
+            unet_dir(unet), dtype=dtype, use_safetensors=True
         )
     pipe = StableDiffusionPipeline.from_pretrained(
         model,
-        torch_dtype=dtype,
+        dtype=dtype,
         use_safetensors=True,
         safety_checker=None,
         requires_safety_checker=False,
