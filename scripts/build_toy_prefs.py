@@ -16,6 +16,7 @@ Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_pro
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import random
@@ -23,6 +24,8 @@ import sys
 import uuid
 from itertools import product
 from pathlib import Path
+
+from PIL import Image
 
 # Run as a script, the repo root is not on sys.path.
 if not __package__:
@@ -45,6 +48,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
+# Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
+FIRST_SEED = 10_000
 
 
 def toy_prompt_split() -> tuple[list[str], list[str]]:
@@ -67,19 +72,22 @@ def write_prompt_files() -> None:
 
 
 def labelled_generations(pipe, prompts: list[str], k: int, settings: dict) -> list[dict]:
-    """prompt, seed, jpeg, uid and reward of k generations per prompt."""
+    """prompt, seed, jpeg, uid and reward of k generations per prompt (seeds FIRST_SEED...)."""
     from generate import generate
 
     rng = random.Random(0)
     out = []
-    for g in generate(pipe, prompts, list(range(k)), **settings):
+    for g in generate(pipe, prompts, list(range(FIRST_SEED, FIRST_SEED + k)), **settings):
+        jpeg = encode_jpeg(g.image)
+        # Label the stored (JPEG) image, not the PNG: compression flips borderline images.
+        stored = Image.open(io.BytesIO(jpeg))
         out.append(
             {
                 "caption": g.prompt,
                 "seed": g.seed,
-                "jpeg": encode_jpeg(g.image),
+                "jpeg": jpeg,
                 "uid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                "reward": colour_reward(g.image, g.prompt),
+                "reward": colour_reward(stored, g.prompt),
             }
         )
     return out
