@@ -9,13 +9,15 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "exps").glob("*.sh"))
+# The toy benchmark is a pipeline, not one training run: tested on its own below.
+TRAINING_SCRIPTS = [p for p in SCRIPTS if p.name != "toy_benchmark.sh"]
 
 
 def test_the_published_scripts_exist():
     assert {"example.sh", "sd15_dpo.sh", "sd15_kto.sh"} <= {p.name for p in SCRIPTS}
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS, ids=lambda p: p.name)
 def test_script_runs_with_overrides(script, tiny_sd15_dir, toy_data_dir, tmp_path):
     out = tmp_path / "out"
     overrides = {
@@ -32,6 +34,7 @@ def test_script_runs_with_overrides(script, tiny_sd15_dir, toy_data_dir, tmp_pat
         "PRECISION": "no",
         "WORKERS": "0",
         "REPORT_TO": "none",
+        "EVAL_SEEDS": "1",
     }
     env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -46,3 +49,33 @@ def test_script_runs_with_overrides(script, tiny_sd15_dir, toy_data_dir, tmp_pat
     # ... and what was not overridden kept the script's published value.
     assert config["beta"] == 5000.0
     assert "trained UNet saved to" in done.stderr + done.stdout
+
+
+def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
+    """All stages on the shipped toy base with a few images and steps: results and plots."""
+    overrides = {
+        "OUT": str(tmp_path / "work"),
+        "RESULTS": str(tmp_path / "results"),
+        "IMAGES_PER_PROMPT": "4",
+        "PAIRS_PER_PROMPT": "2",
+        "EVAL_SEEDS": "1",
+        "SAMPLE_STEPS": "3",
+        "BATCH": "2",
+        "WARMUP": "1",
+        "DPO_STEPS": "2",
+        "KTO_STEPS": "2",
+        "SFT_STEPS": "2",
+    }
+    env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
+    script = REPO / "exps" / "toy_benchmark.sh"
+    done = subprocess.run(
+        ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = (tmp_path / "results" / "toy_results.md").read_text()
+    for model in ("base", "dpo", "kto", "sft"):
+        assert f"| {model} | 12 |" in results  # 12 held-out prompts x 1 seed
+    for plot in ("toy_training_curves.png", "toy_reward_by_model.png", "toy_before_after.png"):
+        assert (tmp_path / "results" / plot).stat().st_size > 1000
+    for loss in ("dpo", "kto", "sft"):
+        assert (tmp_path / "work" / "runs" / loss / "unet" / "config.json").is_file()
