@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Offline demo: Diffusion-DPO on the shipped toy base (assets/toy-sd15, a tiny SD1.5-shaped model
-# that draws coloured shapes) with on-policy toy preference pairs (the image shows the colour its
-# caption names), then the toy reward before and after on held-out prompts. A few minutes on 2
-# CPU cores. Any variable below can be overridden from the environment.
+# that draws coloured shapes) with on-policy toy preference pairs labelled by the `warm` rule
+# (evaluation/toy_reward.py: mean red - mean blue >= 20, a warm-filter taste), then the toy warm
+# reward before and after on held-out prompts. A few minutes on 2 CPU cores. Any variable below
+# can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -10,7 +11,7 @@ MODEL=${MODEL:-assets/toy-sd15}
 DATA=${DATA:-build/toy-prefs/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
 LOSS=${LOSS:-dpo}
-BETA=${BETA:-5000}            # released Diffusion-DPO value
+BETA=${BETA:-1000}            # tuned on the toy task (released Diffusion-DPO value: 5000)
 RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 latents
 BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
@@ -27,4 +28,4 @@ LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 
 bash scripts/setup.sh
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO"
 # The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
-.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --resolution "$RESOLUTION" --out "$OUTPUT_DIR/eval"
+.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"

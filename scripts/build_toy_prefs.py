@@ -1,9 +1,10 @@
-"""Build the toy preference dataset on-policy: the toy base draws, the colour rule labels.
+"""Build the toy preference dataset on-policy: the toy base draws, a toy reward rule labels.
 
-For every prompt, the base model generates k images (seeds 0..k-1); evaluation/toy_reward.py's
-``colour`` rule labels each 1 (shows the named colour) or 0. Pairs join a rewarded and an
-unrewarded image of the same prompt (like Pick-a-Pic, whose images were drawn by SD models and
-judged per prompt), written in both formats the trainer reads:
+For every prompt, the base model generates k images (seeds FIRST_SEED...); a rule of
+evaluation/toy_reward.py (--rule, default ``warm``: mean red - mean blue >= WARM_MARGIN; or
+``colour``: the image shows the colour its caption names) labels each 1 or 0. Pairs join a
+rewarded and an unrewarded image of the same prompt (like Pick-a-Pic, whose images were drawn
+by SD models and judged per prompt), written in both formats the trainer reads:
 
     OUT/pickapic/train-00000-of-00001.parquet   Pick-a-Pic pairs (caption, jpg_0/1, label_0/1)
     OUT/kto/train_processed_v3.csv + images     per-image labels (file_name, caption, split)
@@ -30,7 +31,7 @@ from PIL import Image
 # Run as a script, the repo root is not on sys.path.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.toy_reward import colour_reward
+from evaluation.toy_reward import toy_reward
 from scripts.atomic_dir import atomic_directory
 from scripts.build_toy_data import (
     BACKGROUNDS,
@@ -71,10 +72,18 @@ def write_prompt_files() -> None:
     HELDOUT_PROMPTS.write_text("\n".join(heldout) + "\n", encoding="utf-8")
 
 
-def labelled_generations(pipe, prompts: list[str], k: int, settings: dict) -> list[dict]:
+# The toy benchmark's taste: a "warm filter" preference that the base meets only part of the
+# time (about 40% of its images), unlike ``colour``, which the toy base cannot learn (README).
+DEFAULT_RULE = "warm"
+
+
+def labelled_generations(
+    pipe, prompts: list[str], k: int, settings: dict, rule: str = DEFAULT_RULE
+) -> list[dict]:
     """prompt, seed, jpeg, uid and reward of k generations per prompt (seeds FIRST_SEED...)."""
     from generate import generate
 
+    reward = toy_reward(rule)
     rng = random.Random(0)
     out = []
     for g in generate(pipe, prompts, list(range(FIRST_SEED, FIRST_SEED + k)), **settings):
@@ -87,7 +96,7 @@ def labelled_generations(pipe, prompts: list[str], k: int, settings: dict) -> li
                 "seed": g.seed,
                 "jpeg": jpeg,
                 "uid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
-                "reward": colour_reward(stored, g.prompt),
+                "reward": reward(stored, g.prompt),
             }
         )
     return out
@@ -130,19 +139,22 @@ def build_toy_prefs(
     pairs_per_prompt: int = 8,
     settings: dict | None = None,
     seed: int = 0,
+    rule: str = DEFAULT_RULE,
 ) -> dict:
     """Generate, label and write the dataset (atomically); returns the stats it writes."""
     from generate import load_pipeline
 
+    toy_reward(rule)  # unknown rule: fail before generating
     settings = {"steps": 20, "guidance_scale": 1.0, "batch_size": 64, **(settings or {})}
     train_prompts, heldout_prompts = toy_prompt_split()
     pipe = load_pipeline(model, scheduler="ddim")
-    train_images = labelled_generations(pipe, train_prompts, images_per_prompt, settings)
-    heldout_images = labelled_generations(pipe, heldout_prompts, images_per_prompt, settings)
+    train_images = labelled_generations(pipe, train_prompts, images_per_prompt, settings, rule)
+    heldout_images = labelled_generations(pipe, heldout_prompts, images_per_prompt, settings, rule)
     train_rows = preference_pairs(train_images, pairs_per_prompt, seed)
     heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1)
     stats = {
         "model": model,
+        "rule": rule,
         "images_per_prompt": images_per_prompt,
         "settings": settings,
         "train_prompts": len(train_prompts),
@@ -169,6 +181,9 @@ def main() -> None:
     parser.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per prompt")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
+    parser.add_argument(
+        "--rule", default=DEFAULT_RULE, choices=["colour", "warm"], help="toy reward rule"
+    )
     parser.add_argument("--write_prompts", action="store_true", help="(re)write assets prompts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -176,7 +191,12 @@ def main() -> None:
         write_prompt_files()
     settings = {"steps": args.steps, "guidance_scale": args.guidance_scale}
     stats = build_toy_prefs(
-        args.model, args.out, args.images_per_prompt, args.pairs_per_prompt, settings
+        args.model,
+        args.out,
+        args.images_per_prompt,
+        args.pairs_per_prompt,
+        settings,
+        rule=args.rule,
     )
     print(json.dumps(stats))
 

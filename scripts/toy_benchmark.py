@@ -21,6 +21,11 @@ logger = logging.getLogger(__name__)
 
 LOSSES = ("dpo", "kto", "sft")
 MACHINE = "2-core CPU dev machine, no GPU"
+RULE_TEXT = {
+    "warm": "`warm` (a warm-filter taste: mean red - mean blue >= 20 on the 0-255 scale; the "
+    "caption is ignored)",
+    "colour": "`colour` (the image shows the colour its caption names)",
+}
 
 
 def train_argv(args: argparse.Namespace, loss: str, data: Path, out: Path) -> list[str]:
@@ -99,7 +104,7 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_reward_by_model(table, path: Path) -> None:
+def plot_reward_by_model(table, path: Path, rule: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -108,7 +113,7 @@ def plot_reward_by_model(table, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 3.2))
     error = [100 * (table["mean"] - table["ci_low"]), 100 * (table["ci_high"] - table["mean"])]
     ax.bar(table["model"], 100 * table["mean"], yerr=error, capsize=4, color="tab:blue")
-    ax.set_ylabel("toy colour reward rate (%)")
+    ax.set_ylabel(f"toy {rule} reward rate (%)")
     ax.set_ylim(0, 100)
     ax.set_title("held-out prompts, 95% interval")
     fig.tight_layout()
@@ -148,8 +153,8 @@ def results_markdown(args, stats, table, rates, accuracies, timings, total) -> s
         f"`bash exps/toy_benchmark.sh` on the {MACHINE}; total {total / 60:.1f} min. "
         f"Held-out prompts: {stats['heldout_prompts']} (never in the preference data), "
         f"{args.eval_seeds} seeds each; DDIM {args.sample_steps} steps, guidance "
-        f"{args.guidance_scale}, {args.resolution} px. Reward: evaluation/toy_reward.py `colour` "
-        "(the image shows the colour its caption names).",
+        f"{args.guidance_scale}, {args.resolution} px. Reward: evaluation/toy_reward.py "
+        f"{RULE_TEXT[args.rule]}.",
         "",
         "| model | images | toy reward rate | 95% interval | vs base (points) | "
         "win rate vs base (per prompt) | implicit reward accuracy (held-out pairs) |",
@@ -215,11 +220,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=8, help="pairs (dpo, sft) or images (kto)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
     p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--rule", choices=sorted(RULE_TEXT), default="warm", help="toy reward rule")
     for loss, lr, steps in (("dpo", 1e-4, 300), ("kto", 1e-4, 300), ("sft", 1e-4, 300)):
         p.add_argument(f"--{loss}_lr", type=float, default=lr, help=f"{loss} learning rate")
         p.add_argument(f"--{loss}_steps", type=int, default=steps, help=f"{loss} steps")
-    p.add_argument("--dpo_beta", type=float, default=5000.0, help="DPO beta")
-    p.add_argument("--kto_beta", type=float, default=5000.0, help="KTO beta")
+    # Tuned on the toy task (exps/toy_benchmark.sh says why beta is not the published 5000).
+    p.add_argument("--dpo_beta", type=float, default=1000.0, help="DPO beta")
+    p.add_argument("--kto_beta", type=float, default=1000.0, help="KTO beta")
     return p.parse_args(argv)
 
 
@@ -235,7 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     data = args.out / "data"
     settings = {"steps": args.sample_steps, "guidance_scale": args.guidance_scale}
     stats = build_toy_prefs(
-        args.model, data, args.images_per_prompt, args.pairs_per_prompt, settings
+        args.model, data, args.images_per_prompt, args.pairs_per_prompt, settings, rule=args.rule
     )
     timings["data"] = time.perf_counter() - start
 
@@ -255,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     _, table, rates = evaluate.main(
         ["--model", args.model, *runs, "--prompts", str(HELDOUT_PROMPTS),
          "--num_seeds", str(args.eval_seeds), "--steps", str(args.sample_steps),
-         "--guidance_scale", str(args.guidance_scale), "--scorer", "toy_colour",
+         "--guidance_scale", str(args.guidance_scale), "--scorer", f"toy_{args.rule}",
          "--out", str(eval_dir)]
     )  # fmt: skip
     timings["eval"] = time.perf_counter() - t
@@ -271,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args.results.mkdir(parents=True, exist_ok=True)
     plot_training_curves(histories, args.results / "toy_training_curves.png")
-    plot_reward_by_model(table, args.results / "toy_reward_by_model.png")
+    plot_reward_by_model(table, args.results / "toy_reward_by_model.png", args.rule)
     before_after_grid(eval_dir, ["base", "dpo", "kto", "sft"],
                       args.results / "toy_before_after.png", prompts=6, seeds=4)  # fmt: skip
     total = time.perf_counter() - start

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -46,8 +47,9 @@ def test_script_runs_with_overrides(script, tiny_sd15_dir, toy_data_dir, tmp_pat
     # The environment won over the script's defaults ...
     assert config["max_train_steps"] == 2 and config["resolution"] == 64
     assert config["pretrained_model"] == str(tiny_sd15_dir)
-    # ... and what was not overridden kept the script's published value.
-    assert config["beta"] == 5000.0
+    # ... and what was not overridden kept the script's default (published, or tuned on the toy).
+    default_beta = re.search(r"BETA=\$\{BETA:-([0-9.]+)\}", script.read_text()).group(1)
+    assert config["beta"] == float(default_beta)
     assert "trained UNet saved to" in done.stderr + done.stdout
 
 
@@ -73,6 +75,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = (tmp_path / "results" / "toy_results.md").read_text()
+    assert "evaluation/toy_reward.py `warm`" in results  # the default rule labelled and scored
     for model in ("base", "dpo", "kto", "sft"):
         assert f"| {model} | 12 |" in results  # 12 held-out prompts x 1 seed
     for plot in ("toy_training_curves.png", "toy_reward_by_model.png", "toy_before_after.png"):

@@ -1,5 +1,6 @@
-"""The shipped toy base (assets/toy-sd15): size, loading, generation, partial rule-following;
-the on-policy preference builder on it; the implicit reward accuracy at policy == reference."""
+"""The shipped toy base (assets/toy-sd15): size, loading, generation, meeting the warm rule only
+part of the time; the on-policy preference builder on it; the implicit reward accuracy at
+policy == reference."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pandas as pd
 import pytest
 
 import generate
-from evaluation.toy_reward import colour_reward
+from evaluation.toy_reward import warm_reward
 from scripts.build_toy_prefs import toy_prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,12 +31,13 @@ def test_the_shipped_weights_are_small_safetensors():
     assert weights and all(f.suffix == ".safetensors" for f in weights)
 
 
-def test_the_toy_base_draws_scenes_that_follow_the_colour_only_part_of_the_time(toy_pipe):
+def test_the_toy_base_draws_scenes_that_are_warm_only_part_of_the_time(toy_pipe):
     _, heldout = toy_prompt_split()
     out = generate.generate(toy_pipe, heldout, [0, 1, 2], steps=10, progress=False)
     assert {g.image.size for g in out} == {(32, 32)}
     assert all(np.asarray(g.image).std() > 10 for g in out)  # a scene, not a flat image
-    rate = np.mean([colour_reward(g.image, g.prompt) for g in out])
+    # The preference task needs room both ways: some warm images to prefer, some not.
+    rate = np.mean([warm_reward(g.image) for g in out])
     assert 0.1 < rate < 0.9
 
 
@@ -46,6 +48,7 @@ def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
         str(TOY), tmp_path / "prefs", images_per_prompt=4, pairs_per_prompt=2,
         settings={"steps": 4},
     )  # fmt: skip
+    assert stats["rule"] == "warm"  # the default
     pairs = pd.read_parquet(tmp_path / "prefs" / "pickapic")
     assert len(pairs) == stats["train_pairs"] > 0
     assert set(pairs["label_0"] + pairs["label_1"]) == {1.0}
@@ -59,8 +62,16 @@ def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
     # Every chosen image satisfies the rule, every rejected one does not.
     for row in pairs.itertuples():
         win, lose = (row.jpg_0, row.jpg_1) if row.label_0 == 1.0 else (row.jpg_1, row.jpg_0)
-        assert colour_reward(Image.open(io.BytesIO(win)), row.caption) == 1.0
-        assert colour_reward(Image.open(io.BytesIO(lose)), row.caption) == 0.0
+        assert warm_reward(Image.open(io.BytesIO(win))) == 1.0
+        assert warm_reward(Image.open(io.BytesIO(lose))) == 0.0
+
+
+def test_an_unknown_rule_stops_the_builder_before_generating(tmp_path):
+    from scripts.build_toy_prefs import build_toy_prefs
+
+    with pytest.raises(ValueError, match="unknown toy reward rule 'cool'"):
+        build_toy_prefs(str(TOY), tmp_path / "prefs", rule="cool")
+    assert not (tmp_path / "prefs").exists()
 
 
 def test_implicit_margins_are_zero_when_policy_is_the_reference(toy_pipe):
