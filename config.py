@@ -24,8 +24,10 @@ from losses.dpo import DPO_BETA
 from losses.kto import KTO_UTILITIES
 
 REPO_ROOT = Path(__file__).resolve().parent
-EMBEDDED_MODEL = REPO_ROOT / "build" / "tiny-sd15"
-EMBEDDED_DATA = REPO_ROOT / "build" / "toy-data"
+# The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
+# (scripts/build_toy_prefs.py, built by scripts/setup.sh).
+EMBEDDED_MODEL = REPO_ROOT / "assets" / "toy-sd15"
+EMBEDDED_DATA = REPO_ROOT / "build" / "toy-prefs"
 
 # Released Diffusion-KTO trainer: images labelled by their Pick-a-Pic comparison record.
 DEFAULT_SPLIT_LABELS = "exclusive_win=1,intersections=1,exclusive_lose=0"

@@ -1,24 +1,31 @@
 #!/usr/bin/env bash
-# Offline demo: Diffusion-DPO on the embedded tiny SD1.5-shaped model and toy Pick-a-Pic pairs,
-# a few minutes on 2 CPU cores. Any variable below can be overridden from the environment.
+# Offline demo: Diffusion-DPO on the shipped toy base (assets/toy-sd15, a tiny SD1.5-shaped model
+# that draws coloured shapes) with on-policy toy preference pairs labelled by the `warm` rule
+# (evaluation/toy_reward.py: mean red - mean blue >= 20, a warm-filter taste), then the toy warm
+# reward before and after on held-out prompts. A few minutes on 2 CPU cores. Any variable below
+# can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-MODEL=${MODEL:-build/tiny-sd15}
-DATA=${DATA:-build/toy-data/pickapic}
+MODEL=${MODEL:-assets/toy-sd15}
+DATA=${DATA:-build/toy-prefs/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
 LOSS=${LOSS:-dpo}
-BETA=${BETA:-5000}            # released Diffusion-DPO value
-RESOLUTION=${RESOLUTION:-64}  # the tiny VAE maps 64 px to 8x8 latents, as SD maps 512 to 64
-BATCH=${BATCH:-4}
+BETA=${BETA:-1000}            # tuned on the toy task (released Diffusion-DPO value: 5000)
+RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 latents
+BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
 STEPS=${STEPS:-200}
-LR=${LR:-1e-4}                # large: the tiny random model needs it to move within minutes
+LR=${LR:-1e-4}                # large: the toy model needs it to move within minutes
 WARMUP=${WARMUP:-10}
 WORKERS=${WORKERS:-1}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-tensorboard}
+EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the preference pairs
+EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO"
+# The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
+.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"

@@ -97,6 +97,12 @@ def draw_scene(rng: random.Random, colour: str, shape: str, background: str) -> 
     return image
 
 
+def scene_caption(colour: str, shape: str, background: str) -> str:
+    """The toy caption of a scene: "an orange circle on a white background"."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {shape} on a {background} background"
+
+
 def other(rng: random.Random, options: Iterable[str], not_this: str) -> str:
     return rng.choice([o for o in options if o != not_this])
 
@@ -133,8 +139,7 @@ def prompt_rows(rng: random.Random) -> list[dict]:
     """PAIRS_PER_PROMPT distinct pairs from one prompt's pool, tied pairs at about TIE_RATE."""
     colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
     background = rng.choice(list(BACKGROUNDS))
-    article = "an" if colour[0] in "aeiou" else "a"
-    caption = f"{article} {colour} {shape} on a {background} background"
+    caption = scene_caption(colour, shape, background)
     pool = make_pool(rng, colour, shape, background)
     ties = [(a, b) for a, b in combinations(pool, 2) if a.score == b.score]
     decided = [(a, b) for a, b in combinations(pool, 2) if a.score != b.score]

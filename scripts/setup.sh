@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up the project on first use: a .venv with the stack (re-installed only when the
-# requirements change), then the embedded tiny SD1.5-shaped model and toy Pick-a-Pic data.
+# requirements change), then the embedded data: the tiny random SD1.5-shaped model and toy
+# Pick-a-Pic data the tests' fixtures mirror, and the toy preference pairs the shipped toy base
+# (assets/toy-sd15) generates for exps/example.sh.
 #   bash scripts/setup.sh          runtime stack + embedded assets
 #   bash scripts/setup.sh --dev    the same plus pytest and ruff
 # Machines without a GPU get the CPU build of torch (TORCH_VERSION, default 2.13.0; set
@@ -34,3 +36,5 @@ fi
 # The builders skip finished outputs themselves; checking here first saves their import time.
 [ -f build/tiny-sd15/model_index.json ] || "$py" scripts/build_tiny_model.py --out build/tiny-sd15
 [ -f build/toy-data/kto/train_processed_v3.csv ] || "$py" scripts/build_toy_data.py --out build/toy-data
+# Rebuilt when missing or labelled by another rule (checkouts from before the warm rule).
+grep -qs '"rule": "warm"' build/toy-prefs/stats.json || "$py" scripts/build_toy_prefs.py --out build/toy-prefs

@@ -1,0 +1,227 @@
+"""Prompts x seeds -> images, a metadata CSV and a labelled grid, from a diffusers SD model.
+
+    python generate.py --model assets/toy-sd15 --unet outputs/example \
+        --prompt "a red circle on a white background" --num_seeds 4 --out outputs/gen
+
+Each image's randomness comes from its own generator seeded with its seed, so an image depends
+on (prompt, seed, settings) only, never on the batch it was drawn in. A trained UNet (the
+trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's with --unet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerAncestralDiscreteScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from PIL import Image, ImageDraw, ImageFont
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+SCHEDULERS = {
+    "ddim": DDIMScheduler,
+    "ddpm": DDPMScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler_a": EulerAncestralDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+}
+METADATA_CSV = "generations.csv"
+GRID_PNG = "grid.png"
+IMAGE_DIR = "images"
+
+
+@dataclass(frozen=True)
+class Generation:
+    prompt_index: int
+    prompt: str
+    seed: int
+    image: Image.Image
+
+    @property
+    def file_name(self) -> str:
+        return f"{IMAGE_DIR}/p{self.prompt_index:04d}_s{self.seed}.png"
+
+
+def unet_dir(path: str | Path) -> Path:
+    """The trainer's OUTPUT_DIR (with unet/) or a unet/ folder itself."""
+    path = Path(path)
+    if (path / "unet" / "config.json").is_file():
+        return path / "unet"
+    if (path / "config.json").is_file():
+        return path
+    raise FileNotFoundError(f"no diffusers UNet (config.json) in {path} or {path / 'unet'}")
+
+
+def load_pipeline(
+    model: str,
+    unet: str | Path | None = None,
+    scheduler: str = "ddim",
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> StableDiffusionPipeline:
+    """The base pipeline (local directory or hub name), with an optional trained UNet swapped in.
+
+    Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
+    extra = {}
+    if unet is not None:
+        extra["unet"] = UNet2DConditionModel.from_pretrained(
+            unet_dir(unet), dtype=dtype, use_safetensors=True
+        )
+    pipe = StableDiffusionPipeline.from_pretrained(
+        model,
+        dtype=dtype,
+        use_safetensors=True,
+        safety_checker=None,
+        requires_safety_checker=False,
+        **extra,
+    )
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """One prompt per non-empty line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
+@torch.no_grad()
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    steps: int = 20,
+    guidance_scale: float = 1.0,
+    resolution: int | None = None,
+    batch_size: int = 16,
+    progress: bool = True,
+) -> list[Generation]:
+    """Every prompt with every seed, in prompt-major order, batch_size images per pipeline call."""
+    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    results = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
+        batch = jobs[start : start + batch_size]
+        images = pipe(
+            [p for _, p, _ in batch],
+            num_inference_steps=steps,
+            guidance_scale=guidance_scale,
+            height=resolution,
+            width=resolution,
+            generator=[torch.Generator().manual_seed(s) for _, _, s in batch],
+        ).images
+        results += [Generation(i, p, s, img) for (i, p, s), img in zip(batch, images, strict=True)]
+    return results
+
+
+def save_generations(out_dir: Path, generations: Sequence[Generation]) -> Path:
+    """PNG files under out_dir/images/ and out_dir/generations.csv (file_name, prompt, seed)."""
+    (out_dir / IMAGE_DIR).mkdir(parents=True, exist_ok=True)
+    for g in generations:
+        g.image.save(out_dir / g.file_name)
+    path = out_dir / METADATA_CSV
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["file_name", "prompt", "seed"])
+        writer.writerows([g.file_name, g.prompt, g.seed] for g in generations)
+    return path
+
+
+def labelled_grid(
+    generations: Sequence[Generation], cell: int = 96, label_width: int = 240
+) -> Image.Image:
+    """One row per prompt (its text on the left), one column per seed (seed on top)."""
+    prompts = sorted({(g.prompt_index, g.prompt) for g in generations})
+    seeds = sorted({g.seed for g in generations})
+    row = {index: r for r, (index, _) in enumerate(prompts)}
+    col = {seed: c for c, seed in enumerate(seeds)}
+    header = 16
+    grid = Image.new(
+        "RGB", (label_width + cell * len(seeds), header + cell * len(prompts)), "white"
+    )
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for seed, c in col.items():
+        draw.text((label_width + c * cell + 4, 2), f"seed {seed}", fill="black", font=font)
+    for r, (_, prompt) in enumerate(prompts):
+        chars = max(8, label_width // 6)
+        lines = [prompt[i : i + chars] for i in range(0, len(prompt), chars)]
+        draw.multiline_text((4, header + r * cell + 4), "\n".join(lines), fill="black", font=font)
+    for g in generations:
+        tile = g.image.resize((cell, cell), Image.Resampling.NEAREST)
+        grid.paste(tile, (label_width + col[g.seed] * cell, header + row[g.prompt_index] * cell))
+    return grid
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="assets/toy-sd15", help="base model dir or hub name")
+    parser.add_argument(
+        "--unet", default=None, help="trained UNet: the trainer's OUTPUT_DIR or a unet/ folder"
+    )
+    parser.add_argument("--prompts", default=None, help="file with one prompt per line")
+    parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="explicit seeds")
+    parser.add_argument("--num_seeds", type=int, default=4, help="seeds 0..N-1 (without --seeds)")
+    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler")
+    parser.add_argument("--steps", type=int, default=20, help="inference steps")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
+    parser.add_argument("--resolution", type=int, default=None, help="pixels (default: native)")
+    parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call")
+    parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--grid_cell", type=int, default=96, help="grid tile size in pixels")
+    args = parser.parse_args(argv)
+    if not args.prompts and not args.prompt:
+        parser.error("give --prompts FILE and/or --prompt TEXT")
+    return args
+
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def prompts_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
+    prompts = (read_prompts(args.prompts) if args.prompts else []) + list(args.prompt)
+    seeds = list(args.seeds) if args.seeds is not None else list(range(args.num_seeds))
+    return prompts, seeds
+
+
+def main(argv: Sequence[str] | None = None) -> list[Generation]:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    prompts, seeds = prompts_and_seeds(args)
+    pipe = load_pipeline(args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device)
+    generations = generate(
+        pipe, prompts, seeds, args.steps, args.guidance_scale, args.resolution, args.batch_size
+    )
+    save_generations(args.out, generations)
+    cells = math.prod((len(prompts), len(seeds)))
+    if cells <= 4096:
+        labelled_grid(generations, args.grid_cell).save(args.out / GRID_PNG)
+    print(f"{len(generations)} images in {args.out / IMAGE_DIR}, grid {args.out / GRID_PNG}")
+    return generations
+
+
+if __name__ == "__main__":
+    main()

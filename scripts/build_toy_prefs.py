@@ -1,0 +1,205 @@
+"""Build the toy preference dataset on-policy: the toy base draws, a toy reward rule labels.
+
+For every prompt, the base model generates k images (seeds FIRST_SEED...); a rule of
+evaluation/toy_reward.py (--rule, default ``warm``: mean red - mean blue >= WARM_MARGIN; or
+``colour``: the image shows the colour its caption names) labels each 1 or 0. Pairs join a
+rewarded and an unrewarded image of the same prompt (like Pick-a-Pic, whose images were drawn
+by SD models and judged per prompt), written in both formats the trainer reads:
+
+    OUT/pickapic/train-00000-of-00001.parquet   Pick-a-Pic pairs (caption, jpg_0/1, label_0/1)
+    OUT/kto/train_processed_v3.csv + images     per-image labels (file_name, caption, split)
+    OUT/heldout/pairs.parquet                   pairs of the held-out prompts (for evaluation)
+    OUT/stats.json                              the base's reward rate per split, pair counts
+
+Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_prompts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import random
+import sys
+import uuid
+from itertools import product
+from pathlib import Path
+
+from PIL import Image
+
+# Run as a script, the repo root is not on sys.path.
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluation.toy_reward import toy_reward
+from scripts.atomic_dir import atomic_directory
+from scripts.build_toy_data import (
+    BACKGROUNDS,
+    COLOURS,
+    SHAPES,
+    encode_jpeg,
+    scene_caption,
+    write_kto,
+    write_pairs_parquet,
+)
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
+HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
+HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
+# Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
+FIRST_SEED = 10_000
+
+
+def toy_prompt_split() -> tuple[list[str], list[str]]:
+    """All 54 toy captions split into train and held-out: each colour keeps HELDOUT_PER_COLOUR
+    (shape, background) combinations out of training, a different pair for each colour."""
+    scenes = list(product(SHAPES, BACKGROUNDS))
+    train, heldout = [], []
+    for i, colour in enumerate(COLOURS):
+        held = {(HELDOUT_PER_COLOUR * i + j) % len(scenes) for j in range(HELDOUT_PER_COLOUR)}
+        for j, (shape, background) in enumerate(scenes):
+            (heldout if j in held else train).append(scene_caption(colour, shape, background))
+    return train, heldout
+
+
+def write_prompt_files() -> None:
+    train, heldout = toy_prompt_split()
+    TRAIN_PROMPTS.parent.mkdir(parents=True, exist_ok=True)
+    TRAIN_PROMPTS.write_text("\n".join(train) + "\n", encoding="utf-8")
+    HELDOUT_PROMPTS.write_text("\n".join(heldout) + "\n", encoding="utf-8")
+
+
+# The toy benchmark's taste: a "warm filter" preference that the base meets only part of the
+# time (about 40% of its images), unlike ``colour``, which the toy base cannot learn (README).
+DEFAULT_RULE = "warm"
+
+
+def labelled_generations(
+    pipe, prompts: list[str], k: int, settings: dict, rule: str = DEFAULT_RULE
+) -> list[dict]:
+    """prompt, seed, jpeg, uid and reward of k generations per prompt (seeds FIRST_SEED...)."""
+    from generate import generate
+
+    reward = toy_reward(rule)
+    rng = random.Random(0)
+    out = []
+    for g in generate(pipe, prompts, list(range(FIRST_SEED, FIRST_SEED + k)), **settings):
+        jpeg = encode_jpeg(g.image)
+        # Label the stored (JPEG) image, not the PNG: compression flips borderline images.
+        stored = Image.open(io.BytesIO(jpeg))
+        out.append(
+            {
+                "caption": g.prompt,
+                "seed": g.seed,
+                "jpeg": jpeg,
+                "uid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
+                "reward": reward(stored, g.prompt),
+            }
+        )
+    return out
+
+
+def preference_pairs(images: list[dict], pairs_per_prompt: int, seed: int) -> list[dict]:
+    """Up to pairs_per_prompt (rewarded, unrewarded) pairs per prompt, each image in at most one
+    pair where possible; sides shuffled so the winner is not always image 0."""
+    rng = random.Random(seed)
+    rows = []
+    for caption in dict.fromkeys(i["caption"] for i in images):
+        mine = [i for i in images if i["caption"] == caption]
+        good = [i for i in mine if i["reward"] == 1.0]
+        bad = [i for i in mine if i["reward"] == 0.0]
+        rng.shuffle(good)
+        rng.shuffle(bad)
+        n = min(pairs_per_prompt, max(len(good), len(bad)) if good and bad else 0)
+        for j in range(n):
+            w, lose = good[j % len(good)], bad[j % len(bad)]
+            a, b, label_0 = (w, lose, 1.0) if rng.random() < 0.5 else (lose, w, 0.0)
+            rows.append(
+                {
+                    "caption": caption,
+                    "jpg_0": a["jpeg"],
+                    "jpg_1": b["jpeg"],
+                    "label_0": label_0,
+                    "label_1": 1.0 - label_0,
+                    "image_0_uid": a["uid"],
+                    "image_1_uid": b["uid"],
+                }
+            )
+    rng.shuffle(rows)
+    return rows
+
+
+def build_toy_prefs(
+    model: str,
+    out_dir: Path,
+    images_per_prompt: int = 16,
+    pairs_per_prompt: int = 8,
+    settings: dict | None = None,
+    seed: int = 0,
+    rule: str = DEFAULT_RULE,
+) -> dict:
+    """Generate, label and write the dataset (atomically); returns the stats it writes."""
+    from generate import load_pipeline
+
+    toy_reward(rule)  # unknown rule: fail before generating
+    settings = {"steps": 20, "guidance_scale": 1.0, "batch_size": 64, **(settings or {})}
+    train_prompts, heldout_prompts = toy_prompt_split()
+    pipe = load_pipeline(model, scheduler="ddim")
+    train_images = labelled_generations(pipe, train_prompts, images_per_prompt, settings, rule)
+    heldout_images = labelled_generations(pipe, heldout_prompts, images_per_prompt, settings, rule)
+    train_rows = preference_pairs(train_images, pairs_per_prompt, seed)
+    heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1)
+    stats = {
+        "model": model,
+        "rule": rule,
+        "images_per_prompt": images_per_prompt,
+        "settings": settings,
+        "train_prompts": len(train_prompts),
+        "heldout_prompts": len(heldout_prompts),
+        "train_reward_rate": sum(i["reward"] for i in train_images) / len(train_images),
+        "heldout_reward_rate": sum(i["reward"] for i in heldout_images) / len(heldout_images),
+        "train_pairs": len(train_rows),
+        "heldout_pairs": len(heldout_rows),
+    }
+    with atomic_directory(out_dir) as tmp:
+        write_pairs_parquet(tmp / "pickapic" / "train-00000-of-00001.parquet", train_rows, 16)
+        write_pairs_parquet(tmp / "heldout" / "pairs.parquet", heldout_rows, 16)
+        write_kto(tmp / "kto", train_rows)
+        (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+    logger.info("toy preferences in %s: %s", out_dir, stats)
+    return stats
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(REPO_ROOT / "assets" / "toy-sd15"), help="base")
+    parser.add_argument("--out", type=Path, default=Path("build/toy-prefs"), help="output dir")
+    parser.add_argument("--images_per_prompt", type=int, default=16, help="k generations")
+    parser.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per prompt")
+    parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
+    parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
+    parser.add_argument(
+        "--rule", default=DEFAULT_RULE, choices=["colour", "warm"], help="toy reward rule"
+    )
+    parser.add_argument("--write_prompts", action="store_true", help="(re)write assets prompts")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.write_prompts:
+        write_prompt_files()
+    settings = {"steps": args.steps, "guidance_scale": args.guidance_scale}
+    stats = build_toy_prefs(
+        args.model,
+        args.out,
+        args.images_per_prompt,
+        args.pairs_per_prompt,
+        settings,
+        rule=args.rule,
+    )
+    print(json.dumps(stats))
+
+
+if __name__ == "__main__":
+    main()

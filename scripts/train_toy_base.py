@@ -1,0 +1,297 @@
+"""Train the toy base model from scratch: a tiny SD1.5-shaped pipeline that draws toy scenes.
+
+The scenes are scripts/build_toy_data.py's (one coloured shape on a plain background) at 32 px.
+The VAE (2 downsamplings: 32 px -> 8x8x4 latents) is trained first as an autoencoder, then the
+UNet on its latents with SD's noise schedule and epsilon target, jointly with the text encoder
+(scripts/build_tiny_model.py's tiny CLIP with the real CLIP tokenizer). With the text encoder
+frozen at random init, the UNet learned to draw but not to read captions within the budget.
+
+So that the base follows the caption's colour only part of the time (the toy preference task's
+room for improvement), a share WRONG_COLOUR_CAPTIONS of training captions names a different
+colour from the one drawn. Same seed and step counts, same weights (on one machine's torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from PIL import Image
+from transformers import CLIPTextModel, CLIPTokenizer
+
+# Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts.atomic_dir import atomic_directory
+from scripts.build_tiny_model import tiny_text_encoder, training_scheduler
+from scripts.build_toy_data import BACKGROUNDS, COLOURS, SHAPES, draw_scene, other, scene_caption
+from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+
+logger = logging.getLogger(__name__)
+
+RESOLUTION = 32
+LATENT_CHANNELS = 4
+# Share of captions naming another colour than the one drawn: a base that learned the captions
+# perfectly would show the named colour 1 - 0.6 + 0.6 / 6 = 50% of the time.
+WRONG_COLOUR_CAPTIONS = 0.6
+CAPTION_DROPOUT = 0.1  # empty captions, so classifier-free guidance works
+VAE_BATCH = 32
+KL_WEIGHT = 1e-6  # SD's VAE: a tiny KL term, latents rescaled afterwards by scaling_factor
+
+
+@dataclass
+class ToyScenes:
+    pixels: torch.Tensor  # [N, 3, R, R] in [-1, 1]
+    captions: list[str]  # [N]
+
+
+def toy_scenes(num: int, seed: int, wrong_colour_share: float) -> ToyScenes:
+    """num scenes at RESOLUTION px; a share of captions names a wrong colour."""
+    rng = random.Random(seed)
+    pixels, captions = [], []
+    for _ in range(num):
+        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
+        background = rng.choice(list(BACKGROUNDS))
+        image = draw_scene(rng, colour, shape, background)
+        side = min(image.size)
+        left, top = (image.width - side) // 2, (image.height - side) // 2
+        image = image.crop((left, top, left + side, top + side))
+        image = image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR, reducing_gap=2)
+        named = other(rng, COLOURS, colour) if rng.random() < wrong_colour_share else colour
+        captions.append(scene_caption(named, shape, background))
+        pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1))
+    return ToyScenes(torch.stack(pixels) / 127.5 - 1.0, captions)
+
+
+def toy_vae() -> AutoencoderKL:
+    """3 levels, 2 downsamplings: 32 px -> 8x8 latents (SD's 1/8 latent grid at 1/16 the size)."""
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(16, 32, 32),  # flat-coloured scenes need little capacity
+        layers_per_block=1,
+        latent_channels=LATENT_CHANNELS,
+        norm_num_groups=8,
+        sample_size=RESOLUTION,
+    )
+
+
+def toy_unet(cross_attention_dim: int) -> UNet2DConditionModel:
+    """A 2-level cross-attention UNet on 8x8x4 latents."""
+    return UNet2DConditionModel(
+        sample_size=RESOLUTION // 4,
+        in_channels=LATENT_CHANNELS,
+        out_channels=LATENT_CHANNELS,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=8,
+    )
+
+
+def batches(num: int, batch_size: int, steps: int, gen: torch.Generator):
+    """steps index batches, reshuffling every epoch."""
+    order = torch.randperm(num, generator=gen)
+    position = 0
+    for _ in range(steps):
+        if position + batch_size > num:
+            order, position = torch.randperm(num, generator=gen), 0
+        yield order[position : position + batch_size]
+        position += batch_size
+
+
+def train_vae(
+    vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int
+) -> None:
+    """Reconstruction MSE + KL_WEIGHT * KL, AdamW."""
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    vae.train()
+    for step, idx in enumerate(batches(len(pixels), batch_size, steps, gen)):
+        x = pixels[idx]
+        posterior = vae.encode(x).latent_dist
+        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
+        loss = F.mse_loss(vae.decode(z).sample, x) + KL_WEIGHT * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("vae step %d/%d loss %.5f", step + 1, steps, loss.item())
+    vae.eval()
+
+
+@torch.no_grad()
+def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    means, stds = [], []
+    for chunk in pixels.split(256):
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean)
+        stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def train_unet(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    scaling: float,
+    token_ids: torch.Tensor,
+    caption_ids: torch.Tensor,
+    empty_id: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+) -> None:
+    """Epsilon-prediction MSE on scaled latents, SD's training schedule, caption dropout; the
+    text encoder (token_ids: [unique captions, 77]) trains with the UNet."""
+    scheduler = training_scheduler("epsilon")
+    gen = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": unet.parameters(), "weight_decay": 1e-2},
+            {"params": text_encoder.parameters(), "weight_decay": 0.0},
+        ],
+        lr=lr,
+    )
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * s / steps))
+    )
+    unet.train()
+    text_encoder.train()
+    params = [*unet.parameters(), *text_encoder.parameters()]
+    for step, idx in enumerate(batches(len(mean), batch_size, steps, gen)):
+        text = text_encoder(token_ids)[0]  # every unique caption once per step
+        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
+        ids = caption_ids[idx].clone()
+        ids[torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT] = empty_id
+        prediction = unet(scheduler.add_noise(latents, noise, t), t, text[ids]).sample
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % 100 == 0 or step == steps - 1:
+            logger.info("unet step %d/%d loss %.5f", step + 1, steps, loss.item())
+    unet.eval()
+    text_encoder.eval()
+
+
+def train_toy_base(
+    out_dir: Path,
+    seed: int = 0,
+    num_images: int = 4096,
+    vae_steps: int = 400,
+    unet_steps: int = 1500,
+    batch_size: int = 64,
+    tokenizer_cache: Path | None = None,
+) -> Path:
+    """Train the toy base and save it to out_dir (UNet and VAE in fp16), atomically."""
+    tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    scenes = toy_scenes(num_images, seed, WRONG_COLOUR_CAPTIONS)
+    tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
+    text_encoder = tiny_text_encoder(with_projection=False)
+    vae = toy_vae()
+    unet = toy_unet(text_encoder.config.hidden_size)
+    logger.info(
+        "%d scenes; vae %.2fM, unet %.2fM params",
+        num_images,
+        sum(p.numel() for p in vae.parameters()) / 1e6,
+        sum(p.numel() for p in unet.parameters()) / 1e6,
+    )
+    train_vae(vae, scenes.pixels, vae_steps, VAE_BATCH, 2e-3, seed)
+    mean, std = latent_moments(vae, scenes.pixels)
+    scaling = float(1.0 / mean.std())  # unit-variance latents, as SD's scaling_factor does
+    vae.register_to_config(scaling_factor=scaling)
+    logger.info("vae done at %.0f s, scaling_factor %.4f", time.perf_counter() - start, scaling)
+
+    unique = [*sorted(set(scenes.captions)), ""]
+    token_ids = tokenizer(unique, padding="max_length", max_length=77, return_tensors="pt")
+    index = {caption: i for i, caption in enumerate(unique)}
+    caption_ids = torch.tensor([index[c] for c in scenes.captions])
+    train_unet(
+        unet,
+        text_encoder,
+        mean,
+        std,
+        scaling,
+        token_ids.input_ids,
+        caption_ids,
+        index[""],
+        unet_steps,
+        batch_size,
+        1e-3,
+        seed,
+    )
+    logger.info("unet done at %.0f s", time.perf_counter() - start)
+
+    pipe = StableDiffusionPipeline(
+        unet=unet.half(),
+        vae=vae.half(),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=training_scheduler("epsilon"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    with atomic_directory(out_dir) as tmp:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        # vocab.json + merges.txt fully define the tokenizer; tokenizer.json repeats them (3.6 MB).
+        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
+        for name in ("vocab.json", "merges.txt"):
+            shutil.copyfile(tokenizer_dir / name, tmp / "tokenizer" / name)
+    return Path(out_dir)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("assets/toy-sd15"), help="output dir")
+    parser.add_argument("--seed", type=int, default=0, help="seed for scenes and training")
+    parser.add_argument("--images", type=int, default=4096, help="training scenes")
+    parser.add_argument("--vae_steps", type=int, default=400, help="VAE optimizer steps")
+    parser.add_argument("--unet_steps", type=int, default=1500, help="UNet optimizer steps")
+    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--tokenizer_cache", type=Path, default=None, help="CLIP tokenizer cache")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    train_toy_base(
+        args.out,
+        args.seed,
+        args.images,
+        args.vae_steps,
+        args.unet_steps,
+        args.batch_size,
+        args.tokenizer_cache,
+    )
+    print(f"trained the toy base into {args.out} in {time.perf_counter() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The toy reward rules on hand-made images: a satisfying and a failing example for each."""
+
+from __future__ import annotations
+
+import pytest
+from PIL import Image, ImageDraw
+
+from evaluation.toy_reward import (
+    RULES,
+    colour_reward,
+    foreground_colour,
+    named_colour,
+    toy_reward,
+    warm_reward,
+)
+from scripts.build_toy_data import BACKGROUNDS, COLOURS
+
+
+def scene(colour: str, background: str = "white", size: int = 32) -> Image.Image:
+    image = Image.new("RGB", (size, size), BACKGROUNDS[background])
+    ImageDraw.Draw(image).ellipse((8, 8, 23, 23), fill=COLOURS[colour])
+    return image
+
+
+@pytest.mark.parametrize("background", list(BACKGROUNDS))
+@pytest.mark.parametrize("colour", list(COLOURS))
+def test_every_palette_colour_is_recognised_on_every_background(colour, background):
+    assert foreground_colour(scene(colour, background)) == colour
+
+
+def test_colour_rule_accepts_the_named_colour_and_rejects_another():
+    caption = "a red circle on a white background"
+    assert colour_reward(scene("red"), caption) == 1.0
+    assert colour_reward(scene("blue"), caption) == 0.0
+    assert colour_reward(scene("blue"), "a blue circle on a white background") == 1.0
+
+
+def test_colour_rule_survives_blur_and_noise():
+    """Generated images are soft-edged and noisy; the median foreground colour still decides."""
+    from PIL import ImageFilter
+
+    blurred = scene("orange", "gray").filter(ImageFilter.GaussianBlur(1.5))
+    noisy = Image.effect_noise((32, 32), 20).convert("RGB")
+    image = Image.blend(blurred, noisy, 0.15)
+    assert colour_reward(image, "an orange square on a gray background") == 1.0
+    assert colour_reward(image, "a yellow square on a gray background") == 0.0
+
+
+def test_colour_rule_fails_an_image_with_no_object():
+    empty = Image.new("RGB", (32, 32), BACKGROUNDS["black"])
+    assert foreground_colour(empty) is None
+    assert colour_reward(empty, "a green circle on a black background") == 0.0
+
+
+def test_a_caption_naming_no_colour_is_an_error():
+    assert named_colour("A Purple triangle") == "purple"
+    with pytest.raises(ValueError, match="names no palette colour"):
+        colour_reward(scene("red"), "a circle on a white background")
+
+
+def test_warm_rule_accepts_a_warm_tint_and_rejects_a_cool_one():
+    warm = Image.new("RGB", (32, 32), (200, 150, 100))  # red - blue = 100
+    cool = Image.new("RGB", (32, 32), (100, 150, 200))
+    barely = Image.new("RGB", (32, 32), (119, 100, 100))  # red - blue = 19 < 20
+    assert warm_reward(warm) == 1.0
+    assert warm_reward(cool) == 0.0
+    assert warm_reward(barely) == 0.0
+
+
+def test_rules_are_looked_up_by_name():
+    assert set(RULES) == {"colour", "warm"}
+    assert toy_reward("warm") is warm_reward
+    with pytest.raises(ValueError, match="unknown toy reward rule"):
+        toy_reward("cold")
