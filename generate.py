@@ -5,7 +5,9 @@
 
 Each image's randomness comes from its own generator seeded with its seed, so an image depends
 on (prompt, seed, settings) only, never on the batch it was drawn in. A trained UNet (the
-trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's with --unet.
+trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's with --unet; LoRA
+adapters (OUTPUT_DIR or its lora/ folder) are loaded with --lora. SD1.5 and SDXL bases both work:
+the pipeline class comes from the model family (models.load_pipeline).
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ import torch
 from diffusers import (
     DDIMScheduler,
     DDPMScheduler,
+    DiffusionPipeline,
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
-    StableDiffusionPipeline,
-    UNet2DConditionModel,
 )
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
+
+import models
+from models.lora import LORA_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +61,13 @@ class Generation:
         return f"{IMAGE_DIR}/p{self.prompt_index:04d}_s{self.seed}.png"
 
 
-def unet_dir(path: str | Path) -> Path:
-    """The trainer's OUTPUT_DIR (with unet/) or a unet/ folder itself."""
+def trained_dir(path: str | Path, subfolder: str, marker: str, what: str) -> Path:
+    """The trainer's OUTPUT_DIR (holding ``subfolder``) or that folder itself."""
     path = Path(path)
-    if (path / "unet" / "config.json").is_file():
-        return path / "unet"
-    if (path / "config.json").is_file():
-        return path
-    raise FileNotFoundError(f"no diffusers UNet (config.json) in {path} or {path / 'unet'}")
+    for candidate in (path / subfolder, path):
+        if (candidate / marker).is_file():
+            return candidate
+    raise FileNotFoundError(f"no {what} ({marker}) in {path} or {path / subfolder}")
 
 
 def load_pipeline(
@@ -73,25 +76,24 @@ def load_pipeline(
     scheduler: str = "ddim",
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
-) -> StableDiffusionPipeline:
-    """The base pipeline (local directory or hub name), with an optional trained UNet swapped in.
+    lora: str | Path | None = None,
+) -> DiffusionPipeline:
+    """The base pipeline (local directory or hub name), with an optional trained UNet swapped in
+    and/or LoRA adapters loaded.
 
     Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    extra = {}
-    if unet is not None:
-        extra["unet"] = UNet2DConditionModel.from_pretrained(
-            unet_dir(unet), dtype=dtype, use_safetensors=True
-        )
-    pipe = StableDiffusionPipeline.from_pretrained(
+    pipe = models.load_pipeline(
         model,
+        unet_dir=None
+        if unet is None
+        else trained_dir(unet, "unet", "config.json", "diffusers UNet"),
+        lora_dir=None if lora is None else trained_dir(lora, "lora", LORA_WEIGHTS, "LoRA weights"),
         dtype=dtype,
-        use_safetensors=True,
-        safety_checker=None,
-        requires_safety_checker=False,
-        **extra,
     )
+    if getattr(pipe, "safety_checker", None) is not None:
+        pipe.safety_checker = None  # scored generations must never be blanked
     pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -108,7 +110,7 @@ def read_prompts(path: str | Path) -> list[str]:
 
 @torch.no_grad()
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
     seeds: Sequence[int],
     steps: int = 20,
@@ -179,6 +181,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--unet", default=None, help="trained UNet: the trainer's OUTPUT_DIR or a unet/ folder"
     )
+    parser.add_argument(
+        "--lora", default=None, help="trained LoRA: the trainer's OUTPUT_DIR or a lora/ folder"
+    )
     parser.add_argument("--prompts", default=None, help="file with one prompt per line")
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="explicit seeds")
@@ -211,7 +216,9 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     prompts, seeds = prompts_and_seeds(args)
-    pipe = load_pipeline(args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device)
+    pipe = load_pipeline(
+        args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device, args.lora
+    )
     generations = generate(
         pipe, prompts, seeds, args.steps, args.guidance_scale, args.resolution, args.batch_size
     )

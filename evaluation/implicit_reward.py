@@ -18,7 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
-from diffusion import batch_errors
+from diffusion import VaeEncoder, batch_errors
 from models.family import ModelFamily
 
 
@@ -69,14 +69,13 @@ def implicit_margins(
             policy_err, ref_err = batch_errors(
                 policy,
                 reference,
-                vae,
+                VaeEncoder(vae),
                 scheduler,
                 condition,
                 batch,
                 group_size=2,
                 first_group=d * num + start,
                 seed=seed,
-                process_index=0,
                 autocast=contextlib.nullcontext,
             )
             reward += (ref_err - policy_err).cpu()

@@ -96,3 +96,27 @@ def test_a_trained_unet_is_swapped_in(tiny_sd15_dir, tmp_path, pipe):
     assert not np.array_equal(pixels(base), pixels(new))
     with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
         generate.load_pipeline(str(tiny_sd15_dir), unet=tmp_path)
+
+
+def test_trained_lora_is_loaded_with_the_lora_flag(tiny_sd15_dir, toy_data_dir, tmp_path):
+    from accelerate.state import AcceleratorState, GradientState
+
+    import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    run = tmp_path / "run"
+    train.main(["--pretrained_model", str(tiny_sd15_dir), "--data", str(toy_data_dir / "pickapic"),
+                "--output_dir", str(run), "--resolution", "64", "--train_batch_size", "2",
+                "--max_train_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
+                "--lora_rank", "4", "--dataloader_num_workers", "0",
+                "--report_to", "none"])  # fmt: skip
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    args = ["--model", str(tiny_sd15_dir), "--prompt", PROMPTS[0], "--seeds", "0",
+            "--steps", "2", "--resolution", "32"]  # fmt: skip
+    base = generate.main([*args, "--out", str(tmp_path / "base")])[0]
+    adapted = generate.main([*args, "--out", str(tmp_path / "lora"), "--lora", str(run)])[0]
+    assert not np.array_equal(pixels(base), pixels(adapted))
+    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+        generate.load_pipeline(str(tiny_sd15_dir), lora=tmp_path)
