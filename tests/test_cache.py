@@ -100,3 +100,28 @@ def test_a_mismatched_cache_stops_the_run_at_startup(tiny_sdxl_dir, small_data, 
     with pytest.raises(DataError, match="resolution"):
         run(tiny_sdxl_dir, small_data, tmp_path / "out", "dpo", "--cache", str(sdxl_cache),
             "--resolution", "32")  # fmt: skip
+
+
+def test_kto_csv_cache_trains_like_the_images(tiny_sd15_dir, toy_data_dir, tmp_path):
+    """The per-image CSV source caches too: a cached KTO run sees the same latents."""
+    import pandas as pd
+
+    table = pd.read_csv(toy_data_dir / "kto" / "train_processed_v3.csv")
+    small = pd.concat([table[table.split == s].head(3) for s in table.split.unique()])
+    csv = tmp_path / "small.csv"
+    small.to_csv(csv, index=False)
+    images = str(toy_data_dir / "kto")
+    source = ("--loss", "kto", "--csv", str(csv), "--images", images)
+    cache = str(tmp_path / "cache")
+    stats = build_cache_main(["--pretrained_model", str(tiny_sd15_dir), *source,
+                              "--resolution", "64", "--cache", cache])  # fmt: skip
+    assert stats.images_encoded == len(small)
+    common = ("--learning_rate", "0.1", "--adam_epsilon", "1", "--train_batch_size", "4",
+              "--csv", str(csv))  # fmt: skip
+    plain = run(tiny_sd15_dir, toy_data_dir, tmp_path / "plain", "kto", *common)
+    reset_accelerate()
+    cached = run(tiny_sd15_dir, toy_data_dir, tmp_path / "cached", "kto", *common,
+                 "--cache", cache)  # fmt: skip
+    assert isinstance(cached.models.latent_encoder, CachedLatentEncoder)
+    for a, b in zip(plain.history, cached.history, strict=True):
+        assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
