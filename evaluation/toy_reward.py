@@ -11,7 +11,9 @@ Toy scenes (scripts/build_toy_data.py) are one coloured shape on a plain backgro
   red channel exceeds the mean blue channel by at least WARM_MARGIN (0-255 scale). It ignores
   the caption.
 
-The toy benchmark's preference labels and its reward rate both use ``colour``.
+The toy benchmark's preference labels and its reward rate both use ``warm``: the shipped toy base
+ignores colour words, so ``colour`` sits at chance for it and gives fine-tuning nothing to
+sharpen, while its warmth varies with the seed (README, "The toy task").
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ from scripts.build_toy_data import COLOURS
 FOREGROUND_DISTANCE = 60.0
 # Fewer foreground pixels than this share of the image: no object is shown.
 MIN_FOREGROUND_SHARE = 0.02
+# Fixed before any fine-tuning; the shipped toy base meets it part of the time, as a preference
+# needs (41.7% of 96 held-out images at seeds 0-7, 53.0% of its 672 on-policy training images).
 WARM_MARGIN = 20.0
 
 PALETTE_NAMES = tuple(COLOURS)

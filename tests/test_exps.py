@@ -65,7 +65,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
         "IMAGES_PER_PROMPT": "4",
         "PAIRS_PER_PROMPT": "2",
         "EVAL_SEEDS": "1",
-        "SAMPLE_STEPS": "3",
+        "SAMPLE_STEPS": "10",  # fewer leave grey, never-warm images: no warm pairs
         "BATCH": "2",
         "WARMUP": "1",
         "DPO_STEPS": "2",

@@ -46,7 +46,7 @@ def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
 
     stats = build_toy_prefs(
         str(TOY), tmp_path / "prefs", images_per_prompt=4, pairs_per_prompt=2,
-        settings={"steps": 4},
+        settings={"steps": 10},  # fewer steps leave grey, never-warm images: no pairs
     )  # fmt: skip
     assert stats["rule"] == "warm"  # the default
     pairs = pd.read_parquet(tmp_path / "prefs" / "pickapic")
