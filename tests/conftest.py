@@ -40,3 +40,15 @@ def toy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("toy-data") / "data"
     build_toy_data(out)
     return out
+
+
+# --- accelerate state: every test starts and ends without an Accelerator's singletons ---
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from tests.support import reset_accelerate
+
+    reset_accelerate()
+    yield
+    reset_accelerate()

@@ -3,19 +3,14 @@ trains like an uncached one without loading the VAE or the text encoders."""
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from safetensors.torch import load_file
 
 from config import parse_config
 from data import DataError
 from data.cache import LATENT_PREFIX, CachedLatentEncoder
 from scripts.build_cache import main as build_cache_main
-from tests.test_train import fresh_accelerate_state, run  # noqa: F401  (autouse fixture)
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+from tests.support import reset_accelerate
+from tests.test_train import run
 
 
 @pytest.fixture(scope="module")

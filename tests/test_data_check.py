@@ -4,10 +4,10 @@ import csv
 from pathlib import Path
 
 import pytest
-from accelerate.state import AcceleratorState, GradientState
 
 from data import check
 from scripts.build_toy_data import make_pair_rows, write_pairs_parquet
+from tests.support import reset_accelerate
 
 LONG_CAPTION = "a very " * 60 + "long caption"  # ~120 CLIP tokens, over the limit of 77
 
@@ -121,8 +121,7 @@ def test_training_streams_past_a_truncated_shard_and_corrupt_images(
 ):
     import train
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     planted_pairs(tmp_path / "pairs", num_rows=16)
     result = train.main([
         "--pretrained_model", str(tiny_sd15_dir), "--data", str(tmp_path / "pairs"),
@@ -130,8 +129,7 @@ def test_training_streams_past_a_truncated_shard_and_corrupt_images(
         "--max_train_steps", "6", "--dataloader_num_workers", "0", "--report_to", "none",
         "--checkpointing_steps", "100", "--lr_warmup_steps", "0",
     ])  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     assert len(result.history) == 6
     assert result.unreadable_files == [str(tmp_path / "pairs" / "c.parquet")]
     # 24 pairs consumed, more than one epoch of a.parquet and b.parquet (<= 25 rows): each

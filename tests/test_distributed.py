@@ -12,23 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 from accelerate import debug_launcher
-from accelerate.state import AcceleratorState, GradientState
 
 import train
+from tests.support import reset_accelerate
 
 STEPS = 4
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    reset_accelerate()
-    yield
-    reset_accelerate()
 
 
 def argv(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:

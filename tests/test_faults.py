@@ -15,22 +15,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 
 import checkpointing
 import train
+from tests.support import reset_accelerate
 
 STEPS = 6
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def train_argv(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:
@@ -44,8 +35,7 @@ def train_argv(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run_main(args: list[str], env: dict[str, str]) -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     os.environ.update(env)
     torch.set_num_threads(1)
     train.main(args)

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import generate
+from tests.support import reset_accelerate
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 
@@ -99,20 +100,17 @@ def test_a_trained_unet_is_swapped_in(tiny_sd15_dir, tmp_path, pipe):
 
 
 def test_trained_lora_is_loaded_with_the_lora_flag(tiny_sd15_dir, toy_data_dir, tmp_path):
-    from accelerate.state import AcceleratorState, GradientState
 
     import train
 
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     run = tmp_path / "run"
     train.main(["--pretrained_model", str(tiny_sd15_dir), "--data", str(toy_data_dir / "pickapic"),
                 "--output_dir", str(run), "--resolution", "64", "--train_batch_size", "2",
                 "--max_train_steps", "1", "--learning_rate", "1e-2", "--lr_warmup_steps", "0",
                 "--lora_rank", "4", "--dataloader_num_workers", "0",
                 "--report_to", "none"])  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     args = ["--model", str(tiny_sd15_dir), "--prompt", PROMPTS[0], "--seeds", "0",
             "--steps", "2", "--resolution", "32"]  # fmt: skip
     base = generate.main([*args, "--out", str(tmp_path / "base")])[0]

@@ -6,19 +6,14 @@ import math
 import numpy as np
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 
 from models import load_pipeline
 from models.lora import LORA_WEIGHTS, TRAINABLE_STATE
-from tests.test_train import fresh_accelerate_state, run  # noqa: F401  (autouse fixture)
+from tests.support import reset_accelerate
+from tests.test_train import run
 
 LORA = ("--lora_rank", "4", "--learning_rate", "1e-2")
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 @pytest.fixture(scope="module")

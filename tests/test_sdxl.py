@@ -11,7 +11,7 @@ from diffusion import denoising_errors
 from losses import get_spec, loss_names
 from models import load_components, load_pipeline
 from models.family import SDXLFamily
-from tests.test_train import fresh_accelerate_state, run  # noqa: F401  (autouse fixture)
+from tests.test_train import run
 
 
 def test_time_ids_constant_is_the_released_codes():

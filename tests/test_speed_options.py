@@ -4,17 +4,12 @@ import math
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import UNet2DConditionModel
 
-from tests.test_train import fresh_accelerate_state, run  # noqa: F401  (autouse fixture)
+from tests.support import reset_accelerate
+from tests.test_train import run
 
 ONE_PAIR = ("--train_batch_size", "1", "--max_train_steps", "2", "--learning_rate", "1e-2")
-
-
-def reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
 
 
 def moved(result, model_dir) -> bool:

@@ -7,22 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.state import AcceleratorState, GradientState
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import train
 from checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 from losses import get_spec, loss_names
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each in-process run builds its own Accelerator; accelerate keeps singletons."""
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+from tests.support import reset_accelerate
 
 
 def data_args(loss: str, toy: Path) -> list[str]:
@@ -142,8 +132,7 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_sd15_dir, toy_data_dir, tmp
                "--max_train_steps", "4")  # fmt: skip
     part = tmp_path / "part"
     run(tiny_sd15_dir, toy_data_dir, part, "dpo", *common, "--max_train_steps", "3")
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     resumed = run(tiny_sd15_dir, toy_data_dir, part, "dpo", *common, "--max_train_steps", "4",
                   "--resume_from_checkpoint", "latest")  # fmt: skip
     assert len(resumed.history) == 1  # only step 4 was trained again
@@ -162,8 +151,7 @@ def test_batch_two_equals_accumulation_two(tiny_sd15_dir, toy_data_dir, tmp_path
     common = ("--learning_rate", "0.1", "--adam_epsilon", "1")
     big = run(tiny_sd15_dir, toy_data_dir, tmp_path / "big", "dpo", *common,
               "--train_batch_size", "2")  # fmt: skip
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+    reset_accelerate()
     small = run(tiny_sd15_dir, toy_data_dir, tmp_path / "small", "dpo", *common,
                 "--train_batch_size", "1", "--gradient_accumulation_steps", "2")  # fmt: skip
     assert abs(big.history[1]["loss"] - big.history[0]["loss"]) > 1e-3  # step 1 moved the policy

@@ -1,0 +1,9 @@
+"""Helpers shared by the test modules."""
+
+from accelerate.state import AcceleratorState, GradientState
+
+
+def reset_accelerate() -> None:
+    """Each in-process training run builds its own Accelerator; accelerate keeps singletons."""
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
