@@ -16,7 +16,6 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
-from torch.utils.data import IterableDataset
 
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
@@ -27,7 +26,7 @@ from data.kto_table import (
     load_labeled_csv,
     parse_split_labels,
 )
-from data.roles import check_positions, check_topology, count_roles, current_role
+from data.roles import RoleStream, check_positions, check_topology, count_roles
 from data.transforms import ImageTransform
 
 __all__ = ["DEFAULT_SPLIT_LABELS", "LabeledImages", "parse_split_labels"]
@@ -39,7 +38,7 @@ logger = logging.getLogger(__name__)
 MAX_CONSECUTIVE_SKIPS = 1000
 
 
-class LabeledImages(IterableDataset):
+class LabeledImages(RoleStream):
     """Infinite stream of image examples: pixels [1, 3, R, R], caption, label 1.0 or 0.0."""
 
     def __init__(
@@ -108,17 +107,7 @@ class LabeledImages(IterableDataset):
         self._positions = check_positions(positions, self.num_roles, 1)
         self._role_offset = role_offset
 
-    def __iter__(self) -> Iterator[Example]:
-        return self.iter_role(current_role(self.rank, self.num_workers, self._role_offset))
-
-    def iter_role(self, role: int) -> Iterator[Example]:
-        """The stream of one role, from its resume position (``__iter__`` picks the role from
-        rank and worker; tests and tools can read any role directly)."""
-        if not 0 <= role < self.num_roles:
-            raise ValueError(f"role must be in [0, {self.num_roles}), got {role}")
-        return self._iter(role)
-
-    def _iter(self, role: int) -> Iterator[Example]:
+    def _stream(self, role: int) -> Iterator[Example]:
         (draw,) = self._positions.get(role, [0])
         skipped = 0
         while True:

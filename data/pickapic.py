@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
-from torch.utils.data import IterableDataset
 
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
@@ -37,7 +36,7 @@ from data.parquet_index import (
     scan_shards,
 )
 from data.pickapic_hub import hub_rows, open_hub_pairs
-from data.roles import check_positions, check_topology, count_roles, current_role
+from data.roles import RoleStream, check_positions, check_topology, count_roles
 from data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ logger = logging.getLogger(__name__)
 _ROW_GROUP_ORDER, _ROW_ORDER, _EXAMPLE, _HUB_EXAMPLE = range(4)
 
 
-class PickapicPairs(IterableDataset):
+class PickapicPairs(RoleStream):
     """Infinite stream of pair examples (pixels [2, 3, R, R], chosen first), or of the chosen
     image alone (pixels [1, 3, R, R], label 1.0) with ``winners_only=True``.
 
@@ -132,17 +131,8 @@ class PickapicPairs(IterableDataset):
         self._positions = checked
         self._role_offset = role_offset
 
-    def __iter__(self) -> Iterator[Example]:
-        return self.iter_role(current_role(self.rank, self.num_workers, self._role_offset))
-
-    def iter_role(self, role: int) -> Iterator[Example]:
-        """The stream of one role, from its resume position (``__iter__`` picks the role from
-        rank and worker; tests and tools can read any role directly)."""
-        if not 0 <= role < self.num_roles:
-            raise ValueError(f"role must be in [0, {self.num_roles}), got {role}")
-        if self._hub is not None:
-            return self._iter_hub(role)
-        return self._iter_local(role)
+    def _stream(self, role: int) -> Iterator[Example]:
+        return self._iter_hub(role) if self._hub is not None else self._iter_local(role)
 
     def _num_blocks(self) -> int:
         return math.ceil(len(self._index.row_groups) / self.row_groups_per_block)

@@ -9,9 +9,9 @@ worker 0, so after N consumed batches the next one would have come from worker `
 restarted loader starts again at worker 0, so worker 0 must play that worker's role.
 """
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
-from torch.utils.data import get_worker_info
+from torch.utils.data import IterableDataset, get_worker_info
 
 
 def check_topology(rank: int, world_size: int, num_workers: int) -> None:
@@ -66,3 +66,27 @@ def check_positions(
             raise ValueError(f"resume state for role {role} must be {state_len} ints >= 0: {state}")
         checked[role] = state
     return checked
+
+
+class RoleStream(IterableDataset):
+    """An infinite dataset split into roles: iterating it (in a process or DataLoader worker)
+    yields the stream of the role that process/worker plays. Subclasses set ``rank``,
+    ``num_workers``, ``num_roles`` and ``_role_offset`` and implement ``_stream(role)``."""
+
+    rank: int
+    num_workers: int
+    num_roles: int
+    _role_offset: int
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.iter_role(current_role(self.rank, self.num_workers, self._role_offset))
+
+    def iter_role(self, role: int) -> Iterator[dict]:
+        """The stream of one role, from its resume position (``__iter__`` picks the role from
+        rank and worker; tests and tools can read any role directly)."""
+        if not 0 <= role < self.num_roles:
+            raise ValueError(f"role must be in [0, {self.num_roles}), got {role}")
+        return self._stream(role)
+
+    def _stream(self, role: int) -> Iterator[dict]:
+        raise NotImplementedError
