@@ -164,6 +164,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     gen.add_argument("--model", default="assets/toy-sd15", help="base model dir or hub name")
     gen.add_argument("--prompts", default=None, help="file with one prompt per line")
     gen.add_argument("--num_seeds", type=int, default=8, help="images per prompt (seeds 0..k-1)")
+    gen.add_argument(
+        "--distinct_seeds",
+        action="store_true",
+        help="no two prompts share a seed (generate.py): independent images for the intervals",
+    )
     gen.add_argument("--scheduler", default="ddim", help="sampler (see generate.py)")
     gen.add_argument("--steps", type=int, default=20, help="inference steps")
     gen.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
@@ -194,6 +199,7 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
             args.guidance_scale,
             args.resolution,
             args.batch_size,
+            distinct_seeds=args.distinct_seeds,
         )
         generate.save_generations(args.out / name, images)
         runs.append((name, args.out / name))

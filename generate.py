@@ -4,10 +4,14 @@
         --prompt "a red circle on a white background" --num_seeds 4 --out outputs/gen
 
 Each image's randomness comes from its own generator seeded with its seed, so an image depends
-on (prompt, seed, settings) only, never on the batch it was drawn in. A trained UNet (the
-trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's with --unet; LoRA
-adapters (OUTPUT_DIR or its lora/ folder) are loaded with --lora. SD1.5 and SDXL bases both work:
-the pipeline class comes from the model family (models.load_pipeline).
+on (prompt, seed, settings) only, never on the batch it was drawn in. By default every prompt
+uses the same seeds (a grid's columns share noise); --distinct_seeds gives prompt i the seeds
+shifted by i x (max seed + 1), so no two images share noise: for scoring, where a model whose
+picture is mostly decided by the noise would otherwise give k independent draws, not prompts x k.
+
+A trained UNet (the trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's
+with --unet; LoRA adapters (OUTPUT_DIR or its lora/ folder) are loaded with --lora. SD1.5 and SDXL
+bases both work: the pipeline class comes from the model family (models.load_pipeline).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class Generation:
     prompt: str
     seed: int
     image: Image.Image
+    column: int = 0  # position of the seed in the prompt's seeds (the grid column)
 
     @property
     def file_name(self) -> str:
@@ -108,6 +113,12 @@ def read_prompts(path: str | Path) -> list[str]:
     return prompts
 
 
+def prompt_seeds(prompt_index: int, seeds: Sequence[int], distinct: bool) -> list[int]:
+    """The seeds of one prompt: the shared list, or shifted past every earlier prompt's."""
+    shift = prompt_index * (max(seeds) + 1) if distinct else 0
+    return [s + shift for s in seeds]
+
+
 @torch.no_grad()
 def generate(
     pipe: DiffusionPipeline,
@@ -118,22 +129,30 @@ def generate(
     resolution: int | None = None,
     batch_size: int = 16,
     progress: bool = True,
+    distinct_seeds: bool = False,
 ) -> list[Generation]:
-    """Every prompt with every seed, in prompt-major order, batch_size images per pipeline call."""
+    """Every prompt with every seed (see prompt_seeds), in prompt-major order, batch_size images
+    per pipeline call."""
     resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    jobs = [(i, p, s) for i, p in enumerate(prompts) for s in seeds]
+    jobs = [
+        (i, p, s, c)
+        for i, p in enumerate(prompts)
+        for c, s in enumerate(prompt_seeds(i, seeds, distinct_seeds))
+    ]
     results = []
     for start in tqdm(range(0, len(jobs), batch_size), desc="generate", disable=not progress):
         batch = jobs[start : start + batch_size]
         images = pipe(
-            [p for _, p, _ in batch],
+            [p for _, p, _, _ in batch],
             num_inference_steps=steps,
             guidance_scale=guidance_scale,
             height=resolution,
             width=resolution,
-            generator=[torch.Generator().manual_seed(s) for _, _, s in batch],
+            generator=[torch.Generator().manual_seed(s) for _, _, s, _ in batch],
         ).images
-        results += [Generation(i, p, s, img) for (i, p, s), img in zip(batch, images, strict=True)]
+        results += [
+            Generation(i, p, s, img, c) for (i, p, s, c), img in zip(batch, images, strict=True)
+        ]
     return results
 
 
@@ -153,25 +172,28 @@ def save_generations(out_dir: Path, generations: Sequence[Generation]) -> Path:
 def labelled_grid(
     generations: Sequence[Generation], cell: int = 96, label_width: int = 240
 ) -> Image.Image:
-    """One row per prompt (its text on the left), one column per seed (seed on top)."""
+    """One row per prompt (its text on the left), one column per seed position (the seed on top
+    when every prompt shares it, "#c" when prompts have distinct seeds)."""
     prompts = sorted({(g.prompt_index, g.prompt) for g in generations})
-    seeds = sorted({g.seed for g in generations})
     row = {index: r for r, (index, _) in enumerate(prompts)}
-    col = {seed: c for c, seed in enumerate(seeds)}
+    seeds_of = {
+        c: {g.seed for g in generations if g.column == c} for c in {g.column for g in generations}
+    }
     header = 16
     grid = Image.new(
-        "RGB", (label_width + cell * len(seeds), header + cell * len(prompts)), "white"
+        "RGB", (label_width + cell * len(seeds_of), header + cell * len(prompts)), "white"
     )
     draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for seed, c in col.items():
-        draw.text((label_width + c * cell + 4, 2), f"seed {seed}", fill="black", font=font)
+    for c, seeds in seeds_of.items():
+        title = f"seed {next(iter(seeds))}" if len(seeds) == 1 else f"#{c}"
+        draw.text((label_width + c * cell + 4, 2), title, fill="black", font=font)
     for r, (_, prompt) in enumerate(prompts):
         chars = max(8, label_width // 6)
         lines = [prompt[i : i + chars] for i in range(0, len(prompt), chars)]
         draw.multiline_text((4, header + r * cell + 4), "\n".join(lines), fill="black", font=font)
     for g in generations:
         tile = g.image.resize((cell, cell), Image.Resampling.NEAREST)
-        grid.paste(tile, (label_width + col[g.seed] * cell, header + row[g.prompt_index] * cell))
+        grid.paste(tile, (label_width + g.column * cell, header + row[g.prompt_index] * cell))
     return grid
 
 
@@ -188,6 +210,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     parser.add_argument("--seeds", type=int, nargs="+", default=None, help="explicit seeds")
     parser.add_argument("--num_seeds", type=int, default=4, help="seeds 0..N-1 (without --seeds)")
+    parser.add_argument(
+        "--distinct_seeds", action="store_true", help="shift each prompt's seeds past the last's"
+    )
     parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler")
     parser.add_argument("--steps", type=int, default=20, help="inference steps")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
@@ -220,7 +245,14 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
         args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device, args.lora
     )
     generations = generate(
-        pipe, prompts, seeds, args.steps, args.guidance_scale, args.resolution, args.batch_size
+        pipe,
+        prompts,
+        seeds,
+        args.steps,
+        args.guidance_scale,
+        args.resolution,
+        args.batch_size,
+        distinct_seeds=args.distinct_seeds,
     )
     save_generations(args.out, generations)
     cells = math.prod((len(prompts), len(seeds)))

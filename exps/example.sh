@@ -28,4 +28,4 @@ LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 
 bash scripts/setup.sh
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO"
 # The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
-.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"
+.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"

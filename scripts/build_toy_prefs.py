@@ -1,7 +1,7 @@
 """Build the toy preference dataset on-policy: the toy base draws, a toy reward rule labels.
 
-For every prompt, the base model generates k images (seeds FIRST_SEED...); a rule of
-evaluation/toy_reward.py (--rule, default ``warm``: mean red - mean blue >= WARM_MARGIN; or
+For every prompt, the base model generates k images (each from its own seed, FIRST_SEED...); a
+rule of evaluation/toy_reward.py (--rule, default ``warm``: mean red - mean blue >= WARM_MARGIN; or
 ``colour``: the image shows the colour its caption names) labels each 1 or 0. Pairs join a
 rewarded and an unrewarded image of the same prompt (like Pick-a-Pic, whose images were drawn
 by SD models and judged per prompt), written in both formats the trainer reads:
@@ -49,6 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
+# Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds).
+DATA_VERSION = 2
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
 
@@ -80,13 +82,16 @@ DEFAULT_RULE = "warm"
 def labelled_generations(
     pipe, prompts: list[str], k: int, settings: dict, rule: str = DEFAULT_RULE
 ) -> list[dict]:
-    """prompt, seed, jpeg, uid and reward of k generations per prompt (seeds FIRST_SEED...)."""
+    """prompt, seed, jpeg, uid and reward of k generations per prompt, every image from its own
+    seed (FIRST_SEED...): the toy base's colour is mostly decided by the noise, so seeds shared
+    across prompts would repeat k colour draws rather than give prompts x k."""
     from generate import generate
 
     reward = toy_reward(rule)
     rng = random.Random(0)
     out = []
-    for g in generate(pipe, prompts, list(range(FIRST_SEED, FIRST_SEED + k)), **settings):
+    seeds = list(range(FIRST_SEED, FIRST_SEED + k))
+    for g in generate(pipe, prompts, seeds, distinct_seeds=True, **settings):
         jpeg = encode_jpeg(g.image)
         # Label the stored (JPEG) image, not the PNG: compression flips borderline images.
         stored = Image.open(io.BytesIO(jpeg))
@@ -148,11 +153,16 @@ def build_toy_prefs(
     settings = {"steps": 20, "guidance_scale": 1.0, "batch_size": 64, **(settings or {})}
     train_prompts, heldout_prompts = toy_prompt_split()
     pipe = load_pipeline(model, scheduler="ddim")
-    train_images = labelled_generations(pipe, train_prompts, images_per_prompt, settings, rule)
-    heldout_images = labelled_generations(pipe, heldout_prompts, images_per_prompt, settings, rule)
+    # One call for both splits, so no held-out image shares its noise with a training image.
+    images = labelled_generations(
+        pipe, train_prompts + heldout_prompts, images_per_prompt, settings, rule
+    )
+    train_images = [i for i in images if i["caption"] in set(train_prompts)]
+    heldout_images = [i for i in images if i["caption"] in set(heldout_prompts)]
     train_rows = preference_pairs(train_images, pairs_per_prompt, seed)
     heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1)
     stats = {
+        "version": DATA_VERSION,
         "model": model,
         "rule": rule,
         "images_per_prompt": images_per_prompt,

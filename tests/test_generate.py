@@ -41,6 +41,18 @@ def test_an_image_depends_on_its_seed_not_on_its_batch(pipe):
     assert np.array_equal(pixels(alone[0]), pixels(again[0]))
 
 
+def test_distinct_seeds_shift_each_prompt_past_the_last_and_keep_the_grid_columns(pipe):
+    kwargs = {"steps": 2, "resolution": 32, "progress": False}
+    out = generate.generate(pipe, [*PROMPTS, "a cat"], [0, 2], distinct_seeds=True, **kwargs)
+    # max seed 2 -> a shift of 3 per prompt: (0, 2), (3, 5), (6, 8)
+    assert [g.seed for g in out] == [0, 2, 3, 5, 6, 8]
+    assert [g.column for g in out] == [0, 1, 0, 1, 0, 1]
+    direct = generate.generate(pipe, PROMPTS[1:], [5], **kwargs)[0]
+    assert np.array_equal(pixels(out[3]), pixels(direct))  # the image is its seed's
+    grid = generate.labelled_grid(out)
+    assert grid.size == (240 + 2 * 96, 16 + 3 * 96)
+
+
 @pytest.mark.parametrize("name", sorted(generate.SCHEDULERS))
 def test_every_scheduler_samples(tiny_sd15_dir, name):
     pipe = generate.load_pipeline(str(tiny_sd15_dir), scheduler=name)

@@ -66,6 +66,16 @@ def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
         assert warm_reward(Image.open(io.BytesIO(lose))) == 0.0
 
 
+def test_every_on_policy_image_has_its_own_noise(toy_pipe):
+    from scripts.build_toy_prefs import FIRST_SEED, labelled_generations
+
+    _, heldout = toy_prompt_split()
+    images = labelled_generations(toy_pipe, heldout[:3], 2, {"steps": 2, "progress": False})
+    assert [i["seed"] for i in images] == [
+        FIRST_SEED + s for s in (0, 1, 10002, 10003, 20004, 20005)
+    ]
+
+
 def test_an_unknown_rule_stops_the_builder_before_generating(tmp_path):
     from scripts.build_toy_prefs import build_toy_prefs
 
