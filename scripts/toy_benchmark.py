@@ -28,22 +28,27 @@ RULE_TEXT = {
 }
 
 
-def train_argv(args: argparse.Namespace, loss: str, data: Path, out: Path) -> list[str]:
+def run_name(loss: str, seed: int) -> str:
+    return f"{loss}-s{seed}"
+
+
+def train_argv(args: argparse.Namespace, loss: str, seed: int, data: Path, out: Path) -> list[str]:
     """train.py flags of one fine-tune; DPO and SFT read the pairs, KTO the per-image CSV."""
     source = (
-        ["--csv", str(data / "kto" / "train_processed_v3.csv"), "--images", str(data / "kto")]
+        ["--csv", str(data / "kto" / "train_processed_v3.csv"), "--images", str(data / "kto"),
+         "--kto_desirable_prob", str(args.kto_desirable_prob)]
         if loss == "kto"
         else ["--data", str(data / "pickapic")]
-    )
+    )  # fmt: skip
     steps = getattr(args, f"{loss}_steps")
     return [
-        "--pretrained_model", args.model, *source, "--output_dir", str(out / loss),
+        "--pretrained_model", args.model, *source, "--output_dir", str(out / run_name(loss, seed)),
         "--loss", loss, "--beta", str(getattr(args, f"{loss}_beta", 1.0)),
         "--learning_rate", str(getattr(args, f"{loss}_lr")), "--max_train_steps", str(steps),
         "--train_batch_size", str(args.batch), "--resolution", str(args.resolution),
         "--lr_warmup_steps", str(args.warmup), "--caption_dropout", "0",
         "--dataloader_num_workers", "0", "--checkpointing_steps", str(steps),
-        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(args.seed),
+        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed),
     ]  # fmt: skip
 
 
@@ -83,19 +88,26 @@ def smoothed(values: list[float], window: int) -> list[float]:
 
 
 def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Loss, accuracy, margins and policy error per step (moving average over ~5% of steps)."""
+    """Loss, accuracy, margins and policy error per step (moving average over ~5% of steps); one
+    colour per loss, one line per training seed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colours = dict(zip(LOSSES, ("tab:blue", "tab:orange", "tab:green"), strict=True))
     keys = ["loss", "rewards/accuracies", "rewards/margins", "err/policy"]
     fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3))
     for ax, key in zip(axes, keys, strict=True):
+        labelled = set()
         for name, history in histories.items():
+            loss = name.split("-")[0]
             if all(key in h for h in history):
                 values = smoothed([h[key] for h in history], max(1, len(history) // 20))
-                ax.plot(range(1, len(values) + 1), values, label=name, linewidth=1)
+                label = None if loss in labelled else loss
+                labelled.add(loss)
+                ax.plot(range(1, len(values) + 1), values, label=label, color=colours[loss],
+                        linewidth=0.8, alpha=0.8)  # fmt: skip
         ax.set_title(key)
         ax.set_xlabel("step")
     axes[0].legend()
@@ -105,17 +117,19 @@ def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
 
 
 def plot_reward_by_model(table, path: Path, rule: str) -> None:
+    """One bar per model (every training seed), with its 95% interval."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(table), 3.4))
     error = [100 * (table["mean"] - table["ci_low"]), 100 * (table["ci_high"] - table["mean"])]
-    ax.bar(table["model"], 100 * table["mean"], yerr=error, capsize=4, color="tab:blue")
+    ax.bar(table["model"], 100 * table["mean"], yerr=error, capsize=3, color="tab:blue")
     ax.set_ylabel(f"toy {rule} reward rate (%)")
     ax.set_ylim(0, 100)
     ax.set_title("held-out prompts, 95% interval")
+    ax.tick_params(axis="x", labelrotation=45)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -145,16 +159,43 @@ def before_after_grid(eval_dir: Path, names: list[str], path: Path, prompts: int
     grid.save(path)
 
 
+def per_loss_rows(args, table, accuracies, base: float) -> list[str]:
+    """One row per loss: the reward rate over its training seeds (mean, min and max)."""
+    rows = []
+    for loss in LOSSES:
+        names = [run_name(loss, seed) for seed in args.train_seeds]
+        rates = [float(table.loc[table["model"] == n, "mean"].iloc[0]) for n in names]
+        gains = [100 * (r - base) for r in rates]
+        accs = [accuracies[n] for n in names]
+        rows.append(
+            f"| {loss} | {len(names)} | {100 * sum(rates) / len(rates):.1f}% | "
+            f"{sum(gains) / len(gains):+.1f} | {min(gains):+.1f} / {max(gains):+.1f} | "
+            f"{100 * sum(accs) / len(accs):.1f}% (min {100 * min(accs):.1f}%) |"
+        )
+    return rows
+
+
 def results_markdown(args, stats, table, rates, accuracies, timings, total) -> str:
     base = float(table.loc[table["model"] == "base", "mean"].iloc[0])
+    seeds = " ".join(str(s) for s in args.train_seeds)
     lines = [
         "# Toy benchmark results",
         "",
         f"`bash exps/toy_benchmark.sh` on the {MACHINE}; total {total / 60:.1f} min. "
+        f"Every loss trained with {len(args.train_seeds)} training seeds ({seeds}: the seed of "
+        "the noise and timestep draws, the data order and the KTO sampler). "
         f"Held-out prompts: {stats['heldout_prompts']} (never in the preference data), "
-        f"{args.eval_seeds} seeds each; DDIM {args.sample_steps} steps, guidance "
-        f"{args.guidance_scale}, {args.resolution} px. Reward: evaluation/toy_reward.py "
-        f"{RULE_TEXT[args.rule]}.",
+        f"{args.eval_seeds} images each, every image from its own seed (`--distinct_seeds`); "
+        f"DDIM {args.sample_steps} steps, guidance {args.guidance_scale}, {args.resolution} px. "
+        f"Reward: evaluation/toy_reward.py {RULE_TEXT[args.rule]}. "
+        f"Base: {100 * base:.1f}%.",
+        "",
+        "| loss | training seeds | toy reward rate (mean over seeds) | vs base (points, mean) | "
+        "vs base (points, worst / best seed) | implicit reward accuracy (held-out pairs) |",
+        "|---|---|---|---|---|---|",
+        *per_loss_rows(args, table, accuracies, base),
+        "",
+        "Every model:",
         "",
         "| model | images | toy reward rate | 95% interval | vs base (points) | "
         "win rate vs base (per prompt) | implicit reward accuracy (held-out pairs) |",
@@ -178,20 +219,21 @@ def results_markdown(args, stats, table, rates, accuracies, timings, total) -> s
         f"preference pairs ({stats['heldout_pairs']}) with DPO margin > 0, policy vs the base as "
         "reference, errors averaged over 16 (timestep, noise) draws.",
         "",
-        f"Preference data (on-policy, from the base): {stats['train_prompts']} training prompts x "
-        f"{stats['images_per_prompt']} images, base reward rate "
-        f"{100 * stats['train_reward_rate']:.1f}%, {stats['train_pairs']} pairs; the KTO CSV "
-        "labels the images of those pairs.",
+        f"Preference data (on-policy, from the base, every image from its own seed): "
+        f"{stats['train_prompts']} training prompts x {stats['images_per_prompt']} images, base "
+        f"reward rate {100 * stats['train_reward_rate']:.1f}%, {stats['train_pairs']} pairs; the "
+        "KTO CSV labels the images of those pairs "
+        f"(KTO draws a desirable image with probability {args.kto_desirable_prob}).",
         "",
-        "| run | loss | steps | batch | learning rate | beta | time |",
-        "|---|---|---|---|---|---|---|",
+        "| loss | steps | batch | learning rate | beta | time per run (mean) |",
+        "|---|---|---|---|---|---|",
     ]
     for loss in LOSSES:
         beta = getattr(args, f"{loss}_beta", None)
         lines.append(
-            f"| {loss} | {loss} | {getattr(args, f'{loss}_steps')} | {args.batch} | "
+            f"| {loss} | {getattr(args, f'{loss}_steps')} | {args.batch} | "
             f"{getattr(args, f'{loss}_lr')} | {'' if beta is None else beta} | "
-            f"{timings[loss]:.0f} s |"
+            f"{timings[loss] / len(args.train_seeds):.0f} s |"
         )
     lines += [
         "",
@@ -219,14 +261,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=32, help="pixels")
     p.add_argument("--batch", type=int, default=8, help="pairs (dpo, sft) or images (kto)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
-    p.add_argument("--seed", type=int, default=0, help="training seed")
+    p.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2], help="one run each")
     p.add_argument("--rule", choices=sorted(RULE_TEXT), default="warm", help="toy reward rule")
-    for loss, lr, steps in (("dpo", 1e-4, 300), ("kto", 1e-4, 300), ("sft", 1e-4, 300)):
+    for loss, lr, steps in (("dpo", 1e-4, 300), ("kto", 1e-4, 600), ("sft", 1e-4, 300)):
         p.add_argument(f"--{loss}_lr", type=float, default=lr, help=f"{loss} learning rate")
         p.add_argument(f"--{loss}_steps", type=int, default=steps, help=f"{loss} steps")
-    # Tuned on the toy task (exps/toy_benchmark.sh says why beta is not the published 5000).
+    # Tuned on the toy task (exps/toy_benchmark.sh says why these are not the published values).
     p.add_argument("--dpo_beta", type=float, default=1000.0, help="DPO beta")
     p.add_argument("--kto_beta", type=float, default=1000.0, help="KTO beta")
+    p.add_argument("--kto_desirable_prob", type=float, default=0.5, help="KTO sampler gamma")
     return p.parse_args(argv)
 
 
@@ -247,39 +290,42 @@ def main(argv: list[str] | None = None) -> None:
     timings["data"] = time.perf_counter() - start
 
     histories = {}
+    names = [run_name(loss, seed) for loss in LOSSES for seed in args.train_seeds]
     for loss in LOSSES:
         t = time.perf_counter()
-        result = train.main(train_argv(args, loss, data, args.out / "runs"))
-        histories[loss] = result.history
+        for seed in args.train_seeds:
+            result = train.main(train_argv(args, loss, seed, data, args.out / "runs"))
+            histories[run_name(loss, seed)] = result.history
         timings[loss] = time.perf_counter() - t
     (args.out / "histories.json").write_text(json.dumps(histories))
 
     t = time.perf_counter()
     eval_dir = args.out / "eval"
     runs = ["--generate", "base"]
-    for loss in LOSSES:
-        runs += ["--generate", f"{loss}={args.out / 'runs' / loss}"]
+    for name in names:
+        runs += ["--generate", f"{name}={args.out / 'runs' / name}"]
     _, table, rates = evaluate.main(
         ["--model", args.model, *runs, "--prompts", str(HELDOUT_PROMPTS),
-         "--num_seeds", str(args.eval_seeds), "--steps", str(args.sample_steps),
-         "--guidance_scale", str(args.guidance_scale), "--scorer", f"toy_{args.rule}",
-         "--out", str(eval_dir)]
+         "--num_seeds", str(args.eval_seeds), "--distinct_seeds", "--steps",
+         str(args.sample_steps), "--guidance_scale", str(args.guidance_scale),
+         "--scorer", f"toy_{args.rule}", "--out", str(eval_dir)]
     )  # fmt: skip
     timings["eval"] = time.perf_counter() - t
 
     t = time.perf_counter()
     pairs = data / "heldout" / "pairs.parquet"
     accuracies = {
-        loss: implicit_accuracy(args.model, args.out / "runs" / loss / "unet", pairs,
+        name: implicit_accuracy(args.model, args.out / "runs" / name / "unet", pairs,
                                 args.resolution)
-        for loss in LOSSES
+        for name in names
     }  # fmt: skip
     timings["implicit"] = time.perf_counter() - t
 
     args.results.mkdir(parents=True, exist_ok=True)
     plot_training_curves(histories, args.results / "toy_training_curves.png")
     plot_reward_by_model(table, args.results / "toy_reward_by_model.png", args.rule)
-    before_after_grid(eval_dir, ["base", "dpo", "kto", "sft"],
+    first = args.train_seeds[0]
+    before_after_grid(eval_dir, ["base", *(run_name(loss, first) for loss in LOSSES)],
                       args.results / "toy_before_after.png", prompts=6, seeds=4)  # fmt: skip
     total = time.perf_counter() - start
     text = results_markdown(args, stats, table, rates, accuracies, timings, total)

@@ -71,6 +71,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
         "DPO_STEPS": "2",
         "KTO_STEPS": "2",
         "SFT_STEPS": "2",
+        "TRAIN_SEEDS": "0 3",
     }
     env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
     script = REPO / "exps" / "toy_benchmark.sh"
@@ -80,9 +81,17 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     results = (tmp_path / "results" / "toy_results.md").read_text()
     assert "evaluation/toy_reward.py `warm`" in results  # the default rule labelled and scored
-    for model in ("base", "dpo", "kto", "sft"):
-        assert f"| {model} | 12 |" in results  # 12 held-out prompts x 1 seed
+    runs = [f"{loss}-s{seed}" for loss in ("dpo", "kto", "sft") for seed in (0, 3)]
+    for model in ("base", *runs):
+        assert f"| {model} | 12 |" in results  # 12 held-out prompts x 1 image
+        assert model == "base" or (tmp_path / "work" / "runs" / model / "unet").is_dir()
+    for loss in ("dpo", "kto", "sft"):
+        assert f"| {loss} | 2 |" in results  # the summary over the two training seeds
     for plot in ("toy_training_curves.png", "toy_reward_by_model.png", "toy_before_after.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000
-    for loss in ("dpo", "kto", "sft"):
-        assert (tmp_path / "work" / "runs" / loss / "unet" / "config.json").is_file()
+    # Each seed is its own run: different draws, so different weights.
+    first, second = (
+        (tmp_path / "work" / "runs" / f"dpo-s{s}" / "unet" / "diffusion_pytorch_model.safetensors")
+        for s in (0, 3)
+    )
+    assert first.read_bytes() != second.read_bytes()
