@@ -17,16 +17,27 @@ Z_95 = 1.959964  # two-sided 95% quantile of the normal distribution
 
 
 def mean_interval(values: Sequence[float]) -> tuple[float, float, float]:
-    """(mean, low, high): the mean and its 95% normal-approximation interval,
-    mean +- 1.96 * sample std / sqrt(n). One value gives an interval of nan."""
+    """(mean, low, high): the mean and its 95% interval. Scores that are all 0 or 1 (a rule's
+    reward rate) get the Wilson score interval, which stays inside [0, 1] and has width at 0% and
+    100%; other scores the normal approximation mean +- 1.96 * sample std / sqrt(n). One value
+    gives an interval of nan."""
     x = np.asarray(values, dtype=np.float64)
     if x.size == 0:
         raise ValueError("no values to summarise")
     mean = float(x.mean())
     if x.size < 2:
         return mean, math.nan, math.nan
+    if np.isin(x, (0.0, 1.0)).all():
+        return (mean, *wilson_interval(mean, x.size))
     half = Z_95 * float(x.std(ddof=1)) / math.sqrt(x.size)
     return mean, mean - half, mean + half
+
+
+def wilson_interval(rate: float, n: int, z: float = Z_95) -> tuple[float, float]:
+    """Wilson (1927) score interval of a binomial proportion observed as ``rate`` of n trials."""
+    centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
+    return centre - half, centre + half
 
 
 def summary(scores: pd.DataFrame, scorers: Sequence[str]) -> pd.DataFrame:

@@ -75,7 +75,7 @@ def write_prompt_files() -> None:
 
 
 # The toy benchmark's taste: a "warm filter" preference that the base meets only part of the
-# time (about 40% of its images), unlike ``colour``, which the toy base cannot learn (README).
+# time (about 30% of its images), unlike ``colour``, which the toy base cannot learn (README).
 DEFAULT_RULE = "warm"
 
 

@@ -43,13 +43,27 @@ def test_mean_interval_against_hand_computed_values():
         mean_interval([])
 
 
+def test_rates_get_the_wilson_interval_inside_zero_and_one():
+    # 3 of 4: z = 1.959964, z^2 = 3.841459; centre (0.75 + 3.841459 / 8) / (1 + 3.841459 / 4)
+    # = 1.230182 / 1.960365 = 0.627527; half 1.959964 / 1.960365 * sqrt(0.1875 / 4 + 3.841459 / 64)
+    # = 0.999795 * sqrt(0.106898) = 0.999795 * 0.326953 = 0.326886 -> [0.300641, 0.954413]
+    mean, low, high = mean_interval([1.0, 1.0, 0.0, 1.0])
+    assert mean == 0.75
+    assert low == pytest.approx(0.300641, abs=1e-5)
+    assert high == pytest.approx(0.954413, abs=1e-5)
+    # All 12 rewarded: the normal interval would have no width; Wilson's is [12 / (12 + z^2), 1].
+    _, low, high = mean_interval([1.0] * 12)
+    assert low == pytest.approx(12 / (12 + 3.841459), abs=1e-6) and high == pytest.approx(1.0)
+
+
 def test_summary_per_model_and_scorer():
     scores = table([("a", "p", 1.0), ("a", "q", 0.0), ("b", "p", 1.0), ("b", "q", 1.0)])
     out = summary(scores, ["s"])
     assert out["model"].tolist() == ["a", "b"]
     assert out["mean"].tolist() == [0.5, 1.0]
     assert out["n"].tolist() == [2, 2]
-    assert out.loc[1, "ci_low"] == out.loc[1, "ci_high"] == 1.0  # no spread, no width
+    assert out.loc[1, "ci_high"] == pytest.approx(1.0)  # 2 of 2: Wilson, never above 1
+    assert out.loc[1, "ci_low"] == pytest.approx(2 / (2 + 1.959964**2))
 
 
 def test_the_median_scoring_image_decides_with_odd_and_even_k():
