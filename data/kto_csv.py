@@ -26,7 +26,7 @@ from data.kto_table import (
     load_labeled_csv,
     parse_split_labels,
 )
-from data.roles import RoleStream, check_positions, check_topology, count_roles
+from data.roles import RoleStream, check_positions
 from data.transforms import ImageTransform
 
 __all__ = ["DEFAULT_SPLIT_LABELS", "LabeledImages", "parse_split_labels"]
@@ -54,28 +54,15 @@ class LabeledImages(RoleStream):
         world_size: int = 1,
         num_workers: int = 0,
     ):
-        super().__init__()
-        check_topology(rank, world_size, num_workers)
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
+        super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
         if desirable_prob is not None and not 0.0 <= desirable_prob <= 1.0:
             raise ValueError(f"desirable_prob must be in [0, 1] or None, got {desirable_prob}")
         split_labels = dict(DEFAULT_SPLIT_LABELS if split_labels is None else split_labels)
         check_split_labels(split_labels)
         self.csv_path = csv_path
         self.image_root = image_root
-        self.transform = transform
-        self.caption_dropout = caption_dropout
-        self.seed = seed
         self.split_labels = split_labels
         self.desirable_prob = desirable_prob
-        self.rank = rank
-        self.num_workers = num_workers
-        self.num_roles = count_roles(world_size, num_workers)
-        self._positions: dict[int, list] = {}
-        self._role_offset = 0
 
         self._table = load_labeled_csv(csv_path, image_root, split_labels)
         self._desirable = np.flatnonzero(self._table.labels == 1)

@@ -36,7 +36,7 @@ from data.parquet_index import (
     scan_shards,
 )
 from data.pickapic_hub import hub_rows, open_hub_pairs
-from data.roles import RoleStream, check_positions, check_topology, count_roles
+from data.roles import RoleStream, check_positions
 from data.transforms import ImageTransform
 
 logger = logging.getLogger(__name__)
@@ -71,26 +71,13 @@ class PickapicPairs(RoleStream):
         hub_split: str = "train",
         hub_revision: str | None = None,
     ):
-        super().__init__()
-        check_topology(rank, world_size, num_workers)
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
+        super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
         if row_groups_per_block < 1:
             raise ValueError(f"row_groups_per_block must be >= 1, got {row_groups_per_block}")
         self.source = source
-        self.transform = transform
-        self.caption_dropout = caption_dropout
-        self.seed = seed
         self.winners_only = winners_only
         self.shuffle = shuffle
         self.row_groups_per_block = row_groups_per_block
-        self.rank = rank
-        self.num_workers = num_workers
-        self.num_roles = count_roles(world_size, num_workers)
-        self._positions: dict[int, list] = {}
-        self._role_offset = 0
         self._index: ParquetIndex | None = None
         self._hub = None
         self.num_pairs: int | None = None

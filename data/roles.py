@@ -13,6 +13,8 @@ from collections.abc import Iterator, Mapping
 
 from torch.utils.data import IterableDataset, get_worker_info
 
+from data.transforms import ImageTransform
+
 
 def check_topology(rank: int, world_size: int, num_workers: int) -> None:
     """Raise ValueError unless ``0 <= rank < world_size`` and ``num_workers >= 0``."""
@@ -70,13 +72,33 @@ def check_positions(
 
 class RoleStream(IterableDataset):
     """An infinite dataset split into roles: iterating it (in a process or DataLoader worker)
-    yields the stream of the role that process/worker plays. Subclasses set ``rank``,
-    ``num_workers``, ``num_roles`` and ``_role_offset`` and implement ``_stream(role)``."""
+    yields the stream of the role that process/worker plays. Holds and checks what every stream
+    shares (transform, caption dropout, seed, topology, resume state); subclasses implement
+    ``_stream(role)``."""
 
-    rank: int
-    num_workers: int
-    num_roles: int
-    _role_offset: int
+    def __init__(
+        self,
+        transform: ImageTransform,
+        caption_dropout: float,
+        seed: int,
+        rank: int,
+        world_size: int,
+        num_workers: int,
+    ):
+        super().__init__()
+        check_topology(rank, world_size, num_workers)
+        if not 0.0 <= caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
+        if seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
+        self.transform = transform
+        self.caption_dropout = caption_dropout
+        self.seed = seed
+        self.rank = rank
+        self.num_workers = num_workers
+        self.num_roles = count_roles(world_size, num_workers)
+        self._positions: dict[int, list] = {}
+        self._role_offset = 0
 
     def __iter__(self) -> Iterator[dict]:
         return self.iter_role(current_role(self.rank, self.num_workers, self._role_offset))
