@@ -176,9 +176,9 @@ def labelled_grid(
     when every prompt shares it, "#c" when prompts have distinct seeds)."""
     prompts = sorted({(g.prompt_index, g.prompt) for g in generations})
     row = {index: r for r, (index, _) in enumerate(prompts)}
-    seeds_of = {
-        c: {g.seed for g in generations if g.column == c} for c in {g.column for g in generations}
-    }
+    seeds_of: dict[int, set[int]] = {}
+    for g in generations:
+        seeds_of.setdefault(g.column, set()).add(g.seed)
     header = 16
     grid = Image.new(
         "RGB", (label_width + cell * len(seeds_of), header + cell * len(prompts)), "white"

@@ -49,7 +49,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
-# Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds).
+# Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds);
+# scripts/setup.sh greps stats.json for this number: bump it there too.
 DATA_VERSION = 2
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
@@ -157,8 +158,9 @@ def build_toy_prefs(
     images = labelled_generations(
         pipe, train_prompts + heldout_prompts, images_per_prompt, settings, rule
     )
-    train_images = [i for i in images if i["caption"] in set(train_prompts)]
-    heldout_images = [i for i in images if i["caption"] in set(heldout_prompts)]
+    heldout = set(heldout_prompts)
+    train_images = [i for i in images if i["caption"] not in heldout]
+    heldout_images = [i for i in images if i["caption"] in heldout]
     train_rows = preference_pairs(train_images, pairs_per_prompt, seed)
     heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1)
     stats = {
