@@ -26,6 +26,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from distributed import fp32_state_dict
 from models.lora import FullUNetIO, LoraIO
 
 logger = logging.getLogger(__name__)
@@ -62,15 +63,27 @@ class TrainerState:
 
 
 def full_model(accelerator: Accelerator, model: Any) -> Any:
-    """The model as a plain diffusers module holding all its weights, on the main process (None
-    elsewhere). Call it on EVERY process: under FSDP, gathering the shards is collective."""
+    """The model as a plain diffusers module holding all its weights in fp32, on the main
+    process (None elsewhere). Call it on EVERY process: under FSDP, gathering the shards is
+    collective, and under DeepSpeed so is assembling the fp32 master weights (the engine's
+    module holds half-precision copies when training in fp16/bf16)."""
     unwrapped = accelerator.unwrap_model(model)
-    if accelerator.distributed_type != DistributedType.FSDP:
+    if accelerator.distributed_type == DistributedType.FSDP:
+        state = accelerator.get_state_dict(model)  # full state dict on rank 0 (FULL_STATE_DICT)
+    elif accelerator.distributed_type == DistributedType.DEEPSPEED:
+        state = fp32_state_dict(accelerator, model)
+    else:
         return unwrapped if accelerator.is_main_process else None
-    state = accelerator.get_state_dict(model)  # full state dict on rank 0 (FULL_STATE_DICT)
     if not accelerator.is_main_process:
         return None
-    full = type(unwrapped).from_config(unwrapped.config)
+    return rebuilt(unwrapped, state)
+
+
+def rebuilt(module: Any, state: dict[str, Any]) -> Any:
+    """A fresh CPU copy of ``module`` (same config, same LoRA adapters if any) holding ``state``."""
+    full = type(module).from_config(module.config)
+    for name, adapter in getattr(module, "peft_config", {}).items():
+        full.add_adapter(adapter, adapter_name=name)
     full.load_state_dict(state)
     return full
 

@@ -22,6 +22,7 @@ import checkpointing
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors, first_group_index
+from distributed import configure_backend, deepspeed_step_outcome
 from losses import build_loss, get_spec
 from models import Components, load_components
 from models.speed import allow_tf32
@@ -59,11 +60,16 @@ def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float
 
 def gradient_norm(accelerator: Accelerator, policy: torch.nn.Module, max_norm: float) -> float:
     """Total gradient norm after synchronisation (same on every rank), clipping to ``max_norm``
-    when it is > 0; NaN/inf when any gradient is non-finite. DeepSpeed clips (its
-    ``gradient_clipping``) and handles overflow inside its engine step, and only reports the
-    previous step's norm, so 0 stands in there."""
+    when it is > 0; NaN/inf when any gradient is non-finite. Under DeepSpeed the engine has
+    already clipped (its ``gradient_clipping`` = ``--max_grad_norm``) and stepped inside
+    ``accelerator.backward``; the norm it measured is read back, and NaN stands for a step the
+    engine skipped (overflow or non-finite norm), so the loop counts it as non-finite."""
     if accelerator.distributed_type == DistributedType.DEEPSPEED:
-        return 0.0
+        outcome = deepspeed_step_outcome(policy)
+        if not outcome.applied:
+            return math.nan
+        # None only where the DeepSpeed config turns zero_optimization.compute_grad_norm off.
+        return 0.0 if outcome.grad_norm is None else outcome.grad_norm
     norm = accelerator.clip_grad_norm_(policy.parameters(), max_norm if max_norm > 0 else math.inf)
     return float(norm)
 
@@ -120,6 +126,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
     )
+    configure_backend(accelerator, config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
@@ -132,10 +139,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
     models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device)
     loss_fn = build_loss(config.loss, config.to_dict())
     optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
+    # Counted before prepare: FSDP replaces the parameters by this rank's shards.
+    trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
     policy, optimizer = accelerator.prepare(models.policy, optimizer)
-    deepspeed = accelerator.state.deepspeed_plugin
-    if deepspeed is not None:  # we step our own DataLoader, so DeepSpeed cannot read it from one
-        deepspeed.deepspeed_config["train_micro_batch_size_per_gpu"] = config.train_batch_size
     accelerator.register_for_checkpointing(lr_scheduler)
     checkpointing.register_unet_hooks(accelerator, models.policy_io)
 
@@ -151,7 +157,6 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
-    trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
     log_startup(config, accelerator, dataset_size(dataset), trainable)
 
     group_size = 2 if spec.pairwise else 1

@@ -49,6 +49,27 @@ def load_unet(
     )
 
 
+# Layers that autocast runs in fp32 with the module's own weights (torch's fp32 op list).
+FP32_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast an fp32-loaded frozen reference to ``dtype``, except its normalisation weights.
+
+    Under autocast, convolutions and matmuls cast the fp32 policy's weights to the compute
+    dtype (the same rounding a half-precision reference's stored weights have), but group and
+    layer norms run with each model's own weights: the policy's exact fp32 ones against the
+    reference's rounded ones, enough to move the step-0 DPO margin off zero at beta 5000.
+    Keeping the reference's norms at their fp32 values makes the two models compute the same
+    thing at step 0 (loss exactly log 2) in fp16 and bf16, for a few KB of memory."""
+    norms = [m for m in unet.modules() if isinstance(m, FP32_NORMS)]
+    kept = [[p.detach().clone() for p in m.parameters()] for m in norms]
+    unet.to(dtype)
+    for module, params in zip(norms, kept, strict=True):
+        for param, value in zip(module.parameters(), params, strict=True):
+            param.data = value
+
+
 def vae_source(config: TrainConfig) -> tuple[str, dict]:
     """(path, from_pretrained kwargs) of the VAE: --pretrained_vae, else the model's vae/."""
     if config.pretrained_vae:
@@ -102,7 +123,9 @@ def load_components(
     if needs_reference and lora:
         reference = AdaptersDisabled(policy)
     elif needs_reference:
-        reference = load_unet(config.reference_model or source, config, weight_dtype)
+        # Loaded in fp32, then cast: the norms must keep the checkpoint's exact values.
+        reference = load_unet(config.reference_model or source, config)
+        to_dtype_keeping_norms_fp32(reference, weight_dtype)
         reference.requires_grad_(False).eval().to(device)
         apply_attention(reference, config.attention)
         if config.torch_compile:

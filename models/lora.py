@@ -95,8 +95,13 @@ class LoraIO:
 
     def save(self, unet: UNet2DConditionModel, directory: Path) -> None:
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        # The adapter's config (rank, lora_alpha, targets) goes into the safetensors metadata:
+        # without it load_lora_weights assumes alpha = rank, a weaker adapter when alpha != rank.
         self.family.pipeline_class.save_lora_weights(
-            directory, unet_lora_layers=layers, weight_name=LORA_WEIGHTS
+            directory,
+            unet_lora_layers=layers,
+            weight_name=LORA_WEIGHTS,
+            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
         )
         save_file({k: v.contiguous() for k, v in trainable_state(unet).items()},
                   str(directory / TRAINABLE_STATE))  # fmt: skip

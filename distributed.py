@@ -1,0 +1,113 @@
+"""What differs between plain DDP, DeepSpeed and FSDP, kept out of the training loop.
+
+- ``configure_backend``: before ``accelerator.prepare``, make train.py's flags the ones that hold
+  (accumulation, clipping, micro-batch size) whatever ``accelerate launch`` exported, and refuse
+  combinations that cannot work (LoRA under FSDP).
+- ``deepspeed_step_outcome``: under DeepSpeed the engine steps inside ``accelerator.backward``;
+  its own signals say whether that step was applied and what the gradient norm was.
+- ``fp32_state_dict``: the trainable weights as fp32 masters (ZeRO keeps them in its optimizer;
+  the module it runs holds half-precision copies).
+"""
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+from config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+class LaunchConfigError(ValueError):
+    """The launcher's settings and train.py's flags cannot both hold."""
+
+
+def configure_deepspeed(plugin: DeepSpeedPlugin, config: TrainConfig, num_processes: int) -> None:
+    """Write train.py's batch, accumulation and clipping values into the DeepSpeed config.
+
+    train.py steps its own DataLoader, so accelerate cannot infer the micro-batch size from one
+    passed to ``prepare`` (it raises when the config says "auto"); a value in the yaml that
+    differs from the flag would silently change what an optimizer step is, so the flag wins
+    and the change is announced."""
+    ds = plugin.deepspeed_config
+    wanted = {
+        "gradient_accumulation_steps": config.gradient_accumulation_steps,
+        # DeepSpeed clips inside its engine step; 0 disables clipping there as here.
+        "gradient_clipping": float(config.max_grad_norm),
+    }
+    for key, value in wanted.items():
+        given = ds.get(key, "auto")
+        if given != "auto" and float(given) != float(value):
+            logger.warning(
+                "DeepSpeed config has %s=%s; train.py's --%s=%s holds (written into the config)",
+                key,
+                given,
+                "max_grad_norm" if key == "gradient_clipping" else key,
+                value,
+            )
+        ds[key] = value
+    ds["train_micro_batch_size_per_gpu"] = config.train_batch_size
+    ds["train_batch_size"] = (
+        config.train_batch_size * config.gradient_accumulation_steps * num_processes
+    )
+    plugin.gradient_accumulation_steps = config.gradient_accumulation_steps
+    plugin.gradient_clipping = float(config.max_grad_norm)
+
+
+def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Call right after building the Accelerator, before ``prepare``."""
+    backend = accelerator.distributed_type
+    if backend == DistributedType.FSDP and config.lora_rank:
+        raise LaunchConfigError(
+            "--lora_rank is not supported under FSDP (the gathered export would lose the "
+            "adapters): launch LoRA with configs/multi_gpu.yaml (DDP) or DeepSpeed"
+        )
+    # `accelerate launch` exports ACCELERATE_GRADIENT_ACCUMULATION_STEPS (from its flag or the
+    # yaml), which overrides the Accelerator's argument; the loop counts micro-batches with
+    # config.gradient_accumulation_steps, so that value must be accelerate's too.
+    if accelerator.gradient_accumulation_steps != config.gradient_accumulation_steps:
+        logger.warning(
+            "the launcher set gradient accumulation to %d; train.py's "
+            "--gradient_accumulation_steps=%d holds",
+            accelerator.gradient_accumulation_steps,
+            config.gradient_accumulation_steps,
+        )
+        accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
+    plugin = accelerator.state.deepspeed_plugin
+    if plugin is not None:
+        configure_deepspeed(plugin, config, accelerator.num_processes)
+
+
+@dataclass
+class StepOutcome:
+    grad_norm: float | None  # total norm before clipping; None when the config disables it
+    applied: bool  # whether the optimizer changed the weights
+
+
+def deepspeed_step_outcome(engine: Any) -> StepOutcome:
+    """After the engine's step at an accumulation boundary: was it applied (DeepSpeed skips a
+    step whose gradients overflow or whose norm is not finite) and the norm it measured."""
+    norm = engine.get_global_grad_norm()
+    norm = None if norm is None else float(norm)
+    return StepOutcome(grad_norm=norm, applied=bool(engine.was_step_applied()))
+
+
+def fp32_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torch.Tensor] | None:
+    """All weights of ``model`` with the trainable ones taken from DeepSpeed's fp32 masters,
+    on the CPU, on the main process (None elsewhere). Collective: call on every process (ZeRO
+    assembles each master from its partitions)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = accelerator.unwrap_model(model)
+    state = {}
+    for name, param in module.named_parameters():
+        master = safe_get_full_fp32_param(param) if param.requires_grad else None
+        value = master if master is not None else param.detach()
+        state[name] = value.float().cpu()
+    for name, buffer in module.named_buffers():
+        state[name] = buffer.detach().cpu()
+    return state if accelerator.is_main_process else None
