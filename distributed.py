@@ -58,14 +58,18 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, config: TrainConfig, num_proces
     plugin.gradient_clipping = float(config.max_grad_norm)
 
 
-def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
-    """Call right after building the Accelerator, before ``prepare``."""
-    backend = accelerator.distributed_type
+def check_backend(backend: DistributedType, config: TrainConfig) -> None:
+    """Refuse what the launch backend cannot do, before any model loads."""
     if backend == DistributedType.FSDP and config.lora_rank:
         raise LaunchConfigError(
-            "--lora_rank is not supported under FSDP (the gathered export would lose the "
-            "adapters): launch LoRA with configs/multi_gpu.yaml (DDP) or DeepSpeed"
+            "--lora_rank is not supported under FSDP (its sharded parameters and the adapters' "
+            "frozen base do not mix): launch LoRA with configs/multi_gpu.yaml (DDP) or DeepSpeed"
         )
+
+
+def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
+    """Call right after building the Accelerator, before ``prepare``."""
+    check_backend(accelerator.distributed_type, config)
     # `accelerate launch` exports ACCELERATE_GRADIENT_ACCUMULATION_STEPS (from its flag or the
     # yaml), which overrides the Accelerator's argument; the loop counts micro-batches with
     # config.gradient_accumulation_steps, so that value must be accelerate's too.

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from accelerate.utils import DeepSpeedPlugin
+from accelerate.utils import DeepSpeedPlugin, DistributedType
 from diffusers import UNet2DConditionModel
 
 from config import TrainConfig
-from distributed import configure_deepspeed
+from distributed import LaunchConfigError, check_backend, configure_deepspeed
 from models import load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
@@ -103,3 +103,30 @@ def test_launcher_accumulation_does_not_override_the_flag(
     for (name, a), b in zip(plain.models.policy.named_parameters(),
                             launched.models.policy.parameters(), strict=True):  # fmt: skip
         assert torch.equal(a, b), name
+
+
+def test_lora_under_fsdp_is_refused_at_startup():
+    with pytest.raises(LaunchConfigError, match="--lora_rank is not supported under FSDP"):
+        check_backend(DistributedType.FSDP, TrainConfig(lora_rank=4))
+    check_backend(DistributedType.FSDP, TrainConfig())  # full fine-tuning is fine
+    check_backend(DistributedType.DEEPSPEED, TrainConfig(lora_rank=4))
+
+
+def test_exported_lora_keeps_alpha(tiny_sd15_dir, toy_data_dir, tmp_path):
+    """rank 4, alpha 16: scale 4. diffusers' load_lora_weights must restore the alpha from the
+    file, or the loaded adapter is 4x weaker than the trained one."""
+    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", "--lora_rank", "4",
+                 "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_train_steps", "1")  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    noisy = torch.randn(2, 4, 8, 8, generator=generator)
+    hidden = torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([10, 700])
+    pipe = load_pipeline(tiny_sd15_dir)
+    pipe.load_lora_weights(str(result.unet_dir))
+    policy = result.models.policy.eval()
+    with torch.no_grad():
+        trained = policy(noisy, t, encoder_hidden_states=hidden).sample
+        loaded = pipe.unet(noisy, t, encoder_hidden_states=hidden).sample
+        base = load_pipeline(tiny_sd15_dir).unet(noisy, t, encoder_hidden_states=hidden).sample
+    assert (trained - base).abs().max() > 1e-4  # the adapter matters
+    torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
