@@ -40,6 +40,8 @@ CAPTION_DROPOUT = 0.2
 # constant: (R, R, 0, 0, R, R) for every image, as the released Diffusion-DPO SDXL trainer did;
 # original: the image's true (H, W) before resizing and its crop (top, left), then (R, R).
 TIME_IDS_MODES = ("constant", "original")
+# What a dropped caption conditions on (models/family.py, ModelFamily.empty_prompt).
+EMPTY_PROMPT_MODES = ("encode", "zeros")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 
 LIBRARIES = (
@@ -120,6 +122,13 @@ class TrainConfig:
     random_crop: bool = arg(False, "random instead of centre crop (shared by a pair)")
     random_flip: bool = arg(True, "horizontal flip with p=0.5 (one coin per pair)")
     caption_dropout: float = arg(CAPTION_DROPOUT, "probability a caption is replaced by ''")
+    empty_prompt_embeddings: str = arg(
+        "encode",
+        "conditioning of a dropped caption: 'encode' the empty string (the released trainers) or "
+        "all-'zeros' hidden and pooled embeddings (what SDXL pipelines use for the unconditional "
+        "branch, force_zeros_for_empty_prompt)",
+        choices=list(EMPTY_PROMPT_MODES),
+    )
     row_groups_per_block: int = arg(1, "parquet row groups shuffled together")
     dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
 

@@ -44,7 +44,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATENT_PREFIX = "latents-"
 TEXT_PREFIX = "text-"
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: crops and resize rounding as torchvision computes them
 
 
 def image_key(image: Image.Image) -> str:

@@ -30,10 +30,18 @@ class TransformedImages:
 
 
 def resized_size(height: int, width: int, resolution: int) -> tuple[int, int]:
-    """(H, W) after scaling the shorter side to ``resolution``, keeping the aspect ratio."""
+    """(H, W) after scaling the shorter side to ``resolution``, keeping the aspect ratio.
+
+    The longer side is truncated, not rounded, as torchvision's ``Resize(int)`` (which the
+    released trainers use) computes it, so crops and cached latents match theirs pixel for pixel."""
     if height <= width:
-        return resolution, max(resolution, round(width * resolution / height))
-    return max(resolution, round(height * resolution / width)), resolution
+        return resolution, int(resolution * width / height)
+    return int(resolution * height / width), resolution
+
+
+def centre_offset(slack: int) -> int:
+    """torchvision's ``CenterCrop``: ``int(round(slack / 2))``, Python's round half to even."""
+    return round(slack / 2.0)
 
 
 class ImageTransform:
@@ -69,7 +77,7 @@ class ImageTransform:
         height, width = resized_size(height, width, res)
         slack_h, slack_w = height - res, width - res
         if self.center_crop:
-            return (height, width), (slack_h // 2, slack_w // 2)
+            return (height, width), (centre_offset(slack_h), centre_offset(slack_w))
         return (height, width), (round(u * slack_h), round(v * slack_w))
 
     def _one(

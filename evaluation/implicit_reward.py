@@ -18,6 +18,7 @@ import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
+from data.transforms import ImageTransform
 from diffusion import VaeEncoder, batch_errors
 from models.family import ModelFamily
 
@@ -38,8 +39,11 @@ def read_pairs(path: Path, resolution: int) -> tuple[torch.Tensor, list[str]]:
 
 
 def _pixels(jpeg: bytes, resolution: int) -> torch.Tensor:
-    image = Image.open(io.BytesIO(jpeg)).convert("RGB").resize((resolution, resolution))
-    return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1
+    """The training transform without its random parts: shorter side resized, centre crop, no
+    flip (a non-square image is cropped as in training, not squashed to a square)."""
+    transform = ImageTransform(resolution, center_crop=True, random_flip=False)
+    image = Image.open(io.BytesIO(jpeg))
+    return transform([image], np.random.default_rng(0)).pixels[0]
 
 
 @torch.no_grad()

@@ -29,6 +29,10 @@ class ModelFamily:
     text_encoders: list[PreTrainedModel]
     resolution: int = 512
     time_ids_mode: str = "constant"  # SDXL only: see config.TIME_IDS_MODES
+    # How a dropped ("") caption conditions the UNet: "encode" runs the text encoders on "" (both
+    # released trainers); "zeros" uses all-zero features, as StableDiffusionXLPipeline's
+    # unconditional branch does (force_zeros_for_empty_prompt). See config.EMPTY_PROMPT_MODES.
+    empty_prompt: str = "encode"
     # Replaces the encoders when set (a text cache): captions [B] -> the same features.
     text_source: Callable[[list[str]], TextFeatures] | None = None
 
@@ -88,6 +92,8 @@ class ModelFamily:
                 f"{len(captions)} captions"
             )
         text = self.text_features(captions)
+        if self.empty_prompt == "zeros":
+            text = zero_empty_captions(text, captions)
         repeated = {
             name: value.repeat(repeats, *[1] * (value.ndim - 1)) for name, value in text.items()
         }
@@ -153,6 +159,15 @@ class SDXLFamily(ModelFamily):
             "encoder_hidden_states": hidden,
             "added_cond_kwargs": {"text_embeds": text["text_embeds"], "time_ids": time_ids},
         }
+
+
+def zero_empty_captions(text: TextFeatures, captions: list[str]) -> TextFeatures:
+    """All-zero feature rows (hidden states and pooled embeddings) for the "" captions."""
+    keep = torch.tensor([c != "" for c in captions])
+    return {
+        name: value * keep.to(value.device, value.dtype).view(-1, *[1] * (value.ndim - 1))
+        for name, value in text.items()
+    }
 
 
 FAMILIES: tuple[type[ModelFamily], ...] = (SDXLFamily, ModelFamily)

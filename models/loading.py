@@ -98,7 +98,8 @@ def load_family(
             config.pretrained_model, subfolder=encoder_folder, dtype=dtype, **_hub_args(config)
         )
         encoders.append(encoder.requires_grad_(False).eval().to(device))
-    return family_cls(tokenizers, encoders, config.resolution, config.time_ids)
+    return family_cls(tokenizers, encoders, config.resolution, config.time_ids,
+                      empty_prompt=config.empty_prompt_embeddings)  # fmt: skip
 
 
 def load_components(
@@ -138,7 +139,8 @@ def load_components(
         path, kwargs = vae_source(config)
         where = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision")}
         latent_encoder = CachedLatentEncoder(AutoencoderKL.load_config(path, **where), device)
-        family = family_cls([], [], config.resolution, config.time_ids)
+        family = family_cls([], [], config.resolution, config.time_ids,
+                            empty_prompt=config.empty_prompt_embeddings)  # fmt: skip
         family.text_source = TextCache(config.cache, family_cls.text_feature_names, device)
     else:
         latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))

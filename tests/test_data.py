@@ -116,8 +116,29 @@ def test_transform_shape_range_and_sizes():
     assert out.pixels.shape == (2, 3, 16, 16) and out.pixels.dtype == torch.float32
     assert out.pixels.min() >= -1 and out.pixels.max() <= 1
     assert out.original_sizes == [(23, 37), (23, 37)]
-    # 23 x 37 -> 16 x round(37 * 16 / 23) = 16 x 26: only the width has slack
-    assert all(top == 0 and 0 <= left <= 10 for top, left in out.crop_top_lefts)
+    # 23 x 37 -> 16 x int(37 * 16 / 23) = 16 x 25: only the width has slack
+    assert all(top == 0 and 0 <= left <= 9 for top, left in out.crop_top_lefts)
+
+
+@pytest.mark.parametrize(
+    ("size", "resized", "corner"),
+    [
+        # torchvision: Resize(16): long side int(16 * 37 / 23) = int(25.74) = 25 (round: 26);
+        # CenterCrop(16): int(round(9 / 2)) = int(4.5 -> 4), round half to even.
+        ((23, 37), (16, 25), (0, 4)),
+        ((37, 23), (25, 16), (4, 0)),
+        # 16 x 19: slack 3 -> int(round(1.5)) = 2 (floor division would give 1).
+        ((16, 19), (16, 19), (0, 2)),
+        # 16 x 23: slack 7 -> round(3.5) = 4; 30 x 20 -> 24 x 16, slack 8 -> 4.
+        ((16, 23), (16, 23), (0, 4)),
+        ((30, 20), (24, 16), (4, 0)),
+    ],
+)
+def test_resize_and_centre_crop_round_as_torchvision(size, resized, corner):
+    transform = ImageTransform(16, random_flip=False)
+    assert transform.crop_corner(*size, False, 0.0, 0.0) == (resized, corner)
+    image = Image.new("RGB", (size[1], size[0]))
+    assert transform([image], np.random.default_rng(0)).crop_top_lefts == [corner]
 
 
 def test_center_crop_by_hand():

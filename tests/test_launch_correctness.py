@@ -11,9 +11,9 @@ import torch
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 from diffusers import UNet2DConditionModel
 
-from config import TrainConfig
+from config import TrainConfig, parse_config
 from distributed import LaunchConfigError, check_backend, configure_deepspeed
-from models import load_pipeline
+from models import load_components, load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
 
@@ -50,8 +50,9 @@ def test_bf16_step0_is_log2_with_nontrivial_norm_weights(
     assert first["loss"] == pytest.approx(LOG2, abs=1e-6)
 
 
-def test_reference_keeps_fp32_norms_and_half_precision_elsewhere(nontrivial_norms_dir,
-                                                                 toy_data_dir, tmp_path):  # fmt: skip
+def test_reference_keeps_fp32_norms_and_half_precision_elsewhere(
+    nontrivial_norms_dir, toy_data_dir, tmp_path
+):
     result = run(nontrivial_norms_dir, toy_data_dir, tmp_path / "out", "dpo",
                  "--max_train_steps", "1", "--mixed_precision", "bf16")  # fmt: skip
     reference = result.models.reference
@@ -115,8 +116,9 @@ def test_lora_under_fsdp_is_refused_at_startup():
 def test_exported_lora_keeps_alpha(tiny_sd15_dir, toy_data_dir, tmp_path):
     """rank 4, alpha 16: scale 4. diffusers' load_lora_weights must restore the alpha from the
     file, or the loaded adapter is 4x weaker than the trained one."""
-    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", "--lora_rank", "4",
-                 "--lora_alpha", "16", "--learning_rate", "1e-2", "--max_train_steps", "1")  # fmt: skip
+    lora = ("--lora_rank", "4", "--lora_alpha", "16", "--learning_rate", "1e-2")
+    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *lora,
+                 "--max_train_steps", "1")  # fmt: skip
     generator = torch.Generator().manual_seed(0)
     noisy = torch.randn(2, 4, 8, 8, generator=generator)
     hidden = torch.randn(2, 77, 32, generator=generator)
@@ -130,3 +132,47 @@ def test_exported_lora_keeps_alpha(tiny_sd15_dir, toy_data_dir, tmp_path):
         base = load_pipeline(tiny_sd15_dir).unet(noisy, t, encoder_hidden_states=hidden).sample
     assert (trained - base).abs().max() > 1e-4  # the adapter matters
     torch.testing.assert_close(loaded, trained, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["encode", "zeros"])
+def test_sdxl_dropped_caption_conditioning(tiny_sdxl_dir, mode):
+    config = parse_config(["--pretrained_model", str(tiny_sdxl_dir), "--resolution", "64",
+                           "--empty_prompt_embeddings", mode])  # fmt: skip
+    family = load_components(config, False, torch.float32, torch.device("cpu")).family
+    sizes = [(64, 64)] * 4
+    kwargs = family.condition(["a red circle", ""], sizes, sizes)  # a pair batch: k = 2
+    hidden = kwargs["encoder_hidden_states"]
+    pooled = kwargs["added_cond_kwargs"]["text_embeds"]
+    encoded = family.encode_text(["a red circle", ""])
+    for rows in ([0, 2], [1, 3]):  # chosen and rejected share their caption's features
+        assert torch.equal(hidden[rows[0]], hidden[rows[1]])
+    assert torch.equal(hidden[0], encoded["encoder_hidden_states"][0])  # captions unaffected
+    assert torch.equal(pooled[0], encoded["text_embeds"][0])
+    if mode == "zeros":  # StableDiffusionXLPipeline's unconditional branch
+        assert not hidden[1].any() and not pooled[1].any()
+    else:  # the released trainers: the encoders' features of ""
+        assert torch.equal(hidden[1], encoded["encoder_hidden_states"][1])
+        assert hidden[1].abs().sum() > 0 and pooled[1].abs().sum() > 0
+
+
+def test_implicit_reward_reads_images_with_the_training_transform(tmp_path):
+    """A 16 x 24 image at R = 16: the centre 16 x 16 crop as in training, not a squashed copy."""
+    import io
+
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from evaluation.implicit_reward import read_pairs
+
+    columns = (np.arange(24, dtype=np.uint8) * 10)[None, :, None]
+    image = Image.fromarray(np.tile(columns, (16, 1, 3)))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")  # lossless, so grey levels are exact
+    row = {"caption": "c", "jpg_0": buffer.getvalue(), "jpg_1": buffer.getvalue(),
+           "label_0": 1.0, "label_1": 0.0}  # fmt: skip
+    pd.DataFrame([row]).to_parquet(tmp_path / "pairs.parquet")
+    pixels, captions = read_pairs(tmp_path / "pairs.parquet", 16)
+    assert pixels.shape == (2, 3, 16, 16) and captions == ["c"]
+    expected = (torch.arange(4, 20, dtype=torch.float32) * 10) / 127.5 - 1  # columns 4..19
+    assert torch.equal(pixels[0, 0], expected.expand(16, 16))
