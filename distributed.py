@@ -54,6 +54,10 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, config: TrainConfig, num_proces
     ds["train_batch_size"] = (
         config.train_batch_size * config.gradient_accumulation_steps * num_processes
     )
+    if config.optimizer != "adamw":
+        # ZeRO refuses optimizers it has not tested (8-bit AdamW, Adafactor) unless told; both
+        # step ZeRO's flat fp32 partitions like any other parameters.
+        ds.setdefault("zero_allow_untested_optimizer", True)
     plugin.gradient_accumulation_steps = config.gradient_accumulation_steps
     plugin.gradient_clipping = float(config.max_grad_norm)
 

@@ -12,12 +12,19 @@ Modes:
   the reference = the same UNet with adapters disabled. ``--cache on`` replaces the VAE and
   text encoders by precomputed posterior moments and text features (random tensors of the
   cache's shapes; the VAE and text encoders are never built).
+
+Options for the device check (``bench/device_check.py``): ``--precision fp16`` (autocast with
+torch's grad scaler), ``--optimizer`` (adamw, adamw8bit, adafactor), ``--compile`` (inductor on
+policy and reference), ``--randomise_norms`` (norm weights like a real checkpoint's, so the
+step-0 loss shows whether policy and reference agree in half precision). The JSON line carries
+``step0_loss``: the DPO loss of the first step, before any update (log 2 when they agree).
 """
 
 import argparse
 import contextlib
 import copy
 import json
+import math
 import resource
 import time
 from collections.abc import Callable
@@ -34,9 +41,12 @@ from diffusion import VaeEncoder, batch_errors
 from losses import build_loss
 from losses.dpo import DPO_BETA
 from models.family import family_for
+from models.loading import FP32_NORMS, to_dtype_keeping_norms_fp32
 from models.lora import DEFAULT_LORA_TARGETS, AdaptersDisabled, add_lora
+from models.speed import compile_unet
 from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed, 8k"
 
 
@@ -68,20 +78,40 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+@torch.no_grad()
+def randomise_norms(unet: torch.nn.Module, seed: int = 0) -> None:
+    """Norm weights around 1 and biases around 0, as a trained checkpoint has (a fresh model's
+    exact 1 and 0 survive any rounding, hiding precision mismatches)."""
+    generator = torch.Generator().manual_seed(seed)
+    for module in unet.modules():
+        if isinstance(module, FP32_NORMS) and module.weight is not None:
+            shape = module.weight.shape
+            module.weight.copy_(1 + 0.3 * torch.randn(shape, generator=generator))
+            module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+
+
 def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
     cached = args.cache == "on"
     model = build_random_model(args.size, with_vae_and_text=not cached)
     policy = model.unet
+    if args.randomise_norms:
+        randomise_norms(policy)
     if args.mode == "lora":
         policy.to(device, dtype)
         add_lora(policy, args.lora_rank, args.lora_rank, DEFAULT_LORA_TARGETS)
         reference = AdaptersDisabled(policy)
     else:
         policy.to(device).requires_grad_(True)
-        reference = copy.deepcopy(policy).to(dtype).requires_grad_(False).eval()
+        reference = copy.deepcopy(policy)  # as models.loading builds it: norms stay fp32
+        to_dtype_keeping_norms_fp32(reference, dtype)
+        reference.requires_grad_(False).eval()
     policy.train()
     if args.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
+    if args.compile:
+        compile_unet(policy, "inductor")
+        if args.mode != "lora":
+            compile_unet(reference, "inductor")
     family_cls = family_for(policy.config)
     pairs, latent = args.pairs, args.resolution // 8
     captions = [CAPTION] * pairs
@@ -100,12 +130,14 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
         family = family_cls(tokenizers(len(encoders)), encoders, args.resolution, "constant")
         images = torch.rand(2 * pairs, 3, args.resolution, args.resolution) * 2 - 1
     trainable = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = make_optimizer(TrainConfig(learning_rate=1e-6), trainable)
+    optimizer = make_optimizer(TrainConfig(learning_rate=1e-6, optimizer=args.optimizer), trainable)
+    # fp16 needs loss scaling (its range is too narrow for small gradients); bf16 does not.
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
     loss_fn = build_loss("dpo", TrainConfig().to_dict())
     sizes = [(args.resolution, args.resolution)] * (2 * pairs)
     counter = iter(range(10**9))
 
-    def step() -> None:
+    def step() -> float:
         condition = family.condition(captions, sizes, sizes)
         policy_err, ref_err = batch_errors(
             policy, reference, encoder, model.scheduler, condition, images.to(device), 2,
@@ -113,10 +145,18 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
             autocast=lambda: autocast(device, dtype),
         )  # fmt: skip
         loss, _ = loss_fn(policy_err, ref_err)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            scaler.step(optimizer)
+            scaler.update()
         optimizer.zero_grad(set_to_none=True)
+        return loss.item()  # the trainer logs every step's loss, so it syncs there too
 
     return step, sum(p.numel() for p in trainable)
 
@@ -182,6 +222,7 @@ def baseline_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Calla
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         optimizer.step()
         optimizer.zero_grad()
+        return loss.item()
 
     return step, sum(p.numel() for p in unet.parameters())
 
@@ -201,25 +242,28 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=1, help="pairs per step")
     parser.add_argument("--steps", type=int, default=2, help="timed steps")
     parser.add_argument("--warmup", type=int, default=1, help="untimed steps first")
-    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--precision", choices=list(PRECISIONS), default="fp32")
     parser.add_argument("--lora_rank", type=int, default=8)
     parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--optimizer", choices=["adamw", "adamw8bit", "adafactor"],
+                        default="adamw")  # fmt: skip
+    parser.add_argument("--compile", action="store_true", help="torch.compile (inductor)")
+    parser.add_argument("--randomise_norms", action="store_true")
     parser.add_argument("--flops", action="store_true", help="count FLOPs (one extra step)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
+    dtype = PRECISIONS[args.precision]
     torch.manual_seed(0)
     build = baseline_step if args.mode == "baseline" else our_step
     step, trainable = build(args, device, dtype)
-    for _ in range(args.warmup):
-        step()
+    losses = [step() for _ in range(args.warmup)]
     sync(device)
     start = time.perf_counter()
     for _ in range(args.steps):
-        step()
+        losses.append(step())
     sync(device)
     seconds = (time.perf_counter() - start) / args.steps
     result = {
@@ -230,6 +274,8 @@ def main() -> None:
         "seconds_per_pair": seconds / args.pairs,
         "pairs_per_second": args.pairs / seconds,
         "peak_memory_gib": peak_memory_gib(device),
+        "step0_loss": losses[0],
+        "finite": all(map(math.isfinite, losses)),
     }
     if args.flops:
         from torch.utils.flop_counter import FlopCounterMode

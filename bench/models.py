@@ -85,20 +85,20 @@ def build_random_model(size: str, with_vae_and_text: bool = True) -> RandomModel
     never builds them)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}")
-    unet = build_unet(size)
-    vae, encoders = None, []
-    if with_vae_and_text:
-        if size == "tiny":
-            vae, encoders = tiny_vae("sd15"), [tiny_text_encoder(with_projection=False)]
-        elif size == "sd15":
-            vae, encoders = _kl_vae(0.18215, 512), [_clip(768, 12, 12, "quick_gelu", False)]
-        else:
-            vae = _kl_vae(0.13025, 1024)
-            encoders = [
-                _clip(768, 12, 12, "quick_gelu", False),
-                _clip(1280, 32, 20, "gelu", True),
-            ]
+    # Random init on the GPU when there is one: seconds for SDXL instead of a minute on the CPU.
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        unet = build_unet(size)
+        vae, encoders = _vae_and_text(size) if with_vae_and_text else (None, [])
     return RandomModel(unet, vae, encoders, training_scheduler("epsilon"))
+
+
+def _vae_and_text(size: str) -> tuple[AutoencoderKL, list[torch.nn.Module]]:
+    if size == "tiny":
+        return tiny_vae("sd15"), [tiny_text_encoder(with_projection=False)]
+    clip_l = _clip(768, 12, 12, "quick_gelu", False)
+    if size == "sd15":
+        return _kl_vae(0.18215, 512), [clip_l]
+    return _kl_vae(0.13025, 1024), [clip_l, _clip(1280, 32, 20, "gelu", True)]
 
 
 def vae_config(size: str) -> dict:
