@@ -90,6 +90,12 @@ def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
         configure_deepspeed(plugin, config, accelerator.num_processes)
 
 
+def runs_under_autocast(accelerator: Accelerator) -> bool:
+    """False under DeepSpeed: its engine holds the model in the compute dtype and accelerate
+    turns autocast off, so the frozen reference must be cast the same way (norms included)."""
+    return accelerator.distributed_type != DistributedType.DEEPSPEED
+
+
 @dataclass
 class StepOutcome:
     grad_norm: float | None  # total norm before clipping; None when the config disables it

@@ -22,7 +22,7 @@ import checkpointing
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors, first_group_index
-from distributed import configure_backend, deepspeed_step_outcome
+from distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
 from losses import build_loss, get_spec
 from models import Components, load_components
 from models.speed import allow_tf32
@@ -136,7 +136,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
     dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
-    models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device)
+    models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device,
+                             autocast=runs_under_autocast(accelerator))  # fmt: skip
     loss_fn = build_loss(config.loss, config.to_dict())
     optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
     # Counted before prepare: FSDP replaces the parameters by this rank's shards.

@@ -103,8 +103,15 @@ def load_family(
 
 
 def load_components(
-    config: TrainConfig, needs_reference: bool, weight_dtype: torch.dtype, device: torch.device
+    config: TrainConfig,
+    needs_reference: bool,
+    weight_dtype: torch.dtype,
+    device: torch.device,
+    autocast: bool = True,
 ) -> Components:
+    """``autocast``: whether the UNets will run under autocast (train.py: everywhere but
+    DeepSpeed, whose engine casts the policy itself to the compute dtype and runs it without
+    autocast; the reference must then be cast whole, norms included, to compute the same)."""
     source = config.pretrained_model
     lora = config.lora_rank > 0
     # With LoRA the base weights are frozen: stored in the compute dtype like the reference.
@@ -126,7 +133,10 @@ def load_components(
     elif needs_reference:
         # Loaded in fp32, then cast: the norms must keep the checkpoint's exact values.
         reference = load_unet(config.reference_model or source, config)
-        to_dtype_keeping_norms_fp32(reference, weight_dtype)
+        if autocast:
+            to_dtype_keeping_norms_fp32(reference, weight_dtype)
+        else:
+            reference.to(weight_dtype)
         reference.requires_grad_(False).eval().to(device)
         apply_attention(reference, config.attention)
         if config.torch_compile:
