@@ -45,7 +45,11 @@ STEP0_TOLERANCE = 1e-4  # the issue's bar: |step-0 loss - log 2| < 1e-4
 SDXL_FULL_TARGET_GIB = 80
 SDXL_LORA_TARGET_GIB = 24
 MIN_CASE_SECONDS = 20  # a case is not started with less than this left of --budget
-SCOPE = {True: "tiny model for every case", False: "real SD1.5 / SDXL configs, random init"}
+SCOPE = {
+    True: "tiny SD1.5-shaped model at 64 px for every case (names are the GPU cases they stand "
+    "in for; memory targets mean nothing here)",
+    False: "real SD1.5 / SDXL configs, random init",
+}
 
 
 @dataclass
