@@ -279,3 +279,10 @@ def test_two_processes_validate_on_the_main_process(
         "step-0.png",
         "step-2.png",
     ]
+
+
+def test_validation_scheduler_choices_are_generate_pys():
+    import dataclasses
+
+    (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "validation_scheduler"]
+    assert sorted(field.metadata["choices"]) == sorted(generate.SCHEDULERS)
