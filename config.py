@@ -235,7 +235,7 @@ class TrainConfig:
             problems.append(
                 "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
             )
-        from hub import hub_problems  # imported here: both import modules that import config
+        from hub import hub_problems  # imported here: validation.py imports models -> config
         from validation import validation_problems
 
         problems += validation_problems(self) + hub_problems(self)
