@@ -286,3 +286,14 @@ def test_validation_scheduler_choices_are_generate_pys():
 
     (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "validation_scheduler"]
     assert sorted(field.metadata["choices"]) == sorted(generate.SCHEDULERS)
+
+
+def test_grids_reach_wandb(tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    val = ("--validation_prompt", PROMPTS[0], "--validation_images", "1",
+           "--validation_inference_steps", "2", "--max_train_steps", "1")  # fmt: skip
+    run(*argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *val, "--report_to", "wandb"))
+    reset_accelerate()
+    images = list((tmp_path / "wandb").glob("offline-run-*/files/media/images/validation_*.png"))
+    assert len(images) == 2  # steps 0 and 1
