@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import signal
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -195,8 +196,10 @@ def save_checkpoint(
     state: TrainerState,
     provenance: dict[str, Any],
     total_limit: int | None,
+    write_extra: Callable[[Path], None] | None = None,
 ) -> Path:
-    """Write checkpoint-<step> atomically, then drop the oldest beyond ``total_limit``."""
+    """Write checkpoint-<step> atomically, then drop the oldest beyond ``total_limit``;
+    ``write_extra(directory)`` adds files (the model card) before the manifest seals it."""
     final = output_dir / f"{CHECKPOINT_PREFIX}{state.global_step}"
     tmp = output_dir / f"{final.name}{TMP_SUFFIX}"
     if accelerator.is_main_process and tmp.exists():
@@ -208,6 +211,8 @@ def save_checkpoint(
         state.save(tmp)
         _maybe_kill_during_save(state.global_step)
         (tmp / CONFIG_FILE).write_text(json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        if write_extra is not None:
+            write_extra(tmp)
         write_manifest(tmp)
         old = output_dir / f"{final.name}.old"
         if final.exists():  # moved aside, not deleted, until the new one is in place

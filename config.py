@@ -180,6 +180,28 @@ class TrainConfig:
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
     tracker_project: str = arg("prefdiff", "tracker project name")
 
+    # Validation during training (validation.py) and sharing (model_card.py, hub.py)
+    validation_prompts: str | None = arg(None, "file of validation prompts, one per line")
+    validation_prompt: list[str] = field(  # repeat=True: one flag per value
+        default_factory=list,
+        metadata={"help": "a validation prompt (repeatable, after the file's)", "repeat": True},
+    )
+    validation_steps: int = arg(100, "validate at step 0, every N optimizer steps and at the end")
+    validation_images: int = arg(2, "images per validation prompt, each from its own fixed seed")
+    validation_inference_steps: int = arg(20, "sampler steps of the validation pipeline")
+    validation_guidance_scale: float = arg(1.0, "CFG scale of validation images (<= 1: off)")
+    validation_scheduler: str = arg(
+        "ddim", "validation sampler", choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"]
+    )
+    validation_scorer: str | None = arg(
+        None, "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
+    )
+    model_card_datasets: str | None = arg(
+        None, "comma-separated hub dataset ids for the model card (default: --data if a hub name)"
+    )
+    push_to_hub: bool = arg(False, "upload the export and its model card to --hub_model_id")
+    hub_model_id: str | None = arg(None, "hub repository (owner/name) that --push_to_hub writes")
+
     def validate(self) -> None:
         """Fail at start-up, not hours in."""
         spec = get_spec(self.loss)
@@ -222,6 +244,10 @@ class TrainConfig:
             problems.append(
                 "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
             )
+        from hub import hub_problems  # imported here: validation.py imports models -> config
+        from validation import validation_problems
+
+        problems += validation_problems(self) + hub_problems(self)
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -260,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
+        if f.metadata.get("repeat"):
+            parser.add_argument(f"--{f.name}", action="append", default=[], help=f.metadata["help"])
+            continue
         scalar = _field_type(f.type)
         optional = scalar is not f.type
         parse = _parse_bool if scalar is bool else scalar

@@ -158,9 +158,10 @@ def batch_errors(
     first_group: int,
     seed: int,
     autocast: Callable[[], AbstractContextManager],
-) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return_timesteps: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """images [N = group_size * G, ...] (pixels, or cached moments) -> (policy_err [N] with
-    grad, ref_err [N] or None).
+    grad, ref_err [N] or None), and the timesteps [N] with ``return_timesteps`` (health metrics).
 
     Policy and reference see the same noisy latents, timesteps and conditioning and run under
     the same autocast, so their errors are equal (margin 0) while the weights are equal."""
@@ -183,4 +184,6 @@ def batch_errors(
         if reference is not None:
             with torch.no_grad():
                 ref_err = denoising_errors(reference, noisy, timesteps, condition, target)
+    if return_timesteps:
+        return policy_err, ref_err, timesteps
     return policy_err, ref_err

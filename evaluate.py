@@ -8,29 +8,50 @@
     python evaluate.py --model assets/toy-sd15 --generate base --generate dpo=outputs/dpo \
         --prompts assets/toy_prompts_heldout.txt --num_seeds 8 --out outputs/eval
 
+    # a standard suite with a written-down protocol (evaluation/suites.py)
+    python evaluate.py --suite hpsv2 --protocol sd15 --model runwayml/stable-diffusion-v1-5 \
+        --generate base --generate dpo=outputs/sd15_dpo --scorer hpsv2=/models/hpsv2 --out OUT
+
 Writes OUT/scores.csv (one row per image, one column per scorer), OUT/summary.md (mean and 95%
-interval per model and scorer; win rates of every model against the baseline, the first run
-unless --baseline) and OUT/summary.png (the same as bar charts).
+interval per model and scorer, per style for suites with styles; win rates of every model
+against the baseline, the first run unless --baseline; the protocol; published reference rows,
+marked as not measured here), OUT/protocol.json and OUT/summary.png (bar charts).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 from collections.abc import Sequence
+from importlib import metadata
 from pathlib import Path
 
 import pandas as pd
+import torch
 from PIL import Image
 
+from evaluation.references import references_for
 from evaluation.scorers import SCORERS, Scorer, build_scorer
 from evaluation.stats import WinRate, summary, win_rate
+from evaluation.suites import PROTOCOLS, SUITES, load_suite
 
 logger = logging.getLogger(__name__)
 
 SCORES_CSV = "scores.csv"
 SUMMARY_MD = "summary.md"
 SUMMARY_PNG = "summary.png"
+PROTOCOL_JSON = "protocol.json"
+# Generation flags whose default comes from --protocol (an explicit flag wins).
+PROTOCOL_FLAGS = {
+    "scheduler": "scheduler",
+    "steps": "steps",
+    "guidance_scale": "guidance_scale",
+    "resolution": "resolution",
+    "num_seeds": "images_per_prompt",
+    "dtype": "dtype",
+}
 
 
 def read_generations(name: str, folder: Path) -> pd.DataFrame:
@@ -159,27 +180,58 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--baseline", default=None, help="run the others are compared with")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
-    parser.add_argument("--device", default="cpu", help="device for the scorer models")
+    parser.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="device for generation and the scorer models",
+    )
     gen = parser.add_argument_group("generation (with --generate)")
     gen.add_argument("--model", default="assets/toy-sd15", help="base model dir or hub name")
     gen.add_argument("--prompts", default=None, help="file with one prompt per line")
-    gen.add_argument("--num_seeds", type=int, default=8, help="images per prompt (seeds 0..k-1)")
+    gen.add_argument("--suite", choices=sorted(SUITES), default=None, help="a shipped prompt suite")
+    gen.add_argument("--limit", type=int, default=None, help="first N prompts (of each style)")
+    gen.add_argument(
+        "--protocol",
+        choices=sorted(PROTOCOLS),
+        default="toy",
+        help="preset for the flags below (explicit flags override; all recorded in the summary)",
+    )
+    gen.add_argument("--num_seeds", type=int, default=None, help="images per prompt (seeds 0..k-1)")
     gen.add_argument(
         "--distinct_seeds",
         action="store_true",
         help="no two prompts share a seed (generate.py): independent images for the intervals",
     )
-    gen.add_argument("--scheduler", default="ddim", help="sampler (see generate.py)")
-    gen.add_argument("--steps", type=int, default=20, help="inference steps")
-    gen.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
+    gen.add_argument("--scheduler", default=None, help="sampler (see generate.py)")
+    gen.add_argument("--steps", type=int, default=None, help="inference steps")
+    gen.add_argument("--guidance_scale", type=float, default=None, help="CFG scale (<=1: off)")
     gen.add_argument("--resolution", type=int, default=None, help="pixels (default: native)")
+    gen.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default=None, help="precision")
     gen.add_argument("--batch_size", type=int, default=32, help="images per pipeline call")
     args = parser.parse_args(argv)
     if not args.run and not args.generate:
         parser.error("give --run NAME=DIR and/or --generate NAME[=UNET]")
-    if args.generate and not args.prompts:
-        parser.error("--generate needs --prompts")
+    if args.prompts and args.suite:
+        parser.error("give --prompts or --suite, not both")
+    if args.generate and not (args.prompts or args.suite):
+        parser.error("--generate needs --prompts or --suite")
+    protocol = PROTOCOLS[args.protocol]
+    for flag, preset in PROTOCOL_FLAGS.items():
+        if getattr(args, flag) is None:
+            setattr(args, flag, getattr(protocol, preset))
+    args.distinct_seeds = args.distinct_seeds or protocol.distinct_seeds
     return args
+
+
+def run_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """(prompts, styles) from --suite or --prompts (styles "" when the source has none)."""
+    if args.suite:
+        suite = load_suite(args.suite, args.limit)
+        return suite.prompts, suite.styles
+    import generate
+
+    prompts = generate.read_prompts(args.prompts)[: args.limit]
+    return prompts, [""] * len(prompts)
 
 
 def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
@@ -187,10 +239,12 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
         return []
     import generate
 
-    prompts = generate.read_prompts(args.prompts)
+    prompts, styles = run_prompts(args)
     runs = []
     for name, unet in parse_named(args.generate, "--generate"):
-        pipe = generate.load_pipeline(args.model, unet, args.scheduler)
+        pipe = generate.load_pipeline(
+            args.model, unet, args.scheduler, generate.DTYPES[args.dtype], args.device
+        )
         images = generate.generate(
             pipe,
             prompts,
@@ -201,27 +255,179 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
             args.batch_size,
             distinct_seeds=args.distinct_seeds,
         )
-        generate.save_generations(args.out / name, images)
+        path = generate.save_generations(args.out / name, images)
+        table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
+        table["style"] = [styles[g.prompt_index] for g in images]
+        table.to_csv(path, index=False)
         runs.append((name, args.out / name))
     return runs
 
 
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def scorer_version(name: str, path: str | None) -> dict:
+    """What a scorer was: its source and, for a local directory, the SHA-256 of its weights."""
+    source = path or SCORERS[name][1] or "rules in evaluation/toy_reward.py"
+    record: dict = {"scorer": name, "source": source}
+    if path and Path(path).is_dir():
+        record["weights_sha256"] = {
+            p.name: file_sha256(p) for p in sorted(Path(path).glob("*.safetensors"))
+        }
+    return record
+
+
+def protocol_record(args: argparse.Namespace, runs: Sequence[tuple[str, Path]]) -> dict:
+    """Every choice that moves the numbers, for the summary and protocol.json."""
+    from config import git_sha
+
+    record: dict = {
+        "scorers": [scorer_version(n, p) for n, p in parse_named(args.scorer, "--scorer")],
+        "runs": {name: str(folder) for name, folder in runs},
+        "versions": {lib: metadata.version(lib) for lib in ("torch", "diffusers", "transformers")},
+        "git_sha": git_sha(),
+    }
+    if not args.generate:
+        record["generation"] = "not done here: folders given with --run"
+        return record
+    prompts, _ = run_prompts(args)
+    if args.suite:
+        suite = load_suite(args.suite, args.limit)
+        record["prompts"] = {"suite": args.suite, "file": SUITES[args.suite].file,
+                             "sha256": suite.sha256, "limit_per_style": args.limit,
+                             "count": len(prompts)}  # fmt: skip
+    else:
+        record["prompts"] = {"file": args.prompts, "sha256": file_sha256(Path(args.prompts)),
+                             "limit": args.limit, "count": len(prompts)}  # fmt: skip
+    record["generation"] = {
+        "protocol": args.protocol,
+        "model": args.model,
+        "unets": dict(parse_named(args.generate, "--generate")),
+        "scheduler": args.scheduler,
+        "steps": args.steps,
+        "guidance_scale": args.guidance_scale,
+        "resolution": args.resolution or "native",
+        "images_per_prompt": args.num_seeds,
+        "seeds": (
+            f"prompt i, image j: seed i * {args.num_seeds} + j"
+            if args.distinct_seeds
+            else f"0..{args.num_seeds - 1} for every prompt"
+        ),
+        "dtype": args.dtype,
+        "device": args.device,
+    }
+    return record
+
+
+def add_styles(scores: pd.DataFrame, suite: str | None) -> pd.DataFrame:
+    """A style column for suites with styles (from generation, or by prompt for --run)."""
+    if not suite or not SUITES[suite].styles:
+        return scores
+    full = load_suite(suite)
+    style_of = dict(zip(reversed(full.prompts), reversed(full.styles), strict=True))
+    if "style" not in scores.columns:
+        scores["style"] = ""
+    missing = scores["style"].fillna("").eq("")
+    scores.loc[missing, "style"] = scores.loc[missing, "prompt"].map(style_of).fillna("")
+    return scores
+
+
+def style_markdown(scores: pd.DataFrame, scorers: Sequence[str]) -> str:
+    """Mean and 95% interval per model, style and scorer."""
+    lines = [
+        "| model | style | scorer | images | mean | 95% interval |",
+        "|---|---|---|---|---|---|",
+    ]
+    for style in sorted(s for s in scores["style"].unique() if s):
+        part = summary(scores[scores["style"] == style], scorers)
+        lines += [
+            f"| {r.model} | {style} | {r.scorer} | {r.n} | {r.mean:.4g} | "
+            f"[{r.ci_low:.4g}, {r.ci_high:.4g}] |"
+            for r in part.itertuples()
+        ]
+    return "\n".join(lines) + "\n"
+
+
+def reference_markdown(suite: str, scores: pd.DataFrame, scorers: Sequence[str]) -> str:
+    """Measured rows beside the published ones (on the published scale), for suites that have
+    published figures."""
+    refs = references_for(suite)
+    if not refs:
+        return ""
+    styles = list(refs[0].by_style)
+    lines = [
+        "| model | " + " | ".join(styles) + " | average | measured here | source |",
+        "|---" * (len(styles) + 4) + "|",
+    ]
+    for ref in refs:
+        if ref.scorer in scorers:
+            for model in scores["model"].unique():
+                part = scores[scores["model"] == model]
+                means = [
+                    ref.scale * part.loc[part["style"] == s, ref.scorer].mean() for s in styles
+                ]
+                total = ref.scale * part[ref.scorer].mean()
+                cells = " | ".join(f"{m:.2f}" for m in means)
+                lines.append(f"| {model} | {cells} | {total:.2f} | yes | this run |")
+            break
+    for ref in refs:
+        cells = " | ".join(f"{ref.by_style[s]:.2f}" for s in styles)
+        lines.append(
+            f"| {ref.model} | {cells} | {ref.average:.2f} | **no: published** | "
+            f"[source]({ref.source}) |"
+        )
+    scale = f"{refs[0].scale:g} x the `{refs[0].scorer}` scorer's mean"
+    harnesses = sorted({r.harness for r in refs})
+    return (
+        f"Figures on the published scale ({scale}):\n\n" + "\n".join(lines) + "\n\n"
+        f"Published rows are NOT measured here; their harness: {'; '.join(harnesses)}.\n"
+    )
+
+
+def protocol_markdown(record: dict) -> str:
+    lines = ["| choice | value |", "|---|---|"]
+    for section in ("prompts", "generation"):
+        value = record.get(section)
+        if isinstance(value, dict):
+            lines += [f"| {section}: {k} | {v} |" for k, v in value.items()]
+        elif value is not None:
+            lines.append(f"| {section} | {value} |")
+    for scorer in record["scorers"]:
+        weights = scorer.get("weights_sha256")
+        digest = "; ".join(f"{k} sha256 {v[:16]}" for k, v in weights.items()) if weights else ""
+        lines.append(f"| scorer {scorer['scorer']} | {scorer['source']} {digest} |")
+    lines.append(f"| versions | {record['versions']}, prefdiff {record['git_sha'][:12]} |")
+    return "\n".join(lines) + "\n"
+
+
 def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[WinRate]]:
     runs = [(n, Path(d)) for n, d in parse_named(args.run, "--run") if d] + generate_runs(args)
-    scorers = [
-        build_scorer(n, p, args.device)
-        for n, p in parse_named(args.scorer or ["toy_colour"], "--scorer")
-    ]
+    args.scorer = args.scorer or ["toy_colour"]
+    scorers = [build_scorer(n, p, args.device) for n, p in parse_named(args.scorer, "--scorer")]
     names = [s.name for s in scorers]
     scores = score_table(pd.concat([read_generations(n, d) for n, d in runs]), scorers)
+    scores = add_styles(scores, args.suite)
     baseline = args.baseline or runs[0][0]
     if baseline not in scores["model"].unique():
         raise ValueError(f"--baseline {baseline!r} is not one of the runs {[n for n, _ in runs]}")
     table = summary(scores, names)
     rates = win_rates(scores, names, baseline)
+    record = protocol_record(args, runs)
     args.out.mkdir(parents=True, exist_ok=True)
     scores.drop(columns="path").to_csv(args.out / SCORES_CSV, index=False)
-    (args.out / SUMMARY_MD).write_text(markdown(table, rates), encoding="utf-8")
+    text = markdown(table, rates)
+    if "style" in scores.columns and scores["style"].ne("").any():
+        text += "\nPer style:\n\n" + style_markdown(scores, names)
+    if args.suite and (refs := reference_markdown(args.suite, scores, names)):
+        text += "\n" + refs
+    text += "\nProtocol (also in protocol.json):\n\n" + protocol_markdown(record)
+    (args.out / SUMMARY_MD).write_text(text, encoding="utf-8")
+    (args.out / PROTOCOL_JSON).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     bar_chart(table, rates, args.out / SUMMARY_PNG)
     return scores, table, rates
 
@@ -230,7 +436,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     result = evaluate(args)
-    print(markdown(result[1], result[2]), end="")
+    print((args.out / SUMMARY_MD).read_text(encoding="utf-8"), end="")
     return result
 
 

@@ -19,13 +19,17 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from tqdm.auto import tqdm
 
 import checkpointing
+import hub
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors, first_group_index
 from distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
 from losses import build_loss, get_spec
+from losses.health import health_metrics
+from model_card import write_model_card
 from models import Components, load_components
 from models.speed import allow_tf32
+from validation import Validator
 
 logger = get_logger("prefdiff")
 
@@ -47,6 +51,7 @@ class TrainResult:
     skipped_rows: int = 0
     nonfinite_steps: int = 0
     unreadable_files: list[str] = field(default_factory=list)  # parquet shards skipped whole
+    validation: list = field(default_factory=list)  # validation.ValidationResult (main process)
 
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
@@ -87,7 +92,9 @@ def append_metrics(path: Path, step: int, logs: dict[str, float]) -> None:
 
 def tracker_config(config: TrainConfig) -> dict:
     """Trackers accept only scalars and strings."""
-    return {k: ("none" if v is None else v) for k, v in config.to_dict().items()}
+    values = config.to_dict().items()
+    return {k: ("none" if v is None else " | ".join(v) if isinstance(v, list) else v)
+            for k, v in values}  # fmt: skip
 
 
 def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, trainable: int) -> None:
@@ -159,6 +166,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
     log_startup(config, accelerator, dataset_size(dataset), trainable)
+    validator = Validator.build(config, models, accelerator, weight_dtype)
+    validations = []
+    if validator is not None and state.global_step == 0:
+        validations.append(validator.run(0, policy))
+
+    def model_card(directory: Path) -> None:  # written with each checkpoint and at the end
+        last = validations[-1] if validations else None
+        write_model_card(directory, last and last.grid, provenance=run_info, step=state.global_step,
+                         family=models.family.name, processes=accelerator.num_processes,
+                         metrics=history[-1] if history else None, validation=last)  # fmt: skip
 
     group_size = 2 if spec.pairwise else 1
     history = []
@@ -178,7 +195,7 @@ def main(argv: list[str] | None = None) -> TrainResult:
                 condition = models.family.condition(
                     batch.captions, batch.original_sizes, batch.crop_top_lefts
                 )
-                policy_err, ref_err = batch_errors(
+                policy_err, ref_err, timesteps = batch_errors(
                     policy,
                     models.reference,
                     models.latent_encoder,
@@ -194,11 +211,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
                     ),
                     seed=config.seed,
                     autocast=accelerator.autocast,
+                    return_timesteps=True,
                 )
                 labels = getattr(batch, "labels", None)
-                loss, metrics = loss_fn(
-                    policy_err, ref_err, labels=None if labels is None else labels.to(policy_err)
-                )
+                labels = None if labels is None else labels.to(policy_err)
+                loss, metrics = loss_fn(policy_err, ref_err, labels=labels)
+                metrics.update(health_metrics(policy_err, ref_err, timesteps,
+                               models.noise_scheduler.config.num_train_timesteps,
+                               spec.pairwise, labels))  # fmt: skip
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     grad_norm = gradient_norm(accelerator, policy, config.max_grad_norm)
@@ -253,13 +273,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
         stop = consecutive_nonfinite >= config.max_consecutive_nonfinite
         final_step = state.global_step == config.max_train_steps
+        if validator is not None and validator.due(state.global_step, final_step):
+            validations.append(validator.run(state.global_step, policy))
         if state.global_step % config.checkpointing_steps == 0 or final_step or stop:
             merged = checkpointing.TrainerState(**vars(state))
             merged.positions = {
                 k: v for d in gather_object([state.positions]) for k, v in d.items()
             }
+            limit = config.checkpoints_total_limit
             checkpointing.save_checkpoint(
-                accelerator, output_dir, merged, run_info, config.checkpoints_total_limit
+                accelerator, output_dir, merged, run_info, limit, model_card
             )
         if stop:
             raise NonFiniteTraining(
@@ -273,6 +296,11 @@ def main(argv: list[str] | None = None) -> TrainResult:
     unet_dir = checkpointing.export_unet(
         accelerator, policy, output_dir, run_info, models.policy_io
     )
+    if accelerator.is_main_process:
+        model_card(output_dir)
+        if config.push_to_hub:
+            last_grid = validations[-1].grid.relative_to(output_dir) if validations else None
+            hub.push(output_dir, config.hub_model_id, last_grid)
     if state.skipped_rows:
         logger.warning(
             "skipped %d rows whose images did not decode",
@@ -297,9 +325,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
         main_process_only=True,
     )
     accelerator.end_training()
-    return TrainResult(
-        unet_dir, models, history, state.skipped_rows, state.nonfinite_steps, unreadable
-    )
+    return TrainResult(unet_dir, models, history, state.skipped_rows, state.nonfinite_steps,
+                       unreadable, [v for v in validations if v is not None])  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -22,10 +22,15 @@ WORKERS=${WORKERS:-1}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-tensorboard}
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the preference pairs
+# Validation while training (validation.py): the held-out prompts, toy warm reward as a curve.
+VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-$EVAL_PROMPTS}
+VALIDATION_STEPS=${VALIDATION_STEPS:-25}
+VALIDATION_IMAGES=${VALIDATION_IMAGES:-4}
+VALIDATION_SCORER=${VALIDATION_SCORER:-toy_warm}
 EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
-$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO"
+$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER"
 # The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
 .venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"

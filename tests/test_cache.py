@@ -120,3 +120,21 @@ def test_kto_csv_cache_trains_like_the_images(tiny_sd15_dir, toy_data_dir, tmp_p
     assert isinstance(cached.models.latent_encoder, CachedLatentEncoder)
     for a, b in zip(plain.history, cached.history, strict=True):
         assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
+
+
+def test_validation_with_the_cache_loads_its_own_vae_and_text_encoders(
+    tiny_sdxl_dir, small_data, sdxl_cache, tmp_path
+):
+    import numpy as np
+    from PIL import Image
+
+    val = ("--max_train_steps", "1", "--validation_prompt", "a red circle",
+           "--validation_images", "2", "--validation_inference_steps", "2")  # fmt: skip
+    plain = run(tiny_sdxl_dir, small_data, tmp_path / "plain", "dpo", *val)
+    reset_accelerate()
+    cached = run(tiny_sdxl_dir, small_data, tmp_path / "cached", "dpo", *val,
+                 "--cache", str(sdxl_cache))  # fmt: skip
+    assert cached.models.family.text_encoders == []  # training itself still loads none
+    assert [v.step for v in cached.validation] == [0, 1]
+    grids = [np.asarray(Image.open(r.validation[0].grid)) for r in (plain, cached)]
+    assert np.array_equal(*grids)  # step 0: the same policy, VAE and text encoders

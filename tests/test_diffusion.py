@@ -100,3 +100,16 @@ def test_gradient_reaches_the_policy_only(tiny):
     policy_err.sum().backward()
     assert all(p.grad is None for p in tiny.reference.parameters())
     assert sum(p.grad.abs().sum() for p in tiny.policy.parameters() if p.grad is not None) > 0
+
+
+def test_batch_errors_can_return_the_timesteps_it_drew(tiny):
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1
+    cond = tiny.family.condition(["a", "b"], [(64, 64)] * 4, [(0, 0)] * 4)
+    args = (tiny.policy, tiny.reference, tiny.latent_encoder, tiny.noise_scheduler, cond, pixels,
+            2, 5, 0, nullcontext)  # fmt: skip
+    policy_err, ref_err, timesteps = batch_errors(*args, return_timesteps=True)
+    plain_policy, plain_ref = batch_errors(*args)
+    assert torch.equal(policy_err, plain_policy) and torch.equal(ref_err, plain_ref)
+    latent_shape = tuple(tiny.latent_encoder.moments(pixels)[0].shape[1:])
+    expected = draw_groups(latent_shape, 2, 5, 2, 1000, seed=0).timesteps
+    assert torch.equal(timesteps, expected)  # one per pair, shared by chosen and rejected

@@ -1,0 +1,214 @@
+"""Validation images while training: fixed prompts, one fixed seed per image, a labelled grid.
+
+At step 0, every ``--validation_steps`` optimizer steps and at the end, the main process builds
+the family's pipeline around the live policy (the training run's own VAE and text encoders, or,
+with ``--cache``, ones loaded once for this), samples every validation prompt with
+``--validation_images`` seeds and writes the labelled grid to ``OUTPUT_DIR/validation/
+step-<N>.png`` (and ``step-<N>.json``: prompts, seeds, scores), to TensorBoard's image panel and
+to wandb. With ``--validation_scorer`` the images are scored by any registered scorer and the
+mean is logged as ``validation/<scorer>``.
+
+Validation never changes training: the images come from private generators (as in
+generate.py), the global RNG is forked around sampling, the policy is put back in train mode,
+and nothing is stepped or cached.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+import generate
+from checkpointing import full_model
+
+VALIDATION_DIR = "validation"
+GRID_CELL = (64, 256)  # grid tile size: the training resolution, clipped to this range
+BATCH_SIZE = 8  # images per pipeline call (an image does not depend on its batch)
+
+
+def validation_problems(config: Any) -> list[str]:
+    """Start-up checks of the validation flags (config.TrainConfig.validate calls this)."""
+    problems = []
+    if config.validation_prompts and not Path(config.validation_prompts).is_file():
+        problems.append(f"--validation_prompts {config.validation_prompts}: no such file")
+    has_prompts = bool(config.validation_prompts or config.validation_prompt)
+    for name in ("validation_steps", "validation_images", "validation_inference_steps"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if config.validation_scorer:
+        from evaluation.scorers import SCORERS
+
+        name = config.validation_scorer.split("=", 1)[0]
+        if name not in SCORERS:
+            problems.append(f"--validation_scorer {name!r}: choose from {sorted(SCORERS)}")
+        if not has_prompts:
+            problems.append("--validation_scorer needs --validation_prompts or --validation_prompt")
+    return problems
+
+
+def validation_prompts(config: Any) -> list[str]:
+    """The file's prompts, then the repeated flags'."""
+    path = config.validation_prompts
+    return (generate.read_prompts(path) if path else []) + list(config.validation_prompt)
+
+
+@dataclass
+class ValidationResult:
+    step: int
+    grid: Path  # OUTPUT_DIR/validation/step-<N>.png
+    prompts: list[str]
+    seeds: list[list[int]]  # per prompt, its images' seeds
+    scorer: str | None = None
+    scores: list[list[float]] = field(default_factory=list)  # per prompt, per image
+    mean_score: float | None = None
+
+
+def grid_path(output_dir: Path, step: int) -> Path:
+    return output_dir / VALIDATION_DIR / f"step-{step}.png"
+
+
+class Validator:
+    """Samples the validation prompts with the live policy; call ``run`` on every process."""
+
+    def __init__(self, config: Any, models: Any, accelerator: Accelerator, dtype: torch.dtype):
+        self.config, self.models, self.accelerator, self.dtype = config, models, accelerator, dtype
+        self.prompts = validation_prompts(config)
+        self.output_dir = Path(config.output_dir)
+        self.scorer = None
+        if config.validation_scorer and accelerator.is_main_process:
+            from evaluate import parse_named
+            from evaluation.scorers import build_scorer
+
+            ((name, path),) = parse_named([config.validation_scorer], "--validation_scorer")
+            self.scorer = build_scorer(name, path, str(accelerator.device))
+        self._frozen: dict[str, Any] | None = None
+
+    @classmethod
+    def build(
+        cls, config: Any, models: Any, accelerator: Accelerator, dtype: torch.dtype
+    ) -> Validator | None:
+        """A validator, or None when no validation prompt is given."""
+        if not (config.validation_prompts or config.validation_prompt):
+            return None
+        return cls(config, models, accelerator, dtype)
+
+    def due(self, step: int, final: bool) -> bool:
+        return final or step % self.config.validation_steps == 0
+
+    def seeds(self) -> list[list[int]]:
+        """Image j of prompt i has seed i * images + j: fixed for the run, none shared."""
+        images = list(range(self.config.validation_images))
+        return [generate.prompt_seeds(i, images, distinct=True) for i in range(len(self.prompts))]
+
+    def frozen_parts(self) -> dict[str, Any]:
+        """The pipeline's VAE, tokenizers and text encoders: the run's own, or (with --cache,
+        which loads none) loaded once here in the compute dtype."""
+        if self._frozen is None:
+            from diffusion import VaeEncoder
+            from models.loading import load_family, load_vae
+
+            family, encoder = self.models.family, self.models.latent_encoder
+            device = self.accelerator.device
+            if not isinstance(encoder, VaeEncoder) or not family.text_encoders:
+                family = load_family(self.config, type(family), self.dtype, device)
+                vae = load_vae(self.config, self.dtype, device)
+            else:
+                vae = encoder.vae
+            parts: dict[str, Any] = {"vae": vae}
+            for (tok, enc), tokenizer, text_encoder in zip(
+                family.text_subfolders, family.tokenizers, family.text_encoders, strict=True
+            ):
+                parts[tok], parts[enc] = tokenizer, text_encoder
+            self._frozen = parts
+        return self._frozen
+
+    def pipeline(self, unet: torch.nn.Module) -> Any:
+        """The family's pipeline around ``unet`` (no safety checker: images must not be blanked)."""
+        cls = self.models.family.pipeline_class
+        scheduler_cls = generate.SCHEDULERS[self.config.validation_scheduler]
+        parts = {
+            **self.frozen_parts(),
+            "unet": unet,
+            "scheduler": scheduler_cls.from_config(self.models.noise_scheduler.config),
+            "requires_safety_checker": False,
+        }
+        params = inspect.signature(cls.__init__).parameters
+        required = [n for n, p in params.items() if n != "self" and p.default is p.empty]
+        kwargs = {n: parts.get(n) for n in required}  # optional components absent: None
+        kwargs.update({n: v for n, v in parts.items() if n in params})
+        pipe = cls(**kwargs)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @torch.no_grad()
+    def images(self, unet: torch.nn.Module) -> list[generate.Generation]:
+        """The validation images from ``unet``, which is left in the mode it was in."""
+        was_training = unet.training
+        unet.eval()  # dropout (e.g. LoRA's) off while sampling
+        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+                return generate.generate(
+                    self.pipeline(unet),
+                    self.prompts,
+                    list(range(self.config.validation_images)),
+                    self.config.validation_inference_steps,
+                    self.config.validation_guidance_scale,
+                    self.config.resolution,
+                    BATCH_SIZE,
+                    progress=False,
+                    distinct_seeds=True,
+                )
+        finally:
+            unet.train(was_training)
+
+    def run(self, step: int, policy: torch.nn.Module) -> ValidationResult | None:
+        """Validate at ``step``: the result on the main process, None on the others."""
+        unet = full_model(self.accelerator, policy)  # collective under FSDP: every rank calls it
+        result = None
+        if self.accelerator.is_main_process:
+            result = self._validate(step, unet)
+        self.accelerator.wait_for_everyone()
+        return result
+
+    def _validate(self, step: int, unet: torch.nn.Module) -> ValidationResult:
+        generations = self.images(unet)
+        cell = min(max(self.config.resolution, GRID_CELL[0]), GRID_CELL[1])
+        grid = generate.labelled_grid(generations, cell=cell)
+        path = grid_path(self.output_dir, step)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid.save(path)
+        result = ValidationResult(step, path, self.prompts, self.seeds())
+        logs: dict[str, float] = {}
+        if self.scorer is not None:
+            images, prompts = [g.image for g in generations], [g.prompt for g in generations]
+            flat = self.scorer.score(images, prompts)
+            k = self.config.validation_images
+            result.scorer = self.scorer.name
+            result.scores = [flat[i : i + k] for i in range(0, len(flat), k)]
+            result.mean_score = float(np.mean(flat))
+            logs[f"validation/{self.scorer.name}"] = result.mean_score
+        record = {k: v for k, v in asdict(result).items() if k != "grid"}
+        path.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
+        self.log(step, grid, logs)
+        return result
+
+    def log(self, step: int, grid: Any, scalars: dict[str, float]) -> None:
+        """The grid into each tracker's image panel, the score as a curve."""
+        caption = f"step {step}: rows are prompts, columns seeds"
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "tensorboard":
+                tracker.log_images({"validation": np.asarray(grid)[None]}, step, dataformats="NHWC")
+            elif tracker.name == "wandb":
+                import wandb
+
+                tracker.log({"validation": [wandb.Image(grid, caption=caption)]}, step=step)
+        if scalars:
+            self.accelerator.log(scalars, step=step)
