@@ -60,8 +60,13 @@ HAND_CASES = {
     # g = [3 | -1], u = 2/2 * 4 = 4; r = (1 - 0) - 2 (1 - sigmoid(4)) (1 - 2); L = r^2
     "dspo": (
         {"beta": 2.0},
-        {"policy_err": t(1, 1), "ref_err": t(4, 0), "policy_pred": pix(1, 1),
-         "ref_pred": pix(2, 0), "target": pix(0, 0)},  # fmt: skip
+        {
+            "policy_err": t(1, 1),
+            "ref_err": t(4, 0),
+            "policy_pred": pix(1, 1),
+            "ref_pred": pix(2, 0),
+            "target": pix(0, 0),
+        },
         (1 + 2 * (1 - 1 / (1 + math.exp(-4)))) ** 2,
     ),
     # err_w = [1, 2], err_l = [2, 1], gamma 1, T 1: margins +-1/(e+1);
@@ -72,8 +77,11 @@ HAND_CASES = {
         1.5 + (softplus(-MAPO_MARGIN) + softplus(MAPO_MARGIN)) / 2,
     ),
     # g = [2, -1, 1], z = 2/3; x = [4/3, 5/3, 1/3]; L = mean(sigmoid(-x))
-    "kto": ({"beta": 1.0}, {"policy_err": t(0, 3, 1), "ref_err": t(2, 2, 2),
-                            "labels": t(1, 0, 1)}, 0.2616358),  # fmt: skip
+    "kto": (
+        {"beta": 1.0},
+        {"policy_err": t(0, 3, 1), "ref_err": t(2, 2, 2), "labels": t(1, 0, 1)},
+        0.2616358,
+    ),
     # chosen half of [1, 2 | 3, 4] -> mean(1, 2)
     "sft": ({}, {"policy_err": t(1, 2, 3, 4)}, 1.5),
 }
@@ -466,7 +474,8 @@ def test_requirements_come_from_the_registry_entry():
 def test_unused_options_name_the_flags_a_loss_ignores():
     given = {"beta", "label_smoothing", "dmpo_alpha", "winner_preserving_mu", "learning_rate"}
     assert unused_options("dpo", given) == ["dmpo_alpha"]
-    assert unused_options("mapo", given) == ["dmpo_alpha", "label_smoothing", "winner_preserving_mu"]
+    ignored_by_mapo = ["dmpo_alpha", "label_smoothing", "winner_preserving_mu"]
+    assert unused_options("mapo", given) == ignored_by_mapo
     assert unused_options("sft", {"beta"}) == ["beta"]
 
 
