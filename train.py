@@ -1,9 +1,12 @@
-"""Preference fine-tuning of SD-family UNets: Diffusion-DPO, Diffusion-KTO and SFT.
+"""Preference fine-tuning of SD-family UNets with any registered loss (``losses/``: Diffusion-DPO,
+IPO, hinge, DMPO, DSPO, MaPO, Diffusion-KTO, SFT; the Diffusion-SDPO safeguard).
 
     accelerate launch train.py --loss dpo --pretrained_model DIR_OR_HUB --data PARQUET_DIR
     python train.py --help
 
-config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
+``main``: ``setup`` (config, data, models, loss, optimizer) -> loop (``accumulate_gradients``,
+``optimizer_step``, ``log_step``, ``checkpoint_due``) -> ``finish`` (export ``OUTPUT_DIR/unet``).
+What a loss needs (a reference model, per-pixel predictions) comes from its registry entry.
 """
 
 import json
@@ -22,6 +25,7 @@ from tqdm.auto import tqdm
 import checkpointing
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from data import LabeledImages, PickapicPairs
 from diffusion import denoise, first_group_index
 from losses import Requirements, build_loss, get_spec, requirements
 from losses.registry import LossFn
@@ -129,7 +133,7 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     loss_fn: LossFn
     needs: Requirements  # what the loss needs computed each step (its registry entry)
-    dataset: object
+    dataset: PickapicPairs | LabeledImages
     batches: Iterator
     state: checkpointing.TrainerState
     run_info: dict
