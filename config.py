@@ -91,7 +91,12 @@ class TrainConfig:
     lora_dropout: float = arg(0.0, "dropout on the LoRA branch")
 
     # Loss
-    loss: str = arg("dpo", "preference loss (README: the loss table)", choices=loss_names())
+    loss: str = arg(
+        "dpo",
+        "preference loss (README: the loss table): "
+        + "; ".join(f"{name}: {get_spec(name).help}" for name in loss_names()),
+        choices=loss_names(),
+    )
     beta: float | None = arg(
         None,
         "strength beta, in our convention u = beta/2 (g_chosen - g_rejected) for pairwise losses "
@@ -292,7 +297,7 @@ def _optional(scalar: type) -> Any:
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     """The CLI; with ``suppress_defaults`` only the flags given appear in the parsed result."""
     parser = argparse.ArgumentParser(
-        description="Diffusion-DPO / Diffusion-KTO / SFT preference fine-tuning",
+        description="preference fine-tuning of SD1.5 / SDXL UNets with any loss of --loss",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
