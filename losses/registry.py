@@ -105,7 +105,7 @@ def build_loss(name: str, options: Mapping[str, Any]) -> LossFn:
     mu = safeguard_mu(name, options)
     if mu is None:
         return loss_fn
-    from losses.safeguard import with_winner_preserving  # registry stays import-light
+    from losses.safeguard import with_winner_preserving  # deferred: it imports this module
 
     return with_winner_preserving(loss_fn, mu)
 
