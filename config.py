@@ -19,9 +19,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from losses import get_spec, loss_names
-from losses.dpo import DPO_BETA
+from losses import get_spec, loss_names, unused_options
+from losses.dmpo import DMPO_ALPHA
+from losses.dpo import DPO_LABEL_SMOOTHING
 from losses.kto import KTO_UTILITIES
+from losses.mapo import MAPO_SNR_VALUE
 
 REPO_ROOT = Path(__file__).resolve().parent
 # The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
@@ -91,8 +93,33 @@ class TrainConfig:
     lora_dropout: float = arg(0.0, "dropout on the LoRA branch")
 
     # Loss
-    loss: str = arg("dpo", "preference loss", choices=loss_names())
-    beta: float = arg(DPO_BETA, "KL strength beta (DPO: released 5000; KTO: paper 5000)")
+    loss: str = arg(
+        "dpo",
+        "preference loss (README: the loss table): "
+        + "; ".join(f"{name}: {get_spec(name).help}" for name in loss_names()),
+        choices=loss_names(),
+    )
+    beta: float | None = arg(
+        None,
+        "strength beta, in our convention u = beta/2 (g_chosen - g_rejected) for pairwise losses "
+        "(default: the loss's released value: dpo, ipo, hinge 5000 (Diffusion-DPO); dmpo 2000 "
+        "(DMPO launcher); dspo 0.001 (DSPO SD1.5 launcher); mapo 0.1 (MaPO); kto 5000 (paper))",
+    )
+    label_smoothing: float = arg(
+        DPO_LABEL_SMOOTHING,
+        "dpo: conservative-DPO label smoothing eps in [0, 0.5) (cDPO, Mitchell 2023; 0: plain DPO)",
+    )
+    dmpo_alpha: float = arg(
+        DMPO_ALPHA, "dmpo: the target preference probability is 1 - alpha; in (0, 1), released 0.01"
+    )
+    snr_value: float = arg(
+        MAPO_SNR_VALUE, "mapo: gamma of the error score gamma e / (exp(gamma e) - 1) (released 0.5)"
+    )
+    winner_preserving_mu: float | None = arg(
+        None,
+        "the Diffusion-SDPO safeguard on any pairwise loss with a reference: mu in [0, 1] "
+        "(released launchers: 0.9 for dpo and dmpo, 0.2 for dspo); none: off",
+    )
     kto_utility: str = arg(
         "kahneman_tversky", "KTO utility function", choices=sorted(KTO_UTILITIES)
     )
@@ -213,7 +240,6 @@ class TrainConfig:
         if self.csv and not self.images:
             problems.append("--csv needs --images (the image root of its file_name entries)")
         positive = (
-            "beta",
             "resolution",
             "train_batch_size",
             "gradient_accumulation_steps",
@@ -223,6 +249,7 @@ class TrainConfig:
             "max_consecutive_nonfinite",
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
+        problems += self.loss_problems()
         if self.resolution % 8:
             problems.append("--resolution must be a multiple of 8 (the VAE downsamples by 8)")
         for name in ("caption_dropout", "kto_desirable_prob"):
@@ -250,6 +277,28 @@ class TrainConfig:
         problems += validation_problems(self) + hub_problems(self)
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+
+    def loss_problems(self) -> list[str]:
+        """The loss hyperparameters' ranges (each loss checks its own again when built)."""
+        problems = []
+        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
+            problems.append("--beta must be finite and > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            problems.append("--label_smoothing must be in [0, 0.5)")
+        if not 0.0 < self.dmpo_alpha < 1.0:
+            problems.append("--dmpo_alpha must be in (0, 1)")
+        if not (math.isfinite(self.snr_value) and self.snr_value > 0):
+            problems.append("--snr_value must be finite and > 0")
+        mu = self.winner_preserving_mu
+        if mu is not None and not 0.0 <= mu <= 1.0:
+            problems.append("--winner_preserving_mu must be in [0, 1]")
+        return problems
+
+    def resolve_loss_defaults(self) -> None:
+        """An unset --beta takes the chosen loss's released value, so the saved config says
+        which beta a run used."""
+        if self.beta is None:
+            self.beta = get_spec(self.loss).hyperparameters.get("beta")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -280,9 +329,10 @@ def _optional(scalar: type) -> Any:
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The CLI; with ``suppress_defaults`` only the flags given appear in the parsed result."""
     parser = argparse.ArgumentParser(
-        description="Diffusion-DPO / Diffusion-KTO / SFT preference fine-tuning",
+        description="preference fine-tuning of SD1.5 / SDXL UNets with any loss of --loss",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for f in dataclasses.fields(TrainConfig):
@@ -295,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(
             f"--{f.name}",
             type=_optional(parse) if optional else parse,
-            default=f.default,
+            default=argparse.SUPPRESS if suppress_defaults else f.default,
             choices=f.metadata.get("choices"),
             metavar="BOOL" if scalar is bool else None,
             help=f.metadata["help"],
@@ -306,7 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
     config = TrainConfig(**vars(build_parser().parse_args(argv)))
     config.validate()
+    config.resolve_loss_defaults()
     return config
+
+
+def given_flags(argv: list[str] | None = None) -> set[str]:
+    """Names of the flags set on the command line to a value (``none`` counts as unset)."""
+    parser = build_parser(suppress_defaults=True)
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not None}
+
+
+def unused_flag_notes(config: TrainConfig, given: set[str]) -> list[str]:
+    """One line per loss flag set explicitly that the chosen loss does not use."""
+    return [
+        f"--{name} is not used by --loss {config.loss}: ignored"
+        for name in unused_options(config.loss, given)
+    ]
 
 
 def git_sha() -> str:

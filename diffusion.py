@@ -128,6 +128,26 @@ def cast_floats(value: Any, dtype: torch.dtype) -> Any:
     return value
 
 
+def predict(
+    unet: UNet2DConditionModel | torch.nn.Module,
+    noisy: torch.Tensor,
+    timesteps: torch.Tensor,
+    condition: dict[str, Any],
+) -> torch.Tensor:
+    """The UNet's prediction [N, C, h, w], upcast to fp32 (half-precision UNets give fp32)."""
+    dtype = (
+        next(unet.parameters()).dtype if not torch.is_autocast_enabled(noisy.device.type) else None
+    )
+    inputs = noisy if dtype is None else noisy.to(dtype)
+    cond = condition if dtype is None else cast_floats(condition, dtype)
+    return unet(inputs, timesteps, **cond).sample.float()
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """[N, C, h, w] -> [N]: mean over C, H, W of the squared error, in fp32."""
+    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
 def denoising_errors(
     unet: UNet2DConditionModel,
     noisy: torch.Tensor,
@@ -138,16 +158,23 @@ def denoising_errors(
     """Per-sample mean over C, H, W of the squared error, in fp32 -> [N].
 
     The prediction is upcast before subtracting, so half-precision UNets give fp32 errors."""
-    dtype = (
-        next(unet.parameters()).dtype if not torch.is_autocast_enabled(noisy.device.type) else None
-    )
-    inputs = noisy if dtype is None else noisy.to(dtype)
-    cond = condition if dtype is None else cast_floats(condition, dtype)
-    prediction = unet(inputs, timesteps, **cond).sample
-    return (prediction.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    return per_sample_mse(predict(unet, noisy, timesteps, condition), target)
 
 
-def batch_errors(
+@dataclass
+class Denoised:
+    """One micro-batch through policy and reference: what a loss may read (losses/)."""
+
+    policy_err: torch.Tensor  # [N] fp32, with grad
+    ref_err: torch.Tensor | None  # [N] fp32, no grad; None without a reference
+    timesteps: torch.Tensor | None = None  # [N] long, shared within a group (health metrics)
+    # Per-pixel [N, C, h, w] fp32, kept only when the loss needs them (else None).
+    policy_pred: torch.Tensor | None = None  # with grad
+    ref_pred: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+
+def denoise(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
     encoder: LatentEncoder,
@@ -158,10 +185,11 @@ def batch_errors(
     first_group: int,
     seed: int,
     autocast: Callable[[], AbstractContextManager],
-    return_timesteps: bool = False,
-) -> tuple[torch.Tensor, ...]:
-    """images [N = group_size * G, ...] (pixels, or cached moments) -> (policy_err [N] with
-    grad, ref_err [N] or None), and the timesteps [N] with ``return_timesteps`` (health metrics).
+    keep_predictions: bool = False,
+) -> Denoised:
+    """images [N = group_size * G, ...] (pixels, or cached moments) -> per-sample errors of the
+    policy (with grad) and of the reference (no grad, when there is one), the timesteps drawn,
+    and the per-pixel predictions and target when ``keep_predictions``.
 
     Policy and reference see the same noisy latents, timesteps and conditioning and run under
     the same autocast, so their errors are equal (margin 0) while the weights are equal."""
@@ -179,11 +207,38 @@ def batch_errors(
     timesteps = draws.timesteps.to(device)
     noisy, target = noisy_inputs_and_target(scheduler, latents, draws.noise.to(device), timesteps)
     with autocast():
-        policy_err = denoising_errors(policy, noisy, timesteps, condition, target)
-        ref_err = None
+        policy_pred = predict(policy, noisy, timesteps, condition)
+        ref_pred = None
         if reference is not None:
             with torch.no_grad():
-                ref_err = denoising_errors(reference, noisy, timesteps, condition, target)
+                ref_pred = predict(reference, noisy, timesteps, condition)
+    return Denoised(
+        policy_err=per_sample_mse(policy_pred, target),
+        ref_err=None if ref_pred is None else per_sample_mse(ref_pred, target),
+        timesteps=timesteps,
+        policy_pred=policy_pred if keep_predictions else None,
+        ref_pred=ref_pred if keep_predictions else None,
+        target=target.float() if keep_predictions else None,
+    )
+
+
+def batch_errors(
+    policy: torch.nn.Module,
+    reference: torch.nn.Module | None,
+    encoder: LatentEncoder,
+    scheduler: DDPMScheduler,
+    condition: dict[str, Any],
+    images: torch.Tensor,
+    group_size: int,
+    first_group: int,
+    seed: int,
+    autocast: Callable[[], AbstractContextManager],
+    return_timesteps: bool = False,
+) -> tuple[torch.Tensor, ...]:
+    """``denoise`` without predictions: (policy_err [N] with grad, ref_err [N] or None), and the
+    timesteps [N] with ``return_timesteps``."""
+    out = denoise(policy, reference, encoder, scheduler, condition, images, group_size,
+                  first_group, seed, autocast)  # fmt: skip
     if return_timesteps:
-        return policy_err, ref_err, timesteps
-    return policy_err, ref_err
+        return out.policy_err, out.ref_err, out.timesteps
+    return out.policy_err, out.ref_err

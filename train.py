@@ -1,14 +1,18 @@
-"""Preference fine-tuning of SD-family UNets: Diffusion-DPO, Diffusion-KTO and SFT.
+"""Preference fine-tuning of SD-family UNets with any registered loss (``losses/``: Diffusion-DPO,
+IPO, hinge, DMPO, DSPO, MaPO, Diffusion-KTO, SFT; the Diffusion-SDPO safeguard).
 
     accelerate launch train.py --loss dpo --pretrained_model DIR_OR_HUB --data PARQUET_DIR
     python train.py --help
 
-config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
+``main``: ``setup`` (config, data, models, loss, optimizer) -> loop (``accumulate_gradients``,
+``optimizer_step``, ``log_step``, ``checkpoint_due``) -> ``finish`` (export ``OUTPUT_DIR/unet``).
+What a loss needs (a reference model, per-pixel predictions) comes from its registry entry.
 """
 
 import json
 import logging
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,15 +25,17 @@ from tqdm.auto import tqdm
 import checkpointing
 import hub
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
-from config import TrainConfig, parse_config, provenance
-from diffusion import batch_errors, first_group_index
+from config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from data import LabeledImages, PickapicPairs
+from diffusion import denoise, first_group_index
 from distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
-from losses import build_loss, get_spec
+from losses import Requirements, build_loss, get_spec, requirements
 from losses.health import health_metrics
+from losses.registry import LossFn
 from model_card import write_model_card
 from models import Components, load_components
 from models.speed import allow_tf32
-from validation import Validator
+from validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
 
@@ -97,11 +103,21 @@ def tracker_config(config: TrainConfig) -> dict:
             for k, v in values}  # fmt: skip
 
 
+def describe_loss(config: TrainConfig) -> str:
+    """'dpo (beta 5000.0, label_smoothing 0.0)': the loss and the config values it reads."""
+    spec = get_spec(config.loss)
+    options = config.to_dict()
+    used = [f"{k} {options[k]}" for k in spec.hyperparameters if k in options]
+    if spec.takes_safeguard and config.winner_preserving_mu is not None:
+        used.append(f"winner-preserving safeguard mu {config.winner_preserving_mu}")
+    return f"{config.loss} ({', '.join(used)})" if used else config.loss
+
+
 def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, trainable: int) -> None:
     unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     lines = [
-        f"loss: {config.loss} (beta {config.beta})",
+        f"loss: {describe_loss(config)}",
         f"model: {config.pretrained_model}",
         f"dataset: {size}",
         f"batch: {config.train_batch_size} {unit} per device x {config.gradient_accumulation_steps}"
@@ -118,7 +134,31 @@ def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, traina
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
+@dataclass
+class Run:
+    """What the loop works with, built once by ``setup``."""
+
+    config: TrainConfig
+    accelerator: Accelerator
+    models: Components
+    policy: torch.nn.Module  # models.policy as prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler
+    loss_fn: LossFn
+    needs: Requirements  # what the loss needs computed each step (its registry entry)
+    dataset: PickapicPairs | LabeledImages
+    batches: Iterator
+    state: checkpointing.TrainerState
+    run_info: dict
+    output_dir: Path
+    validator: Validator | None = None  # None without validation prompts
+    history: list[dict[str, float]] = field(default_factory=list)
+    validations: list[ValidationResult | None] = field(default_factory=list)
+    consecutive_nonfinite: int = 0
+
+
+def setup(argv: list[str] | None) -> Run:
+    """Config -> accelerator, data, models, loss, optimizer; resume if asked."""
     config = parse_config(argv)
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
@@ -138,14 +178,19 @@ def main(argv: list[str] | None = None) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
     logger.info("config: %s", run_info, main_process_only=True)
+    for note in unused_flag_notes(config, given_flags(argv)):
+        logger.warning(note, main_process_only=True)
 
     # Data first: a bad path, column or label must stop the run before any model loads.
     dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
-    models = load_components(config, spec.needs_reference, weight_dtype, accelerator.device,
+    needs = requirements(config.loss, config.to_dict())
+    models = load_components(config, needs.reference, weight_dtype, accelerator.device,
                              autocast=runs_under_autocast(accelerator))  # fmt: skip
-    loss_fn = build_loss(config.loss, config.to_dict())
+    # The scheduler's timestep count is a fact some losses read (MaPO's T).
+    timesteps = models.noise_scheduler.config.num_train_timesteps
+    loss_fn = build_loss(config.loss, {**config.to_dict(), "num_train_timesteps": timesteps})
     optimizer, lr_scheduler = build_optimizer(config, list(models.policy.parameters()))
     # Counted before prepare: FSDP replaces the parameters by this rank's shards.
     trainable = sum(p.numel() for p in models.policy.parameters() if p.requires_grad)
@@ -166,148 +211,171 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
     log_startup(config, accelerator, dataset_size(dataset), trainable)
-    validator = Validator.build(config, models, accelerator, weight_dtype)
-    validations = []
-    if validator is not None and state.global_step == 0:
-        validations.append(validator.run(0, policy))
+    run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
+              dataset, batches, state, run_info, output_dir,
+              Validator.build(config, models, accelerator, weight_dtype))  # fmt: skip
+    if run.validator is not None and state.global_step == 0:
+        run.validations.append(run.validator.run(0, policy))
+    return run
 
-    def model_card(directory: Path) -> None:  # written with each checkpoint and at the end
-        last = validations[-1] if validations else None
-        write_model_card(directory, last and last.grid, provenance=run_info, step=state.global_step,
-                         family=models.family.name, processes=accelerator.num_processes,
-                         metrics=history[-1] if history else None, validation=last)  # fmt: skip
 
-    group_size = 2 if spec.pairwise else 1
-    history = []
-    consecutive_nonfinite = 0
-    metrics_path = output_dir / METRICS_FILE
-    progress = tqdm(
-        total=config.max_train_steps,
-        initial=state.global_step,
-        desc="steps",
-        disable=not accelerator.is_local_main_process,
+def micro_batch_loss(run: Run, batch) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch through the policy (and the reference, when the loss has one) and the
+    loss, computing only what the loss's registry entry asks for."""
+    accelerator, models = run.accelerator, run.models
+    condition = models.family.condition(batch.captions, batch.original_sizes, batch.crop_top_lefts)
+    out = denoise(
+        run.policy,
+        models.reference,
+        models.latent_encoder,
+        models.noise_scheduler,
+        condition,
+        batch.pixels.to(accelerator.device, non_blocking=True),
+        group_size=2 if run.needs.pairwise else 1,
+        first_group=first_group_index(
+            run.state.micro_batches,
+            accelerator.num_processes,
+            accelerator.process_index,
+            run.config.train_batch_size,
+        ),
+        seed=run.config.seed,
+        autocast=accelerator.autocast,
+        keep_predictions=run.needs.predictions,
     )
-    while state.global_step < config.max_train_steps:
-        micro_metrics, skipped, grad_norm = [], 0, 0.0
-        for _ in range(config.gradient_accumulation_steps):
-            batch = next(batches)
-            with accelerator.accumulate(policy):
-                condition = models.family.condition(
-                    batch.captions, batch.original_sizes, batch.crop_top_lefts
-                )
-                policy_err, ref_err, timesteps = batch_errors(
-                    policy,
-                    models.reference,
-                    models.latent_encoder,
-                    models.noise_scheduler,
-                    condition,
-                    batch.pixels.to(accelerator.device, non_blocking=True),
-                    group_size,
-                    first_group=first_group_index(
-                        state.micro_batches,
-                        accelerator.num_processes,
-                        accelerator.process_index,
-                        config.train_batch_size,
-                    ),
-                    seed=config.seed,
-                    autocast=accelerator.autocast,
-                    return_timesteps=True,
-                )
-                labels = getattr(batch, "labels", None)
-                labels = None if labels is None else labels.to(policy_err)
-                loss, metrics = loss_fn(policy_err, ref_err, labels=labels)
-                metrics.update(health_metrics(policy_err, ref_err, timesteps,
-                               models.noise_scheduler.config.num_train_timesteps,
-                               spec.pairwise, labels))  # fmt: skip
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    grad_norm = gradient_norm(accelerator, policy, config.max_grad_norm)
-            micro_metrics.append({"loss": loss.item(), **metrics})
-            state.micro_batches += 1
-            skipped += batch.skipped
-            state.positions.update({str(k): v for k, v in batch.positions.items()})
+    labels = getattr(batch, "labels", None)
+    labels = None if labels is None else labels.to(out.policy_err)
+    loss, metrics = run.loss_fn(out.policy_err, out.ref_err, labels=labels,
+                                policy_pred=out.policy_pred, ref_pred=out.ref_pred,
+                                target=out.target)  # fmt: skip
+    metrics.update(health_metrics(out.policy_err, out.ref_err, out.timesteps,
+                                  models.noise_scheduler.config.num_train_timesteps,
+                                  run.needs.pairwise, labels))  # fmt: skip
+    return loss, metrics
 
-        # A NaN/inf loss or gradient on any rank skips the update on all of them (gradients
-        # are already synchronised, so every rank sees the same norm).
-        local_bad = not all(math.isfinite(m["loss"]) for m in micro_metrics)
-        nonfinite = any_rank(accelerator, local_bad or not math.isfinite(grad_norm))
-        if nonfinite and accelerator.scaler is not None:
-            optimizer.step()  # fp16: the grad scaler skips the step and lowers its scale
-        elif not nonfinite:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not nonfinite and not accelerator.optimizer_step_was_skipped:
-            lr_scheduler.step()
-        consecutive_nonfinite = consecutive_nonfinite + 1 if nonfinite else 0
-        state.nonfinite_steps += int(nonfinite)
-        state.global_step += 1
-        if nonfinite:
-            logger.warning(
-                "step %d: non-finite loss or gradient (grad norm %s), optimizer step skipped "
-                "(%d in a row, %d in total)",
-                state.global_step,
-                grad_norm,
-                consecutive_nonfinite,
-                state.nonfinite_steps,
-                main_process_only=True,
-            )
-        logs = reduce_metrics(accelerator, micro_metrics)
-        step_skipped = int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
-        state.skipped_rows += step_skipped
-        logs.update(
-            {
-                "lr": lr_scheduler.get_last_lr()[0],
-                "grad_norm": grad_norm,
-                "data/skipped_rows": state.skipped_rows,
-                "nonfinite_steps": state.nonfinite_steps,
-            }
-        )
-        accelerator.log(logs, step=state.global_step)
-        if accelerator.is_main_process:
-            append_metrics(metrics_path, state.global_step, logs)
-        history.append(logs)
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
+
+def accumulate_gradients(run: Run) -> tuple[list[dict[str, float]], int, float]:
+    """Forward and backward over the step's micro-batches -> (their metrics, rows skipped by the
+    data, gradient norm after synchronisation)."""
+    micro_metrics, skipped, grad_norm = [], 0, 0.0
+    accelerator, state = run.accelerator, run.state
+    for _ in range(run.config.gradient_accumulation_steps):
+        batch = next(run.batches)
+        with accelerator.accumulate(run.policy):
+            loss, metrics = micro_batch_loss(run, batch)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                grad_norm = gradient_norm(accelerator, run.policy, run.config.max_grad_norm)
+        micro_metrics.append({"loss": loss.item(), **metrics})
+        state.micro_batches += 1
+        skipped += batch.skipped
+        state.positions.update({str(k): v for k, v in batch.positions.items()})
+    return micro_metrics, skipped, grad_norm
+
+
+def optimizer_step(
+    accelerator: Accelerator,
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    losses: list[float],
+    grad_norm: float,
+) -> bool:
+    """Step the optimizer and the LR schedule, unless a loss or the gradient is non-finite on
+    any rank: then the update is skipped on all of them (gradients are already synchronised, so
+    every rank sees the same norm). Returns True when the step was skipped as non-finite."""
+    local_bad = not all(math.isfinite(x) for x in losses)
+    nonfinite = any_rank(accelerator, local_bad or not math.isfinite(grad_norm))
+    if nonfinite and accelerator.scaler is not None:
+        optimizer.step()  # fp16: the grad scaler skips the step and lowers its scale
+    elif not nonfinite:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    if not nonfinite and not accelerator.optimizer_step_was_skipped:
+        lr_scheduler.step()
+    return nonfinite
+
+
+def count_nonfinite(run: Run, nonfinite: bool, grad_norm: float) -> None:
+    """Count skipped steps (in a row and in total) and say so."""
+    state = run.state
+    run.consecutive_nonfinite = run.consecutive_nonfinite + 1 if nonfinite else 0
+    state.nonfinite_steps += int(nonfinite)
+    if nonfinite:
+        logger.warning(
+            "step %d: non-finite loss or gradient (grad norm %s), optimizer step skipped "
+            "(%d in a row, %d in total)",
+            state.global_step,
+            grad_norm,
+            run.consecutive_nonfinite,
+            state.nonfinite_steps,
+            main_process_only=True,
         )
 
-        stop = consecutive_nonfinite >= config.max_consecutive_nonfinite
-        final_step = state.global_step == config.max_train_steps
-        if validator is not None and validator.due(state.global_step, final_step):
-            validations.append(validator.run(state.global_step, policy))
-        if state.global_step % config.checkpointing_steps == 0 or final_step or stop:
-            merged = checkpointing.TrainerState(**vars(state))
-            merged.positions = {
-                k: v for d in gather_object([state.positions]) for k, v in d.items()
-            }
-            limit = config.checkpoints_total_limit
-            checkpointing.save_checkpoint(
-                accelerator, output_dir, merged, run_info, limit, model_card
-            )
-        if stop:
-            raise NonFiniteTraining(
-                f"{consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
-                f"gradient (last at step {state.global_step}); stopped after saving "
-                f"{output_dir / f'checkpoint-{state.global_step}'} (its weights are those of the "
-                "last finite step). Lower the learning rate, check the data, or use bf16/fp32"
-            )
-    progress.close()
 
+def log_step(
+    run: Run, micro_metrics: list[dict[str, float]], skipped: int, grad_norm: float
+) -> dict[str, float]:
+    """Reduce the step's metrics over micro-batches and ranks; send them to the trackers and
+    the plain-text record."""
+    accelerator, state = run.accelerator, run.state
+    logs = reduce_metrics(accelerator, micro_metrics)
+    state.skipped_rows += int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
+    logs.update(
+        {
+            "lr": run.lr_scheduler.get_last_lr()[0],
+            "grad_norm": grad_norm,
+            "data/skipped_rows": state.skipped_rows,
+            "nonfinite_steps": state.nonfinite_steps,
+        }
+    )
+    accelerator.log(logs, step=state.global_step)
+    if accelerator.is_main_process:
+        append_metrics(run.output_dir / METRICS_FILE, state.global_step, logs)
+    run.history.append(logs)
+    return logs
+
+
+def checkpoint_due(step: int, config: TrainConfig, stopping: bool) -> bool:
+    """Every ``checkpointing_steps``, at the last step, and before stopping on non-finite steps."""
+    return step % config.checkpointing_steps == 0 or step == config.max_train_steps or stopping
+
+
+def save_checkpoint(run: Run) -> None:
+    merged = checkpointing.TrainerState(**vars(run.state))
+    merged.positions = {k: v for d in gather_object([run.state.positions]) for k, v in d.items()}
+    checkpointing.save_checkpoint(run.accelerator, run.output_dir, merged, run.run_info,
+                                  run.config.checkpoints_total_limit,
+                                  lambda directory: write_card(run, directory))  # fmt: skip
+
+
+def write_card(run: Run, directory: Path) -> None:
+    """The model card (and the last validation grid) into ``directory``: each checkpoint and
+    the output directory at the end."""
+    last = run.validations[-1] if run.validations else None
+    write_model_card(directory, last and last.grid, provenance=run.run_info,
+                     step=run.state.global_step, family=run.models.family.name,
+                     processes=run.accelerator.num_processes,
+                     metrics=run.history[-1] if run.history else None, validation=last)  # fmt: skip
+
+
+def finish(run: Run) -> TrainResult:
+    """Export the trained UNet (or LoRA adapters), report what the data skipped."""
+    config, accelerator, state = run.config, run.accelerator, run.state
     unet_dir = checkpointing.export_unet(
-        accelerator, policy, output_dir, run_info, models.policy_io
+        accelerator, run.policy, run.output_dir, run.run_info, run.models.policy_io
     )
     if accelerator.is_main_process:
-        model_card(output_dir)
+        write_card(run, run.output_dir)
         if config.push_to_hub:
-            last_grid = validations[-1].grid.relative_to(output_dir) if validations else None
-            hub.push(output_dir, config.hub_model_id, last_grid)
+            last = run.validations[-1] if run.validations else None
+            grid = last.grid.relative_to(run.output_dir) if last else None
+            hub.push(run.output_dir, config.hub_model_id, grid)
     if state.skipped_rows:
         logger.warning(
             "skipped %d rows whose images did not decode",
             state.skipped_rows,
             main_process_only=True,
         )
-    unreadable = getattr(dataset, "unreadable_files", [])
+    unreadable = getattr(run.dataset, "unreadable_files", [])
     if unreadable:
         logger.warning(
             "skipped %d unreadable parquet files: %s",
@@ -325,8 +393,48 @@ def main(argv: list[str] | None = None) -> TrainResult:
         main_process_only=True,
     )
     accelerator.end_training()
-    return TrainResult(unet_dir, models, history, state.skipped_rows, state.nonfinite_steps,
-                       unreadable, [v for v in validations if v is not None])  # fmt: skip
+    return TrainResult(unet_dir, run.models, run.history, state.skipped_rows,
+                       state.nonfinite_steps, unreadable,
+                       [v for v in run.validations if v is not None])  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> TrainResult:
+    run = setup(argv)
+    config, state = run.config, run.state
+    progress = tqdm(
+        total=config.max_train_steps,
+        initial=state.global_step,
+        desc="steps",
+        disable=not run.accelerator.is_local_main_process,
+    )
+    while state.global_step < config.max_train_steps:
+        micro_metrics, skipped, grad_norm = accumulate_gradients(run)
+        losses = [m["loss"] for m in micro_metrics]
+        nonfinite = optimizer_step(run.accelerator, run.optimizer, run.lr_scheduler, losses,
+                                   grad_norm)  # fmt: skip
+        state.global_step += 1
+        count_nonfinite(run, nonfinite, grad_norm)
+        logs = log_step(run, micro_metrics, skipped, grad_norm)
+        progress.update(1)
+        progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
+        )
+
+        stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite
+        final = state.global_step == config.max_train_steps
+        if run.validator is not None and run.validator.due(state.global_step, final):
+            run.validations.append(run.validator.run(state.global_step, run.policy))
+        if checkpoint_due(state.global_step, config, stop):
+            save_checkpoint(run)
+        if stop:
+            raise NonFiniteTraining(
+                f"{run.consecutive_nonfinite} optimizer steps in a row had a non-finite loss or "
+                f"gradient (last at step {state.global_step}); stopped after saving "
+                f"{run.output_dir / f'checkpoint-{state.global_step}'} (its weights are those of "
+                "the last finite step). Lower the learning rate, check the data, or use bf16/fp32"
+            )
+    progress.close()
+    return finish(run)
 
 
 if __name__ == "__main__":

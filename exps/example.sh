@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 MODEL=${MODEL:-assets/toy-sd15}
 DATA=${DATA:-build/toy-prefs/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
-LOSS=${LOSS:-dpo}
-BETA=${BETA:-1000}            # tuned on the toy task (released Diffusion-DPO value: 5000)
+LOSS=${LOSS:-dpo}             # any pairwise loss, or sft (the toy data are pairs): README, "Losses"
+DPO_TOY_BETA=1000             # dpo's beta tuned on the toy task (released Diffusion-DPO value: 5000)
+BETA=${BETA:-$([ "$LOSS" = dpo ] && echo "$DPO_TOY_BETA" || true)}  # empty: the loss's released value
 RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 latents
 BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
@@ -31,6 +32,6 @@ EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
-$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" --beta "$BETA" --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER"
+$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER"
 # The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
 .venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"

@@ -18,9 +18,10 @@ ACCUM=${ACCUM:-$((8 / (NUM_PROCESSES * BATCH)))}     # keeps 8 images per optimi
 LR=${LR:-1e-7}
 WARMUP=${WARMUP:-1000}
 STEPS=${STEPS:-10000}
-BETA=${BETA:-5000}
+LOSS=${LOSS:-kto}                  # kto, or sft (desirable images only)
+BETA=${BETA:-}                     # empty: kto's paper value 5000
 GAMMA=${GAMMA:-0.8}
-UTILITY=${UTILITY:-kahneman_tversky}
+UTILITY=${UTILITY:-}               # empty: kahneman_tversky (the paper's best)
 OPTIMIZER=${OPTIMIZER:-adamw8bit}
 RESOLUTION=${RESOLUTION:-512}
 PRECISION=${PRECISION:-fp16}
@@ -32,4 +33,4 @@ bash scripts/setup.sh
 if [ "$OPTIMIZER" = adamw8bit ] && ! .venv/bin/python -c "import bitsandbytes" 2>/dev/null; then
   .venv/bin/python -m pip install -q -r requirements-8bit.txt
 fi
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss kto --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --beta "$BETA" --kto_desirable_prob "$GAMMA" --kto_utility "$UTILITY" --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

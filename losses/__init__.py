@@ -1,11 +1,16 @@
 """Preference losses as pure functions of per-sample denoising errors.
 
-Every loss maps ``(policy_err, ref_err, labels)`` to ``(loss, metrics)``:
+Every loss maps ``(policy_err, ref_err, labels, policy_pred, ref_pred, target)`` to
+``(loss, metrics)`` (the table in the README, "Losses"):
 
 - ``policy_err`` / ``ref_err``: float32 tensors of per-sample mean-squared denoising errors
   (see ``diffusion.py``). Pairwise losses take ``[2B]`` with the B chosen samples first and the
   B rejected samples second; per-image losses take ``[B]``.
-- ``labels``: ``[B]`` in {0, 1} (1 = desirable) for per-image losses.
+  ``ref_err`` is None for losses without a reference (``mapo``, ``sft``).
+- ``labels``: ``[B]`` in {0, 1} (1 = desirable) for per-image losses; for pairwise ``dpo``, an
+  optional soft preference p in [0, 1] per pair (None: 1).
+- ``policy_pred``, ``ref_pred``, ``target``: ``[2B, C, h, w]`` per-pixel predictions, passed only
+  to losses whose registry entry says ``needs_predictions`` (``dspo``) and to the safeguard.
 - ``loss``: a scalar tensor; ``metrics``: a dict of Python floats (``nan`` when undefined for
   this batch, e.g. no undesirable sample), reduced by the caller across steps and processes.
 
@@ -13,9 +18,29 @@ Convention used everywhere: implicit reward g = ref_err - policy_err (positive w
 denoises a sample better than the reference).
 """
 
-from losses.registry import LossSpec, build_loss, get_loss, get_spec, loss_names
+from losses.registry import (
+    LossSpec,
+    Requirements,
+    build_loss,
+    get_loss,
+    get_spec,
+    loss_names,
+    requirements,
+    unused_options,
+)
+from losses.safeguard import winner_preserving
 
 # Importing the modules registers their losses.
-from losses import dpo, kto, sft  # noqa: F401  isort: skip
+from losses import dmpo, dpo, dspo, hinge, ipo, kto, mapo, sft  # noqa: F401  isort: skip
 
-__all__ = ["LossSpec", "build_loss", "get_loss", "get_spec", "loss_names"]
+__all__ = [
+    "LossSpec",
+    "Requirements",
+    "build_loss",
+    "get_loss",
+    "get_spec",
+    "loss_names",
+    "requirements",
+    "unused_options",
+    "winner_preserving",
+]

@@ -28,3 +28,46 @@ def global_mean(values: torch.Tensor) -> torch.Tensor:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(stats)
     return stats[0] / stats[1]
+
+
+def require(value: torch.Tensor | None, what: str, loss: str) -> torch.Tensor:
+    """A clear error when the trainer (or a caller) did not pass what a loss needs."""
+    if value is None:
+        raise ValueError(f"{loss} needs {what}")
+    return value
+
+
+def pair_rewards(
+    policy_err: torch.Tensor, ref_err: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[2B] errors (chosen first) -> rewards beta/2 * g of the chosen [B] and rejected [B] halves,
+    and the common pairwise margin u = beta/2 * (g_chosen - g_rejected) [B] that every pairwise
+    loss with a reference is a function of (README, "Losses")."""
+    if ref_err.shape != policy_err.shape:
+        raise ValueError(f"ref_err {tuple(ref_err.shape)} != policy_err {policy_err.shape}")
+    reward_chosen, reward_rejected = split_pairs(0.5 * beta * (ref_err - policy_err))
+    return reward_chosen, reward_rejected, reward_chosen - reward_rejected
+
+
+def pair_metrics(
+    reward_chosen: torch.Tensor,
+    reward_rejected: torch.Tensor,
+    margin: torch.Tensor,
+    policy_err: torch.Tensor,
+    ref_err: torch.Tensor,
+) -> dict[str, float]:
+    """The DPO metric vocabulary, from the common margin: curves of every pairwise loss with a
+    reference share one chart."""
+    return {
+        "rewards/chosen": reward_chosen.mean().item(),
+        "rewards/rejected": reward_rejected.mean().item(),
+        "rewards/margins": margin.mean().item(),
+        "rewards/accuracies": win_rate(margin.detach()),
+        "err/policy": policy_err.mean().item(),
+        "err/ref": ref_err.mean().item(),
+    }
+
+
+def no_labels(labels: torch.Tensor | None, loss: str) -> None:
+    if labels is not None:
+        raise ValueError(f"{loss} is pairwise: it takes no labels")

@@ -1,49 +1,71 @@
-"""Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908), released-code convention.
+"""Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908), released-code convention, with
+conservative DPO's label smoothing and soft preference labels.
 
     u(k) = beta / 2 * ( g(chosen k) - g(rejected k) ),   g = ref_err - policy_err
-    L    = - mean_k log sigmoid(u(k))
+    q(k) = (1 - eps) p(k) + eps (1 - p(k))
+    L    = - mean_k [ q log sigmoid(u(k)) + (1 - q) log sigmoid(-u(k)) ]
 
-The 1/2 is explicit, as in the released training script (forks that drop it use beta = 2500 for
-the same loss). The batch mean is outside the log-sigmoid (one term per pair).
+p(k) is the probability that the chosen image of pair k is preferred (1 when no labels are
+given); eps is cDPO's label smoothing (Mitchell 2023; TRL's ``label_smoothing``). With p = 1 and
+eps = 0 this is plain Diffusion-DPO. The 1/2 is explicit, as in the released training script
+(forks that drop it use beta = 2500 for the same loss). The batch mean is outside the
+log-sigmoid (one term per pair).
 """
 
 import torch
 import torch.nn.functional as F
 
-from losses.common import split_pairs, win_rate
+from losses.common import pair_metrics, pair_rewards, require
 from losses.registry import LossFn, register
 
 # Released Diffusion-DPO code, SD1.5 and SDXL: --beta_dpo 5000.
 DPO_BETA = 5000.0
 # Released code: the loss is -logsigmoid(-0.5 * beta * (model_diff - ref_diff)).
 DPO_HALF = 0.5
+# Plain DPO: no label smoothing.
+DPO_LABEL_SMOOTHING = 0.0
+
+
+def preference_targets(
+    labels: torch.Tensor | None, num_pairs: int, label_smoothing: float
+) -> torch.Tensor | float:
+    """q(k): soft labels p [B] in [0, 1] (None: 1), smoothed towards 1/2 by ``label_smoothing``."""
+    if labels is None:
+        return 1.0 - label_smoothing
+    if labels.shape != (num_pairs,):
+        raise ValueError(f"soft labels must be [B] = [{num_pairs}], got {tuple(labels.shape)}")
+    if bool(((labels < 0) | (labels > 1)).any()):
+        raise ValueError("soft labels are preference probabilities: each must be in [0, 1]")
+    return (1.0 - label_smoothing) * labels + label_smoothing * (1.0 - labels)
 
 
 @register(
     "dpo",
     pairwise=True,
     needs_reference=True,
-    help="Diffusion-DPO on chosen/rejected pairs (beta/2 convention of the released code)",
+    help="Diffusion-DPO on chosen/rejected pairs (beta/2 convention of the released code; "
+    "--label_smoothing: conservative DPO; soft labels p per pair)",
 )
-def dpo_loss(beta: float = DPO_BETA) -> LossFn:
+def dpo_loss(beta: float = DPO_BETA, label_smoothing: float = DPO_LABEL_SMOOTHING) -> LossFn:
+    if not 0.0 <= label_smoothing < 0.5:
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+
     def loss_fn(
-        policy_err: torch.Tensor, ref_err: torch.Tensor, labels: torch.Tensor | None = None
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        policy_pred: torch.Tensor | None = None,
+        ref_pred: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
-        """policy_err, ref_err: [2B] chosen first. Returns the scalar loss and metrics."""
-        if labels is not None:
-            raise ValueError("dpo is pairwise: it takes no labels")
-        reward = DPO_HALF * beta * (ref_err - policy_err)  # [2B]
-        reward_chosen, reward_rejected = split_pairs(reward)
-        margin = reward_chosen - reward_rejected  # [B]
-        loss = -F.logsigmoid(margin).mean()
-        metrics = {
-            "rewards/chosen": reward_chosen.mean().item(),
-            "rewards/rejected": reward_rejected.mean().item(),
-            "rewards/margins": margin.mean().item(),
-            "rewards/accuracies": win_rate(margin.detach()),
-            "err/policy": policy_err.mean().item(),
-            "err/ref": ref_err.mean().item(),
-        }
-        return loss, metrics
+        """policy_err, ref_err: [2B] chosen first; labels: optional soft preferences p [B]."""
+        ref_err = require(ref_err, "reference errors", "dpo")
+        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
+        q = preference_targets(labels, margin.numel(), label_smoothing)
+        if isinstance(q, float) and q == 1.0:
+            loss = -F.logsigmoid(margin).mean()
+        else:
+            loss = -(q * F.logsigmoid(margin) + (1 - q) * F.logsigmoid(-margin)).mean()
+        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
 
     return loss_fn

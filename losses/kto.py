@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from losses.common import global_mean, masked_mean, win_rate
+from losses.common import global_mean, masked_mean, require, win_rate
 from losses.registry import LossFn, register
 
 # Diffusion-KTO paper: beta = 5000 (the released code's default is 1000).
@@ -60,11 +60,16 @@ def kto_loss(
     utility_loss = KTO_UTILITIES[kto_utility]
 
     def loss_fn(
-        policy_err: torch.Tensor, ref_err: torch.Tensor, labels: torch.Tensor | None = None
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        policy_pred: torch.Tensor | None = None,
+        ref_pred: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """policy_err, ref_err, labels: [B] (labels 1 desirable, 0 undesirable)."""
-        if labels is None:
-            raise ValueError("kto needs per-image labels")
+        labels = require(labels, "per-image labels", "kto")
+        ref_err = require(ref_err, "reference errors", "kto")
         desirable = labels > 0.5
         g = ref_err - policy_err  # [B]
         z_ref = global_mean(g).clamp(min=0)  # detached: the reference point gets no gradient

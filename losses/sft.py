@@ -21,6 +21,9 @@ def sft_loss() -> LossFn:
         policy_err: torch.Tensor,
         ref_err: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        policy_pred: torch.Tensor | None = None,
+        ref_pred: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, float]]:
         """policy_err: [B] with labels [B], or [2B] chosen first without labels."""
         kept = split_pairs(policy_err)[0] if labels is None else policy_err[labels > 0.5]

@@ -28,7 +28,7 @@ TEXT_ENCODER_CLASSES = {
 @dataclass
 class Components:
     policy: UNet2DConditionModel
-    # None: the loss needs no reference (SFT); a frozen UNet; or, with LoRA, the policy's UNet
+    # None: the loss needs no reference (mapo, sft); a frozen UNet; or, with LoRA, the policy's UNet
     # with its adapters disabled (models.lora.AdaptersDisabled).
     reference: torch.nn.Module | None
     latent_encoder: LatentEncoder  # the VAE, or the latent cache

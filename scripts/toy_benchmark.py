@@ -41,9 +41,10 @@ def train_argv(args: argparse.Namespace, loss: str, seed: int, data: Path, out: 
         else ["--data", str(data / "pickapic")]
     )  # fmt: skip
     steps = getattr(args, f"{loss}_steps")
+    beta = getattr(args, f"{loss}_beta", None)  # SFT has none (train.py would say it is unused)
     return [
         "--pretrained_model", args.model, *source, "--output_dir", str(out / run_name(loss, seed)),
-        "--loss", loss, "--beta", str(getattr(args, f"{loss}_beta", 1.0)),
+        "--loss", loss, *(["--beta", str(beta)] if beta is not None else []),
         "--learning_rate", str(getattr(args, f"{loss}_lr")), "--max_train_steps", str(steps),
         "--train_batch_size", str(args.batch), "--resolution", str(args.resolution),
         "--lr_warmup_steps", str(args.warmup), "--caption_dropout", "0",

@@ -44,14 +44,18 @@ def latent_entries(directory):
     return entries
 
 
-def test_cached_run_equals_uncached_run(tiny_sdxl_dir, small_data, sdxl_cache, tmp_path):
+@pytest.mark.parametrize(
+    "loss", [("dpo",), ("dspo", "--winner_preserving_mu", "0.2")], ids=["dpo", "dspo-safeguard"]
+)
+def test_cached_run_equals_uncached_run(loss, tiny_sdxl_dir, small_data, sdxl_cache, tmp_path):
     # Adam with epsilon >> |g| steps along the gradient, so float rounding of the VAE (batched
     # differently when the cache was built) is not blown up to full-size updates.
+    # dspo with the safeguard: the per-pixel predictions come from cached latents too.
     common = ("--learning_rate", "0.1", "--adam_epsilon", "1", "--max_train_steps", "2",
-              "--time_ids", "original")  # fmt: skip
-    plain = run(tiny_sdxl_dir, small_data, tmp_path / "plain", "dpo", *common)
+              "--time_ids", "original", *loss[1:])  # fmt: skip
+    plain = run(tiny_sdxl_dir, small_data, tmp_path / "plain", loss[0], *common)
     reset_accelerate()
-    cached = run(tiny_sdxl_dir, small_data, tmp_path / "cached", "dpo", *common,
+    cached = run(tiny_sdxl_dir, small_data, tmp_path / "cached", loss[0], *common,
                  "--cache", str(sdxl_cache))  # fmt: skip
     assert isinstance(cached.models.latent_encoder, CachedLatentEncoder)
     assert cached.models.family.text_encoders == []  # neither the VAE nor text encoders loaded

@@ -9,11 +9,13 @@ from diffusers import DDPMScheduler
 from config import parse_config
 from diffusion import (
     batch_errors,
+    denoise,
     denoising_errors,
     draw_groups,
     first_group_index,
     noisy_inputs_and_target,
 )
+from losses import build_loss, get_spec, loss_names, requirements
 from models import load_components
 
 SHAPE = (4, 8, 8)
@@ -113,3 +115,41 @@ def test_batch_errors_can_return_the_timesteps_it_drew(tiny):
     latent_shape = tuple(tiny.latent_encoder.moments(pixels)[0].shape[1:])
     expected = draw_groups(latent_shape, 2, 5, 2, 1000, seed=0).timesteps
     assert torch.equal(timesteps, expected)  # one per pair, shared by chosen and rejected
+
+
+def test_predictions_are_kept_only_when_asked(tiny):
+    pixels = torch.rand(4, 3, 64, 64) * 2 - 1
+    cond = tiny.family.condition(["a", "b"], [(64, 64)] * 4, [(0, 0)] * 4)
+    args = (tiny.policy, tiny.reference, tiny.latent_encoder, tiny.noise_scheduler, cond, pixels,
+            2, 0, 0, nullcontext)  # fmt: skip
+    lean, full = denoise(*args), denoise(*args, keep_predictions=True)
+    assert lean.policy_pred is None and lean.ref_pred is None and lean.target is None
+    torch.testing.assert_close(full.policy_err, lean.policy_err, rtol=0, atol=0)
+    expected = (full.policy_pred - full.target).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(full.policy_err, expected, rtol=0, atol=0)
+    assert full.policy_pred.requires_grad and not full.ref_pred.requires_grad
+    assert full.target.shape == full.policy_pred.shape == (4, 4, 8, 8)
+
+
+@pytest.mark.parametrize("name", loss_names())
+def test_every_loss_sends_gradient_to_the_policy_only(tiny, name):
+    """Through the real UNets (with the safeguard where it applies): the policy gets gradient,
+    the reference none; losses without a reference get no reference forward."""
+    spec = get_spec(name)
+    options = {"beta": 10.0, "winner_preserving_mu": 0.5}
+    needs = requirements(name, options)
+    group = 2 if spec.pairwise else 1
+    pixels = torch.rand(2 * group, 3, 64, 64) * 2 - 1
+    cond = tiny.family.condition(["a", "b"], [(64, 64)] * 2 * group, [(0, 0)] * 2 * group)
+    reference = tiny.reference if needs.reference else None
+    out = denoise(tiny.policy, reference, tiny.latent_encoder, tiny.noise_scheduler, cond,
+                  pixels, group, 0, 0, nullcontext, keep_predictions=needs.predictions)  # fmt: skip
+    assert (out.ref_err is None) == (not spec.needs_reference)
+    labels = None if spec.pairwise else torch.tensor([1.0, 0.0])
+    tiny.policy.zero_grad(set_to_none=True)
+    loss, _ = build_loss(name, options)(out.policy_err, out.ref_err, labels=labels,
+                                        policy_pred=out.policy_pred, ref_pred=out.ref_pred,
+                                        target=out.target)  # fmt: skip
+    loss.backward()
+    assert all(p.grad is None for p in tiny.reference.parameters())
+    assert sum(p.grad.abs().sum() for p in tiny.policy.parameters() if p.grad is not None) > 0

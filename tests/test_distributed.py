@@ -1,8 +1,10 @@
 """Two synchronised training processes (gloo on CPU) against one process with the same global
 batch: disjoint data, identical parameters on both ranks, the same loss trajectory.
 
-The equivalence uses DPO: the KTO reference point is a mean over each micro-batch (across
-processes), so 2 processes x 1 image and 1 process x 2 accumulated images of 1 differ by design.
+The equivalence uses DPO, and DSPO with the Diffusion-SDPO safeguard (per-pixel predictions and
+a per-micro-batch lambda, which with batch 1 sees the same pair in both layouts): the KTO
+reference point is a mean over each micro-batch (across processes), so 2 processes x 1 image and
+1 process x 2 accumulated images of 1 differ by design.
 """
 
 import json
@@ -19,12 +21,18 @@ from tests.support import reset_accelerate
 STEPS = 4
 
 
+LOSSES = {
+    "dpo": ("--loss", "dpo", "--beta", "500"),
+    "dspo-safeguard": ("--loss", "dspo", "--winner_preserving_mu", "0.2"),
+}
+
+
 def argv(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:
     # Adam with epsilon >> |g| steps like SGD, so the ~1e-7 rounding difference between an
     # all-reduce and an accumulation is not normalised into full-size updates of random sign.
     return [
         "--pretrained_model", str(model), "--data", str(toy / "pickapic"),
-        "--output_dir", str(out), "--loss", "dpo", "--beta", "500", "--resolution", "64",
+        "--output_dir", str(out), "--resolution", "64",
         "--train_batch_size", "1", "--max_train_steps", str(STEPS), "--learning_rate", "0.1",
         "--adam_epsilon", "1", "--lr_warmup_steps", "0", "--checkpointing_steps", "100",
         "--report_to", "none", *extra,
@@ -61,8 +69,9 @@ def rank_main(args: list[str], report_dir: str) -> None:
     )
 
 
+@pytest.mark.parametrize("loss", list(LOSSES))
 def test_two_processes_match_one_process_with_the_same_global_batch(
-    tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch
+    loss, tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: no oversubscription
     torch_threads = torch.get_num_threads()
@@ -70,13 +79,14 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
     try:
         report = tmp_path / "report"
         report.mkdir()
-        two = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "two", "--dataloader_num_workers", "0")
+        two = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "two", *LOSSES[loss],
+                   "--dataloader_num_workers", "0")  # fmt: skip
         debug_launcher(rank_main, args=(two, str(report)), num_processes=2)
         reset_accelerate()
         # One process, accumulation 2, 2 DataLoader workers: micro-batch m comes from worker
         # (= stream role) m % 2, as rank r reads role r in the 2-process run.
-        one = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "one", "--dataloader_num_workers",
-                   "2", "--gradient_accumulation_steps", "2")  # fmt: skip
+        accumulate = ("--dataloader_num_workers", "2", "--gradient_accumulation_steps", "2")
+        one = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "one", *LOSSES[loss], *accumulate)
         single, single_rows = train_recording_rows(one)
     finally:
         torch.set_num_threads(torch_threads)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from losses import get_spec
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "exps").glob("*.sh"))
 # The toy benchmark is a pipeline, not one training run: tested on its own below.
@@ -20,10 +22,9 @@ def test_the_published_scripts_exist():
     }
 
 
-@pytest.mark.parametrize("script", TRAINING_SCRIPTS, ids=lambda p: p.name)
-def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
+def run_script(script: Path, request, toy_data_dir: Path, out: Path, **extra: str):
+    """Run ``script`` on the tiny model and toy data; returns (process, saved config)."""
     model = request.getfixturevalue("tiny_sdxl_dir" if "sdxl" in script.name else "tiny_sd15_dir")
-    out = tmp_path / "out"
     overrides = {
         "MODEL": str(model),
         "VAE": "none",  # the SDXL scripts' fp16-fix VAE is a hub download
@@ -40,6 +41,7 @@ def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
         "WORKERS": "0",
         "REPORT_TO": "none",
         "EVAL_SEEDS": "1",
+        **extra,
     }
     env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
@@ -51,10 +53,38 @@ def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
     # The environment won over the script's defaults ...
     assert config["max_train_steps"] == 2 and config["resolution"] == 64
     assert config["pretrained_model"] == str(model)
-    # ... and what was not overridden kept the script's default (published, or tuned on the toy).
-    default_beta = re.search(r"BETA=\$\{BETA:-([0-9.]+)\}", script.read_text()).group(1)
-    assert config["beta"] == float(default_beta)
     assert "trained UNet saved to" in done.stderr + done.stdout
+    return done, config
+
+
+@pytest.mark.parametrize("script", TRAINING_SCRIPTS, ids=lambda p: p.name)
+def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
+    _, config = run_script(script, request, toy_data_dir, tmp_path / "out")
+    # ... and what was not overridden kept the script's default: the toy-tuned beta of
+    # example.sh, else the released value of the script's loss.
+    toy_beta = re.search(r"DPO_TOY_BETA=([0-9.]+)", script.read_text())
+    released = get_spec(config["loss"]).hyperparameters["beta"]
+    assert config["beta"] == (float(toy_beta.group(1)) if toy_beta else released)
+
+
+@pytest.mark.parametrize(
+    ("script", "env", "expected"),
+    [
+        ("sdxl_dpo.sh", {"LOSS": "mapo"}, {"beta": 0.1, "snr_value": 0.5}),
+        (
+            "sd15_dpo.sh",
+            {"LOSS": "dmpo", "MU": "0.9"},
+            {"beta": 2000.0, "dmpo_alpha": 0.01, "winner_preserving_mu": 0.9},
+        ),
+    ],
+    ids=["sdxl-mapo", "sd15-dmpo-safeguard"],
+)
+def test_loss_picks_its_released_defaults(script, env, expected, request, toy_data_dir, tmp_path):
+    out = tmp_path / "out"
+    done, config = run_script(REPO / "exps" / script, request, toy_data_dir, out, **env)
+    assert config["loss"] == env["LOSS"]
+    assert {k: config[k] for k in expected} == expected
+    assert "is not used by --loss" not in done.stderr + done.stdout
 
 
 def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):

@@ -96,3 +96,24 @@ def test_lora_resume_reproduces_an_uninterrupted_run(tiny_sd15_dir, toy_data_dir
         full.models.policy.named_parameters(), resumed.models.policy.parameters(), strict=True
     ):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize(
+    ("loss", "extra"),
+    [("dspo", ()), ("mapo", ()), ("dpo", ("--winner_preserving_mu", "0.9"))],
+    ids=["dspo", "mapo", "dpo-safeguard"],
+)
+def test_every_kind_of_loss_trains_the_adapters_only(loss, extra, tiny_sd15_dir, toy_data_dir,
+                                                     tmp_path):  # fmt: skip
+    """Per-pixel (dspo), reference-free (mapo) and safeguarded losses on LoRA."""
+    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", loss, *LORA, *extra)
+    assert all(math.isfinite(step["loss"]) for step in result.history)
+    base = dict(UNet2DConditionModel.from_pretrained(tiny_sd15_dir, subfolder="unet")
+                .named_parameters())  # fmt: skip
+    for name, param in result.models.policy.named_parameters():
+        if "lora_B" in name:
+            assert param.abs().sum() > 0, f"{name} did not move from zero"
+        elif "lora_" not in name:
+            assert torch.equal(param, base[name.replace(".base_layer", "")]), name
+    assert (result.models.reference is None) == (loss == "mapo")  # mapo: no reference at all
+    assert load_pipeline(tiny_sd15_dir, lora_dir=result.unet_dir) is not None

@@ -1,5 +1,6 @@
 """End-to-end train.py runs on the tiny SD1.5-shaped model and toy data (CPU, in-process)."""
 
+import functools
 import json
 import math
 from importlib import metadata
@@ -21,12 +22,18 @@ def data_args(loss: str, toy: Path) -> list[str]:
     return ["--csv", str(toy / "kto" / "train_processed_v3.csv"), "--images", str(toy / "kto")]
 
 
+def beta_args(loss: str) -> list[str]:
+    """beta 500 for the losses released with beta in the thousands (the tiny model's errors
+    differ little); the others keep their released default (dspo 0.001, mapo 0.1; sft none)."""
+    return ["--beta", "500"] if get_spec(loss).hyperparameters.get("beta", 0) >= 500 else []
+
+
 def run(model: Path, toy: Path, out: Path, loss: str = "dpo", *extra: str) -> train.TrainResult:
     args = [
         "--pretrained_model", str(model), "--output_dir", str(out), "--loss", loss,
         "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
         "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0",
-        "--checkpointing_steps", "100", "--report_to", "none", "--beta", "500",
+        "--checkpointing_steps", "100", "--report_to", "none", *beta_args(loss),
         *data_args(loss, toy), *extra,
     ]  # fmt: skip
     return train.main(args)
@@ -54,6 +61,45 @@ def test_end_to_end(loss, tiny_sd15_dir, toy_data_dir, tmp_path):
             assert torch.equal(param, base[name]), f"reference parameter {name} moved"
     else:
         assert result.models.reference is None  # SFT never loads a reference UNet
+
+
+def test_safeguard_end_to_end_logs_its_lambda(tiny_sd15_dir, toy_data_dir, tmp_path):
+    result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dspo",
+                 "--winner_preserving_mu", "0.2")  # fmt: skip
+    lambdas = [step["safeguard/lambda"] for step in result.history]
+    assert all(0.0 <= lam <= 1.0 for lam in lambdas)
+    assert {"rewards/margins", "rewards/accuracies"} <= set(result.history[0])
+    base = dict(base_unet(tiny_sd15_dir).named_parameters())
+    moved = [n for n, p in result.models.policy.named_parameters() if not torch.equal(p, base[n])]
+    assert len(moved) == len(base)
+
+
+def test_mapo_loads_and_runs_no_reference_unet(tiny_sd15_dir, toy_data_dir, tmp_path,
+                                                monkeypatch, caplog):  # fmt: skip
+    """One UNet object is built (the policy) and runs once per micro-batch; a flag the loss
+    does not use is reported at start-up."""
+    created, forwards = [], []
+    init = UNet2DConditionModel.__init__
+
+    @functools.wraps(init)  # diffusers reads the config's fields from __init__'s signature
+    def counting_init(self, *args, **kwargs):
+        created.append(self)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "__init__", counting_init)
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, _: forwards.append(1) if isinstance(module, UNet2DConditionModel) else None
+    )
+    try:
+        extra = ("--gradient_accumulation_steps", "2", "--winner_preserving_mu", "0.9")
+        result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "mapo", *extra)
+    finally:
+        hook.remove()
+    assert len(created) == 1 and created[0] is result.models.policy
+    assert result.models.reference is None
+    assert len(forwards) == 2 * 2  # 2 steps x 2 micro-batches, policy only
+    assert {"mapo/margins", "rewards/accuracies", "err/chosen"} <= set(result.history[0])
+    assert "--winner_preserving_mu is not used by --loss mapo" in caplog.text
 
 
 def test_dpo_starts_at_log2_and_logs_the_metric_vocabulary(tiny_sd15_dir, toy_data_dir, tmp_path):
@@ -144,15 +190,17 @@ def test_resume_reproduces_an_uninterrupted_run(tiny_sd15_dir, toy_data_dir, tmp
         assert torch.equal(a, b), name
 
 
-def test_batch_two_equals_accumulation_two(tiny_sd15_dir, toy_data_dir, tmp_path):
+@pytest.mark.parametrize("loss", ["dpo", "dspo"])
+def test_batch_two_equals_accumulation_two(loss, tiny_sd15_dir, toy_data_dir, tmp_path):
     # Same pairs and noise draws; only float summation order differs. Adam with epsilon >> |g|
     # (clipping bounds |g| by 1) steps along the gradient like SGD instead of normalising it,
     # so tiny gradients' rounding is not blown up to full-size updates of random sign.
+    # dspo: the per-pixel predictions are kept per micro-batch.
     common = ("--learning_rate", "0.1", "--adam_epsilon", "1")
-    big = run(tiny_sd15_dir, toy_data_dir, tmp_path / "big", "dpo", *common,
+    big = run(tiny_sd15_dir, toy_data_dir, tmp_path / "big", loss, *common,
               "--train_batch_size", "2")  # fmt: skip
     reset_accelerate()
-    small = run(tiny_sd15_dir, toy_data_dir, tmp_path / "small", "dpo", *common,
+    small = run(tiny_sd15_dir, toy_data_dir, tmp_path / "small", loss, *common,
                 "--train_batch_size", "1", "--gradient_accumulation_steps", "2")  # fmt: skip
     assert abs(big.history[1]["loss"] - big.history[0]["loss"]) > 1e-3  # step 1 moved the policy
     for a, b in zip(big.history, small.history, strict=True):
@@ -223,6 +271,37 @@ def test_invalid_config_fails_at_startup():
         train.main(["--loss", "kto"])
     with pytest.raises(ValueError, match="multiple of 8"):
         train.main(["--resolution", "100"])
+    bad = [
+        ("--dmpo_alpha", "1", r"\(0, 1\)"),
+        ("--winner_preserving_mu", "1.5", r"\[0, 1\]"),
+        ("--label_smoothing", "0.5", r"\[0, 0.5\)"),
+        ("--beta", "0", "finite and > 0"),
+    ]
+    for flag, value, message in bad:
+        with pytest.raises(ValueError, match=f"{flag}.*{message}"):
+            train.main([flag, value])
+
+
+def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named():
+    from config import given_flags, parse_config, unused_flag_notes
+
+    assert parse_config(["--loss", "mapo"]).beta == 0.1
+    assert parse_config(["--loss", "dmpo"]).beta == 2000.0
+    assert parse_config(["--loss", "dspo", "--beta", "none"]).beta == 0.001
+    argv = [
+        "--loss",
+        "ipo",
+        "--label_smoothing",
+        "0.1",
+        "--winner_preserving_mu",
+        "none",
+        "--beta",
+        "9",
+    ]
+    assert given_flags(argv) == {"loss", "label_smoothing", "beta"}
+    assert unused_flag_notes(parse_config(argv), given_flags(argv)) == [
+        "--label_smoothing is not used by --loss ipo: ignored"
+    ]
 
 
 def test_every_config_field_is_a_flag_with_help():

@@ -1,0 +1,45 @@
+"""IPO (Azar et al. 2023, arXiv 2310.12036) on the common diffusion margin.
+
+    u(k) = beta / 2 * ( g(chosen k) - g(rejected k) )
+    L    = mean_k ( u(k) - 1/2 )^2
+
+IPO regresses the margin to a fixed target instead of pushing it up without bound: the paper's
+(h - 1/(2 tau))^2, h the log-ratio margin, is (u - 1/2)^2 / tau^2 with u = tau h (tau playing
+DPO's beta). The diffusers research
+example (examples/research_projects/diffusion_dpo) writes (dg - 1/(2 beta'))^2 with beta' = beta/2:
+the same optimum u = 1/2, scaled by 1/beta'^2.
+"""
+
+import torch
+
+from losses.common import no_labels, pair_metrics, pair_rewards, require
+from losses.dpo import DPO_BETA
+from losses.registry import LossFn, register
+
+# IPO's target margin in our units: h = 1/(2 tau) in the paper's (Azar et al. 2023, eq. 17).
+IPO_TARGET_MARGIN = 0.5
+
+
+@register(
+    "ipo",
+    pairwise=True,
+    needs_reference=True,
+    help="IPO: regresses the DPO margin u to 1/2 (beta/2 convention)",
+)
+def ipo_loss(beta: float = DPO_BETA) -> LossFn:
+    def loss_fn(
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        policy_pred: torch.Tensor | None = None,
+        ref_pred: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """policy_err, ref_err: [2B] chosen first."""
+        no_labels(labels, "ipo")
+        ref_err = require(ref_err, "reference errors", "ipo")
+        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
+        loss = (margin - IPO_TARGET_MARGIN).pow(2).mean()
+        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
+
+    return loss_fn
