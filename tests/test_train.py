@@ -13,7 +13,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 import train
 from checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 from losses import get_spec, loss_names
-from tests.support import reset_accelerate
+from tests.support import end_wandb_session, reset_accelerate
 
 
 def data_args(loss: str, toy: Path) -> list[str]:
@@ -218,6 +218,7 @@ def test_batch_two_equals_accumulation_two(loss, tiny_sd15_dir, toy_data_dir, tm
 def test_wandb_offline(tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    end_wandb_session()  # an earlier test's session would ignore WANDB_DIR
     run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", "--max_train_steps", "1",
         "--report_to", "wandb")  # fmt: skip
     assert list((tmp_path / "wandb").glob("offline-run-*"))

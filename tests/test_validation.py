@@ -20,7 +20,7 @@ import hub
 import train
 from checkpointing import MANIFEST_FILE
 from config import TrainConfig
-from tests.support import reset_accelerate
+from tests.support import end_wandb_session, reset_accelerate
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 VALIDATION = [
@@ -291,6 +291,7 @@ def test_validation_scheduler_choices_are_generate_pys():
 def test_grids_reach_wandb(tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    end_wandb_session()  # an earlier test's session would ignore WANDB_DIR
     val = ("--validation_prompt", PROMPTS[0], "--validation_images", "1",
            "--validation_inference_steps", "2", "--max_train_steps", "1")  # fmt: skip
     run(*argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *val, "--report_to", "wandb"))
