@@ -6,8 +6,12 @@
 config -> build (models, data, optimizer) -> loop -> export ``OUTPUT_DIR/unet``.
 """
 
+# ruff: noqa: E402  (--help and flag mistakes are answered before torch and diffusers load)
+import cli
+
+cli.answer_help_early(__name__)
+
 import json
-import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +23,7 @@ from accelerate.utils import DistributedType, ProjectConfiguration, gather_objec
 from tqdm.auto import tqdm
 
 import checkpointing
+import startup
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, parse_config, provenance
 from diffusion import batch_errors, first_group_index
@@ -29,7 +34,7 @@ from models.speed import allow_tf32
 logger = get_logger("prefdiff")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
+METRICS_FILE = startup.METRICS_FILE
 
 
 class NonFiniteTraining(RuntimeError):
@@ -84,7 +89,9 @@ def tracker_config(config: TrainConfig) -> dict:
     return {k: ("none" if v is None else v) for k, v in config.to_dict().items()}
 
 
-def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, trainable: int) -> None:
+def log_startup(
+    config: TrainConfig, accelerator: Accelerator, size: str, trainable: int, notes: list[str]
+) -> None:
     unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     lines = [
@@ -101,12 +108,14 @@ def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, traina
         f"{config.cache or 'the VAE and text encoders'}",
         f"trainable parameters: {trainable:,}",
         f"output: {config.output_dir}",
+        *notes,
     ]
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
 
 def main(argv: list[str] | None = None) -> TrainResult:
-    config = parse_config(argv)
+    cli.setup_logging()
+    config, checks = startup.prepare(parse_config(argv))
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -117,13 +126,12 @@ def main(argv: list[str] | None = None) -> TrainResult:
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
     )
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
-    )
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
-    logger.info("config: %s", run_info, main_process_only=True)
+    logger.info(startup.describe_config(run_info), main_process_only=True)
+    for warning in checks.warnings:
+        logger.warning(warning, main_process_only=True)
 
     # Data first: a bad path, column or label must stop the run before any model loads.
     dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
@@ -152,12 +160,14 @@ def main(argv: list[str] | None = None) -> TrainResult:
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
     trainable = sum(p.numel() for p in policy.parameters() if p.requires_grad)
-    log_startup(config, accelerator, dataset_size(dataset), trainable)
+    log_startup(config, accelerator, dataset_size(dataset), trainable, checks.notes)
 
     group_size = 2 if spec.pairwise else 1
     history = []
     consecutive_nonfinite = 0
     metrics_path = output_dir / METRICS_FILE
+    if accelerator.is_main_process:
+        startup.start_metrics(metrics_path, state.global_step)
     progress = tqdm(
         total=config.max_train_steps,
         initial=state.global_step,
@@ -281,20 +291,13 @@ def main(argv: list[str] | None = None) -> TrainResult:
             ", ".join(unreadable),
             main_process_only=True,
         )
-    logger.info(
-        "trained %s saved to %s (load with models.load_pipeline(%r, %s=%r))",
-        "LoRA adapters" if config.lora_rank else "UNet",
-        unet_dir,
-        config.pretrained_model,
-        "lora_dir" if config.lora_rank else "unet_dir",
-        str(unet_dir),
-        main_process_only=True,
-    )
     accelerator.end_training()
+    if accelerator.is_main_process:
+        print(startup.results(config, unet_dir), flush=True)
     return TrainResult(
         unet_dir, models, history, state.skipped_rows, state.nonfinite_steps, unreadable
     )
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)
