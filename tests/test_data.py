@@ -281,7 +281,10 @@ def test_unreadable_row_group_is_skipped(shards, monkeypatch, caplog):
         examples = epoch_examples(pairs(shards, shuffle=False))
     # group 1 of each shard (rows 3-5: two pairs and a tie) is lost: 3 rows skipped per shard
     assert len(examples) == 16 - 4 and sum(e["skipped"] for e in examples) == 6
-    assert "disk on fire" in caplog.text and "train-0.parquet (rows 4-6, numbered from 1)" in caplog.text
+    assert (
+        "disk on fire" in caplog.text
+        and "train-0.parquet (rows 4-6, numbered from 1)" in caplog.text
+    )
 
     def broken(self, index, columns=None):
         raise OSError("disk on fire")
