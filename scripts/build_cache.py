@@ -27,7 +27,6 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import TrainConfig, build_parser
-from startup import check_models
 from data.cache import (
     LATENT_PREFIX,
     MANIFEST,
@@ -47,6 +46,7 @@ from data.kto_table import parse_split_labels
 from diffusion import posterior_moments
 from models.family import ModelFamily, family_for
 from models.loading import load_family, load_vae
+from startup import check_models
 
 logger = logging.getLogger("build_cache")
 
