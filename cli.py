@@ -132,11 +132,13 @@ def setup_logging(fmt: str = LOG_FORMAT, level: int = logging.INFO) -> None:
 
 
 def answer_help_early(module_name: str) -> None:
-    """``train.py --help`` and flag mistakes, answered before the heavy imports that follow
-    this call in ``train.py`` (only when it runs as a script)."""
+    """``train.py --help``, flag mistakes and missing local model paths, answered before the
+    heavy imports that follow this call in ``train.py`` (only when it runs as a script)."""
     if module_name != "__main__":
         return
     quiet_third_party()
     from config import parse_config  # imports torch (the loss registry), not diffusers
+    from startup import check_local_paths
 
-    run(parse_config, sys.argv[1:])
+    config = run(parse_config, sys.argv[1:])
+    run(lambda _: check_local_paths(config))

@@ -52,15 +52,36 @@ def _looks_local(source: str) -> bool:
     return Path(source.split("/", 1)[0]).is_dir()
 
 
-def model_config(source: str, subfolder: str | None, flag: str, revision: str | None) -> dict:
-    """The config.json of a model part, read without any weights; UsageError naming ``flag``
-    when ``source`` is a missing local path, not a diffusers model, or a hub name that cannot be
-    reached (with ``HF_HUB_OFFLINE=1`` only the local cache is looked at, with no retries)."""
+def model_flags(config: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, value) of every model the config names."""
+    named = (
+        ("--pretrained_model", config.pretrained_model),
+        ("--reference_model", config.reference_model),
+        ("--pretrained_vae", config.pretrained_vae),
+    )
+    return [(flag, value) for flag, value in named if value]
+
+
+def check_local_paths(config: TrainConfig) -> None:
+    """A model flag naming a local path that does not exist: UsageError at once (no imports)."""
+    for flag, source in model_flags(config):
+        check_local_path(source, flag)
+
+
+def check_local_path(source: str, flag: str) -> None:
     path = Path(source).expanduser()
     if not path.exists() and _looks_local(source):
         raise UsageError(f"{flag} {source}: no such directory (a hub name has the form owner/name)")
     if path.exists() and not path.is_dir():
         raise UsageError(f"{flag} {source}: not a directory (give a diffusers model directory)")
+
+
+def model_config(source: str, subfolder: str | None, flag: str, revision: str | None) -> dict:
+    """The config.json of a model part, read without any weights; UsageError naming ``flag``
+    when ``source`` is a missing local path, not a diffusers model, or a hub name that cannot be
+    reached (with ``HF_HUB_OFFLINE=1`` only the local cache is looked at, with no retries)."""
+    check_local_path(source, flag)
+    path = Path(source).expanduser()
     from diffusers import ConfigMixin
     from huggingface_hub import constants
 
