@@ -71,18 +71,18 @@ def local_parquet_files(source: str) -> list[str] | None:
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).rglob("*.parquet") if p.is_file())
         if not files:
-            raise DataError(f"{source}: directory contains no *.parquet files")
+            raise DataError(f"--data {source}: directory contains no *.parquet files")
         return files
     if os.path.isfile(path):
         return [path]
     if any(char in path for char in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:
-            raise DataError(f"{source}: glob matches no files")
+            raise DataError(f"--data {source}: glob matches no files")
         return files
     if _HUB_NAME.match(source) and not source.endswith(".parquet"):
         return None
-    raise DataError(f"{source}: no such file or directory")
+    raise DataError(f"--data {source}: no such file or directory")
 
 
 def scan_shards(files: list[str]) -> ParquetIndex:

@@ -54,7 +54,10 @@ def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
     # ... and what was not overridden kept the script's default (published, or tuned on the toy).
     default_beta = re.search(r"BETA=\$\{BETA:-([0-9.]+)\}", script.read_text()).group(1)
     assert config["beta"] == float(default_beta)
-    assert "trained UNet saved to" in done.stderr + done.stdout
+    assert f"UNet: {out / 'unet'}" in done.stdout  # train.py's results block
+    if script.name == "example.sh":  # ends with where the model and its evaluation are
+        last = done.stdout.strip().splitlines()[-1]
+        assert f"model: {out / 'unet'}" in last and str(out / "eval" / "summary.png") in last
 
 
 def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
