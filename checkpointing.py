@@ -27,6 +27,7 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
+from cli import UsageError
 from distributed import fp32_state_dict
 from models.lora import FullUNetIO, LoraIO
 
@@ -176,10 +177,13 @@ def resolve_resume(output_dir: Path, resume_from: str | None) -> Path | None:
                 logger.warning("not resuming from damaged checkpoint: %s; trying an older one", exc)
                 continue
             return candidate
+        logger.info(
+            "--resume_from_checkpoint latest: no checkpoint found in %s, starting fresh", output_dir
+        )
         return None
     path = Path(resume_from)
     if not (path / STATE_FILE).is_file():
-        raise FileNotFoundError(f"--resume_from_checkpoint {path}: no {STATE_FILE} there")
+        raise UsageError(f"--resume_from_checkpoint {path}: no {STATE_FILE} there")
     verify_checkpoint(path)
     return path
 

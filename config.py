@@ -12,6 +12,7 @@ import json
 import math
 import platform
 import subprocess
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from cli import Parser, UsageError
 from losses import get_spec, loss_names, unused_options
 from losses.dmpo import DMPO_ALPHA
 from losses.dpo import DPO_LABEL_SMOOTHING
@@ -145,7 +147,11 @@ class TrainConfig:
         "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
         "encoders (needs centre crop)",
     )
-    resolution: int = arg(512, "training resolution: shorter side resized, then square crop")
+    resolution: int | None = arg(
+        None,
+        "training resolution: shorter side resized, then square crop (default: the model's "
+        "native size, from its UNet and VAE configs)",
+    )
     random_crop: bool = arg(False, "random instead of centre crop (shared by a pair)")
     random_flip: bool = arg(True, "horizontal flip with p=0.5 (one coin per pair)")
     caption_dropout: float = arg(CAPTION_DROPOUT, "probability a caption is replaced by ''")
@@ -175,15 +181,23 @@ class TrainConfig:
     adam_epsilon: float = arg(1e-8, "AdamW epsilon")
     weight_decay: float = arg(1e-2, "AdamW weight decay")
     max_grad_norm: float = arg(1.0, "gradient clipping norm (0 disables)")
-    mixed_precision: str = arg(
-        "no",
-        "compute precision of the UNets (trainable weights stay fp32)",
-        choices=["no", "fp16", "bf16"],
-    )
     optimizer: str = arg(
         "adamw",
         "adamw (torch); adamw8bit (bitsandbytes, optional extra); adafactor (transformers)",
         choices=list(OPTIMIZERS),
+    )
+    seed: int = arg(0, "seed for data order, augmentation, timesteps and noise")
+    max_consecutive_nonfinite: int = arg(
+        10,
+        "optimizer steps with a non-finite loss or gradient are skipped and counted; after "
+        "this many in a row the run saves a checkpoint and stops",
+    )
+
+    # Precision and speed
+    mixed_precision: str = arg(
+        "no",
+        "compute precision of the UNets (trainable weights stay fp32)",
+        choices=["no", "fp16", "bf16"],
     )
     gradient_checkpointing: bool = arg(False, "recompute UNet activations in backward")
     attention: str = arg(
@@ -192,18 +206,17 @@ class TrainConfig:
     torch_compile: bool = arg(False, "torch.compile the UNet(s)")
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
-    seed: int = arg(0, "seed for data order, augmentation, timesteps and noise")
-    max_consecutive_nonfinite: int = arg(
-        10,
-        "optimizer steps with a non-finite loss or gradient are skipped and counted; after "
-        "this many in a row the run saves a checkpoint and stops",
-    )
 
-    # Output
+    # Output and checkpoints
     output_dir: str = arg("outputs/run", "where checkpoints, logs and the final unet/ go")
+    overwrite_output_dir: bool = arg(
+        False, "replace a finished run in --output_dir (without it, such a run stops at start-up)"
+    )
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+
+    # Logging
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
     tracker_project: str = arg("prefdiff", "tracker project name")
 
@@ -240,7 +253,6 @@ class TrainConfig:
         if self.csv and not self.images:
             problems.append("--csv needs --images (the image root of its file_name entries)")
         positive = (
-            "resolution",
             "train_batch_size",
             "gradient_accumulation_steps",
             "max_train_steps",
@@ -250,8 +262,8 @@ class TrainConfig:
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
         problems += self.loss_problems()
-        if self.resolution % 8:
-            problems.append("--resolution must be a multiple of 8 (the VAE downsamples by 8)")
+        if self.resolution is not None and (self.resolution <= 0 or self.resolution % 8):
+            problems.append("--resolution must be a positive multiple of 8 (the VAE downsamples)")
         for name in ("caption_dropout", "kto_desirable_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 problems.append(f"--{name} must be in [0, 1]")
@@ -276,7 +288,7 @@ class TrainConfig:
 
         problems += validation_problems(self) + hub_problems(self)
         if problems:
-            raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+            raise UsageError("invalid config:\n  " + "\n  ".join(problems))
 
     def loss_problems(self) -> list[str]:
         """The loss hyperparameters' ranges (each loss checks its own again when built)."""
@@ -329,31 +341,105 @@ def _optional(scalar: type) -> Any:
     return parse
 
 
+# --help groups: each starts at its first field in TrainConfig's order and holds the fields up
+# to the next group's first, so a field added inside a section joins that section's group.
+HELP_GROUPS = {
+    "model": "pretrained_model",
+    "loss": "loss",
+    "data": "data",
+    "optimisation": "train_batch_size",
+    "precision and speed": "mixed_precision",
+    "checkpoints and output": "output_dir",
+    "logging": "report_to",
+    "validation and sharing": "validation_prompts",
+}
+# The order --help shows them in.
+HELP_ORDER = (
+    "model",
+    "data",
+    "loss",
+    "optimisation",
+    "precision and speed",
+    "checkpoints and output",
+    "logging",
+    "validation and sharing",
+)
+
+
+def field_groups() -> dict[str, list[str]]:
+    """HELP_GROUPS' name -> the names of its fields, in TrainConfig's order."""
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    starts = sorted((names.index(first), group) for group, first in HELP_GROUPS.items())
+    groups: dict[str, list[str]] = {group: [] for group in HELP_ORDER}
+    for position, name in enumerate(names):
+        group = next((g for start, g in reversed(starts) if start <= position), starts[0][1])
+        groups[group].append(name)
+    return groups
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends the default once: not when the help text already explains it, nor for None."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default in (None, argparse.SUPPRESS) or "default" in text:
+            return text
+        return f"{text} (default: {action.default})"
+
+
 def build_parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
-    """The CLI; with ``suppress_defaults`` only the flags given appear in the parsed result."""
-    parser = argparse.ArgumentParser(
-        description="preference fine-tuning of SD1.5 / SDXL UNets with any loss of --loss",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    """The CLI, flags grouped for --help; with ``suppress_defaults`` only the flags given
+    appear in the parsed result."""
+    parser = Parser(
+        description="Preference fine-tuning of SD1.5 / SDXL UNets with any loss of --loss. "
+        "Every flag takes one value (--flag VALUE or --flag=VALUE); abbreviations are refused.",
+        usage="%(prog)s [--flag VALUE ...]",
+        formatter_class=_HelpFormatter,
     )
-    for f in dataclasses.fields(TrainConfig):
-        if f.metadata.get("repeat"):
-            parser.add_argument(f"--{f.name}", action="append", default=[], help=f.metadata["help"])
-            continue
-        scalar = _field_type(f.type)
-        optional = scalar is not f.type
-        parse = _parse_bool if scalar is bool else scalar
-        parser.add_argument(
-            f"--{f.name}",
-            type=_optional(parse) if optional else parse,
-            default=argparse.SUPPRESS if suppress_defaults else f.default,
-            choices=f.metadata.get("choices"),
-            metavar="BOOL" if scalar is bool else None,
-            help=f.metadata["help"],
-        )
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    for group, names in field_groups().items():
+        section = parser.add_argument_group(group)
+        for name in names:
+            f = fields[name]
+            if f.metadata.get("repeat"):  # a repeatable flag collects its values in a list
+                empty = argparse.SUPPRESS if suppress_defaults else []
+                section.add_argument(
+                    f"--{f.name}", action="append", default=empty, help=f.metadata["help"]
+                )
+                continue
+            scalar = _field_type(f.type)
+            optional = scalar is not f.type
+            parse = _parse_bool if scalar is bool else scalar
+            section.add_argument(
+                f"--{f.name}",
+                type=_optional(parse) if optional else parse,
+                default=argparse.SUPPRESS if suppress_defaults else f.default,
+                choices=f.metadata.get("choices"),
+                metavar="BOOL" if scalar is bool else None,
+                help=f.metadata["help"],
+            )
     return parser
 
 
+def join_negative_numbers(argv: list[str]) -> list[str]:
+    """``--flag -1e-4`` -> ``--flag=-1e-4``: argparse takes ``-1e-4`` for an option (it only
+    recognises plain negative integers and decimals), and every flag here takes one value."""
+    joined: list[str] = []
+    for arg in argv:
+        if joined and joined[-1].startswith("--") and "=" not in joined[-1] and arg[:1] == "-":
+            try:
+                float(arg)
+            except ValueError:
+                pass
+            else:
+                joined[-1] = f"{joined[-1]}={arg}"
+                continue
+        joined.append(arg)
+    return joined
+
+
 def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     config = TrainConfig(**vars(build_parser().parse_args(argv)))
     config.validate()
     config.resolve_loss_defaults()
@@ -362,6 +448,7 @@ def parse_config(argv: list[str] | None = None) -> TrainConfig:
 
 def given_flags(argv: list[str] | None = None) -> set[str]:
     """Names of the flags set on the command line to a value (``none`` counts as unset)."""
+    argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser(suppress_defaults=True)
     return {k for k, v in vars(parser.parse_args(argv)).items() if v is not None}
 

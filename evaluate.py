@@ -2,11 +2,12 @@
 
     # folders written by generate.py (images/ + generations.csv)
     python evaluate.py --run base=outputs/gen/base --run dpo=outputs/gen/dpo \
-        --scorer toy_colour --scorer pickscore=/models/PickScore_v1 --out outputs/eval
+        --scorer pickscore=/models/PickScore_v1 --out outputs/eval
 
-    # or generate first: base alone, and the base with a trained UNet swapped in
+    # or generate first: base alone, and the base with a trained run (full or LoRA) loaded
     python evaluate.py --model assets/toy-sd15 --generate base --generate dpo=outputs/dpo \
-        --prompts assets/toy_prompts_heldout.txt --num_seeds 8 --out outputs/eval
+        --prompts assets/toy_prompts_heldout.txt --num_seeds 8 --distinct_seeds \
+        --scorer toy_warm --out outputs/eval
 
     # a standard suite with a written-down protocol (evaluation/suites.py)
     python evaluate.py --suite hpsv2 --protocol sd15 --model runwayml/stable-diffusion-v1-5 \
@@ -15,11 +16,17 @@
 Writes OUT/scores.csv (one row per image, one column per scorer), OUT/summary.md (mean and 95%
 interval per model and scorer, per style for suites with styles; win rates of every model
 against the baseline, the first run unless --baseline; the protocol; published reference rows,
-marked as not measured here), OUT/protocol.json and OUT/summary.png (bar charts).
+marked as not measured here), OUT/protocol.json and OUT/summary.png (bar charts). There is no
+default scorer: a toy rule means nothing on a real model, and a learned scorer needs its weights.
+
+Images that share a seed across prompts are not independent draws when the noise decides most
+of the picture: a run with shared seeds gets a warning (use --distinct_seeds), since its
+intervals come out too narrow.
 """
 
 from __future__ import annotations
 
+# ruff: noqa: E402  (third-party noise filters go in before transformers imports)
 import argparse
 import hashlib
 import json
@@ -27,6 +34,10 @@ import logging
 from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
+
+import cli
+
+cli.quiet_third_party()
 
 import pandas as pd
 import torch
@@ -60,7 +71,9 @@ def read_generations(name: str, folder: Path) -> pd.DataFrame:
 
     path = folder / METADATA_CSV
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found: --run expects a folder written by generate.py")
+        raise cli.UsageError(
+            f"--run {name}={folder}: {path} not found (expected a folder written by generate.py)"
+        )
     table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
     missing = {"file_name", "prompt"} - set(table.columns)
     if missing:
@@ -70,6 +83,21 @@ def read_generations(name: str, folder: Path) -> pd.DataFrame:
     table["path"] = [str(folder / f) for f in table["file_name"]]
     table.insert(0, "model", name)
     return table
+
+
+def shared_seeds(table: pd.DataFrame) -> str | None:
+    """A warning when one model's images share seeds across prompts, else None."""
+    prompts_per_seed = table.groupby(["model", "seed"])["prompt"].nunique()
+    shared = prompts_per_seed[prompts_per_seed > 1]
+    if shared.empty:
+        return None
+    (model, seed), count = next(iter(shared.items()))
+    return (
+        f"{len(shared)} seeds are shared across prompts (e.g. {model}: seed {seed} in {count} "
+        "prompts): images with the same seed share their noise, so when the noise decides most "
+        "of the picture they are not independent and the intervals are too narrow; generate "
+        "with --distinct_seeds"
+    )
 
 
 def score_table(table: pd.DataFrame, scorers: Sequence[Scorer], batch: int = 64) -> pd.DataFrame:
@@ -157,12 +185,12 @@ def parse_named(values: Sequence[str], flag: str) -> list[tuple[str, str | None]
     pairs = [(v.split("=", 1)[0], v.split("=", 1)[1] if "=" in v else None) for v in values]
     names = [n for n, _ in pairs]
     if len(set(names)) != len(names):
-        raise ValueError(f"{flag}: names must be unique, got {names}")
+        raise cli.UsageError(f"{flag}: names must be unique, got {names}")
     return pairs
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--run", action="append", default=[], help="NAME=DIR of a generate.py folder (repeat)"
     )
@@ -170,13 +198,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--generate",
         action="append",
         default=[],
-        help="NAME (the base) or NAME=UNET (a trained UNet): generate into OUT/NAME first",
+        help="NAME (the base) or NAME=RUN (a trained run: OUTPUT_DIR, or its unet/ or lora/): "
+        "generate into OUT/NAME first",
     )
     parser.add_argument(
         "--scorer",
         action="append",
         default=[],
-        help=f"NAME or NAME=PATH, NAME in {sorted(SCORERS)} (repeat; default toy_colour)",
+        help=f"NAME or NAME=PATH, NAME in {sorted(SCORERS)} (repeat; at least one)",
     )
     parser.add_argument("--baseline", default=None, help="run the others are compared with")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
@@ -220,6 +249,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(protocol, preset))
     args.distinct_seeds = args.distinct_seeds or protocol.distinct_seeds
+    if not args.scorer:
+        parser.error(
+            "give at least one --scorer (toy_warm / toy_colour only mean something on the toy "
+            "model; a real model needs a learned scorer such as pickscore=PATH)"
+        )
     return args
 
 
@@ -241,10 +275,11 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
 
     prompts, styles = run_prompts(args)
     runs = []
-    for name, unet in parse_named(args.generate, "--generate"):
-        pipe = generate.load_pipeline(
-            args.model, unet, args.scheduler, generate.DTYPES[args.dtype], args.device
-        )
+    for name, run in parse_named(args.generate, "--generate"):
+        weights = generate.trained_weights(run, "--generate") if run else {}
+        pipe = generate.load_pipeline(args.model, scheduler=args.scheduler,
+                                      dtype=generate.DTYPES[args.dtype], device=args.device,
+                                      **weights)  # fmt: skip
         images = generate.generate(
             pipe,
             prompts,
@@ -407,14 +442,17 @@ def protocol_markdown(record: dict) -> str:
 
 def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[WinRate]]:
     runs = [(n, Path(d)) for n, d in parse_named(args.run, "--run") if d] + generate_runs(args)
-    args.scorer = args.scorer or ["toy_colour"]
     scorers = [build_scorer(n, p, args.device) for n, p in parse_named(args.scorer, "--scorer")]
     names = [s.name for s in scorers]
-    scores = score_table(pd.concat([read_generations(n, d) for n, d in runs]), scorers)
-    scores = add_styles(scores, args.suite)
+    generations = pd.concat([read_generations(n, d) for n, d in runs])
+    warning = shared_seeds(generations)
+    if warning:
+        logger.warning(warning)
+    scores = add_styles(score_table(generations, scorers), args.suite)
     baseline = args.baseline or runs[0][0]
     if baseline not in scores["model"].unique():
-        raise ValueError(f"--baseline {baseline!r} is not one of the runs {[n for n, _ in runs]}")
+        given = [n for n, _ in runs]
+        raise cli.UsageError(f"--baseline {baseline!r} is not one of the runs {given}")
     table = summary(scores, names)
     rates = win_rates(scores, names, baseline)
     record = protocol_record(args, runs)
@@ -434,11 +472,16 @@ def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list
 
 def main(argv: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame, list[WinRate]]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging("%(levelname)s %(name)s: %(message)s")
     result = evaluate(args)
     print((args.out / SUMMARY_MD).read_text(encoding="utf-8"), end="")
+    written = [args.out / name for name in (SCORES_CSV, SUMMARY_MD, PROTOCOL_JSON, SUMMARY_PNG)]
+    generated = [str(args.out / name) for name, _ in parse_named(args.generate, "--generate")]
+    if generated:
+        print(f"generated images: {', '.join(generated)}")
+    print(f"wrote {', '.join(str(p) for p in written)}")
     return result
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

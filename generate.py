@@ -24,6 +24,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+# ruff: noqa: E402  (third-party noise filters go in before diffusers and transformers import)
+import cli
+
+cli.quiet_third_party()
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -38,6 +43,7 @@ from tqdm.auto import tqdm
 
 import models
 from models.lora import LORA_WEIGHTS
+from startup import model_config
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +78,21 @@ def trained_dir(path: str | Path, subfolder: str, marker: str, what: str) -> Pat
     for candidate in (path / subfolder, path):
         if (candidate / marker).is_file():
             return candidate
-    raise FileNotFoundError(f"no {what} ({marker}) in {path} or {path / subfolder}")
+    raise cli.UsageError(f"{path}: no {what} ({marker}) in {path} or {path / subfolder}")
+
+
+def trained_weights(path: str | Path, flag: str) -> dict[str, Path]:
+    """``{"unet": dir}`` for a full fine-tune or ``{"lora": dir}`` for LoRA adapters, from the
+    trainer's OUTPUT_DIR or its unet/ or lora/ folder (whichever the run wrote)."""
+    path = Path(path)
+    for key, subfolder, marker in (("unet", "unet", "config.json"), ("lora", "lora", LORA_WEIGHTS)):
+        for candidate in (path / subfolder, path):
+            if (candidate / marker).is_file():
+                return {key: candidate}
+    raise cli.UsageError(
+        f"{flag} {path}: neither a trained UNet (unet/config.json) nor LoRA adapters "
+        f"(lora/{LORA_WEIGHTS}) there"
+    )
 
 
 def load_pipeline(
@@ -89,6 +109,7 @@ def load_pipeline(
     Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
     if scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
+    model_config(str(model), "unet", "--model", None)  # a wrong path: one line, at once
     pipe = models.load_pipeline(
         model,
         unet_dir=None
@@ -198,7 +219,7 @@ def labelled_grid(
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="assets/toy-sd15", help="base model dir or hub name")
     parser.add_argument(
         "--unet", default=None, help="trained UNet: the trainer's OUTPUT_DIR or a unet/ folder"
@@ -239,7 +260,7 @@ def prompts_and_seeds(args: argparse.Namespace) -> tuple[list[str], list[int]]:
 
 def main(argv: Sequence[str] | None = None) -> list[Generation]:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.setup_logging("%(levelname)s %(name)s: %(message)s")
     prompts, seeds = prompts_and_seeds(args)
     pipe = load_pipeline(
         args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device, args.lora
@@ -256,11 +277,15 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
     )
     save_generations(args.out, generations)
     cells = math.prod((len(prompts), len(seeds)))
+    grid = ""
     if cells <= 4096:
         labelled_grid(generations, args.grid_cell).save(args.out / GRID_PNG)
-    print(f"{len(generations)} images in {args.out / IMAGE_DIR}, grid {args.out / GRID_PNG}")
+        grid = f", grid {args.out / GRID_PNG}"
+    print(
+        f"{len(generations)} images in {args.out / IMAGE_DIR}, list {args.out / METADATA_CSV}{grid}"
+    )
     return generations
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

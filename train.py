@@ -9,8 +9,12 @@ IPO, hinge, DMPO, DSPO, MaPO, Diffusion-KTO, SFT; the Diffusion-SDPO safeguard).
 What a loss needs (a reference model, per-pixel predictions) comes from its registry entry.
 """
 
+# ruff: noqa: E402  (--help and flag mistakes are answered before torch and diffusers load)
+import cli
+
+cli.answer_help_early(__name__)
+
 import json
-import logging
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +28,7 @@ from tqdm.auto import tqdm
 
 import checkpointing
 import hub
+import startup
 from build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
 from data import LabeledImages, PickapicPairs
@@ -40,7 +45,7 @@ from validation import ValidationResult, Validator
 logger = get_logger("prefdiff")
 
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
+METRICS_FILE = startup.METRICS_FILE
 
 
 class NonFiniteTraining(RuntimeError):
@@ -113,7 +118,9 @@ def describe_loss(config: TrainConfig) -> str:
     return f"{config.loss} ({', '.join(used)})" if used else config.loss
 
 
-def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, trainable: int) -> None:
+def log_startup(
+    config: TrainConfig, accelerator: Accelerator, size: str, trainable: int, notes: list[str]
+) -> None:
     unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     lines = [
@@ -130,6 +137,7 @@ def log_startup(config: TrainConfig, accelerator: Accelerator, size: str, traina
         f"{config.cache or 'the VAE and text encoders'}",
         f"trainable parameters: {trainable:,}",
         f"output: {config.output_dir}",
+        *notes,
     ]
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
@@ -159,7 +167,8 @@ class Run:
 
 def setup(argv: list[str] | None) -> Run:
     """Config -> accelerator, data, models, loss, optimizer; resume if asked."""
-    config = parse_config(argv)
+    cli.setup_logging()
+    config, checks = startup.prepare(parse_config(argv))
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -170,14 +179,13 @@ def setup(argv: list[str] | None) -> Run:
             project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
         ),
     )
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO
-    )
     configure_backend(accelerator, config)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
-    logger.info("config: %s", run_info, main_process_only=True)
+    logger.info(startup.describe_config(run_info), main_process_only=True)
+    for warning in checks.warnings:
+        logger.warning(warning, main_process_only=True)
     for note in unused_flag_notes(config, given_flags(argv)):
         logger.warning(note, main_process_only=True)
 
@@ -210,7 +218,9 @@ def setup(argv: list[str] | None) -> Run:
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
-    log_startup(config, accelerator, dataset_size(dataset), trainable)
+    log_startup(config, accelerator, dataset_size(dataset), trainable, checks.notes)
+    if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
+        startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
     run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
               dataset, batches, state, run_info, output_dir,
               Validator.build(config, models, accelerator, weight_dtype))  # fmt: skip
@@ -383,16 +393,9 @@ def finish(run: Run) -> TrainResult:
             ", ".join(unreadable),
             main_process_only=True,
         )
-    logger.info(
-        "trained %s saved to %s (load with models.load_pipeline(%r, %s=%r))",
-        "LoRA adapters" if config.lora_rank else "UNet",
-        unet_dir,
-        config.pretrained_model,
-        "lora_dir" if config.lora_rank else "unet_dir",
-        str(unet_dir),
-        main_process_only=True,
-    )
     accelerator.end_training()
+    if accelerator.is_main_process:
+        print(startup.results(config, unet_dir), flush=True)
     return TrainResult(unet_dir, run.models, run.history, state.skipped_rows,
                        state.nonfinite_steps, unreadable,
                        [v for v in run.validations if v is not None])  # fmt: skip
@@ -438,4 +441,4 @@ def main(argv: list[str] | None = None) -> TrainResult:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)

@@ -7,7 +7,10 @@ Reports rows, ties, undecodable images, missing image files, duplicate pairs (or
 ``file_name`` rows), captions longer than the tokenizer's limit (they get truncated), and
 label / split counts. Exits 1 when a problem would stop or corrupt training (an unreadable
 parquet file or row group, a missing column, a bad label, an unknown split, a path outside the
-image root, no usable rows), or, with ``--strict``, when anything at all was found; 0 otherwise.
+image root, most image files missing, no usable rows), or, with ``--strict``, when anything at
+all was found; 2, with one line naming the flag, when the input cannot be read at all (a path
+that does not exist, an empty or unparsable CSV); 0 otherwise. Rows are numbered from 1 in
+both formats (a parquet file's first row, the CSV's first row after its header).
 
 Images are decoded in JPEG draft mode (DCT scaling to about 1/8 size), which still reads the
 whole entropy-coded stream, so truncated or garbled files fail here as they would in training,
@@ -27,13 +30,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+import cli
 from data.errors import DataError
-from data.kto_table import CSV_COLUMNS, DEFAULT_SPLIT_LABELS, parse_split_labels
+from data.kto_table import DEFAULT_SPLIT_LABELS, MAX_MISSING_SHARE, parse_split_labels, read_csv
 from data.parquet_index import REQUIRED_COLUMNS, count_pairs, local_parquet_files
 
 logger = logging.getLogger(__name__)
@@ -69,6 +72,7 @@ class Report:
     labels: dict[str, int] = field(default_factory=dict)  # chosen side / label -> count
     splits: dict[str, int] = field(default_factory=dict)  # CSV split -> count
     fatal: list[str] = field(default_factory=list)
+    images_checked: int = 0  # image files looked up (CSV)
 
     def defects(self) -> int:
         kinds = (self.undecodable_images, self.missing_files, self.duplicates)
@@ -79,7 +83,7 @@ class Report:
 
     def summary(self) -> str:
         lines = [
-            f"rows: {self.rows} ({self.usable} usable, {self.ties} ties)",
+            f"rows: {self.rows} ({self.usable} usable, {self.ties} ties; rows numbered from 1)",
             f"labels: {self.labels}",
         ]
         if self.splits:
@@ -140,21 +144,18 @@ def _as_bytes(value: object) -> bytes:
 def check_pairs(source: str, captions: CaptionLengths) -> Report:
     """Scan every row group of every shard named by ``source`` (as ``--data`` takes it)."""
     report = Report(source)
-    try:
-        files = local_parquet_files(source)
-    except DataError as exc:
-        report.fatal.append(str(exc))
-        return report
+    files = local_parquet_files(source)  # DataError for a path that does not exist
     if files is None:
-        report.fatal.append(f"{source}: not a local path (the check reads local shards only)")
-        return report
+        raise DataError(f"{source}: not a local path (the check reads local shards only)")
     seen: set[bytes] = set()
     chosen: Counter = Counter()
     for path in files:
         _check_shard(path, report, seen, chosen, captions)
     report.labels = {f"image_{side}_chosen": n for side, n in sorted(chosen.items())}
     if report.usable == 0 and not report.fatal:
-        report.fatal.append(f"{source}: no usable pairs (every row is a tie or unreadable)")
+        report.fatal.append(
+            f"{source}: no usable pairs (every row is a tie or has an undecodable image)"
+        )
     return report
 
 
@@ -176,7 +177,7 @@ def _check_shard(
     first_row = 0
     for group in range(shard.metadata.num_row_groups):
         num_rows = shard.metadata.row_group(group).num_rows
-        where = f"{path} row group {group} (rows {first_row}-{first_row + num_rows - 1})"
+        where = f"{path} row group {group} (rows {first_row + 1}-{first_row + num_rows})"
         try:
             table = shard.read_row_group(group, columns=columns)
             count_pairs(where, table.select(["label_0", "label_1"]))
@@ -205,22 +206,24 @@ def _check_rows(
     ids = [table.column(c) for c in id_columns]
     jpgs = [table.column("jpg_0"), table.column("jpg_1")]
     for i in range(table.num_rows):
-        where = f"{path} row {first_row + i}"
+        where = f"{path} row {first_row + i + 1}"
         report.rows += 1
         if long[i]:
             report.long_captions.add(where)
         if label_0[i] == label_1[i]:
             report.ties += 1
             continue
-        report.usable += 1
         chosen[0 if label_0[i] == 1 else 1] += 1
         key = _pair_key(ids[0][i].as_py(), ids[1][i].as_py())
         if key in seen:
             report.duplicates.add(where)
         seen.add(key)
+        decodes = True
         for side in (0, 1):
             if not image_decodes(jpgs[side][i].as_py()):
                 report.undecodable_images.add(f"{where}, column jpg_{side}")
+                decodes = False
+        report.usable += decodes  # training skips a pair whose image does not decode
 
 
 def check_csv(
@@ -228,42 +231,49 @@ def check_csv(
 ) -> Report:
     """Check the per-image CSV and every image file it names."""
     report = Report(csv_path)
-    if not os.path.isfile(csv_path) or not os.path.isdir(image_root):
-        report.fatal.append(f"{csv_path} must be a file and {image_root} a directory")
-        return report
-    frame = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    missing = [c for c in CSV_COLUMNS if c not in frame.columns]
-    if missing:
-        report.fatal.append(f"{csv_path}: missing column {', '.join(missing)}")
-        return report
+    frame = read_csv(csv_path, image_root)  # DataError: missing, empty or unparsable
     report.rows = len(frame)
     report.splits = dict(Counter(frame["split"]))
     unknown = sorted(set(report.splits) - set(split_labels))
     if unknown:
         report.fatal.append(f"{csv_path}: column split: values {unknown} are not in the mapping")
     labels = frame["split"].map(split_labels)
-    report.usable = int(labels.notna().sum())
     report.labels = {str(k): int(v) for k, v in labels.dropna().astype(int).value_counts().items()}
     long = captions.too_long(list(frame["caption"]))
     first_seen: dict[str, int] = {}
+    usable_files: set[int] = set()  # rows whose file exists and decodes
     root = os.path.realpath(image_root)
+    known = labels.notna().to_numpy()
     for i, (name, caption_long) in enumerate(zip(frame["file_name"], long, strict=True)):
         where = f"{csv_path} row {i + 1} ({name})"
         if caption_long:
             report.long_captions.add(where)
         if name in first_seen:
             report.duplicates.add(f"{where}, first at row {first_seen[name] + 1}")
+            report.usable += bool(known[i]) and first_seen[name] in usable_files
             continue
         first_seen[name] = i
         path = os.path.realpath(os.path.join(image_root, name))
+        report.images_checked += 1
         if not path.startswith(root + os.sep):
             report.fatal.append(f"{where}: file_name is outside the image root {image_root}")
         elif not os.path.isfile(path):
             report.missing_files.add(where)
         elif not image_decodes(path):
             report.undecodable_images.add(where)
+        else:
+            usable_files.add(i)
+            report.usable += bool(known[i])
+    missing = report.missing_files.count
+    if missing > MAX_MISSING_SHARE * report.images_checked:
+        report.fatal.append(
+            f"--images {image_root}: {missing} of {report.images_checked} image files are "
+            "missing; is --images the directory that file_name is relative to?"
+        )
     if report.usable == 0 and not report.fatal:
-        report.fatal.append(f"{csv_path}: no rows with a known split")
+        report.fatal.append(
+            f"{csv_path}: no usable rows (a known split and an image file that decodes)"
+        )
     return report
 
 
@@ -274,7 +284,7 @@ def default_tokenizer() -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", help="Pick-a-Pic parquet directory, glob or file")
     parser.add_argument("--csv", help="per-image KTO CSV (file_name, caption, split)")
     parser.add_argument("--images", help="image root of the CSV's file_name entries")
@@ -295,7 +305,7 @@ def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
     """Parse the command line, check, log the summary; returns the report and the exit code."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     if (args.data is None) == (args.csv is None) or (args.csv and not args.images):
-        raise SystemExit("give either a parquet DATA path, or --csv and --images")
+        raise cli.UsageError("give either a parquet DATA path, or --csv and --images")
     tokenizer = None if str(args.tokenizer).lower() == "none" else args.tokenizer
     captions = CaptionLengths(tokenizer)
     if args.csv:
@@ -305,16 +315,17 @@ def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
     logger.info(report.summary())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")
+        logger.info("report written to %s", args.json)
     return report, report.exit_code(args.strict)
 
 
-def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    report, code = run()
-    print(f"data check: {'FAILED' if code else 'ok'} ({report.rows} rows, "
+def main(argv: Iterable[str] | None = None) -> int:
+    cli.setup_logging("%(levelname)s %(name)s: %(message)s")
+    report, code = run(argv)
+    print(f"data check: {'FAILED' if code else 'ok'} ({report.rows} rows, {report.usable} usable, "
           f"{report.defects()} defects, {len(report.fatal)} fatal)")  # fmt: skip
-    sys.exit(code)
+    return code
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.run(main, prog="python -m data.check"))

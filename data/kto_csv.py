@@ -115,8 +115,8 @@ class LabeledImages(RoleStream):
                 skipped += 1
                 if skipped >= MAX_CONSECUTIVE_SKIPS:
                     raise DataError(
-                        f"{self.csv_path}: {skipped} drawn images in a row are missing or "
-                        f"unreadable under {self.image_root}; is image_root right?"
+                        f"--images {self.image_root}: {skipped} drawn images in a row named by "
+                        f"{self.csv_path} are missing or unreadable; is --images right?"
                     ) from exc
                 continue
             yield build_example(

@@ -5,6 +5,7 @@ the full 335 GB train split, so a bad shard fails in seconds instead of hours in
 """
 
 import glob
+import itertools
 import logging
 import os
 import re
@@ -30,8 +31,25 @@ class RowGroup:
 
     file: int  # index into ParquetIndex.files
     index: int  # row group number within its file
-    first_row: int  # index within the file of the group's first row (for log messages)
+    first_row: int  # index within the file of the unit's first row (for log messages)
     num_rows: int
+    offset: int = 0  # a slice of the row group (split_row_groups): its first row in the group
+
+
+def split_row_groups(groups: list[RowGroup], pieces: int) -> list[RowGroup]:
+    """At least ``pieces`` units from ``groups`` (when they hold that many rows): each row
+    group cut into ``ceil(pieces / len(groups))`` slices of near-equal size. Small files written
+    by pandas or pyarrow hold one row group, fewer than a run's data streams; each stream then
+    reads the whole group and keeps its slice, which for a small file costs little."""
+    per_group = -(-pieces // len(groups))
+    units = []
+    for group in groups:
+        cuts = np.linspace(0, group.num_rows, min(per_group, group.num_rows) + 1).astype(int)
+        for start, stop in itertools.pairwise(cuts.tolist()):
+            units.append(
+                RowGroup(group.file, group.index, group.first_row + start, stop - start, start)
+            )
+    return units
 
 
 @dataclass(frozen=True)
@@ -53,18 +71,18 @@ def local_parquet_files(source: str) -> list[str] | None:
     if os.path.isdir(path):
         files = sorted(str(p) for p in Path(path).rglob("*.parquet") if p.is_file())
         if not files:
-            raise DataError(f"{source}: directory contains no *.parquet files")
+            raise DataError(f"--data {source}: directory contains no *.parquet files")
         return files
     if os.path.isfile(path):
         return [path]
     if any(char in path for char in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:
-            raise DataError(f"{source}: glob matches no files")
+            raise DataError(f"--data {source}: glob matches no files")
         return files
     if _HUB_NAME.match(source) and not source.endswith(".parquet"):
         return None
-    raise DataError(f"{source}: no such file or directory")
+    raise DataError(f"--data {source}: no such file or directory")
 
 
 def scan_shards(files: list[str]) -> ParquetIndex:
@@ -109,8 +127,7 @@ def count_pairs(path: str, labels: pa.Table) -> int:
     """Validate ``label_0``/``label_1`` of one shard and return its number of non-tie rows.
 
     Each label must be 0, 0.5 or 1, and an untied row must be a 1/0 preference (so "chosen = the
-    image labelled 1" is always defined). Rows are reported 0-based within the file.
-    """
+    image labelled 1" is always defined). Rows are reported numbered from 1 within the file."""
     values = {}
     for column in ("label_0", "label_1"):
         array = labels.column(column)
@@ -122,7 +139,8 @@ def count_pairs(path: str, labels: pa.Table) -> int:
             row = int(bad[0])
             shown = "null" if array[row].as_py() is None else f"{values[column][row]:g}"
             raise DataError(
-                f"{path}: row {row}, column {column}: value {shown} is not one of 0, 0.5, 1"
+                f"{path}: row {row + 1} (rows numbered from 1), column {column}: value {shown} "
+                "is not one of 0, 0.5, 1"
             )
     first, second = values["label_0"], values["label_1"]
     untied = first != second
@@ -130,7 +148,8 @@ def count_pairs(path: str, labels: pa.Table) -> int:
     if half.any():
         row = int(np.flatnonzero(half)[0])
         raise DataError(
-            f"{path}: row {row}, columns label_0/label_1: values {first[row]:g} and "
+            f"{path}: row {row + 1} (rows numbered from 1), columns label_0/label_1: values "
+            f"{first[row]:g} and "
             f"{second[row]:g} are neither a tie nor a 1/0 preference"
         )
     return int(untied.sum())

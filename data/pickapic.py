@@ -16,6 +16,7 @@ A row whose JPEG does not decode, or whose row group cannot be read, is skipped,
 counted in the next example's ``skipped``.
 """
 
+import dataclasses
 import logging
 import math
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ from data.parquet_index import (
     RowGroup,
     local_parquet_files,
     scan_shards,
+    split_row_groups,
 )
 from data.pickapic_hub import hub_rows, open_hub_pairs
 from data.roles import RoleStream, check_positions
@@ -97,13 +99,27 @@ class PickapicPairs(RoleStream):
         if self.num_pairs == 0:
             raise DataError(f"{source}: no pairs left after dropping ties (label_0 == label_1)")
         if self._num_blocks() < self.num_roles:
+            self._split_finer()
+
+    def _split_finer(self) -> None:
+        """Fewer blocks than streams (e.g. one small file, one row group, two workers): cut
+        the row groups into row slices, one per block, so every stream has a share."""
+        units = split_row_groups(self._index.row_groups, self.num_roles)
+        if len(units) < self.num_roles:
             raise DataError(
-                f"{source}: {self.num_row_groups} non-empty row groups in blocks of "
-                f"{row_groups_per_block} make {self._num_blocks()} blocks, fewer than the "
-                f"{self.num_roles} streams (world_size {world_size} x max(1, num_workers "
-                f"{num_workers})); use fewer DataLoader workers or processes, a smaller "
-                "row_groups_per_block, or re-shard into more row groups"
+                f"{self.source}: {len(units)} rows cannot feed {self.num_roles} data streams "
+                "(processes x DataLoader workers); use fewer --dataloader_num_workers"
             )
+        logger.info(
+            "%s: %d row groups for %d data streams (processes x DataLoader workers): each row "
+            "group is split into row slices, %d blocks in all",
+            self.source,
+            len(self._index.row_groups),
+            self.num_roles,
+            len(units),
+        )
+        self._index = dataclasses.replace(self._index, row_groups=units)
+        self.row_groups_per_block = 1
 
     def resume_from(self, positions: dict[int, list], role_offset: int = 0) -> None:
         """Continue each role right after its saved state; call before creating an iterator.
@@ -275,13 +291,15 @@ class _BlockRows:
             if group.file not in shards:
                 shards[group.file] = pq.ParquetFile(path)
             table = shards[group.file].read_row_group(group.index, columns=list(REQUIRED_COLUMNS))
+            if group.offset or group.num_rows < table.num_rows:  # a slice (split_row_groups)
+                table = table.slice(group.offset, group.num_rows)
         except (OSError, pa.ArrowException) as exc:
             logger.warning(
-                "skipping row group %d of %s (rows %d-%d): %s",
+                "skipping row group %d of %s (rows %d-%d, numbered from 1): %s",
                 group.index,
                 path,
-                group.first_row,
-                group.first_row + group.num_rows - 1,
+                group.first_row + 1,
+                group.first_row + group.num_rows,
                 exc,
             )
             return None
@@ -301,7 +319,7 @@ class _BlockRows:
             return None
         local = index - int(self.starts[slot])
         return _Row(
-            f"{self.index.files[group.file]} row {group.first_row + local}",
+            f"{self.index.files[group.file]} row {group.first_row + local + 1}",
             table["caption"][local],
             (table["jpg_0"][local], table["jpg_1"][local]),
             (table["label_0"][local], table["label_1"][local]),

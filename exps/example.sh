@@ -22,6 +22,7 @@ WARMUP=${WARMUP:-10}
 WORKERS=${WORKERS:-1}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-tensorboard}
+OVERWRITE=${OVERWRITE:-true}  # a demo: re-running it replaces the last run in OUTPUT_DIR
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the preference pairs
 # Validation while training (validation.py): the held-out prompts, toy warm reward as a curve.
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-$EVAL_PROMPTS}
@@ -32,6 +33,7 @@ EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
-$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER"
+$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER"
 # The toy reward before (base) and after (the trained UNet swapped in), same prompts and seeds.
 .venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer toy_warm --out "$OUTPUT_DIR/eval"
+echo "model: $OUTPUT_DIR/unet; validation grids: $OUTPUT_DIR/validation; evaluation: $OUTPUT_DIR/eval/summary.md, chart $OUTPUT_DIR/eval/summary.png, per-image scores $OUTPUT_DIR/eval/scores.csv"

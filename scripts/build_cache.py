@@ -13,6 +13,7 @@ text features. Images and captions are deduplicated by content. Interrupted? Run
 command again: finished shards are kept and their entries skipped.
 """
 
+import dataclasses
 import logging
 import sys
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from data.kto_table import parse_split_labels
 from diffusion import posterior_moments
 from models.family import ModelFamily, family_for
 from models.loading import load_family, load_vae
+from startup import check_models
 
 logger = logging.getLogger("build_cache")
 
@@ -166,6 +168,8 @@ def main(argv: list[str] | None = None) -> CacheStats:
     batch_size, per_shard = args.pop("encode_batch_size"), args.pop("entries_per_shard")
     config = TrainConfig(**args)
     config.validate()
+    if config.resolution is None:  # as train.py: the model's native size
+        config = dataclasses.replace(config, resolution=check_models(config))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     out_dir = Path(config.cache or default_cache_dir(config.data, config.csv, config.resolution))
     stats = build_cache(config, out_dir, batch_size, per_shard)

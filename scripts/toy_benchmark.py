@@ -50,6 +50,7 @@ def train_argv(args: argparse.Namespace, loss: str, seed: int, data: Path, out: 
         "--lr_warmup_steps", str(args.warmup), "--caption_dropout", "0",
         "--dataloader_num_workers", "0", "--checkpointing_steps", str(steps),
         "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed),
+        "--overwrite_output_dir", "true",  # the benchmark re-runs every fine-tune
     ]  # fmt: skip
 
 

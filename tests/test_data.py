@@ -286,7 +286,7 @@ def test_undecodable_jpeg_is_skipped_counted_and_logged(tmp_path, caplog):
         examples = epoch_examples(pairs(path, shuffle=False))
     assert [e["skipped"] for e in examples] == [0, 0, 1]  # rows 0, 1, (2 tie, 3 bad), 4
     assert [e["state"][2] for e in examples] == [1, 2, 5]
-    assert path in caplog.text and "row 3" in caplog.text and "jpg_1" in caplog.text
+    assert path in caplog.text and "row 4" in caplog.text and "jpg_1" in caplog.text  # from 1
 
 
 def test_unreadable_row_group_is_skipped(shards, monkeypatch, caplog):
@@ -302,7 +302,10 @@ def test_unreadable_row_group_is_skipped(shards, monkeypatch, caplog):
         examples = epoch_examples(pairs(shards, shuffle=False))
     # group 1 of each shard (rows 3-5: two pairs and a tie) is lost: 3 rows skipped per shard
     assert len(examples) == 16 - 4 and sum(e["skipped"] for e in examples) == 6
-    assert "disk on fire" in caplog.text and "train-0.parquet (rows 3-5)" in caplog.text
+    assert (
+        "disk on fire" in caplog.text
+        and "train-0.parquet (rows 4-6, numbered from 1)" in caplog.text
+    )
 
     def broken(self, index, columns=None):
         raise OSError("disk on fire")
@@ -528,7 +531,8 @@ def test_parquet_bad_label(tmp_path):
     with pytest.raises(DataError) as error:
         pairs(path)
     message = str(error.value)
-    assert path in message and "row 4" in message and "label_0" in message and "0.3" in message
+    assert path in message and "row 5 (rows numbered from 1)" in message and "label_0" in message
+    assert "0.3" in message
 
 
 def test_parquet_only_ties(tmp_path):
@@ -538,11 +542,20 @@ def test_parquet_only_ties(tmp_path):
     assert path in str(error.value)
 
 
-def test_too_few_row_groups_for_the_streams(tmp_path):
-    path = write_parquet(tmp_path / "x.parquet", pair_rows("a", 6), row_group_size=3)
-    pairs(path, num_workers=2)  # 2 row groups, 2 streams: fine
-    with pytest.raises(DataError, match="fewer DataLoader workers") as error:
-        pairs(path, world_size=2, num_workers=2)
+def test_fewer_row_groups_than_streams_are_split_into_row_slices(tmp_path):
+    # pandas and pyarrow write a small table as one row group; 2 processes x 2 workers read it.
+    path = write_parquet(tmp_path / "x.parquet", pair_rows("a", 9), row_group_size=9)
+    untied = {f"a-{i}" for i, (l0, l1) in enumerate(LABEL_CYCLE * 3) if l0 != l1}
+    seen = []
+    for rank in (0, 1):
+        dataset = pairs(path, rank=rank, world_size=2, num_workers=2, shuffle=False,
+                        caption_dropout=0)  # fmt: skip
+        for role in (2 * rank, 2 * rank + 1):
+            seen.append({e["caption"] for e in epoch_examples(dataset, role)})
+    assert all(seen) and set.union(*seen) == untied
+    assert sum(map(len, seen)) == len(untied)  # disjoint: no pair read twice per epoch
+    with pytest.raises(DataError, match="rows cannot feed 16") as error:
+        pairs(path, world_size=2, num_workers=8)  # 9 rows, 16 streams
     assert path in str(error.value)
 
 
@@ -582,6 +595,7 @@ def test_kto_empty_csv_and_empty_class(tmp_path):
     with pytest.raises(DataError, match="empty"):
         images(csv, root)
     csv, root = write_kto(tmp_path, [("train/0.jpg", "a", "exclusive_win")])
+    halves(WHITE, WHITE).save(Path(root) / "train/0.jpg")
     with pytest.raises(DataError, match="no undesirable rows") as error:
         images(csv, root)
     assert csv in str(error.value)

@@ -44,11 +44,11 @@ def planted_pairs(root: Path, num_rows: int = 40) -> dict:
         "rows": len(rows) + len(extra),
         "ties": ties,
         "undecodable": [
-            f"a.parquet row {garbage}, column jpg_0",
-            f"a.parquet row {truncated}, column jpg_1",
+            f"a.parquet row {garbage + 1}, column jpg_0",
+            f"a.parquet row {truncated + 1}, column jpg_1",
         ],
-        "duplicate": f"a.parquet row {num_rows}",
-        "long": f"a.parquet row {long}",
+        "duplicate": f"a.parquet row {num_rows + 1}",  # rows count from 1
+        "long": f"a.parquet row {long + 1}",
     }
 
 
@@ -58,8 +58,8 @@ def test_pairs_check_finds_every_planted_defect(tmp_path, tokenizer):
     assert code == 1  # the truncated shard is fatal for the check
     assert len(report.fatal) == 1 and "c.parquet" in report.fatal[0]
     assert report.rows == planted["rows"] and report.ties == planted["ties"]
-    assert report.usable == report.rows - report.ties
-    assert sum(report.labels.values()) == report.usable
+    assert report.usable == report.rows - report.ties - 2  # 2 pairs have a broken image
+    assert sum(report.labels.values()) == report.usable + 2
     found = report.undecodable_images.examples
     assert len(found) == 2 and all(
         any(e.endswith(p) for e in found) for p in planted["undecodable"]

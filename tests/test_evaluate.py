@@ -14,6 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import evaluate
+from cli import UsageError
 from evaluation.scorers import (
     AESTHETIC_HEAD,
     IMAGEREWARD_HEAD,
@@ -132,8 +133,10 @@ def test_cli_scores_folders_and_writes_csv_markdown_and_chart(tmp_path):
 
 
 def test_cli_rejects_a_folder_without_generations_csv(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"generations\.csv"):
-        evaluate.main(["--run", f"x={tmp_path}", "--out", str(tmp_path / "o")])
+    with pytest.raises(UsageError, match=r"generations\.csv"):
+        evaluate.main(
+            ["--run", f"x={tmp_path}", "--scorer", "toy_warm", "--out", str(tmp_path / "o")]
+        )
 
 
 # --- Learned scorers on tiny random-init models saved to local directories ---

@@ -53,7 +53,10 @@ def run_script(script: Path, request, toy_data_dir: Path, out: Path, **extra: st
     # The environment won over the script's defaults ...
     assert config["max_train_steps"] == 2 and config["resolution"] == 64
     assert config["pretrained_model"] == str(model)
-    assert "trained UNet saved to" in done.stderr + done.stdout
+    assert f"UNet: {out / 'unet'}" in done.stdout  # train.py's results block
+    if script.name == "example.sh":  # ends with where the model and its evaluation are
+        last = done.stdout.strip().splitlines()[-1]
+        assert f"model: {out / 'unet'}" in last and str(out / "eval" / "summary.png") in last
     return done, config
 
 

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 import generate
+from cli import UsageError
 from tests.support import reset_accelerate
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -107,7 +108,7 @@ def test_a_trained_unet_is_swapped_in(tiny_sd15_dir, tmp_path, pipe):
     base = generate.generate(pipe, PROMPTS[:1], [0], **kwargs)[0]
     new = generate.generate(swapped, PROMPTS[:1], [0], **kwargs)[0]
     assert not np.array_equal(pixels(base), pixels(new))
-    with pytest.raises(FileNotFoundError, match="no diffusers UNet"):
+    with pytest.raises(UsageError, match="no diffusers UNet"):
         generate.load_pipeline(str(tiny_sd15_dir), unet=tmp_path)
 
 
@@ -128,5 +129,5 @@ def test_trained_lora_is_loaded_with_the_lora_flag(tiny_sd15_dir, toy_data_dir, 
     base = generate.main([*args, "--out", str(tmp_path / "base")])[0]
     adapted = generate.main([*args, "--out", str(tmp_path / "lora"), "--lora", str(run)])[0]
     assert not np.array_equal(pixels(base), pixels(adapted))
-    with pytest.raises(FileNotFoundError, match="no LoRA weights"):
+    with pytest.raises(UsageError, match="no LoRA weights"):
         generate.load_pipeline(str(tiny_sd15_dir), lora=tmp_path)

@@ -1,0 +1,265 @@
+"""Start-up checks of ``train.py`` and what a run tells its user at the start and the end.
+
+Everything here runs before any weights load and reads only small files: the model's configs
+(for its native resolution, and to report a wrong ``--pretrained_model`` at once), the output
+directory (a finished run is not overwritten by accident) and ``metrics.jsonl`` (one run per
+file). Problems a user can fix raise ``cli.UsageError`` naming the flag.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from cli import UsageError
+from config import TrainConfig
+
+logger = logging.getLogger("prefdiff")
+
+METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
+EXPORT_DIRS = ("unet", "lora")  # a finished run's exported policy (checkpointing.export_unet)
+# What train.py writes into OUTPUT_DIR, removed by --overwrite_output_dir (logs/ is kept: the
+# trackers add a new run beside the old one there).
+RUN_FILES = (*EXPORT_DIRS, METRICS_FILE, "train_config.json")
+# A resolution this many times above or below the native one is announced as a warning: the
+# cost of a step grows with the square of the side, and a model trained at one size draws
+# poorly at a very different one.
+FAR_FROM_NATIVE = 2.0
+_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclasses.dataclass
+class Startup:
+    """What the checks found, for the start-up block."""
+
+    native_resolution: int
+    notes: list[str] = dataclasses.field(default_factory=list)  # shown in the start-up block
+    warnings: list[str] = dataclasses.field(default_factory=list)  # logged as warnings too
+
+
+def _looks_local(source: str) -> bool:
+    """A hub name is exactly ``owner/name`` whose owner is not a local directory; anything
+    else that does not exist (``./x``, ``/x``, ``a/b/c``, ``assets/typo``, ``name``) is a
+    local path that is missing."""
+    if not _HUB_NAME.match(source):
+        return True
+    return Path(source.split("/", 1)[0]).is_dir()
+
+
+def model_flags(config: TrainConfig) -> list[tuple[str, str]]:
+    """(flag, value) of every model the config names."""
+    named = (
+        ("--pretrained_model", config.pretrained_model),
+        ("--reference_model", config.reference_model),
+        ("--pretrained_vae", config.pretrained_vae),
+    )
+    return [(flag, value) for flag, value in named if value]
+
+
+def check_local_paths(config: TrainConfig) -> None:
+    """A model flag naming a local path that does not exist: UsageError at once (no imports)."""
+    for flag, source in model_flags(config):
+        check_local_path(source, flag)
+
+
+def check_local_path(source: str, flag: str) -> None:
+    path = Path(source).expanduser()
+    if not path.exists() and _looks_local(source):
+        raise UsageError(f"{flag} {source}: no such directory (a hub name has the form owner/name)")
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"{flag} {source}: not a directory (give a diffusers model directory)")
+
+
+def model_config(source: str, subfolder: str | None, flag: str, revision: str | None) -> dict:
+    """The config.json of a model part, read without any weights; UsageError naming ``flag``
+    when ``source`` is a missing local path, not a diffusers model, or a hub name that cannot be
+    reached (with ``HF_HUB_OFFLINE=1`` only the local cache is looked at, with no retries)."""
+    check_local_path(source, flag)
+    path = Path(source).expanduser()
+    from diffusers import ConfigMixin
+    from huggingface_hub import constants
+
+    class _Config(ConfigMixin):
+        config_name = "config.json"
+
+    where = f"{subfolder}/config.json" if subfolder else "config.json"
+    try:
+        return dict(_Config.load_config(source, subfolder=subfolder, revision=revision))
+    except (OSError, ValueError) as exc:
+        if path.exists():
+            reason = f"no {where} there: not a diffusers model directory"
+        elif constants.HF_HUB_OFFLINE:
+            reason = "not in the local hub cache, and HF_HUB_OFFLINE=1 (nothing is downloaded)"
+        else:
+            reason = f"could not be read from the hub ({str(exc).splitlines()[0]})"
+        raise UsageError(f"{flag} {source}: {reason}") from exc
+
+
+def native_resolution(unet: dict, vae: dict) -> int:
+    """The pixel size the model was trained at: the UNet's latent ``sample_size`` times the
+    VAE's downsampling factor, 2 per down block after the first (SD1.5: 64 x 8 = 512)."""
+    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def check_models(config: TrainConfig) -> int:
+    """Read the configs of every model flag (a mistake surfaces here, in one line); returns the
+    native resolution of the policy with its VAE."""
+    unet = model_config(config.pretrained_model, "unet", "--pretrained_model", config.revision)
+    if config.reference_model:
+        model_config(config.reference_model, "unet", "--reference_model", config.revision)
+    if config.pretrained_vae:
+        vae = model_config(config.pretrained_vae, None, "--pretrained_vae", None)
+    else:
+        vae = model_config(config.pretrained_model, "vae", "--pretrained_model", config.revision)
+    return native_resolution(unet, vae)
+
+
+def resolution_notes(resolution: int, native: int) -> tuple[str, str | None]:
+    """(the start-up block's resolution line, a warning when far from native)."""
+    if resolution == native:
+        return f"resolution: {resolution} px (the model's native size)", None
+    ratio = resolution / native
+    line = f"resolution: {resolution} px (the model's native size is {native} px)"
+    if 1 / FAR_FROM_NATIVE < ratio < FAR_FROM_NATIVE:
+        return line, None
+    warning = (
+        f"--resolution {resolution} is {ratio:g}x the model's native {native} px: a step costs "
+        f"about {ratio**2:.3g}x the native one, and the model draws poorly far from its size; "
+        "omit --resolution to train at the native size"
+    )
+    return line, warning
+
+
+def warmup_warning(config: TrainConfig) -> str | None:
+    """Warm-up that does not end before the run does: the learning rate never reaches its peak."""
+    if config.lr_scheduler == "constant" or config.lr_warmup_steps < config.max_train_steps:
+        return None
+    reached = config.learning_rate * config.max_train_steps / max(1, config.lr_warmup_steps)
+    return (
+        f"--lr_warmup_steps {config.lr_warmup_steps} >= --max_train_steps "
+        f"{config.max_train_steps}: the learning rate never reaches its peak "
+        f"{config.learning_rate:g} (it ends near {reached:.3g}); lower --lr_warmup_steps"
+    )
+
+
+def finished_run(output_dir: Path) -> list[Path]:
+    """The files that mark a finished run in ``output_dir``: its export and its metrics."""
+    exports = [output_dir / name for name in EXPORT_DIRS if (output_dir / name).is_dir()]
+    metrics = output_dir / METRICS_FILE
+    return [*exports, metrics] if exports and metrics.is_file() else []
+
+
+def check_output_dir(config: TrainConfig) -> None:
+    """Refuse to train over a finished run unless asked; resuming is not overwriting."""
+    if config.resume_from_checkpoint or config.overwrite_output_dir:
+        return
+    found = finished_run(Path(config.output_dir))
+    if found:
+        raise UsageError(
+            f"--output_dir {config.output_dir} holds a finished run "
+            f"({', '.join(str(p) for p in found)}): pass --overwrite_output_dir to replace it, "
+            "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
+        )
+
+
+def clear_previous_run(output_dir: Path) -> list[str]:
+    """--overwrite_output_dir: remove what an earlier run wrote (checkpoints, export, metrics),
+    so no checkpoint of it is resumed later and its metrics do not mix with the new ones."""
+    from checkpointing import CHECKPOINT_PREFIX
+
+    removed = []
+    for path in [*output_dir.glob(f"{CHECKPOINT_PREFIX}*"), *(output_dir / n for n in RUN_FILES)]:
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+        else:
+            continue
+        removed.append(path.name)
+    return removed
+
+
+def is_main_launch_process() -> bool:
+    """Rank 0 of a launch, from the environment (before accelerate is set up)."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def prepare(config: TrainConfig) -> tuple[TrainConfig, Startup]:
+    """Check the model flags and the output directory; fill in the native resolution; collect
+    the start-up block's notes and warnings. Call before any weights or data load."""
+    native = check_models(config)
+    if config.resolution is None:
+        config = dataclasses.replace(config, resolution=native)
+    startup = Startup(native)
+    line, far = resolution_notes(config.resolution, native)
+    startup.notes.append(line)
+    startup.warnings += [w for w in (far, warmup_warning(config)) if w]
+    check_output_dir(config)
+    output_dir = Path(config.output_dir)
+    if config.overwrite_output_dir and is_main_launch_process() and output_dir.is_dir():
+        removed = clear_previous_run(output_dir)
+        if removed:
+            startup.notes.append(f"--overwrite_output_dir: removed {', '.join(sorted(removed))}")
+    return config, startup
+
+
+def start_metrics(path: Path, resumed_step: int) -> None:
+    """Keep one run's metrics per file: a fresh run starts an empty file; a resumed one keeps
+    the lines up to its checkpoint's step (later ones are redone and logged again)."""
+    if not path.exists():
+        return
+    if resumed_step == 0:
+        path.unlink()
+        return
+    kept = [
+        line
+        for line in path.read_text().splitlines()
+        if line.strip() and json.loads(line).get("step", 0) <= resumed_step
+    ]
+    path.write_text("".join(f"{line}\n" for line in kept))
+
+
+def describe_config(run_info: dict[str, Any]) -> str:
+    """The resolved config for the log: one value per line, the values that differ from the
+    defaults first (the full record is saved with every checkpoint as train_config.json)."""
+    values = run_info["config"]
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    changed = [k for k in values if values[k] != defaults.get(k)]
+    lines = [f"{k}: {values[k]}" for k in changed]
+    lines.append(f"(other {len(values) - len(changed)} values at their defaults: see --help)")
+    versions = ", ".join(f"{k} {v}" for k, v in run_info["versions"].items())
+    lines += [f"versions: {versions}", f"git: {run_info['git_sha']}"]
+    return "config:\n  " + "\n  ".join(lines)
+
+
+def results(config: TrainConfig, model_dir: Path) -> str:
+    """The last lines of a run: where everything it wrote is."""
+    out = Path(config.output_dir)
+    what = "LoRA adapters" if config.lora_rank else "UNet"
+    load = "lora_dir" if config.lora_rank else "unet_dir"
+    lines = [
+        f"{what}: {model_dir} (models.load_pipeline({config.pretrained_model!r}, "
+        f"{load}={str(model_dir)!r}); generate.py --{'lora' if config.lora_rank else 'unet'} "
+        f"{out})",
+        f"config, versions, git SHA: {out / 'train_config.json'}",
+        f"metrics, one line per step: {out / METRICS_FILE}",
+    ]
+    lines.append(f"model card: {out / 'README.md'}")
+    if (out / "validation").is_dir():
+        lines.append(f"validation grids: {out / 'validation'}")
+    if config.report_to == "tensorboard":
+        lines.append(f"TensorBoard logs: {out / 'logs'}")
+    elif config.report_to == "wandb":
+        lines.append("wandb run: see wandb's lines above (offline runs: wandb sync)")
+    from checkpointing import checkpoint_dirs
+
+    checkpoints = checkpoint_dirs(out)
+    if checkpoints:
+        lines.append(f"checkpoints: {', '.join(str(p) for p in checkpoints)}")
+    return "results:\n  " + "\n  ".join(lines)
