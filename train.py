@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object
+from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
 import checkpointing
@@ -180,6 +180,9 @@ def setup(argv: list[str] | None) -> Run:
         ),
     )
     configure_backend(accelerator, config)
+    # The global RNG drives only dropout (LoRA's included); noise and data draw from their own
+    # generators. Seeded per rank, and saved/restored with every checkpoint by accelerate.
+    set_seed(config.seed, device_specific=True)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)

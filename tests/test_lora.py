@@ -117,3 +117,16 @@ def test_every_kind_of_loss_trains_the_adapters_only(loss, extra, tiny_sd15_dir,
             assert torch.equal(param, base[name.replace(".base_layer", "")]), name
     assert (result.models.reference is None) == (loss == "mapo")  # mapo: no reference at all
     assert load_pipeline(tiny_sd15_dir, lora_dir=result.unet_dir) is not None
+
+
+def test_lora_dropout_runs_are_reproducible(tiny_sd15_dir, toy_data_dir, tmp_path):
+    """LoRA dropout draws from the global RNG, which the trainer seeds from --seed."""
+    args = (*LORA, "--lora_dropout", "0.5", "--train_batch_size", "1", "--max_train_steps", "2")
+    first = run(tiny_sd15_dir, toy_data_dir, tmp_path / "a", "dpo", *args)
+    reset_accelerate()
+    torch.manual_seed(12345)  # whatever the caller did to the global RNG before
+    second = run(tiny_sd15_dir, toy_data_dir, tmp_path / "b", "dpo", *args)
+    assert [h["loss"] for h in first.history] == [h["loss"] for h in second.history]
+    for a, b in zip(first.models.policy.parameters(), second.models.policy.parameters(),
+                    strict=True):  # fmt: skip
+        assert torch.equal(a, b)

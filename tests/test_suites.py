@@ -39,14 +39,15 @@ def test_a_suite_file_of_the_wrong_size_is_a_clear_error(tmp_path, monkeypatch):
 
 def test_protocol_presets_fill_unset_flags_only(tmp_path):
     args = evaluate.parse_args(["--suite", "hpsv2", "--protocol", "sd15", "--generate", "base",
-                                "--out", str(tmp_path), "--steps", "10"])  # fmt: skip
+                                "--out", str(tmp_path), "--steps", "10",
+                                "--scorer", "toy_warm"])  # fmt: skip
     preset = PROTOCOLS["sd15"]
     assert (args.scheduler, args.guidance_scale, args.resolution) == ("ddim", 7.5, 512)
     assert (args.num_seeds, args.dtype, args.distinct_seeds) == (1, "fp16", True)
     assert args.steps == 10 and preset.steps == 50  # an explicit flag wins
     with pytest.raises(SystemExit):
         evaluate.parse_args(["--suite", "hpsv2", "--prompts", "x.txt", "--generate", "b",
-                             "--out", str(tmp_path)])  # fmt: skip
+                             "--out", str(tmp_path), "--scorer", "toy_warm"])  # fmt: skip
 
 
 def test_suite_summary_lists_the_protocol_styles_and_references(tiny_sd15_dir, tmp_path):
