@@ -203,7 +203,11 @@ class TrainConfig:
     attention: str = arg(
         "sdpa", "attention kernel: sdpa (fused) or eager", choices=["sdpa", "eager"]
     )
-    torch_compile: bool = arg(False, "torch.compile the UNet(s)")
+    torch_compile: bool = arg(
+        False,
+        "torch.compile the UNet(s); in fp16/bf16 the compiled policy and reference differ slightly "
+        "at step 0 (loss not exactly log 2: see README, Checking the GPU paths)",
+    )
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
 
