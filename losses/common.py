@@ -1,7 +1,11 @@
 """Small helpers shared by the loss modules."""
 
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
+
+from losses.registry import LossFn
 
 
 def split_pairs(errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,3 +75,29 @@ def pair_metrics(
 def no_labels(labels: torch.Tensor | None, loss: str) -> None:
     if labels is not None:
         raise ValueError(f"{loss} is pairwise: it takes no labels")
+
+
+MarginFn = Callable[[torch.Tensor], torch.Tensor]  # u [B] -> per-pair loss [B]
+
+
+def margin_loss(name: str, beta: float, of_margin: MarginFn) -> LossFn:
+    """A pairwise loss that is a function of the common margin u alone (IPO, hinge, DMPO):
+    ``mean_k of_margin(u_k)``, with the DPO metric vocabulary. Takes the full contract; these
+    losses use no labels and no per-pixel predictions."""
+
+    def loss_fn(
+        policy_err: torch.Tensor,
+        ref_err: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        policy_pred: torch.Tensor | None = None,
+        ref_pred: torch.Tensor | None = None,
+        target: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """policy_err, ref_err: [2B] chosen first."""
+        no_labels(labels, name)
+        ref_err = require(ref_err, "reference errors", name)
+        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
+        loss = of_margin(margin).mean()
+        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
+
+    return loss_fn

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses.common import no_labels, pair_metrics, pair_rewards, require
+from losses.common import margin_loss
 from losses.registry import LossFn, register
 
 DMPO_BETA = 2000.0  # released launcher: --beta_dpo 2000 (same beta/2 convention as ours)
@@ -38,21 +38,9 @@ def dmpo_loss(beta: float = DMPO_BETA, dmpo_alpha: float = DMPO_ALPHA) -> LossFn
         raise ValueError(f"dmpo_alpha must be in (0, 1), got {dmpo_alpha}")
     log_target, log_other = math.log1p(-dmpo_alpha), math.log(dmpo_alpha)
 
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """policy_err, ref_err: [2B] chosen first."""
-        no_labels(labels, "dmpo")
-        ref_err = require(ref_err, "reference errors", "dmpo")
-        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
+    def kl_to_target(margin: torch.Tensor) -> torch.Tensor:
         p = torch.sigmoid(margin)
         log_p, log_1mp = -F.softplus(-margin), -F.softplus(margin)
-        loss = (p * (log_p - log_target) + (1 - p) * (log_1mp - log_other)).mean()
-        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
+        return p * (log_p - log_target) + (1 - p) * (log_1mp - log_other)
 
-    return loss_fn
+    return margin_loss("dmpo", beta, kl_to_target)

@@ -9,7 +9,7 @@ relu(1 - beta' dg) with beta' = beta/2: identical.
 
 import torch
 
-from losses.common import no_labels, pair_metrics, pair_rewards, require
+from losses.common import margin_loss
 from losses.dpo import DPO_BETA
 from losses.registry import LossFn, register
 
@@ -24,19 +24,4 @@ HINGE_MARGIN = 1.0
     help="hinge (SLiC): max(0, 1 - u) on the DPO margin u (beta/2 convention)",
 )
 def hinge_loss(beta: float = DPO_BETA) -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """policy_err, ref_err: [2B] chosen first."""
-        no_labels(labels, "hinge")
-        ref_err = require(ref_err, "reference errors", "hinge")
-        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
-        loss = torch.relu(HINGE_MARGIN - margin).mean()
-        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
-
-    return loss_fn
+    return margin_loss("hinge", beta, lambda margin: torch.relu(HINGE_MARGIN - margin))

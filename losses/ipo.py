@@ -10,9 +10,7 @@ example (examples/research_projects/diffusion_dpo) writes (dg - 1/(2 beta'))^2 w
 the same optimum u = 1/2, scaled by 1/beta'^2.
 """
 
-import torch
-
-from losses.common import no_labels, pair_metrics, pair_rewards, require
+from losses.common import margin_loss
 from losses.dpo import DPO_BETA
 from losses.registry import LossFn, register
 
@@ -27,19 +25,4 @@ IPO_TARGET_MARGIN = 0.5
     help="IPO: regresses the DPO margin u to 1/2 (beta/2 convention)",
 )
 def ipo_loss(beta: float = DPO_BETA) -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """policy_err, ref_err: [2B] chosen first."""
-        no_labels(labels, "ipo")
-        ref_err = require(ref_err, "reference errors", "ipo")
-        chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
-        loss = (margin - IPO_TARGET_MARGIN).pow(2).mean()
-        return loss, pair_metrics(chosen, rejected, margin, policy_err, ref_err)
-
-    return loss_fn
+    return margin_loss("ipo", beta, lambda margin: (margin - IPO_TARGET_MARGIN).pow(2))
