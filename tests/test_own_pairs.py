@@ -296,3 +296,31 @@ def test_train_on_a_manifest_with_soft_labels(tiny_sd15_dir, tmp_path, monkeypat
     assert len(seen) == 2 and all(len(s) == 2 for s in seen)
     assert all(min(abs(x - q) for q in probs) < 1e-6 for s in seen for x in s)
     assert np.isfinite([h["loss"] for h in result.history]).all()
+
+
+def test_data_check_reads_own_pairs(tmp_path):
+    from data import check
+
+    write_images(tmp_path / "img")
+    (tmp_path / "img" / "r" / "03.png").write_bytes(b"garbage")
+    (tmp_path / "img" / "c" / "05.png").unlink()
+    rows = [*manifest_rows(), manifest_rows()[0]]  # row 8 repeats row 1
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    report, code = check.run(["--pairs", path, "--images", str(tmp_path / "img"),
+                              "--tokenizer", "none"])  # fmt: skip
+    assert (report.rows, report.usable, code) == (8, 6, 0)
+    bad = tmp_path / "img" / "r" / "03.png"
+    assert report.undecodable_images.examples == [f"{path} row 4, column rejected: {bad}"]
+    assert (
+        report.missing_files.count == 1
+        and "row 6, column chosen" in report.missing_files.examples[0]
+    )
+    assert report.duplicates.examples == [f"{path} row 8, first at row 1"]
+    assert report.labels == {"prob<0.5": 0, "prob=0.5": 2, "prob>0.5": 6}
+    write_images(tmp_path / "w", side=0)
+    write_images(tmp_path / "l", side=1)
+    for name in write_images(tmp_path / "w", side=0):
+        (tmp_path / "w" / name.replace(".png", ".txt")).write_text("a caption")
+    report, code = check.run(["--pairs_dirs", f"{tmp_path / 'w'},{tmp_path / 'l'}",
+                              "--tokenizer", "none"])  # fmt: skip
+    assert (report.rows, report.usable, code) == (N, N, 0)
