@@ -266,6 +266,20 @@ def test_config_refuses_soft_labels_and_mixed_sources():
             parse_config(argv)
 
 
+def run_train(model: Path, out: Path, *extra: str) -> train.TrainResult:
+    args = [
+        "--pretrained_model", str(model), "--output_dir", str(out),
+        "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
+        "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0",
+        "--checkpointing_steps", "100", "--report_to", "none", "--beta", "500",
+        "--caption_dropout", "0", *extra,
+    ]  # fmt: skip
+    try:
+        return train.main(args)
+    finally:
+        end_wandb_session()
+
+
 def test_train_on_a_manifest_with_soft_labels(tiny_sd15_dir, tmp_path, monkeypatch):
     """The trainer reads --pairs/--images and hands the probabilities to dpo."""
     write_images(tmp_path / "img")
@@ -279,18 +293,8 @@ def test_train_on_a_manifest_with_soft_labels(tiny_sd15_dir, tmp_path, monkeypat
         return real(labels, num_pairs, label_smoothing)
 
     monkeypatch.setattr(dpo, "preference_targets", spy)
-    args = [
-        "--pretrained_model", str(tiny_sd15_dir), "--output_dir", str(tmp_path / "out"),
-        "--resolution", "64", "--train_batch_size", "2", "--max_train_steps", "2",
-        "--learning_rate", "1e-3", "--lr_warmup_steps", "0", "--dataloader_num_workers", "0",
-        "--checkpointing_steps", "100", "--report_to", "none", "--beta", "500",
-        "--pairs", manifest, "--images", str(tmp_path / "img"), "--soft_labels", "true",
-        "--caption_dropout", "0",
-    ]  # fmt: skip
-    try:
-        result = train.main(args)
-    finally:
-        end_wandb_session()
+    source = ("--pairs", manifest, "--images", str(tmp_path / "img"), "--soft_labels", "true")
+    result = run_train(tiny_sd15_dir, tmp_path / "out", *source)
     assert len(result.history) == 2
     probs = {r["prob"] for r in manifest_rows()}
     assert len(seen) == 2 and all(len(s) == 2 for s in seen)
@@ -324,3 +328,23 @@ def test_data_check_reads_own_pairs(tmp_path):
     report, code = check.run(["--pairs_dirs", f"{tmp_path / 'w'},{tmp_path / 'l'}",
                               "--tokenizer", "none"])  # fmt: skip
     assert (report.rows, report.usable, code) == (N, N, 0)
+
+
+def test_latent_cache_of_own_pairs_trains_like_the_images(tiny_sd15_dir, tmp_path):
+    from scripts.build_cache import main as build_cache_main
+    from tests.support import reset_accelerate
+
+    write_images(tmp_path / "w", side=0)
+    write_images(tmp_path / "l", side=1)
+    captions = [{"file_name": f"{r:02d}.png", "caption": f"caption {r}"} for r in range(N)]
+    source = ("--pairs_dirs", f"{tmp_path / 'w'},{tmp_path / 'l'}",
+              "--captions", write_jsonl(tmp_path / "c.jsonl", captions))  # fmt: skip
+    cache = str(tmp_path / "cache")
+    stats = build_cache_main(["--pretrained_model", str(tiny_sd15_dir), *source,
+                              "--resolution", "64", "--cache", cache])  # fmt: skip
+    assert stats.images_encoded == 2 * N  # every level differs: no duplicates
+    plain = run_train(tiny_sd15_dir, tmp_path / "plain", *source)
+    reset_accelerate()
+    cached = run_train(tiny_sd15_dir, tmp_path / "cached", *source, "--cache", cache)
+    for a, b in zip(plain.history, cached.history, strict=True):
+        assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
