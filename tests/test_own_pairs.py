@@ -348,3 +348,25 @@ def test_latent_cache_of_own_pairs_trains_like_the_images(tiny_sd15_dir, tmp_pat
     cached = run_train(tiny_sd15_dir, tmp_path / "cached", *source, "--cache", cache)
     for a, b in zip(plain.history, cached.history, strict=True):
         assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-5)
+
+
+def test_kto_csv_builder_reads_own_pairs(tmp_path, monkeypatch):
+    """Own pairs count as 1/0 comparisons; an image in two rows tallies both; resumable."""
+    import pandas as pd
+
+    from scripts import build_kto_csv
+
+    write_images(tmp_path / "img")
+    rows = manifest_rows(4)
+    rows[3]["rejected"] = rows[0]["chosen"]  # c/00 wins row 1, loses row 4
+    table = load_manifest(write_jsonl(tmp_path / "m.jsonl", rows), str(tmp_path / "img"))
+    monkeypatch.setattr(build_kto_csv, "OWN_CHUNK", 2)
+    first = build_kto_csv.build_kto_from_pairs(table, tmp_path / "kto", max_row_groups=1)
+    assert (first.row_groups_done, first.complete) == (1, False)  # killed after one chunk
+    summary = build_kto_csv.build_kto_from_pairs(table, tmp_path / "kto")
+    assert (summary.row_groups_skipped, summary.row_groups_done, summary.pairs) == (1, 1, 4)
+    csv = pd.read_csv(tmp_path / "kto" / build_kto_csv.CSV_NAME)
+    assert len(csv) == 7 and all((tmp_path / "kto" / f).is_file() for f in csv.file_name)
+    assert summary.splits == {"exclusive_win": 3, "intersections": 1, "exclusive_lose": 3}
+    mixed = csv[csv.split == "intersections"]
+    assert mixed.caption.tolist() == ["caption 0"]
