@@ -53,6 +53,32 @@ class PairTable:
         )
 
 
+def read_pair_chunk(table: PairTable, start: int, stop: int) -> pa.Table:
+    """Rows [start, stop) in the Pick-a-Pic schema: ``caption``, ``jpg_0`` (the chosen image's
+    bytes, None when the file cannot be read), ``jpg_1``, ``label_0`` = 1, ``label_1`` = 0,
+    plus the paths (``chosen``, ``rejected``) and ``prob_0`` when the table has probabilities."""
+    blobs: dict[int, list] = {0: [], 1: []}
+    for row in range(start, stop):
+        for side, path in enumerate(table.paths(row)):
+            try:
+                blobs[side].append(Path(path).read_bytes())
+            except OSError:
+                blobs[side].append(None)
+    n = stop - start
+    columns = {
+        "caption": table.captions[start:stop],
+        "jpg_0": pa.array(blobs[0], pa.binary()),
+        "jpg_1": pa.array(blobs[1], pa.binary()),
+        "label_0": pa.array([1.0] * n),
+        "label_1": pa.array([0.0] * n),
+        "chosen": table.chosen[start:stop],
+        "rejected": table.rejected[start:stop],
+    }
+    if table.probs is not None:
+        columns["prob_0"] = pa.array(table.probs[start:stop].astype(np.float64))
+    return pa.table(columns)
+
+
 def load_manifest(path: str, image_root: str) -> PairTable:
     """Read a JSONL or CSV manifest and check every row's columns, paths and probability."""
     if not os.path.isfile(path):

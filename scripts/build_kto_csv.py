@@ -43,7 +43,7 @@ from PIL import Image
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from data.pair_table import PairTable, load_manifest, load_pair_dirs
+from data.pair_table import PairTable, load_manifest, load_pair_dirs, read_pair_chunk
 from data.parquet_index import local_parquet_files
 
 logger = logging.getLogger(__name__)
@@ -212,27 +212,13 @@ OWN_CHUNK = 256  # own-pair rows per transaction (their image bytes are in memor
 
 
 def own_pair_chunks(table: PairTable) -> Iterator[tuple[int, Callable[[], pa.Table]]]:
-    """(chunk index, reader) of a pair table as Pick-a-Pic-shaped row groups: chosen = jpg_0,
-    labels 1/0, the relative paths as image uids; bytes are read only when the chunk is."""
+    """(chunk index, reader) of a pair table as Pick-a-Pic-shaped row groups (chosen = jpg_0,
+    labels 1/0), the relative paths as image uids; bytes are read only when the chunk is."""
 
     def read(start: int) -> pa.Table:
-        rows = range(start, min(start + OWN_CHUNK, len(table)))
-        blobs = {0: [], 1: []}
-        for row in rows:
-            for side, path in enumerate(table.paths(row)):
-                try:
-                    blobs[side].append(Path(path).read_bytes())
-                except OSError:
-                    blobs[side].append(None)  # counted as a bad image by the builder
-        return pa.table({
-            "caption": table.captions[rows.start : rows.stop],
-            "jpg_0": pa.array(blobs[0], pa.binary()),
-            "jpg_1": pa.array(blobs[1], pa.binary()),
-            "label_0": [1.0] * len(rows),
-            "label_1": [0.0] * len(rows),
-            "image_0_uid": table.chosen[rows.start : rows.stop],
-            "image_1_uid": table.rejected[rows.start : rows.stop],
-        })  # fmt: skip
+        chunk = read_pair_chunk(table, start, min(start + OWN_CHUNK, len(table)))
+        chunk = chunk.append_column("image_0_uid", chunk.column("chosen"))
+        return chunk.append_column("image_1_uid", chunk.column("rejected"))
 
     for index, start in enumerate(range(0, len(table), OWN_CHUNK)):
         yield index, lambda start=start: read(start)
