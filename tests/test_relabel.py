@@ -155,7 +155,7 @@ def test_memory_is_flat_across_input_sizes(tmp_path):
     """Peak Python allocations (image bytes included) do not grow with the input: one unit of
     work in memory at a time."""
     peaks = []
-    for n in (8, 48):
+    for n in (4, 8, 48):  # the first run warms up one-time allocations (imports, caches)
         write_pairs(tmp_path / f"in{n}" / "a.parquet", n, size=48, row_group=4)
         tracemalloc.start()
         args = ["--data", str(tmp_path / f"in{n}"), "--scorer", "toy_warm"]
@@ -164,7 +164,7 @@ def test_memory_is_flat_across_input_sizes(tmp_path):
         tracemalloc.stop()
     input_growth = (tmp_path / "in48" / "a.parquet").stat().st_size - (
         tmp_path / "in8" / "a.parquet").stat().st_size  # fmt: skip
-    assert peaks[1] - peaks[0] < 0.25 * input_growth, (peaks, input_growth)
+    assert peaks[2] - peaks[1] < 0.25 * input_growth, (peaks, input_growth)
 
 
 def test_per_image_csv_gets_scores_and_labels(tmp_path):
