@@ -468,9 +468,9 @@ def source_units(args: argparse.Namespace) -> tuple[list[Unit], bool, str]:
     return pair_table_units(table, args.chunk_rows), False, ""
 
 
-def check_resume(out: Path, identity: dict) -> None:
+def check_resume(out: Path, identity: dict, args_file: str = ARGS_FILE) -> None:
     """Refuse to mix outputs of different settings in one directory."""
-    path = out / ARGS_FILE
+    path = out / args_file
     if path.is_file():
         previous = json.loads(path.read_text())
         if previous != identity:
