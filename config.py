@@ -324,6 +324,8 @@ class TrainConfig:
             problems.append("--pairs_dirs takes two folders: W,L (chosen, rejected)")
         if self.captions and not self.pairs_dirs:
             problems.append("--captions goes with --pairs_dirs")
+        if self.columns and sources:
+            problems.append(f"--columns maps --data columns: it does not apply to {sources[0]}")
         if self.soft_labels and not spec.soft_labels:
             problems.append(f"--soft_labels: --loss {self.loss} does not train on soft labels")
         return problems

@@ -261,6 +261,7 @@ def test_config_refuses_soft_labels_and_mixed_sources():
         (["--pairs_dirs", "w"], "two folders"),
         (["--pairs", "m.jsonl", "--images", "i", "--pairs_dirs", "w,l"], "one data source"),
         (["--columns", "cap=prompt"], "unknown name 'cap'"),
+        (["--columns", "caption=p", "--pairs", "m.jsonl", "--images", "i"], "does not apply"),
     ]:
         with pytest.raises(Exception, match=message):
             parse_config(argv)
