@@ -124,7 +124,13 @@ def scan_shards(
             logger.warning("skipping %s: its label columns do not read (%s)", path, exc)
             unreadable.append(path)
             continue
-        num_pairs += count_pairs(path, labels)
+        try:
+            num_pairs += count_pairs(path, labels)
+        except DataError as exc:
+            if (columns["label_0"], columns["label_1"]) == ("label_0", "label_1"):
+                raise
+            mapped = f"label_0={columns['label_0']}, label_1={columns['label_1']}"
+            raise DataError(f"{exc} (columns mapped by --columns {mapped})") from exc
         first_row = 0
         for index in range(shard.metadata.num_row_groups):
             num_rows = shard.metadata.row_group(index).num_rows

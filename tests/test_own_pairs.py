@@ -233,6 +233,11 @@ def test_parquet_column_mapping_and_soft_labels(tmp_path):
     assert collate_pairs(examples).labels.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.7])
     with pytest.raises(DataError, match="missing column caption"):
         PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False))
+    bad = table.set_column(3, "a_wins", pa.array([1.0, 0.0, 0.7, 0.0]))
+    pq.write_table(bad, tmp_path / "mine.parquet")
+    with pytest.raises(DataError, match=r"row 3 .* column label_0: value 0.7 .* label_0=a_wins"):
+        PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False),
+                      columns=mapping)  # fmt: skip
     bad = table.set_column(5, "p", pa.array([0.9, 0.2, 1.2, 0.3]))
     pq.write_table(bad, tmp_path / "mine.parquet")
     with pytest.raises(DataError, match=r"row 3 .* column prob_0: value 1.2"):
