@@ -14,12 +14,15 @@ from data import (
     parse_split_labels,
 )
 from data.cache import CachedImageTransform, cache_identity, check_manifest
+from data.columns import parse_columns
+from data.pair_table import PairTable, load_manifest, load_pair_dirs
+from data.table_pairs import TablePairs
 from losses import LossSpec
 
+Dataset = PickapicPairs | TablePairs | LabeledImages
 
-def build_dataset(
-    config: TrainConfig, spec: LossSpec, rank: int, world_size: int
-) -> PickapicPairs | LabeledImages:
+
+def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: int) -> Dataset:
     """Pairs for pairwise losses; labelled images (the CSV, or the chosen half of pairs) otherwise.
 
     Validates the data at start-up: a bad path, column or label stops the run here."""
@@ -48,22 +51,41 @@ def build_dataset(
             desirable_prob=desirable_prob,
             **common,
         )
+    if config.pairs or config.pairs_dirs:
+        return TablePairs(
+            load_pair_table(config),
+            winners_only=not spec.pairwise,
+            soft_labels=config.soft_labels,
+            **common,
+        )
     return PickapicPairs(
         config.data,
         winners_only=not spec.pairwise,
         row_groups_per_block=config.row_groups_per_block,
         hub_split=config.hub_split,
+        columns=parse_columns(config.columns),
+        soft_labels=config.soft_labels,
         **common,
     )
 
 
-def dataset_size(dataset: PickapicPairs | LabeledImages) -> str:
+def load_pair_table(config: TrainConfig) -> PairTable:
+    """Your own pairs: ``--pairs`` + ``--images``, or ``--pairs_dirs W,L`` (+ ``--captions``)."""
+    if config.pairs:
+        return load_manifest(config.pairs, config.images)
+    chosen, rejected = config.pairs_dirs.split(",")
+    return load_pair_dirs(chosen, rejected, config.captions)
+
+
+def dataset_size(dataset: Dataset) -> str:
     """For the start-up block: exact counts where the source allows, else 'streaming'."""
     if isinstance(dataset, LabeledImages):
         return (
             f"{dataset.num_images} images ({dataset.num_desirable} desirable, "
             f"{dataset.num_undesirable} undesirable)"
         )
+    if isinstance(dataset, TablePairs):
+        return f"{dataset.num_pairs} pairs from {dataset.table.source}"
     if dataset.num_pairs is None:
         return "streaming (size unknown)"
     size = f"{dataset.num_pairs} pairs after dropping ties, {dataset.num_row_groups} row groups"
@@ -73,7 +95,7 @@ def dataset_size(dataset: PickapicPairs | LabeledImages) -> str:
 
 
 def build_dataloader(config: TrainConfig, dataset: IterableDataset) -> DataLoader:
-    pairs = isinstance(dataset, PickapicPairs) and not dataset.winners_only
+    pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.winners_only
     workers = config.dataloader_num_workers
     return DataLoader(
         dataset,

@@ -142,6 +142,25 @@ class TrainConfig:
         KTO_DESIRABLE_PROB, "probability that a drawn CSV sample is desirable (gamma)"
     )
     hub_split: str = arg("train", "split of a hub dataset given as --data")
+    columns: str | None = arg(
+        None,
+        "--data column mapping for parquet/hub pairs in another schema, e.g. "
+        "caption=prompt,jpg_0=image_a,jpg_1=image_b,label_0=a_wins,label_1=b_wins,prob_0=p",
+    )
+    pairs: str | None = arg(
+        None,
+        "your own pairs: a JSONL or CSV manifest (caption, chosen, rejected, optional prob) "
+        "with paths relative to --images; replaces --data",
+    )
+    pairs_dirs: str | None = arg(
+        None, "your own pairs: two folders W,L of chosen/rejected images with the same file names"
+    )
+    captions: str | None = arg(
+        None, "--pairs_dirs captions: a JSONL (file_name, caption) or a folder of <stem>.txt"
+    )
+    soft_labels: bool = arg(
+        False, "train on the per-pair preference probability (prob / prob_0) instead of 1"
+    )
     cache: str | None = arg(
         None,
         "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
@@ -256,6 +275,7 @@ class TrainConfig:
             problems.append("--loss kto needs per-image labels: give --csv and --images")
         if self.csv and not self.images:
             problems.append("--csv needs --images (the image root of its file_name entries)")
+        problems += self.pair_source_problems(spec)
         positive = (
             "train_batch_size",
             "gradient_accumulation_steps",
@@ -293,6 +313,26 @@ class TrainConfig:
         problems += validation_problems(self) + hub_problems(self)
         if problems:
             raise UsageError("invalid config:\n  " + "\n  ".join(problems))
+
+    def pair_source_problems(self, spec: Any) -> list[str]:
+        """Your own pairs and soft labels (data/pair_table.py, data/columns.py)."""
+        from data.columns import column_problems
+
+        problems = column_problems(self.columns)
+        sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
+        if len(sources) > 1:
+            problems.append(f"give one data source, not {' and '.join(sources)}")
+        if self.pairs and not self.images:
+            problems.append("--pairs needs --images (the image root of its paths)")
+        if self.pairs_dirs and len(self.pairs_dirs.split(",")) != 2:
+            problems.append("--pairs_dirs takes two folders: W,L (chosen, rejected)")
+        if self.captions and not self.pairs_dirs:
+            problems.append("--captions goes with --pairs_dirs")
+        if self.columns and sources:
+            problems.append(f"--columns maps --data columns: it does not apply to {sources[0]}")
+        if self.soft_labels and not spec.soft_labels:
+            problems.append(f"--soft_labels: --loss {self.loss} does not train on soft labels")
+        return problems
 
     def loss_problems(self) -> list[str]:
         """The loss hyperparameters' ranges (each loss checks its own again when built)."""

@@ -163,7 +163,9 @@ def bar_chart(table: pd.DataFrame, rates: Sequence[WinRate], path: Path) -> None
     fig, axes = plt.subplots(1, panels, figsize=(3.2 * panels, 3.2), squeeze=False)
     for ax, scorer in zip(axes[0], scorers, strict=False):
         part = table[table["scorer"] == scorer]
-        error = [part["mean"] - part["ci_low"], part["ci_high"] - part["mean"]]
+        # Clipped at 0: a constant score's interval can sit a rounding error inside its mean.
+        error = [(part["mean"] - part["ci_low"]).clip(lower=0),
+                 (part["ci_high"] - part["mean"]).clip(lower=0)]  # fmt: skip
         ax.bar(part["model"], part["mean"], yerr=error, capsize=4, color="tab:blue")
         ax.set_title(scorer)
         ax.tick_params(axis="x", rotation=30)

@@ -3,6 +3,8 @@
 - ``PickapicPairs``: Pick-a-Pic v2 parquet pairs, chosen first (Diffusion-DPO; SFT with
   ``winners_only``).
 - ``LabeledImages``: the per-image CSV with desirable/undesirable labels (Diffusion-KTO).
+- ``TablePairs`` (data/table_pairs.py): your own pairs, a manifest or two folders
+  (data/pair_table.py), chosen first; ``python -m data.relabel`` relabels any pairs with scorers.
 - ``collate_pairs`` / ``collate_images``: examples -> ``PairBatch`` / ``ImageBatch``.
 
 Both datasets are infinite and exactly resumable: every example carries its stream's ``role``

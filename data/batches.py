@@ -22,6 +22,8 @@ class PairBatch:
     positions: dict[int, list]  # stream role -> resume state after this batch
     skipped: int  # undecodable or missing rows skipped while producing this batch
     rows: list[tuple[int, ...]]  # [B] source row of each example (Example["row"])
+    # [B] soft labels: P(chosen preferred) per pair, only from a source asked for them
+    labels: torch.Tensor | None = None
 
 
 @dataclass
@@ -70,7 +72,15 @@ def collate_pairs(examples: list[Example]) -> PairBatch:
         positions=_positions(examples),
         skipped=sum(e["skipped"] for e in examples),
         rows=[e["row"] for e in examples],
+        labels=_soft_labels(examples),
     )
+
+
+def _soft_labels(examples: list[Example]) -> torch.Tensor | None:
+    """[B] float32 when every example carries a label (a source with soft labels on)."""
+    if not all("label" in e for e in examples):
+        return None
+    return torch.tensor([e["label"] for e in examples], dtype=torch.float32)
 
 
 def collate_images(examples: list[Example]) -> ImageBatch:

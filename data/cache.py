@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 
 from data.errors import DataError
 from data.kto_table import load_labeled_csv
+from data.pair_table import PairTable
 from data.parquet_index import local_parquet_files
 from data.transforms import ImageTransform, TransformedImages
 
@@ -84,10 +85,21 @@ def default_cache_dir(data: str | None, csv: str | None, resolution: int) -> Pat
 
 
 def source_images(
-    data: str | None, csv: str | None, images: str | None, split_labels: dict[str, int]
+    data: str | None,
+    csv: str | None,
+    images: str | None,
+    split_labels: dict[str, int],
+    pair_table: PairTable | None = None,
 ) -> Iterator[tuple[str, object, str]]:
     """(where, image cell, caption) for every image a run over this data can draw: both images
-    of every untied Pick-a-Pic pair, or every CSV row. Local data only."""
+    of every untied Pick-a-Pic pair, every CSV row, or both images of every row of your own
+    pairs (``pair_table``, data/pair_table.py). Local data only."""
+    if pair_table is not None:
+        for row in range(len(pair_table)):
+            caption = _caption(pair_table.captions[row].as_py())
+            for side, path in zip(("chosen", "rejected"), pair_table.paths(row), strict=True):
+                yield f"{pair_table.source} row {row + 1} {side}", path, caption
+        return
     if csv:
         table = load_labeled_csv(csv, images, split_labels)
         for row, (name, caption) in enumerate(

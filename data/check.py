@@ -2,6 +2,8 @@
 
     python -m data.check /data/pickapic_v2                      # Pick-a-Pic parquet pairs
     python -m data.check --csv train_processed_v3.csv --images /data/pickapic_kto
+    python -m data.check --pairs my_pairs.jsonl --images /data/mine      # your own pairs
+    python -m data.check --pairs_dirs /data/w,/data/l --captions captions.jsonl
 
 Reports rows, ties, undecodable images, missing image files, duplicate pairs (or duplicate
 ``file_name`` rows), captions longer than the tokenizer's limit (they get truncated), and
@@ -37,6 +39,7 @@ from PIL import Image
 import cli
 from data.errors import DataError
 from data.kto_table import DEFAULT_SPLIT_LABELS, MAX_MISSING_SHARE, parse_split_labels, read_csv
+from data.pair_table import PairTable, load_manifest, load_pair_dirs
 from data.parquet_index import REQUIRED_COLUMNS, count_pairs, local_parquet_files
 
 logger = logging.getLogger(__name__)
@@ -277,6 +280,52 @@ def check_csv(
     return report
 
 
+def check_pair_table(table: PairTable, captions: CaptionLengths) -> Report:
+    """Check your own pairs (data/pair_table.py, already validated row by row when loaded):
+    every image file, duplicate pairs, caption lengths, the probability column's spread."""
+    report = Report(table.source)
+    report.rows = len(table)
+    texts = table.captions.to_pylist()
+    long = captions.too_long(texts)
+    seen: dict[bytes, int] = {}
+    for row in range(len(table)):
+        where = f"{table.source} row {row + 1}"
+        if long[row]:
+            report.long_captions.add(where)
+        chosen, rejected = table.chosen[row].as_py(), table.rejected[row].as_py()
+        key = _pair_key(chosen, rejected)
+        if key in seen:
+            report.duplicates.add(f"{where}, first at row {seen[key] + 1}")
+        seen.setdefault(key, row)
+        usable = True
+        for side, path in zip(("chosen", "rejected"), table.paths(row), strict=True):
+            report.images_checked += 1
+            if not os.path.isfile(path):
+                report.missing_files.add(f"{where}, column {side}: {path}")
+                usable = False
+            elif not image_decodes(path):
+                report.undecodable_images.add(f"{where}, column {side}: {path}")
+                usable = False
+        report.usable += usable
+    if table.probs is not None:
+        probs = table.probs
+        report.labels = {
+            "prob<0.5": int((probs < 0.5).sum()),
+            "prob=0.5": int((probs == 0.5).sum()),
+            "prob>0.5": int((probs > 0.5).sum()),
+        }
+    else:
+        report.labels = {"chosen_first": report.rows}
+    if report.missing_files.count > MAX_MISSING_SHARE * report.images_checked:
+        report.fatal.append(
+            f"{table.source}: {report.missing_files.count} of {report.images_checked} image "
+            "files are missing; is the image root right?"
+        )
+    if report.usable == 0 and not report.fatal:
+        report.fatal.append(f"{table.source}: no usable pairs (both images readable)")
+    return report
+
+
 def default_tokenizer() -> str | None:
     """The embedded tiny model's tokenizer: the real CLIP vocabulary, limit 77, as SD's."""
     path = Path(__file__).resolve().parents[1] / "build" / "tiny-sd15" / "tokenizer"
@@ -287,7 +336,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", help="Pick-a-Pic parquet directory, glob or file")
     parser.add_argument("--csv", help="per-image KTO CSV (file_name, caption, split)")
-    parser.add_argument("--images", help="image root of the CSV's file_name entries")
+    parser.add_argument("--images", help="image root of the CSV's or manifest's paths")
+    parser.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (needs --images)")
+    parser.add_argument("--pairs_dirs", help="your own pairs: two folders W,L (same file names)")
+    parser.add_argument("--captions", help="--pairs_dirs captions: JSONL or folder of .txt")
     default_labels = ",".join(f"{k}={v}" for k, v in DEFAULT_SPLIT_LABELS.items())
     parser.add_argument("--split_labels", default=default_labels, help="CSV split -> label")
     parser.add_argument(
@@ -304,11 +356,22 @@ def build_parser() -> argparse.ArgumentParser:
 def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
     """Parse the command line, check, log the summary; returns the report and the exit code."""
     args = build_parser().parse_args(None if argv is None else list(argv))
-    if (args.data is None) == (args.csv is None) or (args.csv and not args.images):
-        raise cli.UsageError("give either a parquet DATA path, or --csv and --images")
+    sources = [args.data, args.csv, args.pairs, args.pairs_dirs]
+    if sum(x is not None for x in sources) != 1 or ((args.csv or args.pairs) and not args.images):
+        raise cli.UsageError(
+            "give one of: a parquet DATA path, --csv and --images, --pairs and --images, "
+            "--pairs_dirs W,L"
+        )
     tokenizer = None if str(args.tokenizer).lower() == "none" else args.tokenizer
     captions = CaptionLengths(tokenizer)
-    if args.csv:
+    if args.pairs:
+        report = check_pair_table(load_manifest(args.pairs, args.images), captions)
+    elif args.pairs_dirs:
+        if len(args.pairs_dirs.split(",")) != 2:
+            raise cli.UsageError("--pairs_dirs takes two folders: W,L")
+        chosen, rejected = args.pairs_dirs.split(",")
+        report = check_pair_table(load_pair_dirs(chosen, rejected, args.captions), captions)
+    elif args.csv:
         report = check_csv(args.csv, args.images, parse_split_labels(args.split_labels), captions)
     else:
         report = check_pairs(args.data, captions)

@@ -21,6 +21,7 @@ from data.errors import DataError
 logger = logging.getLogger(__name__)
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+PROB_COLUMN = "prob_0"  # soft label: P(jpg_0 preferred); optional (data/columns.py)
 LABEL_VALUES = (0.0, 0.5, 1.0)
 _HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -85,13 +86,19 @@ def local_parquet_files(source: str) -> list[str] | None:
     raise DataError(f"--data {source}: no such file or directory")
 
 
-def scan_shards(files: list[str]) -> ParquetIndex:
+def scan_shards(
+    files: list[str], columns: dict[str, str] | None = None, prob: bool = False
+) -> ParquetIndex:
     """Check every shard's schema and labels; count pairs; list the non-empty row groups.
 
     A shard whose footer cannot be read (a truncated or half-copied file) is skipped with a
     warning and listed in ``unreadable_files``: one bad file out of thousands must not stop a
     day-long run. A readable shard with a wrong schema or labels stops it (a systematic error).
+    ``columns`` maps the standard names to the shards' (data/columns.py); with ``prob`` the
+    soft-label column ``prob_0`` must be there too, each value in [0, 1].
     """
+    columns = columns or {name: name for name in (*REQUIRED_COLUMNS, PROB_COLUMN)}
+    needed = [*REQUIRED_COLUMNS, PROB_COLUMN] if prob else list(REQUIRED_COLUMNS)
     row_groups, num_pairs, unreadable = [], 0, []
     for file_index, path in enumerate(files):
         try:
@@ -101,19 +108,29 @@ def scan_shards(files: list[str]) -> ParquetIndex:
             unreadable.append(path)
             continue
         names = set(shard.schema_arrow.names)
-        for column in REQUIRED_COLUMNS:
-            if column not in names:
+        for column in needed:
+            if columns[column] not in names:
+                renamed = "" if columns[column] == column else f" (--columns {column})"
                 raise DataError(
-                    f"{path}: missing column {column} (a Pick-a-Pic shard needs "
-                    f"{', '.join(REQUIRED_COLUMNS)}; found {', '.join(sorted(names))})"
+                    f"{path}: missing column {columns[column]}{renamed} (a Pick-a-Pic shard "
+                    f"needs {', '.join(REQUIRED_COLUMNS)}; found {', '.join(sorted(names))})"
                 )
         try:
-            labels = shard.read(columns=["label_0", "label_1"])
+            labels = shard.read(columns=[columns["label_0"], columns["label_1"]])
+            labels = labels.rename_columns(["label_0", "label_1"])
+            if prob:
+                check_probs(path, shard.read(columns=[columns[PROB_COLUMN]]).column(0))
         except (OSError, pa.ArrowException) as exc:
             logger.warning("skipping %s: its label columns do not read (%s)", path, exc)
             unreadable.append(path)
             continue
-        num_pairs += count_pairs(path, labels)
+        try:
+            num_pairs += count_pairs(path, labels)
+        except DataError as exc:
+            if (columns["label_0"], columns["label_1"]) == ("label_0", "label_1"):
+                raise
+            mapped = f"label_0={columns['label_0']}, label_1={columns['label_1']}"
+            raise DataError(f"{exc} (columns mapped by --columns {mapped})") from exc
         first_row = 0
         for index in range(shard.metadata.num_row_groups):
             num_rows = shard.metadata.row_group(index).num_rows
@@ -153,3 +170,17 @@ def count_pairs(path: str, labels: pa.Table) -> int:
             f"{second[row]:g} are neither a tie nor a 1/0 preference"
         )
     return int(untied.sum())
+
+
+def check_probs(path: str, array: pa.ChunkedArray) -> None:
+    """Every value of the soft-label column must be a number in [0, 1]."""
+    if not (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)):
+        raise DataError(f"{path}: column {PROB_COLUMN}: type {array.type} is not numeric")
+    values = array.cast(pa.float64()).to_numpy()
+    bad = np.flatnonzero(~((values >= 0) & (values <= 1)))
+    if bad.size:
+        row = int(bad[0])
+        raise DataError(
+            f"{path}: row {row + 1} (rows numbered from 1), column {PROB_COLUMN}: value "
+            f"{array[row].as_py()} is not a probability in [0, 1]"
+        )

@@ -26,10 +26,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
 from data.examples import Example, build_example
 from data.parquet_index import (
+    PROB_COLUMN,
     REQUIRED_COLUMNS,
     ParquetIndex,
     RowGroup,
@@ -72,6 +74,8 @@ class PickapicPairs(RoleStream):
         num_workers: int = 0,
         hub_split: str = "train",
         hub_revision: str | None = None,
+        columns: dict[str, str] | None = None,
+        soft_labels: bool = False,
     ):
         super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
         if row_groups_per_block < 1:
@@ -80,6 +84,8 @@ class PickapicPairs(RoleStream):
         self.winners_only = winners_only
         self.shuffle = shuffle
         self.row_groups_per_block = row_groups_per_block
+        self.columns = columns or parse_columns(None)
+        self.soft_labels = soft_labels
         self._index: ParquetIndex | None = None
         self._hub = None
         self.num_pairs: int | None = None
@@ -89,9 +95,9 @@ class PickapicPairs(RoleStream):
 
         files = local_parquet_files(source)
         if files is None:
-            self._hub = open_hub_pairs(source, hub_split, hub_revision)
+            self._hub = open_hub_pairs(source, hub_split, hub_revision, self._needed_columns())
             return
-        self._index = scan_shards(files)
+        self._index = scan_shards(files, self.columns, prob=soft_labels)
         self.num_pairs = self._index.num_pairs
         self.num_files = len(files)
         self.num_row_groups = len(self._index.row_groups)
@@ -100,6 +106,11 @@ class PickapicPairs(RoleStream):
             raise DataError(f"{source}: no pairs left after dropping ties (label_0 == label_1)")
         if self._num_blocks() < self.num_roles:
             self._split_finer()
+
+    def _needed_columns(self) -> list[str]:
+        """The shards' names of the columns this stream reads."""
+        names = [*REQUIRED_COLUMNS, PROB_COLUMN] if self.soft_labels else list(REQUIRED_COLUMNS)
+        return [self.columns[name] for name in names]
 
     def _split_finer(self) -> None:
         """Fewer blocks than streams (e.g. one small file, one row group, two workers): cut
@@ -193,7 +204,7 @@ class PickapicPairs(RoleStream):
         order = np.arange(size)
         if self.shuffle:
             order = np.random.default_rng([self.seed, _ROW_ORDER, epoch, block]).permutation(size)
-        rows = _BlockRows(self._index, groups, shards)
+        rows = _BlockRows(self._index, groups, shards, self._needed_columns())
         for position in range(offset, size):
             yield position, rows.row(int(order[position]))
 
@@ -203,13 +214,15 @@ class PickapicPairs(RoleStream):
         while True:
             yielded = False
             rows = hub_rows(self._hub, self.seed, self.shuffle, epoch, role, self.num_roles, start)
+            names = self.columns
             for n, record in enumerate(rows, start=start):
                 row = _Row(
                     f"{self.source} stream {role} epoch {epoch} row {n}",
-                    record.get("caption"),
-                    (record.get("jpg_0"), record.get("jpg_1")),
-                    (record.get("label_0"), record.get("label_1")),
+                    record.get(names["caption"]),
+                    (record.get(names["jpg_0"]), record.get(names["jpg_1"])),
+                    (record.get(names["label_0"]), record.get(names["label_1"])),
                     (role, n),
+                    record.get(names[PROB_COLUMN]),
                 )
                 if row.labels[0] == row.labels[1]:
                     continue
@@ -244,6 +257,10 @@ class PickapicPairs(RoleStream):
                 return None
         rng = np.random.default_rng(key)
         label = 1.0 if self.winners_only else None
+        if self.soft_labels and not self.winners_only:
+            # prob_0 is P(jpg_0 preferred); the example's label is P(chosen preferred).
+            prob = _probability(row)
+            label = prob if columns[0] == "jpg_0" else 1.0 - prob
         caption = row.caption if isinstance(row.caption, str) else ""
         return build_example(
             images,
@@ -262,12 +279,19 @@ class PickapicPairs(RoleStream):
 class _Row:
     """The fields of one Pick-a-Pic row, plus where it came from (for log messages)."""
 
-    __slots__ = ("caption", "ident", "images", "labels", "where")
+    __slots__ = ("caption", "ident", "images", "labels", "prob", "where")
 
     def __init__(
-        self, where: str, caption: object, images: tuple, labels: tuple, ident: tuple[int, ...]
+        self,
+        where: str,
+        caption: object,
+        images: tuple,
+        labels: tuple,
+        ident: tuple[int, ...],
+        prob: object = None,
     ):
         self.where, self.caption, self.images, self.labels = where, caption, images, labels
+        self.prob = prob  # P(jpg_0 preferred) when soft labels are read, else None
         self.ident = ident  # (file index, row in file); (role, row of the role's epoch) on hub
 
 
@@ -278,8 +302,11 @@ class _BlockRows:
     hence resume states, do not depend on whether a read failed.
     """
 
-    def __init__(self, index: ParquetIndex, groups: list[RowGroup], shards: dict):
+    def __init__(
+        self, index: ParquetIndex, groups: list[RowGroup], shards: dict, columns: list[str]
+    ):
         self.index = index
+        self.columns = columns  # the shards' names of caption, jpg_0/1, label_0/1 (, prob_0)
         self.groups = groups
         self.starts = np.cumsum([0] + [g.num_rows for g in groups])
         self.size = int(self.starts[-1])
@@ -290,7 +317,9 @@ class _BlockRows:
         try:
             if group.file not in shards:
                 shards[group.file] = pq.ParquetFile(path)
-            table = shards[group.file].read_row_group(group.index, columns=list(REQUIRED_COLUMNS))
+            table = shards[group.file].read_row_group(group.index, columns=self.columns)
+            standard = [*REQUIRED_COLUMNS, PROB_COLUMN][: len(self.columns)]
+            table = table.rename_columns(standard)
             if group.offset or group.num_rows < table.num_rows:  # a slice (split_row_groups)
                 table = table.slice(group.offset, group.num_rows)
         except (OSError, pa.ArrowException) as exc:
@@ -310,6 +339,7 @@ class _BlockRows:
             "label_1": table.column("label_1").to_pylist(),
             "jpg_0": table.column("jpg_0"),
             "jpg_1": table.column("jpg_1"),
+            "prob_0": table.column(PROB_COLUMN).to_pylist() if PROB_COLUMN in standard else None,
         }
 
     def row(self, index: int) -> _Row | None:
@@ -324,4 +354,14 @@ class _BlockRows:
             (table["jpg_0"][local], table["jpg_1"][local]),
             (table["label_0"][local], table["label_1"][local]),
             (group.file, group.first_row + local),
+            None if table["prob_0"] is None else table["prob_0"][local],
         )
+
+
+def _probability(row: _Row) -> float:
+    """The row's soft label as a float in [0, 1] (local shards were checked at start-up; a hub
+    row is checked here)."""
+    prob = row.prob
+    if not isinstance(prob, int | float) or not 0.0 <= float(prob) <= 1.0:
+        raise DataError(f"{row.where}, column {PROB_COLUMN}: value {prob!r} is not in [0, 1]")
+    return float(prob)

@@ -16,7 +16,9 @@ from data.parquet_index import REQUIRED_COLUMNS
 SHUFFLE_BUFFER = 1000  # rows; the hub stream's shard order is shuffled too
 
 
-def open_hub_pairs(name: str, split: str, revision: str | None) -> Any:
+def open_hub_pairs(
+    name: str, split: str, revision: str | None, needed: list[str] | None = None
+) -> Any:
     """``datasets.load_dataset(name, streaming=True)``; DataError naming ``name`` on failure."""
     import datasets  # imported here: only this path needs it and it costs ~1.5 s to import
 
@@ -28,7 +30,8 @@ def open_hub_pairs(name: str, split: str, revision: str | None) -> Any:
             f"({type(exc).__name__}: {exc})"
         ) from exc
     columns = stream.column_names  # None when the builder cannot tell without reading
-    missing = [c for c in REQUIRED_COLUMNS if columns is not None and c not in columns]
+    needed = list(REQUIRED_COLUMNS) if needed is None else needed
+    missing = [c for c in needed if columns is not None and c not in columns]
     if missing:
         raise DataError(f"{name} (split {split}): missing column {missing[0]}")
     return stream

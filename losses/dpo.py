@@ -43,6 +43,7 @@ def preference_targets(
     "dpo",
     pairwise=True,
     needs_reference=True,
+    soft_labels=True,
     help="Diffusion-DPO on chosen/rejected pairs (beta/2 convention of the released code; "
     "--label_smoothing: conservative DPO; soft labels p per pair)",
 )

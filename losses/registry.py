@@ -25,6 +25,8 @@ class LossSpec:
     help: str
     # True: the loss also reads the per-pixel predictions and target ([2B, C, h, w]).
     needs_predictions: bool = False
+    # True: the loss reads per-pair preference probabilities (``labels`` [B]) for --soft_labels.
+    soft_labels: bool = False
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -58,13 +60,16 @@ def register(
     needs_reference: bool,
     help: str,
     needs_predictions: bool = False,
+    soft_labels: bool = False,
 ) -> Callable[[Callable[..., LossFn]], Callable[..., LossFn]]:
     """Decorator registering a loss builder (hyperparameters -> loss function)."""
 
     def wrap(builder: Callable[..., LossFn]) -> Callable[..., LossFn]:
         if name in _LOSSES:
             raise ValueError(f"loss {name!r} is registered twice")
-        _LOSSES[name] = LossSpec(name, builder, pairwise, needs_reference, help, needs_predictions)
+        _LOSSES[name] = LossSpec(
+            name, builder, pairwise, needs_reference, help, needs_predictions, soft_labels
+        )
         return builder
 
     return wrap

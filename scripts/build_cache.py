@@ -26,6 +26,7 @@ from diffusers import UNet2DConditionModel
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from build import load_pair_table
 from config import TrainConfig, build_parser
 from data.cache import (
     LATENT_PREFIX,
@@ -128,7 +129,8 @@ def build_cache(
     stats = CacheStats()
     captions, seen, pending = {""}, set(), []  # "" : caption dropout's empty caption
     split_labels = parse_split_labels(config.split_labels)
-    rows = source_images(config.data, config.csv, config.images, split_labels)
+    own = load_pair_table(config) if config.pairs or config.pairs_dirs else None
+    rows = source_images(config.data, config.csv, config.images, split_labels, own)
     for where, cell, caption in rows:
         captions.add(caption)
         try:
@@ -171,7 +173,9 @@ def main(argv: list[str] | None = None) -> CacheStats:
     if config.resolution is None:  # as train.py: the model's native size
         config = dataclasses.replace(config, resolution=check_models(config))
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
-    out_dir = Path(config.cache or default_cache_dir(config.data, config.csv, config.resolution))
+    # Beside the CSV or manifest, or inside the parquet directory or the chosen folder.
+    beside = config.csv or config.pairs or (config.pairs_dirs or "").split(",")[0] or None
+    out_dir = Path(config.cache or default_cache_dir(config.data, beside, config.resolution))
     stats = build_cache(config, out_dir, batch_size, per_shard)
     print(f"cache {out_dir}: {stats}")  # the CLI's summary line
     return stats

@@ -1,6 +1,8 @@
 """Build the per-image Diffusion-KTO data from Pick-a-Pic pairs: a CSV plus JPEG files.
 
     python scripts/build_kto_csv.py --data /data/pickapic_v2 --out /data/pickapic_kto
+    python scripts/build_kto_csv.py --pairs my_pairs.jsonl --images /data/mine --out OUT
+    python scripts/build_kto_csv.py --pairs_dirs /data/w,/data/l --captions c.jsonl --out OUT
 
 writes ``OUT/train_processed_v3.csv`` (``file_name``, ``caption``, ``split``; the released
 format, ``file_name`` relative to OUT) and ``OUT/train/<xx>/<uid>.jpg``. An image's split comes
@@ -8,7 +10,9 @@ from every non-tied comparison it appears in, across all shards: ``exclusive_win
 ``exclusive_lose`` (lost all), ``intersections`` (won some, lost some). Ties carry no
 preference and are ignored, so an image seen only in ties is not listed. An image is identified
 by ``image_<side>_uid`` when the shards have it, otherwise by a hash of its bytes; its caption is
-that of its first comparison.
+that of its first comparison. Your own pairs (data/pair_table.py) count as 1/0 comparisons, the
+chosen image winning; an image is identified by its path, and rows are read in chunks of
+``OWN_CHUNK`` that play the role of row groups (done marks, resume).
 
 Streaming with bounded memory: one parquet row group at a time; the per-image tallies live in
 an SQLite file (``OUT/.kto_build.sqlite``), one transaction per row group that also marks the
@@ -29,6 +33,7 @@ import os
 import re
 import sqlite3
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +43,7 @@ from PIL import Image
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from data.pair_table import PairTable, load_manifest, load_pair_dirs, read_pair_chunk
 from data.parquet_index import local_parquet_files
 
 logger = logging.getLogger(__name__)
@@ -202,6 +208,52 @@ class KtoBuilder:
 
 
 READ_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+OWN_CHUNK = 256  # own-pair rows per transaction (their image bytes are in memory at once)
+
+
+def own_pair_chunks(table: PairTable) -> Iterator[tuple[int, Callable[[], pa.Table]]]:
+    """(chunk index, reader) of a pair table as Pick-a-Pic-shaped row groups (chosen = jpg_0,
+    labels 1/0), the relative paths as image uids; bytes are read only when the chunk is."""
+
+    def read(start: int) -> pa.Table:
+        chunk = read_pair_chunk(table, start, min(start + OWN_CHUNK, len(table)))
+        chunk = chunk.append_column("image_0_uid", chunk.column("chosen"))
+        return chunk.append_column("image_1_uid", chunk.column("rejected"))
+
+    for index, start in enumerate(range(0, len(table), OWN_CHUNK)):
+        yield index, lambda start=start: read(start)
+
+
+def build_kto_from_pairs(
+    table: PairTable, out_dir: Path, max_row_groups: int | None = None
+) -> BuildSummary:
+    """As ``build_kto``, from your own pairs."""
+    builder = KtoBuilder(out_dir)
+    summary = BuildSummary()
+    pending = False
+    try:
+        for index, read in own_pair_chunks(table):
+            if builder.is_done(table.source, index):
+                summary.row_groups_skipped += 1
+            elif max_row_groups is not None and summary.row_groups_done >= max_row_groups:
+                pending = True
+            else:
+                builder.add_row_group(table.source, index, read())
+                summary.row_groups_done += 1
+        _finish(builder, summary, pending)
+    finally:
+        builder.close()
+    return summary
+
+
+def _finish(builder: KtoBuilder, summary: BuildSummary, pending: bool) -> None:
+    summary.pairs = builder.count("pairs")
+    summary.ties = builder.count("ties")
+    summary.bad_images = builder.count("bad_images")
+    if not pending:
+        summary.splits = builder.write_csv()
+        summary.images = sum(summary.splits.values())
+        summary.complete = True
 
 
 def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> BuildSummary:
@@ -238,13 +290,7 @@ def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> Bu
                     continue
                 builder.add_row_group(path, group, table)
                 summary.row_groups_done += 1
-        summary.pairs = builder.count("pairs")
-        summary.ties = builder.count("ties")
-        summary.bad_images = builder.count("bad_images")
-        if not pending:
-            summary.splits = builder.write_csv()
-            summary.images = sum(summary.splits.values())
-            summary.complete = True
+        _finish(builder, summary, pending)
     finally:
         builder.close()
     return summary
@@ -252,7 +298,12 @@ def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> Bu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", required=True, help="Pick-a-Pic parquet directory, glob or file")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", help="Pick-a-Pic parquet directory, glob or file")
+    source.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (with --images)")
+    source.add_argument("--pairs_dirs", help="your own pairs: two folders W,L")
+    parser.add_argument("--images", help="image root of --pairs")
+    parser.add_argument("--captions", help="--pairs_dirs captions: JSONL or folder of .txt")
     parser.add_argument("--out", type=Path, required=True, help="output directory (CSV + images)")
     parser.add_argument(
         "--max_row_groups",
@@ -262,7 +313,16 @@ def main() -> None:
     )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    summary = build_kto(args.data, args.out, args.max_row_groups)
+    if args.data:
+        summary = build_kto(args.data, args.out, args.max_row_groups)
+    else:
+        if args.pairs and not args.images:
+            parser.error("--pairs needs --images")
+        if args.pairs:
+            table = load_manifest(args.pairs, args.images)
+        else:
+            table = load_pair_dirs(*args.pairs_dirs.split(",", 1), args.captions)
+        summary = build_kto_from_pairs(table, args.out, args.max_row_groups)
     if summary.unreadable_row_groups:
         logger.warning("%d unreadable files/row groups skipped", summary.unreadable_row_groups)
     if not summary.complete:

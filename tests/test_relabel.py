@@ -1,0 +1,215 @@
+"""python -m data.relabel: scores for every image, standardised combination, labels, ties, soft
+labels, per-image labels, resume and flat memory, on tiny generated data with the toy rule and a
+tiny random-init scorer."""
+
+import io
+import itertools
+import json
+import tracemalloc
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from data import ImageTransform, PickapicPairs, collate_pairs
+from data.relabel import main as relabel_main
+from data.relabel import run as relabel
+from evaluation.scorers import ToyRewardScorer
+
+
+class TinyRandomScorer:
+    """A random-init conv net: a learned-scorer stand-in with an arbitrary scale."""
+
+    name = "tiny"
+
+    def __init__(self):
+        torch.manual_seed(0)
+        self.net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Tanh(),
+                                       torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                       torch.nn.Linear(4, 1))  # fmt: skip
+        self.calls: list[int] = []
+
+    @torch.no_grad()
+    def score(self, images, prompts):
+        self.calls.append(len(images))
+        x = torch.stack([torch.from_numpy(np.asarray(i, dtype=np.float32) / 255).permute(2, 0, 1)
+                         for i in images])  # fmt: skip
+        return (100 * self.net(x).squeeze(-1)).tolist()
+
+
+def image(seed: int, size: int = 16) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = rng.integers(0, 256, 3)
+    pixels = np.clip(base + rng.integers(-10, 10, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(pixels)
+
+
+def png(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_pairs(path: Path, n: int, size: int = 16, row_group: int = 4) -> list[tuple]:
+    """n rows with random-colour images; the human labels all say image 0 (kept as human_*)."""
+    pairs = [(image(2 * i, size), image(2 * i + 1, size)) for i in range(n)]
+    table = pa.table({
+        "caption": [f"a thing {i}" for i in range(n)],
+        "jpg_0": pa.array([png(a) for a, _ in pairs], pa.binary()),
+        "jpg_1": pa.array([png(b) for _, b in pairs], pa.binary()),
+        "label_0": [1.0] * n,
+        "label_1": [0.0] * n,
+        "extra": list(range(n)),
+    })  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path, row_group_size=row_group)
+    return pairs
+
+
+def read_out(out: Path) -> pd.DataFrame:
+    files = sorted(out.glob("train-*.parquet"))
+    return pd.concat([pq.read_table(f).to_pandas() for f in files], ignore_index=True)
+
+
+def z(values: np.ndarray) -> np.ndarray:
+    return (values - values.mean()) / values.std()
+
+
+def test_scores_combined_labels_ties_and_soft_labels(tmp_path):
+    pairs = write_pairs(tmp_path / "in" / "a.parquet", 12)
+    scorers = [ToyRewardScorer("warm"), TinyRandomScorer()]
+    args = ["--data", str(tmp_path / "in"), "--scorer", "toy_warm", "--scorer", "tiny",
+            "--weights", "1,3", "--tie_threshold", "0.3", "--temperature", "2",
+            "--batch_size", "5", "--out", str(tmp_path / "out")]  # fmt: skip
+    summary = relabel(args, scorers=scorers)
+    assert summary.complete and summary.rows == 12 and summary.unreadable_images == 0
+    assert max(scorers[1].calls) <= 5  # batched
+    frame = read_out(tmp_path / "out")
+    assert frame["extra"].tolist() == list(range(12))  # original columns, in order
+    assert (frame["human_label_0"] == 1).all() and frame["caption"][3] == "a thing 3"
+    # Scores for every image, equal to the scorer's own on that image.
+    fresh = [ToyRewardScorer("warm"), TinyRandomScorer()]
+    for side in (0, 1):
+        imgs = [p[side] for p in pairs]
+        prompts = [f"a thing {i}" for i in range(12)]
+        for scorer, name in zip(fresh, ("toy_warm", "tiny"), strict=True):
+            expected = scorer.score(imgs, prompts)
+            assert frame[f"score_{name}_{side}"].to_numpy() == pytest.approx(expected, abs=1e-4)
+    # Standardised over all 24 images per scorer, weighted 0.25 / 0.75.
+    both = {n: np.concatenate([frame[f"score_{n}_0"], frame[f"score_{n}_1"]]) for n in
+            ("toy_warm", "tiny")}  # fmt: skip
+    assert both["toy_warm"].std() > 0  # the rule splits these images
+    zs = {n: z(v) for n, v in both.items()}
+    c = 0.25 * zs["toy_warm"] + 0.75 * zs["tiny"]
+    assert frame["score_combined_0"].to_numpy() == pytest.approx(c[:12], abs=1e-6)
+    assert frame["score_combined_1"].to_numpy() == pytest.approx(c[12:], abs=1e-6)
+    gap = c[:12] - c[12:]
+    tie = np.abs(gap) <= 0.3
+    assert 0 < tie.sum() < 12  # both kinds occur
+    assert (frame["label_0"][tie] == 0.5).all() and (frame["label_1"][tie] == 0.5).all()
+    assert (frame["label_0"][~tie] == (gap[~tie] > 0)).all()
+    assert (frame["label_1"][~tie] == (gap[~tie] < 0)).all()
+    assert frame["prob_0"].to_numpy() == pytest.approx(1 / (1 + np.exp(-gap / 2)), abs=1e-9)
+    assert summary.ties == int(tie.sum())
+    stats = json.loads((tmp_path / "out" / "relabel.json").read_text())["stats"]
+    assert stats["tiny"]["std"] == pytest.approx(both["tiny"].std(), rel=1e-9)
+
+    # The output trains as it is: --data OUT [--soft_labels] reads the AI labels and prob_0.
+    data = PickapicPairs(str(tmp_path / "out"), ImageTransform(8, True, False), shuffle=False,
+                         caption_dropout=0.0, soft_labels=True)  # fmt: skip
+    assert data.num_pairs == int((~tie).sum())
+    batch = collate_pairs(list(itertools.islice(data.iter_role(0), int((~tie).sum()))))
+    untied = frame[~tie]
+    expected = np.where(untied["label_0"] == 1, untied["prob_0"], 1 - untied["prob_0"])
+    assert batch.labels.numpy() == pytest.approx(expected, abs=1e-6)
+    assert (batch.labels > 0.5).all()  # the chosen side is the higher combined score
+
+
+def test_resume_after_an_interruption_gives_the_same_output(tmp_path):
+    write_pairs(tmp_path / "in" / "a.parquet", 10, row_group=3)  # 4 units
+    args = ["--data", str(tmp_path / "in"), "--scorer", "toy_warm", "--scorer", "tiny"]
+    whole = relabel([*args, "--out", str(tmp_path / "whole")],
+                    scorers=[ToyRewardScorer("warm"), TinyRandomScorer()])  # fmt: skip
+    cut = [*args, "--out", str(tmp_path / "cut")]
+    first = relabel(
+        [*cut, "--max_units", "2"], scorers=[ToyRewardScorer("warm"), TinyRandomScorer()]
+    )
+    assert (first.scored_now, first.complete) == (2, False)
+    assert not list((tmp_path / "cut").glob("train-*.parquet"))
+    second_scorer = TinyRandomScorer()
+    rest = relabel(cut, scorers=[ToyRewardScorer("warm"), second_scorer])
+    assert rest.scored_now == 2 and sum(second_scorer.calls) == 2 * (3 + 1)  # units 3 and 4 only
+    assert rest.complete and whole.labels == rest.labels
+    pd.testing.assert_frame_equal(read_out(tmp_path / "whole"), read_out(tmp_path / "cut"))
+    with pytest.raises(Exception, match="other settings"):
+        relabel([*args, "--weights", "1,2", "--out", str(tmp_path / "cut")],
+                scorers=[ToyRewardScorer("warm"), TinyRandomScorer()])  # fmt: skip
+
+
+def test_memory_is_flat_across_input_sizes(tmp_path):
+    """Peak Python allocations (image bytes included) do not grow with the input: one unit of
+    work in memory at a time."""
+    peaks = []
+    for n in (4, 8, 48):  # the first run warms up one-time allocations (imports, caches)
+        write_pairs(tmp_path / f"in{n}" / "a.parquet", n, size=48, row_group=4)
+        tracemalloc.start()
+        args = ["--data", str(tmp_path / f"in{n}"), "--scorer", "toy_warm"]
+        relabel([*args, "--out", str(tmp_path / f"out{n}")], scorers=[ToyRewardScorer("warm")])
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    input_growth = (tmp_path / "in48" / "a.parquet").stat().st_size - (
+        tmp_path / "in8" / "a.parquet").stat().st_size  # fmt: skip
+    assert peaks[2] - peaks[1] < 0.25 * input_growth, (peaks, input_growth)
+
+
+def test_per_image_csv_gets_scores_and_labels(tmp_path):
+    root = tmp_path / "img"
+    root.mkdir()
+    rows = []
+    for i in range(10):
+        image(i).save(root / f"{i}.png")
+        rows.append({"file_name": f"{i}.png", "caption": f"c{i}", "split": "intersections"})
+    pd.DataFrame(rows).to_csv(tmp_path / "kto.csv", index=False)
+    common = ["--csv", str(tmp_path / "kto.csv"), "--images", str(root), "--scorer", "tiny",
+              "--chunk_rows", "3"]  # fmt: skip
+    relabel([*common, "--quantile", "0.7", "--out", str(tmp_path / "q")],
+            scorers=[TinyRandomScorer()])  # fmt: skip
+    frame = pd.read_csv(tmp_path / "q" / "kto.csv")
+    assert frame["file_name"].tolist() == [f"{i}.png" for i in range(10)]
+    raw = np.array(TinyRandomScorer().score([image(i) for i in range(10)], [""] * 10))
+    assert frame["score_tiny"].to_numpy() == pytest.approx(raw, abs=1e-4)
+    assert frame["score_combined"].to_numpy() == pytest.approx(z(raw), abs=1e-6)
+    top = z(raw) >= np.quantile(z(raw), 0.7)
+    assert frame["label"].tolist() == top.astype(int).tolist() and top.sum() == 3
+    assert set(frame["split"][top]) == {"exclusive_win"}
+    assert set(frame["split"][~top]) == {"exclusive_lose"}
+    assert (frame["split_human"] == "intersections").all()
+    relabel([*common, "--threshold", "0.5", "--out", str(tmp_path / "t")],
+            scorers=[TinyRandomScorer()])  # fmt: skip
+    frame = pd.read_csv(tmp_path / "t" / "kto.csv")
+    assert frame["label"].tolist() == (z(raw) >= 0.5).astype(int).tolist()
+
+
+def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, capsys):
+    root = tmp_path / "img"
+    root.mkdir()
+    warm, cool = Image.new("RGB", (8, 8), (230, 90, 40)), Image.new("RGB", (8, 8), (40, 90, 230))
+    rows = []
+    for i in range(4):
+        first, second = (warm, cool) if i % 2 else (cool, warm)
+        first.save(root / f"{i}a.png")
+        second.save(root / f"{i}b.png")
+        rows.append({"caption": f"c{i}", "chosen": f"{i}a.png", "rejected": f"{i}b.png"})
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert relabel_main(["--pairs", str(tmp_path / "m.jsonl"), "--images", str(root),
+                         "--scorer", "toy_warm", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
+    frame = read_out(tmp_path / "out")
+    # The rule prefers the warm image: the human "chosen" side only on odd rows.
+    assert frame["label_0"].tolist() == [0.0, 1.0, 0.0, 1.0]
+    assert frame["chosen"].tolist() == [f"{i}a.png" for i in range(4)]
+    assert "relabelled 4 rows" in capsys.readouterr().out
