@@ -8,10 +8,12 @@ Toy scenes (scripts/build_toy_data.py) are one coloured shape on a plain backgro
   median colour, snapped to the nearest palette colour, must be the named one. An image with
   (almost) no foreground shows no colour and fails.
 - ``shape``: the drawn shape is the caption's circle / square / triangle. The object is the
-  largest 4-connected region of the foreground mask (as for ``colour``); within its bounding box
-  a triangle (apex up, as drawn) holds far less of its area in the top half than the bottom
-  (1/3 for an ideal one, 1 for a square or a circle), and a square fills its box (1.0) where a
-  circle fills pi/4 = 0.785. No object: 0.
+  largest 4-connected region of the foreground mask (as for ``colour``); it must hold at least
+  MIN_OBJECT_SHARE of the foreground (one object, not scattered pieces). Each toy shape is drawn
+  to fill the object's bounding box (the circle inscribed, the triangle apex up, as
+  scripts/build_toy_data.py draws them); the best match by intersection over union is the
+  object's shape if that IoU is at least MIN_SHAPE_IOU, else the image shows no toy shape (a
+  blob). No object, pieces or a blob: 0.
 - ``warm``: a "warm filter" taste, as in the Diffusion-KTO paper's per-user experiment: the mean
   red channel exceeds the mean blue channel by at least WARM_MARGIN (0-255 scale). It ignores
   the caption.
@@ -41,11 +43,15 @@ MIN_FOREGROUND_SHARE = 0.02
 # from its own seed).
 WARM_MARGIN = 20.0
 
-# Shape thresholds, halfway between the ideal shapes' values (top/bottom area: triangle 1/3,
-# circle and square 1; box fill: circle pi/4, square 1), so soft edges and a pixel of blur on
-# a 32 px image keep the call.
-TRIANGLE_TOP_BOTTOM = 0.65
-SQUARE_FILL = 0.89
+# One object: its largest connected region holds at least this share of the foreground.
+MIN_OBJECT_SHARE = 0.8
+# The object must overlap a toy shape of its area and centroid by at least this soft IoU: ideal
+# shapes match their own at 1.0 and another at most ~0.8 (circle vs square); the toy scenes at
+# 32 px (soft edges, a centre crop that can cut a shape) match their own above it almost always.
+MIN_SHAPE_IOU = 0.8
+# A shape's area as a share of its side x side box.
+SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
+SUPERSAMPLE = 4  # samples per pixel side when drawing the templates
 
 PALETTE_NAMES = tuple(COLOURS)
 PALETTE = np.array([COLOURS[name] for name in PALETTE_NAMES], dtype=np.float64)
@@ -73,10 +79,14 @@ def _pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float64)
 
 
-def foreground_mask(pixels: np.ndarray) -> np.ndarray:
-    """Pixels further than FOREGROUND_DISTANCE from the background (median border colour)."""
+def background_colour(pixels: np.ndarray) -> np.ndarray:
+    """The median colour of the border pixels."""
     border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
-    background = np.median(border, axis=0)
+    return np.median(border, axis=0)
+
+
+def foreground_mask(pixels: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Pixels further than FOREGROUND_DISTANCE from the background colour."""
     return np.linalg.norm(pixels - background, axis=-1) > FOREGROUND_DISTANCE
 
 
@@ -102,35 +112,80 @@ def largest_region(mask: np.ndarray) -> np.ndarray:
     return labels == best if best else np.zeros_like(mask)
 
 
-def shape_of(region: np.ndarray) -> str:
-    """circle / square / triangle from a region's top/bottom area balance and its box fill."""
-    rows, cols = np.nonzero(region)
-    top, bottom, left, right = rows.min(), rows.max(), cols.min(), cols.max()
-    box = region[top : bottom + 1, left : right + 1].astype(np.float64)
-    height = box.shape[0]
-    # Row weights split the middle row of an odd height evenly between the halves.
-    upper = np.clip(height / 2 - np.arange(height), 0.0, 1.0)
-    top_area, bottom_area = (box.sum(1) * upper).sum(), (box.sum(1) * (1 - upper)).sum()
-    if top_area < TRIANGLE_TOP_BOTTOM * bottom_area:
-        return "triangle"
-    return "square" if box.mean() >= SQUARE_FILL else "circle"
+def dilate(mask: np.ndarray) -> np.ndarray:
+    """The mask grown by one pixel (4-neighbourhood)."""
+    grown = mask.copy()
+    grown[1:] |= mask[:-1]
+    grown[:-1] |= mask[1:]
+    grown[:, 1:] |= mask[:, :-1]
+    grown[:, :-1] |= mask[:, 1:]
+    return grown
+
+
+def coverage(pixels: np.ndarray, region: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """Per pixel, the share covered by the object (0..1): the pixel's position between the
+    background and the object's median colour, on the object's region grown by a pixel (its
+    soft edge); 0 elsewhere."""
+    colour = np.median(pixels[region], axis=0)
+    direction = colour - background
+    alpha = ((pixels - background) @ direction) / max(float(direction @ direction), 1e-9)
+    return np.clip(alpha, 0.0, 1.0) * dilate(region)
+
+
+def shape_template(shape: str, height: int, width: int, alpha: np.ndarray) -> np.ndarray:
+    """The toy shape with the object's area and centroid, anti-aliased (SUPERSAMPLE^2 samples per
+    pixel): a side x side box as scripts/build_toy_data.py draws it, the circle inscribed, the
+    triangle apex up with its centroid 2/3 of the way down."""
+    area = float(alpha.sum())
+    ys, xs = np.indices(alpha.shape)
+    cy, cx = float((ys * alpha).sum()) / area, float((xs * alpha).sum()) / area
+    side = np.sqrt(area / SHAPE_AREA[shape])
+    top = cy + 0.5 - (2 * side / 3 if shape == "triangle" else side / 2)
+    left = cx + 0.5 - side / 2
+    offsets = (np.arange(SUPERSAMPLE) + 0.5) / SUPERSAMPLE
+    y = ((np.arange(height)[:, None] + offsets).reshape(-1, 1) - top) / side  # 0..1 in the box
+    x = ((np.arange(width)[:, None] + offsets).reshape(1, -1) - left) / side - 0.5
+    inside = (y >= 0) & (y <= 1) & (np.abs(x) <= 0.5)
+    if shape == "circle":
+        inside &= (2 * x) ** 2 + (2 * y - 1) ** 2 <= 1.0
+    elif shape == "triangle":
+        inside &= np.abs(x) <= y / 2
+    samples = inside.reshape(height, SUPERSAMPLE, width, SUPERSAMPLE)
+    return samples.mean(axis=(1, 3))
+
+
+def shape_matches(pixels: np.ndarray, region: np.ndarray, background: np.ndarray) -> dict:
+    """Soft intersection over union of the object's coverage with each toy shape of the same
+    area and centroid."""
+    alpha = coverage(pixels, region, background)
+    height, width = alpha.shape
+    matches = {}
+    for shape in SHAPES:
+        template = shape_template(shape, height, width, alpha)
+        matches[shape] = float(np.minimum(alpha, template).sum() / np.maximum(alpha, template).sum())
+    return matches
 
 
 def foreground_shape(image: Image.Image) -> str | None:
-    """The shape of the image's object, or None if it shows no object."""
-    mask = foreground_mask(_pixels(image))
+    """The toy shape the image's object matches best, or None if it shows no object, shows
+    scattered pieces rather than one, or matches no shape well (a blob)."""
+    pixels = _pixels(image)
+    background = background_colour(pixels)
+    mask = foreground_mask(pixels, background)
     if mask.mean() < MIN_FOREGROUND_SHARE:
         return None
     region = largest_region(mask)
-    if region.mean() < MIN_FOREGROUND_SHARE:
+    if region.sum() < MIN_OBJECT_SHARE * mask.sum():
         return None
-    return shape_of(region)
+    matches = shape_matches(pixels, region, background)
+    best = max(matches, key=matches.__getitem__)
+    return best if matches[best] >= MIN_SHAPE_IOU else None
 
 
 def foreground_colour(image: Image.Image) -> str | None:
     """The palette colour nearest to the foreground's median colour, or None if no foreground."""
     pixels = _pixels(image)
-    mask = foreground_mask(pixels)
+    mask = foreground_mask(pixels, background_colour(pixels))
     if mask.mean() < MIN_FOREGROUND_SHARE:
         return None
     colour = np.median(pixels[mask], axis=0)

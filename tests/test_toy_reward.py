@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from evaluation.toy_reward import (
     RULES,
+    background_colour,
     colour_reward,
+    foreground_mask,
     foreground_colour,
     foreground_shape,
     named_colour,
@@ -111,8 +114,8 @@ def test_shape_rule_survives_blur_noise_and_a_stray_speck():
 
 
 def test_shape_rule_on_the_training_scenes():
-    """The toy scenes as the base trains on them (scripts/train_toy_base.py, 32 px; the centre
-    crop can cut a shape, so a few may be misread)."""
+    """The toy scenes as the base trains on them (scripts/train_toy_base.py, 32 px): every whole
+    shape is read right; the centre crop cuts some at the border, and those may not be."""
     from scripts.train_toy_base import toy_scenes
 
     scenes = toy_scenes(150, seed=3, wrong_colour_share=0.0)
@@ -121,7 +124,12 @@ def test_shape_rule_on_the_training_scenes():
         for p in scenes.pixels
     ]
     agreement = [shape_reward(i, c) for i, c in zip(images, scenes.captions, strict=True)]
-    assert sum(agreement) / len(agreement) >= 0.97
+    assert sum(agreement) / len(agreement) >= 0.9
+    for image, caption, agrees in zip(images, scenes.captions, agreement, strict=True):
+        pixels = np.asarray(image, dtype=np.float64)
+        mask = foreground_mask(pixels, background_colour(pixels))
+        if not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()):
+            assert agrees == 1.0, caption
 
 
 def test_shape_rule_fails_an_image_with_no_object_and_needs_a_shape_word():
