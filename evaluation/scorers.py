@@ -3,7 +3,8 @@
 Every scorer maps (images, prompts) to one float per image; higher is better. The learned ones
 load from a local directory or a hub name in transformers format (safetensors only):
 
-- ``toy_colour``, ``toy_shape``, ``toy_warm``: the rules of evaluation/toy_reward.py (1.0 / 0.0); no model.
+- ``toy_colour``, ``toy_shape``, ``toy_warm``: the rules of evaluation/toy_reward.py (1.0 / 0.0);
+  no model.
 - ``clip_score``: a CLIPModel (e.g. openai/clip-vit-large-patch14); 100 * max(cos(img, txt), 0).
 - ``pickscore``: PickScore_v1, a CLIP-H/14 CLIPModel; logit_scale.exp() * cos(img, txt).
 - ``hpsv2``: HPS v2 converted to a transformers CLIPModel (CLIP-H/14); cos(img, txt).

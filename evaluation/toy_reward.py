@@ -162,7 +162,8 @@ def shape_matches(pixels: np.ndarray, region: np.ndarray, background: np.ndarray
     matches = {}
     for shape in SHAPES:
         template = shape_template(shape, height, width, alpha)
-        matches[shape] = float(np.minimum(alpha, template).sum() / np.maximum(alpha, template).sum())
+        overlap = np.minimum(alpha, template).sum()
+        matches[shape] = float(overlap / np.maximum(alpha, template).sum())
     return matches
 
 

@@ -90,9 +90,7 @@ def test_drift_is_zero_for_identical_sets_and_grows_with_a_shift():
     for shift in (10, 20, 40):
         shifted = image_features(greys((values + shift).tolist()))
         # a pure shift moves the mean by (shift / 255) * P @ 1 and keeps the covariance
-        assert frechet_distance(shifted, base) == pytest.approx(
-            (shift / 255 * unit) ** 2, rel=1e-4
-        )
+        assert frechet_distance(shifted, base) == pytest.approx((shift / 255 * unit) ** 2, rel=1e-4)
         drifts.append(frechet_distance(shifted, base))
     assert drifts[0] < drifts[1] < drifts[2]
     # a set with the same mean but collapsed spread also drifts
