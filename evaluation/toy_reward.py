@@ -9,11 +9,12 @@ Toy scenes (scripts/build_toy_data.py) are one coloured shape on a plain backgro
   (almost) no foreground shows no colour and fails.
 - ``shape``: the drawn shape is the caption's circle / square / triangle. The object is the
   largest 4-connected region of the foreground mask (as for ``colour``); it must hold at least
-  MIN_OBJECT_SHARE of the foreground (one object, not scattered pieces). Each toy shape is drawn
-  to fill the object's bounding box (the circle inscribed, the triangle apex up, as
-  scripts/build_toy_data.py draws them); the best match by intersection over union is the
-  object's shape if that IoU is at least MIN_SHAPE_IOU, else the image shows no toy shape (a
-  blob). No object, pieces or a blob: 0.
+  MIN_OBJECT_SHARE of the foreground (one object, not scattered pieces). Its soft coverage (per
+  pixel, 0..1 between the background and the object's median colour) is compared with each toy
+  shape drawn anti-aliased with the same area and centroid (the circle inscribed in a side x side
+  box, the triangle apex up, as scripts/build_toy_data.py draws them); the best match by soft
+  intersection over union is the object's shape if that IoU is at least MIN_SHAPE_IOU, else the
+  image shows no toy shape (a blob). No object, pieces or a blob: 0.
 - ``warm``: a "warm filter" taste, as in the Diffusion-KTO paper's per-user experiment: the mean
   red channel exceeds the mean blue channel by at least WARM_MARGIN (0-255 scale). It ignores
   the caption.
@@ -47,7 +48,7 @@ WARM_MARGIN = 20.0
 MIN_OBJECT_SHARE = 0.8
 # The object must overlap a toy shape of its area and centroid by at least this soft IoU: ideal
 # shapes match their own at 1.0 and another at most ~0.8 (circle vs square); the toy scenes at
-# 32 px (soft edges, a centre crop that can cut a shape) match their own above it almost always.
+# 32 px match their own above it unless the training crop cut the shape at the border.
 MIN_SHAPE_IOU = 0.8
 # A shape's area as a share of its side x side box.
 SHAPE_AREA = {"circle": np.pi / 4, "square": 1.0, "triangle": 0.5}
