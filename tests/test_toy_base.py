@@ -16,7 +16,8 @@ def caption_colour_agreement(share: float, num: int = 120) -> float:
         Image.fromarray(((p.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8))
         for p in scenes.pixels
     ]
-    return float(np.mean([colour_reward(i, c) for i, c in zip(images, scenes.captions)]))
+    pairs = zip(images, scenes.captions, strict=True)
+    return float(np.mean([colour_reward(image, caption) for image, caption in pairs]))
 
 
 def test_wrong_colour_share_sets_how_often_captions_name_the_drawn_colour():
