@@ -129,7 +129,8 @@ def compare(
 def compare_runs(scores: pd.DataFrame, baseline: str) -> list[Distribution]:
     """Every model of a score table (model, prompt, seed, path) against the baseline, on the
     (prompt, seed) keys both have; models sharing none with the baseline are left out."""
-    paths = scores.set_index(["model", "prompt", "seed"])["path"]
+    keys = ["model", "prompt", "seed"]
+    paths = scores.drop_duplicates(keys).set_index(keys)["path"]  # a repeated prompt: once
     base = paths.loc[baseline]
     results = []
     for model in scores["model"].unique():
