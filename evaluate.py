@@ -16,7 +16,9 @@
 Writes OUT/scores.csv (one row per image, one column per scorer), OUT/summary.md (mean and 95%
 interval per model and scorer, per style for suites with styles; win rates of every model
 against the baseline, the first run unless --baseline; the protocol; published reference rows,
-marked as not measured here), OUT/protocol.json and OUT/summary.png (bar charts). There is no
+marked as not measured here), OUT/protocol.json and OUT/summary.png (bar charts). With more than
+one run, OUT/distribution.csv and the summary also hold each model's diversity and drift against
+the baseline's images for the same prompts and seeds (evaluation/distribution.py). There is no
 default scorer: a toy rule means nothing on a real model, and a learned scorer needs its weights.
 
 Images that share a seed across prompts are not independent draws when the noise decides most
@@ -43,6 +45,7 @@ import pandas as pd
 import torch
 from PIL import Image
 
+from evaluation.distribution import compare_runs, distribution_markdown
 from evaluation.references import references_for
 from evaluation.scorers import SCORERS, Scorer, build_scorer
 from evaluation.stats import WinRate, summary, win_rate
@@ -54,6 +57,7 @@ SCORES_CSV = "scores.csv"
 SUMMARY_MD = "summary.md"
 SUMMARY_PNG = "summary.png"
 PROTOCOL_JSON = "protocol.json"
+DISTRIBUTION_CSV = "distribution.csv"
 # Generation flags whose default comes from --protocol (an explicit flag wins).
 PROTOCOL_FLAGS = {
     "scheduler": "scheduler",
@@ -461,6 +465,9 @@ def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list
     args.out.mkdir(parents=True, exist_ok=True)
     scores.drop(columns="path").to_csv(args.out / SCORES_CSV, index=False)
     text = markdown(table, rates)
+    if len(runs) > 1 and (distribution := compare_runs(scores, baseline)):
+        pd.DataFrame(distribution).to_csv(args.out / DISTRIBUTION_CSV, index=False)
+        text += "\nDiversity and drift:\n\n" + distribution_markdown(distribution)
     if "style" in scores.columns and scores["style"].ne("").any():
         text += "\nPer style:\n\n" + style_markdown(scores, names)
     if args.suite and (refs := reference_markdown(args.suite, scores, names)):

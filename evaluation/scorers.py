@@ -3,7 +3,8 @@
 Every scorer maps (images, prompts) to one float per image; higher is better. The learned ones
 load from a local directory or a hub name in transformers format (safetensors only):
 
-- ``toy_colour``, ``toy_warm``: the rules of evaluation/toy_reward.py (1.0 / 0.0); no model.
+- ``toy_colour``, ``toy_shape``, ``toy_warm``: the rules of evaluation/toy_reward.py (1.0 / 0.0);
+  no model.
 - ``clip_score``: a CLIPModel (e.g. openai/clip-vit-large-patch14); 100 * max(cos(img, txt), 0).
 - ``pickscore``: PickScore_v1, a CLIP-H/14 CLIPModel; logit_scale.exp() * cos(img, txt).
 - ``hpsv2``: HPS v2 converted to a transformers CLIPModel (CLIP-H/14); cos(img, txt).
@@ -203,6 +204,7 @@ def _hpsv2(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
 # name -> (builder(path, device), default hub name or None when the weights need a conversion)
 SCORERS: dict[str, tuple[Callable[[str | None, str], Scorer], str | None]] = {
     "toy_colour": (lambda path, device: ToyRewardScorer("colour"), None),
+    "toy_shape": (lambda path, device: ToyRewardScorer("shape"), None),
     "toy_warm": (lambda path, device: ToyRewardScorer("warm"), None),
     "clip_score": (
         lambda path, device: ClipScorer("clip_score", path, _clip_score, device),
@@ -216,7 +218,7 @@ SCORERS: dict[str, tuple[Callable[[str | None, str], Scorer], str | None]] = {
     "aesthetic": (lambda path, device: AestheticScorer(path, device), None),
     "imagereward": (lambda path, device: ImageRewardScorer(path, device), None),
 }
-NEEDS_NO_MODEL = ("toy_colour", "toy_warm")
+NEEDS_NO_MODEL = ("toy_colour", "toy_shape", "toy_warm")
 
 
 def build_scorer(name: str, path: str | None = None, device: str = "cpu") -> Scorer:

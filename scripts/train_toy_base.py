@@ -205,12 +205,15 @@ def train_toy_base(
     unet_steps: int = 1500,
     batch_size: int = 64,
     tokenizer_cache: Path | None = None,
+    wrong_colour_share: float = WRONG_COLOUR_CAPTIONS,
 ) -> Path:
     """Train the toy base and save it to out_dir (UNet and VAE in fp16), atomically."""
     tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
     torch.manual_seed(seed)
     start = time.perf_counter()
-    scenes = toy_scenes(num_images, seed, WRONG_COLOUR_CAPTIONS)
+    if not 0.0 <= wrong_colour_share <= 1.0:
+        raise ValueError(f"--wrong_colour_share must lie in [0, 1], got {wrong_colour_share}")
+    scenes = toy_scenes(num_images, seed, wrong_colour_share)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_encoder = tiny_text_encoder(with_projection=False)
     vae = toy_vae()
@@ -274,6 +277,12 @@ def main() -> None:
     parser.add_argument("--vae_steps", type=int, default=400, help="VAE optimizer steps")
     parser.add_argument("--unet_steps", type=int, default=1500, help="UNet optimizer steps")
     parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser.add_argument(
+        "--wrong_colour_share",
+        type=float,
+        default=WRONG_COLOUR_CAPTIONS,
+        help="share of training captions naming another colour than the one drawn",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--tokenizer_cache", type=Path, default=None, help="CLIP tokenizer cache")
     args = parser.parse_args()
@@ -289,6 +298,7 @@ def main() -> None:
         args.unet_steps,
         args.batch_size,
         args.tokenizer_cache,
+        args.wrong_colour_share,
     )
     print(f"trained the toy base into {args.out} in {time.perf_counter() - start:.0f} s")
 

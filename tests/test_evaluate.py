@@ -130,6 +130,15 @@ def test_cli_scores_folders_and_writes_csv_markdown_and_chart(tmp_path):
     text = (out / evaluate.SUMMARY_MD).read_text()
     assert "| tuned | base | toy_colour | 1 | 1 | 0 | 0 | 100.0% |" in text
     assert Image.open(out / evaluate.SUMMARY_PNG).size[0] > 100
+    # diversity and drift against the baseline's images, matched by (prompt, seed)
+    dist = pd.read_csv(out / evaluate.DISTRIBUTION_CSV).set_index("model")
+    assert dist.loc["base", "diversity"] == pytest.approx(1.0)
+    assert dist.loc["base", "drift"] == pytest.approx(0.0, abs=1e-9)
+    # tuned draws red 3 times of 4 (3 identical pairs of 6), base has 1 identical pair of 6
+    assert dist.loc["tuned", "diversity"] < 1.0
+    assert dist.loc["tuned", "drift"] > 0.0
+    assert dist["images"].tolist() == [4, 4]
+    assert "| tuned | 4 | 1 |" in text
 
 
 def test_cli_rejects_a_folder_without_generations_csv(tmp_path):

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
 from evaluation.toy_reward import (
     RULES,
+    background_colour,
     colour_reward,
     foreground_colour,
+    foreground_mask,
+    foreground_shape,
     named_colour,
+    named_shape,
+    shape_reward,
     toy_reward,
     warm_reward,
 )
@@ -68,7 +74,68 @@ def test_warm_rule_accepts_a_warm_tint_and_rejects_a_cool_one():
 
 
 def test_rules_are_looked_up_by_name():
-    assert set(RULES) == {"colour", "warm"}
+    assert set(RULES) == {"colour", "shape", "warm"}
     assert toy_reward("warm") is warm_reward
     with pytest.raises(ValueError, match="unknown toy reward rule"):
         toy_reward("cold")
+
+
+def shape_scene(shape: str, size: int = 32, box: tuple[int, int, int, int] = (8, 8, 23, 23)):
+    image = Image.new("RGB", (size, size), BACKGROUNDS["gray"])
+    draw, fill = ImageDraw.Draw(image), COLOURS["green"]
+    left, top, right, bottom = box
+    if shape == "circle":
+        draw.ellipse(box, fill=fill)
+    elif shape == "square":
+        draw.rectangle(box, fill=fill)
+    else:
+        draw.polygon([((left + right) // 2, top), (right, bottom), (left, bottom)], fill=fill)
+    return image
+
+
+@pytest.mark.parametrize("shape", ["circle", "square", "triangle"])
+@pytest.mark.parametrize("box", [(8, 8, 23, 23), (2, 12, 14, 24), (10, 3, 29, 22)])
+def test_shape_rule_accepts_the_named_shape_and_rejects_the_others(shape, box):
+    image = shape_scene(shape, box=box)
+    assert foreground_shape(image) == shape
+    assert shape_reward(image, f"a green {shape} on a gray background") == 1.0
+    for other_shape in {"circle", "square", "triangle"} - {shape}:
+        assert shape_reward(image, f"a green {other_shape} on a gray background") == 0.0
+
+
+def test_shape_rule_survives_blur_noise_and_a_stray_speck():
+    from PIL import ImageFilter
+
+    for shape in ("circle", "square", "triangle"):
+        image = shape_scene(shape).filter(ImageFilter.GaussianBlur(1.0))
+        image.paste(COLOURS["green"], (27, 2, 29, 4))  # a speck: not the largest region
+        noisy = Image.effect_noise((32, 32), 20).convert("RGB")
+        assert foreground_shape(Image.blend(image, noisy, 0.1)) == shape
+
+
+def test_shape_rule_on_the_training_scenes():
+    """The toy scenes as the base trains on them (scripts/train_toy_base.py, 32 px): every whole
+    shape is read right; the centre crop cuts some at the border, and those may not be."""
+    from scripts.train_toy_base import toy_scenes
+
+    scenes = toy_scenes(150, seed=3, wrong_colour_share=0.0)
+    images = [
+        Image.fromarray(((p.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype("uint8"))
+        for p in scenes.pixels
+    ]
+    agreement = [shape_reward(i, c) for i, c in zip(images, scenes.captions, strict=True)]
+    assert sum(agreement) / len(agreement) >= 0.9
+    for image, caption, agrees in zip(images, scenes.captions, agreement, strict=True):
+        pixels = np.asarray(image, dtype=np.float64)
+        mask = foreground_mask(pixels, background_colour(pixels))
+        if not (mask[0].any() or mask[-1].any() or mask[:, 0].any() or mask[:, -1].any()):
+            assert agrees == 1.0, caption
+
+
+def test_shape_rule_fails_an_image_with_no_object_and_needs_a_shape_word():
+    empty = Image.new("RGB", (32, 32), BACKGROUNDS["white"])
+    assert foreground_shape(empty) is None
+    assert shape_reward(empty, "a red circle on a white background") == 0.0
+    assert named_shape("A red TRIANGLE") == "triangle"
+    with pytest.raises(ValueError, match="names no toy shape"):
+        shape_reward(shape_scene("circle"), "a red blob")
