@@ -6,9 +6,11 @@
 labels flipped (seeded), against the same flipped pairs relabelled by the rule as a scorer
 (python -m data.relabel --scorer toy_warm); DPO on each with the toy benchmark's settings.
 (ii) exps/iterative_dpo.sh with 3 rounds x 100 steps against 1 round x 300 steps (same total).
-Every model is scored on the held-out prompts with the toy warm reward (evaluate.py); drift is
-the mean absolute pixel difference (0-255) from the base's image of the same prompt and seed.
-Writes OUT/results.md.
+Every model is scored on the held-out prompts (20 images each, every image from its own seed) by
+evaluate.py: the toy warm reward and shape agreement (toy_shape) with 95% Wilson intervals, and
+diversity and drift against the base's images of the same prompts and seeds
+(evaluation/distribution.py). One training seed per call (--seed, default 0; the pairs, the
+flips and the evaluation images do not depend on it). Writes OUT/results.md.
 """
 
 import argparse
@@ -22,17 +24,19 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
-from PIL import Image
+
+from evaluation.stats import wilson_interval
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
 FLIP_SHARE = 0.3
+HEAD = "toy warm reward (240 held-out images) | shape agreement | diversity | drift"
 DPO = ["--loss", "dpo", "--beta", "1000", "--resolution", "32", "--train_batch_size", "8",
        "--learning_rate", "1e-4", "--lr_warmup_steps", "10", "--dataloader_num_workers", "0",
-       "--checkpointing_steps", "1000000", "--report_to", "none", "--overwrite_output_dir", "true",
-       "--seed", "0"]  # fmt: skip
+       "--checkpointing_steps", "1000000", "--report_to", "none",
+       "--overwrite_output_dir", "true"]  # fmt: skip
 EVAL = ["--prompts", "assets/toy_prompts_heldout.txt", "--num_seeds", "20", "--distinct_seeds",
-        "--resolution", "32", "--scorer", "toy_warm"]  # fmt: skip
+        "--resolution", "32", "--scorer", "toy_warm", "--scorer", "toy_shape"]  # fmt: skip
 
 
 def sh(*cmd: str, env: dict | None = None) -> float:
@@ -54,27 +58,29 @@ def flip(source: Path, target: Path) -> int:
     return len(rows)
 
 
-def rates_and_drift(eval_dir: Path) -> dict[str, tuple[float, float]]:
-    """model -> (mean toy warm reward, mean drift); images under eval_dir/<model>/ (--generate)."""
+def rate(values: pd.Series) -> str:
+    low, high = wilson_interval(float(values.mean()), len(values))
+    return f"{values.mean():.1%} [{low:.1%}, {high:.1%}]"
+
+
+def model_rows(eval_dir: Path) -> dict[str, list[str]]:
+    """model -> [warm reward, shape agreement, diversity, drift] from evaluate.py's outputs."""
     scores = pd.read_csv(eval_dir / "scores.csv", dtype={"prompt": str}, keep_default_na=False)
-    pairs = zip(scores["model"], scores["file_name"], strict=True)
-    scores["path"] = [str(eval_dir / m / f) for m, f in pairs]
-    base = scores[scores["model"] == "base"].set_index(["prompt", "seed"])["path"]
-    out = {}
+    distribution = pd.read_csv(eval_dir / "distribution.csv").set_index("model")
+    rows = {}
     for model, part in scores.groupby("model", sort=False):
-        diffs = []
-        for _, row in part.iterrows():
-            a = np.asarray(Image.open(row["path"]).convert("RGB"), dtype=np.float64)
-            b = Image.open(base[(row["prompt"], row["seed"])]).convert("RGB")
-            diffs.append(np.abs(a - np.asarray(b, dtype=np.float64)).mean())
-        out[model] = (float(part["toy_warm"].mean()), float(np.mean(diffs)))
-    return out
+        measures = distribution.loc[model] if model in distribution.index else None
+        rows[model] = [rate(part["toy_warm"]), rate(part["toy_shape"]),
+                       "1" if measures is None else f"{measures['diversity']:.2f}",
+                       "0" if measures is None else f"{measures['drift']:.2f}"]  # fmt: skip
+    return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("outputs/byop_toy"))
     parser.add_argument("--model", default="assets/toy-sd15")
+    parser.add_argument("--seed", type=int, default=0, help="training seed of every DPO run")
     args = parser.parse_args()
     out = args.out.resolve()
     timings = {}
@@ -91,13 +97,19 @@ def main() -> None:
     for name, data in (("flipped", out / "flipped"), ("relabelled", out / "relabelled")):
         timings[f"train {name}"] = sh(PY, "train.py", "--pretrained_model", args.model, "--data",
                                       str(data), "--output_dir", str(out / f"dpo_{name}"),
-                                      "--max_train_steps", "300", *DPO)  # fmt: skip
+                                      "--max_train_steps", "300", *DPO,
+                                      "--seed", str(args.seed))  # fmt: skip
     timings["eval (i)"] = sh(PY, "evaluate.py", "--model", args.model, "--generate", "base",
                              "--generate", f"dpo_flipped={out / 'dpo_flipped'}", "--generate",
                              f"dpo_relabelled={out / 'dpo_relabelled'}", *EVAL,
                              "--out", str(out / "eval_i"))  # fmt: skip
     # (ii) iterated on-policy against one offline round, 300 DPO steps in all.
-    common = {"MODEL": args.model, "IMAGES_PER_PROMPT": "8", "EVAL_SEEDS": "20"}
+    common = {
+        "MODEL": args.model,
+        "IMAGES_PER_PROMPT": "8",
+        "EVAL_SEEDS": "20",
+        "SEED": str(args.seed),
+    }
     timings["iterated 3x100"] = sh(
         "bash",
         "exps/iterative_dpo.sh",
@@ -108,23 +120,23 @@ def main() -> None:
         "exps/iterative_dpo.sh",
         env={**common, "OUT": str(out / "offline"), "ROUNDS": "1", "STEPS_PER_ROUND": "300"},
     )
-    lines = [f"# Issue 13 toy measurements ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})",
+    when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    lines = [f"# Issue 13 toy measurements, training seed {args.seed} ({when})",
              "", f"(i) {flipped} of {original.num_rows} pairs flipped; the rule's relabelling "
              f"agrees with the unflipped labels on {agree:.1%} of pairs.", "",
-             "| model | toy warm reward (240 held-out images) | drift (mean abs pixel) |",
-             "|---|---|---|"]  # fmt: skip
-    for model, (rate, drift) in rates_and_drift(out / "eval_i").items():
-        lines.append(f"| {model} | {rate:.1%} | {drift:.1f} |")
+             f"| model | {HEAD} |", "|---|---|---|---|---|"]  # fmt: skip
+    for model, row in model_rows(out / "eval_i").items():
+        lines.append(f"| {model} | {' | '.join(row)} |")
     lines += ["", "(ii) iterated (3 rounds x 100 steps) vs offline (1 round x 300 steps):", "",
-              "| run | model | toy warm reward | drift |", "|---|---|---|---|"]  # fmt: skip
+              f"| run | model | {HEAD} |", "|---|---|---|---|---|---|"]  # fmt: skip
     for run in ("iterated", "offline"):
-        for model, (rate, drift) in rates_and_drift(out / run / "eval").items():
-            lines.append(f"| {run} | {model} | {rate:.1%} | {drift:.1f} |")
+        for model, row in model_rows(out / run / "eval").items():
+            lines.append(f"| {run} | {model} | {' | '.join(row)} |")
         for r in sorted((out / run).glob("round*/pairs/make_pairs.json")):
             stats = json.loads(r.read_text())
             lines.append(
                 f"| {run} | {r.parts[-3]} training data | on-policy reward "
-                f"{stats['mean_score']['toy_warm']:.1%} ({stats['pairs']} pairs) | |"
+                f"{stats['mean_score']['toy_warm']:.1%} ({stats['pairs']} pairs) | | | |"
             )
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items())]
     (out / "results.md").write_text("\n".join(lines) + "\n")

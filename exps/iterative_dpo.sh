@@ -18,6 +18,8 @@ IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-8}
 PAIRING=${PAIRING:-best_worst}    # or all (every two images of a prompt above MARGIN)
 MARGIN=${MARGIN:-0}               # z units of the combined score
 SCORER=${SCORER:-toy_warm}
+SEED=${SEED:-0}                   # training seed (noise, timesteps, data order) of every round
+EVAL_SCORER=${EVAL_SCORER:-toy_shape}  # a second scorer for the evaluation only (empty: none)
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}  # DDIM, as the toy benchmark samples
 RESOLUTION=${RESOLUTION:-32}
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-100}
@@ -53,15 +55,21 @@ for r in $(seq 1 "$ROUNDS"); do
     --images_per_prompt "$IMAGES_PER_PROMPT" --first_seed $((r * 100000)) --scorer "$SCORER" \
     --pairing "$PAIRING" --margin "$MARGIN" --steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" \
     --out "$ROUND/pairs"
+  # A saturated round (every prompt's images scored alike, or none above MARGIN) has nothing to
+  # prefer: stop there and evaluate the rounds that trained.
+  if grep -q '"pairs": 0[,}]' "$ROUND/pairs/make_pairs.json"; then
+    echo "round $r: no pairs ($SCORER scored every prompt's images alike): stopping after round $((r - 1))"
+    break
+  fi
   $PYTHON train.py --pretrained_model "$START" --data "$ROUND/pairs/pickapic" \
     --output_dir "$ROUND/train" --loss dpo --beta "$BETA" --resolution "$RESOLUTION" \
     --train_batch_size "$BATCH" --max_train_steps "$STEPS_PER_ROUND" --learning_rate "$LR" \
     --lr_warmup_steps "$WARMUP" --dataloader_num_workers 0 --checkpointing_steps 1000000 \
-    --report_to none --overwrite_output_dir true
+    --report_to none --overwrite_output_dir true --seed "$SEED"
   echo "round $r: pairs $ROUND/pairs ($(grep -o '"pairs": [0-9]*' "$ROUND/pairs/make_pairs.json")), UNet $ROUND/train/unet"
   EVAL_RUNS+=(--generate "round$r=$ROUND/train")
 done
 $PYTHON evaluate.py --model "$BASE" --generate base "${EVAL_RUNS[@]}" --prompts "$EVAL_PROMPTS" \
   --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer "$SCORER" \
-  --out "$OUT/eval"
+  ${EVAL_SCORER:+--scorer "$EVAL_SCORER"} --out "$OUT/eval"
 echo "rounds: $OUT/round*/train/unet; evaluation per round: $OUT/eval/summary.md"

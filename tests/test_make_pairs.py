@@ -97,3 +97,20 @@ def test_iterative_dpo_script_runs_rounds_end_to_end(tiny_sd15_dir, tmp_path):
     config = json.loads((tmp_path / "iter" / "round2" / "train" / "train_config.json").read_text())
     assert config["config"]["pretrained_model"] == str(tmp_path / "iter" / "round2" / "model")
     assert "round 2" in done.stdout
+
+
+def test_iterative_dpo_stops_at_a_round_without_pairs(tiny_sd15_dir, tmp_path):
+    """No pair clears the margin: the script says so, trains nothing and still evaluates."""
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:1]) + "\n")
+    overrides = {"MODEL": str(tiny_sd15_dir), "OUT": str(tmp_path / "iter"), "ROUNDS": "2",
+                 "PROMPTS": str(prompts), "IMAGES_PER_PROMPT": "2", "SAMPLE_STEPS": "2",
+                 "RESOLUTION": "32", "SCORER": "toy_warm", "EVAL_SEEDS": "1",
+                 "EVAL_PROMPTS": str(prompts), "PAIRING": "all", "MARGIN": "1e9"}  # fmt: skip
+    env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", str(REPO / "exps" / "iterative_dpo.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "round 1: no pairs" in done.stdout and "stopping after round 0" in done.stdout
+    assert not (tmp_path / "iter" / "round1" / "train").exists()
+    assert (tmp_path / "iter" / "eval" / "summary.md").is_file()
