@@ -1,42 +1,64 @@
 #!/usr/bin/env bash
-# The toy benchmark: DPO, KTO and SFT fine-tunes of the shipped toy base (assets/toy-sd15) on
-# on-policy preference pairs labelled by the toy `warm` reward (evaluation/toy_reward.py: mean red -
-# mean blue >= 20), each loss trained with several training seeds, then base and every run scored
-# on held-out prompts. Writes assets/toy_results.md and plots. About 15 min on 2 CPU cores (target:
-# at most 40 min).
-# The settings were tuned on this toy task (tiny model, minutes of CPU), not taken from a paper:
-# large learning rates so a 1M-parameter UNet moves in a few hundred steps, and beta 1000 for DPO
-# and KTO instead of the published 5000 (512 px SD1.5): beta scales the per-image error gap,
-# which on 8x8 latents of a tiny UNet is a different size. KTO draws desirable and undesirable
-# images equally often (gamma 0.5): the paper's 0.8 rebalances Pick-a-Pic, where only a quarter of
-# the images are desirable, and here the classes are already balanced. The trials are in README
-# ("Toy benchmark").
+# The toy benchmark (scripts/toy_benchmark.py): every registered loss fine-tunes the toy base
+# (assets/toy-sd15) on on-policy pairs of two tasks, `colour` (prompt alignment: the image shows
+# the caption's colour) and `warm` (a global warm-filter taste), with several training seeds; every
+# run is scored on held-out prompts for reward, shape agreement, diversity and drift (README, "Toy
+# benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
+# (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
+# Two runs at a time, one thread each: about 80 min on the 2-core machine; QUICK=1 (dpo, kto, sft;
+# one seed; colour task; no frontier or noisy column) about 6 min.
+#
+# Settings were tuned on this toy task (tiny model, minutes of CPU), not taken from the papers:
+# learning rates large enough for a 1M-parameter UNet to move in a few hundred steps, and betas in
+# our convention (u = beta/2 (g_chosen - g_rejected), README "Losses") rescaled for 8x8 latents of a
+# tiny UNet, where the per-image error gaps are not SD1.5's at 512 px. The trials are in README
+# ("Toy benchmark"). Any variable can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-assets/toy-sd15}
 OUT=${OUT:-outputs/toy_benchmark}
 RESULTS=${RESULTS:-assets}
-RULE=${RULE:-warm}                  # or colour (fails: the toy base ignores colour words)
+QUICK=${QUICK:-0}
+# One line per setting: NAME [loss=LOSS] train.py-flag=value ... (NAME is the loss unless loss=).
+# Every registered loss needs a line; extra lines are variants (the noisy-label column's).
+VARIANTS=${VARIANTS:-"
+dpo           beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
+kto           beta=1000 learning_rate=1e-4 max_train_steps=600 kto_desirable_prob=0.5  # paper 5000, gamma 0.8
+sft           learning_rate=1e-4 max_train_steps=300
+ipo           beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
+hinge         beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
+dmpo          beta=1000 learning_rate=1e-4 max_train_steps=300 dmpo_alpha=0.01  # released 2000
+dspo          beta=0.001 learning_rate=1e-4 max_train_steps=300  # released 0.001 (SD1.5)
+mapo          beta=0.1 learning_rate=1e-4 max_train_steps=300 snr_value=0.5  # released 0.1, 0.5
+dpo_smoothed  loss=dpo beta=1000 label_smoothing=0.3 learning_rate=1e-4 max_train_steps=300  # cDPO, eps = the flip rate
+dpo_safeguard loss=dpo beta=1000 winner_preserving_mu=0.9 learning_rate=1e-4 max_train_steps=300  # released mu 0.9
+"}
+TASKS=${TASKS:-colour warm}
+TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
+WIDE=${WIDE:-dpo kto}               # these get WIDE_SEEDS (their seed spread is the question)
+WIDE_SEEDS=${WIDE_SEEDS:-0 1 2 3 4}
+FRONTIER=${FRONTIER:-dpo:300,1000,3000 kto:300,1000,3000}  # VARIANT:betas, on FRONTIER_TASK
+FRONTIER_TASK=${FRONTIER_TASK:-colour}
+NOISY=${NOISY:-dpo dpo_smoothed ipo dpo_safeguard}
+NOISE=${NOISE:-0.3}                 # share of the colour task's training pair labels flipped
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-16}  # on-policy generations per training prompt
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-8}
-EVAL_SEEDS=${EVAL_SEEDS:-20}        # 12 held-out prompts x 20 = 240 images per model
+EVAL_SEEDS=${EVAL_SEEDS:-20}        # 12 held-out prompts x 20 = 240 images per run
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}    # DDIM
 GUIDANCE=${GUIDANCE:-1.0}           # no CFG, as the preference data was sampled
 RESOLUTION=${RESOLUTION:-32}
 BATCH=${BATCH:-8}
 WARMUP=${WARMUP:-10}
-TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}   # one run per loss and seed: the table shows the spread
-DPO_LR=${DPO_LR:-1e-4}
-DPO_BETA=${DPO_BETA:-1000}          # tuned on the toy (released Diffusion-DPO value: 5000)
-DPO_STEPS=${DPO_STEPS:-300}
-KTO_LR=${KTO_LR:-1e-4}
-KTO_BETA=${KTO_BETA:-1000}          # tuned on the toy (Diffusion-KTO paper value: 5000)
-KTO_STEPS=${KTO_STEPS:-600}          # KTO's per-image signal is noisier than DPO's paired one
-KTO_GAMMA=${KTO_GAMMA:-0.5}          # P(desirable draw); Diffusion-KTO paper: 0.8 (see above)
-SFT_LR=${SFT_LR:-1e-4}
-SFT_STEPS=${SFT_STEPS:-300}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+PARALLEL=${PARALLEL:-2}
+MAIN=${MAIN:-}                      # empty: every registered loss
+if [ "$QUICK" = 1 ]; then
+  MAIN="dpo kto sft"; TASKS=colour; TRAIN_SEEDS=0; WIDE_SEEDS=0; FRONTIER=""; NOISY=""
+  OUT=${OUT}_quick; RESULTS=${RESULTS_QUICK:-outputs/toy_benchmark_quick}
+fi
+export OMP_NUM_THREADS=1
 
 bash scripts/setup.sh
-.venv/bin/python scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --rule "$RULE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --dpo_lr "$DPO_LR" --dpo_beta "$DPO_BETA" --dpo_steps "$DPO_STEPS" --kto_lr "$KTO_LR" --kto_beta "$KTO_BETA" --kto_steps "$KTO_STEPS" --kto_desirable_prob "$KTO_GAMMA" --train_seeds $TRAIN_SEEDS --sft_lr "$SFT_LR" --sft_steps "$SFT_STEPS"
+mkdir -p "$OUT"
+printf '%s\n' "$VARIANTS" > "$OUT/variants.txt"
+.venv/bin/python scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --variants "$OUT/variants.txt" --tasks $TASKS ${MAIN:+--main $MAIN} --train_seeds $TRAIN_SEEDS --wide $WIDE --wide_seeds $WIDE_SEEDS --frontier $FRONTIER --frontier_task "$FRONTIER_TASK" --noisy $NOISY --noise "$NOISE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --parallel "$PARALLEL"

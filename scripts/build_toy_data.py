@@ -80,9 +80,15 @@ def encode_jpeg(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def draw_scene(rng: random.Random, colour: str, shape: str, background: str) -> Image.Image:
+def draw_scene(
+    rng: random.Random,
+    colour: str,
+    shape: str,
+    background: str,
+    sizes: tuple[tuple[int, int], ...] = SIZES,
+) -> Image.Image:
     """One shape of one colour, at a random place and size, on a plain background."""
-    width, height = rng.choice(SIZES)
+    width, height = rng.choice(sizes)
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     side = rng.randint(int(0.4 * min(width, height)), int(0.7 * min(width, height)))
     left, top = rng.randint(0, width - side), rng.randint(0, height - side)

@@ -1,7 +1,16 @@
-"""The toy benchmark: on-policy preference data from the toy base, DPO / KTO / SFT fine-tunes,
-held-out evaluation with the toy reward, implicit reward accuracy, results table and plots.
+"""The toy benchmark: every registered loss on two toy tasks, one protocol, one table.
 
-Run through exps/toy_benchmark.sh, which holds the settings.
+For each task (`colour`: prompt alignment; `warm`: a global taste) on-policy preference data are
+generated from the toy base and labelled by the task's rule (scripts/build_toy_prefs.py). Every
+registered loss is fine-tuned on them with several training seeds at its toy settings; every run
+then generates images for held-out prompts (each from its own seed), and the table reports per
+loss and task: reward rate, points over the base, shape agreement, diversity and drift against
+the base (evaluation/distribution.py), implicit reward accuracy on held-out pairs and seconds per
+step. Plus a reward-vs-drift frontier over betas for DPO and KTO and a noisy-label column (the
+colour task with a share of pair labels flipped). Runs execute PARALLEL at a time, one thread each.
+
+Run through exps/toy_benchmark.sh, which holds the settings; the report is
+scripts/toy_benchmark_report.py's.
 """
 
 from __future__ import annotations
@@ -9,8 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 
 # Run as a script, the repo root is not on sys.path.
@@ -19,43 +32,105 @@ if not __package__:
 
 logger = logging.getLogger(__name__)
 
-LOSSES = ("dpo", "kto", "sft")
-MACHINE = "2-core CPU dev machine, no GPU"
-RULE_TEXT = {
-    "warm": "`warm` (a warm-filter taste: mean red - mean blue >= 20 on the 0-255 scale; the "
-    "caption is ignored)",
-    "colour": "`colour` (the image shows the colour its caption names)",
-}
+TASKS = ("colour", "warm")
+NOISY_TASK = "colour-noisy"  # the colour task's pairs with a share of labels flipped
+SCORERS = ("toy_colour", "toy_shape", "toy_warm")
+BASE = "base"
+# Keys of a settings line that are not train.py flags.
+NON_FLAGS = ("loss",)
 
 
-def run_name(loss: str, seed: int) -> str:
-    return f"{loss}-s{seed}"
+@dataclass(frozen=True)
+class Variant:
+    """A named loss setting: train.py flags (without the leading --)."""
+
+    name: str
+    loss: str
+    flags: dict[str, str]
+
+    @property
+    def steps(self) -> int:
+        return int(self.flags["max_train_steps"])
 
 
-def train_argv(args: argparse.Namespace, loss: str, seed: int, data: Path, out: Path) -> list[str]:
-    """train.py flags of one fine-tune; DPO and SFT read the pairs, KTO the per-image CSV."""
+@dataclass(frozen=True)
+class Job:
+    """One fine-tune (or the base, variant None) and its held-out generations."""
+
+    task: str  # the data it trains on: colour, warm or colour-noisy
+    name: str  # run name, unique within the task
+    variant: Variant | None
+    seed: int = 0
+    overrides: dict[str, str] = field(default_factory=dict)
+
+
+def parse_variants(text: str) -> dict[str, Variant]:
+    """Settings lines `NAME key=value ...`: `loss=` names the registered loss (default: NAME),
+    every other key is a train.py flag. Blank lines and # comments are skipped."""
+    variants = {}
+    for number, raw in enumerate(text.splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        name, *pairs = line.split()
+        flags = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key or not value:
+                raise ValueError(f"settings line {number} ({name}): {pair!r} is not key=value")
+            flags[key] = value
+        if "max_train_steps" not in flags:
+            raise ValueError(f"settings line {number} ({name}): max_train_steps is required")
+        loss = flags.pop("loss", name)
+        if name in variants:
+            raise ValueError(f"settings line {number}: {name} is defined twice")
+        variants[name] = Variant(name, loss, flags)
+    return variants
+
+
+def check_every_loss(variants: dict[str, Variant], registered: list[str]) -> None:
+    """The table must hold every registered loss: a new loss without settings stops the run."""
+    missing = sorted(set(registered) - set(variants))
+    if missing:
+        raise ValueError(
+            f"no toy settings for registered loss(es) {missing}: add a line to VARIANTS in "
+            "exps/toy_benchmark.sh"
+        )
+    for variant in variants.values():
+        if variant.loss not in registered:
+            raise ValueError(f"{variant.name}: loss={variant.loss} is not a registered loss")
+
+
+def run_name(variant: str, seed: int, beta: str | None = None) -> str:
+    return f"{variant}-b{beta}-s{seed}" if beta else f"{variant}-s{seed}"
+
+
+def train_argv(args: argparse.Namespace, job: Job, data: Path, out: Path) -> list[str]:
+    """train.py flags of one fine-tune: pairwise losses and SFT read the pairs, KTO the CSV."""
+    assert job.variant is not None
+    flags = {**job.variant.flags, **job.overrides}
     source = (
-        ["--csv", str(data / "kto" / "train_processed_v3.csv"), "--images", str(data / "kto"),
-         "--kto_desirable_prob", str(args.kto_desirable_prob)]
-        if loss == "kto"
+        ["--csv", str(data / "kto" / "train_processed_v3.csv"), "--images", str(data / "kto")]
+        if job.variant.loss == "kto"
         else ["--data", str(data / "pickapic")]
-    )  # fmt: skip
-    steps = getattr(args, f"{loss}_steps")
-    beta = getattr(args, f"{loss}_beta", None)  # SFT has none (train.py would say it is unused)
-    return [
-        "--pretrained_model", args.model, *source, "--output_dir", str(out / run_name(loss, seed)),
-        "--loss", loss, *(["--beta", str(beta)] if beta is not None else []),
-        "--learning_rate", str(getattr(args, f"{loss}_lr")), "--max_train_steps", str(steps),
-        "--train_batch_size", str(args.batch), "--resolution", str(args.resolution),
-        "--lr_warmup_steps", str(args.warmup), "--caption_dropout", "0",
-        "--dataloader_num_workers", "0", "--checkpointing_steps", str(steps),
-        "--checkpoints_total_limit", "1", "--report_to", "none", "--seed", str(seed),
-        "--overwrite_output_dir", "true",  # the benchmark re-runs every fine-tune
+    )
+    steps = flags["max_train_steps"]
+    argv = [
+        "--pretrained_model", args.model, *source, "--output_dir", str(out),
+        "--loss", job.variant.loss, "--train_batch_size", str(args.batch),
+        "--resolution", str(args.resolution), "--lr_warmup_steps", str(args.warmup),
+        "--caption_dropout", "0", "--dataloader_num_workers", "0",
+        "--checkpointing_steps", steps, "--checkpoints_total_limit", "1", "--report_to", "none",
+        "--seed", str(job.seed), "--overwrite_output_dir", "true",  # re-runs replace
     ]  # fmt: skip
+    for key, value in flags.items():
+        argv += [f"--{key}", value]
+    return argv
 
 
 def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) -> float:
     """DPO implicit reward accuracy of a trained UNet against the base, on held-out pairs."""
+    import torch
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -63,7 +138,7 @@ def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) 
     from models.family import ModelFamily
 
     pixels, captions = read_pairs(pairs, resolution)
-    load = {"dtype": __import__("torch").float32}
+    load = {"dtype": torch.float32}
     family = ModelFamily(
         [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")],
         [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)],
@@ -80,174 +155,146 @@ def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) 
     return accuracy(margins)
 
 
-def smoothed(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (per-step metrics of small batches are noisy)."""
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1) : i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
+def generate_heldout(args: argparse.Namespace, unet_dir: Path | None, out_dir: Path) -> None:
+    """The held-out prompts x eval_seeds images, every image from its own seed."""
+    import generate
+    from scripts.build_toy_prefs import HELDOUT_PROMPTS
+
+    weights = {} if unet_dir is None else {"unet": unet_dir}
+    pipe = generate.load_pipeline(args.model, scheduler="ddim", **weights)
+    images = generate.generate(
+        pipe,
+        generate.read_prompts(HELDOUT_PROMPTS),
+        list(range(args.eval_seeds)),
+        args.sample_steps,
+        args.guidance_scale,
+        args.resolution,
+        batch_size=48,
+        progress=False,
+        distinct_seeds=True,
+    )
+    generate.save_generations(out_dir, images)
 
 
-def plot_training_curves(histories: dict[str, list[dict]], path: Path) -> None:
-    """Loss, accuracy, margins and policy error per step (moving average over ~5% of steps); one
-    colour per loss, one line per training seed."""
-    import matplotlib
+def init_worker() -> None:
+    import torch
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    colours = dict(zip(LOSSES, ("tab:blue", "tab:orange", "tab:green"), strict=True))
-    keys = ["loss", "rewards/accuracies", "rewards/margins", "err/policy"]
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys), 3))
-    for ax, key in zip(axes, keys, strict=True):
-        labelled = set()
-        for name, history in histories.items():
-            loss = name.split("-")[0]
-            if all(key in h for h in history):
-                values = smoothed([h[key] for h in history], max(1, len(history) // 20))
-                label = None if loss in labelled else loss
-                labelled.add(loss)
-                ax.plot(range(1, len(values) + 1), values, label=label, color=colours[loss],
-                        linewidth=0.8, alpha=0.8)  # fmt: skip
-        ax.set_title(key)
-        ax.set_xlabel("step")
-    axes[0].legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    torch.set_num_threads(1)  # PARALLEL processes share the cores
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
 
-def plot_reward_by_model(table, path: Path, rule: str) -> None:
-    """One bar per model (every training seed), with its 95% interval."""
-    import matplotlib
+def run_job(args: argparse.Namespace, job: Job) -> dict:
+    """Train (unless the base), generate the held-out images, measure implicit accuracy."""
+    import train
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    record: dict = {"task": job.task, "name": job.name, "seed": job.seed, "history": []}
+    eval_dir = args.out / "eval" / job.task / job.name
+    unet_dir = None
+    if job.variant is not None:
+        run_dir = args.out / "runs" / job.task / job.name
+        start = time.perf_counter()
+        result = train.main(train_argv(args, job, args.out / "data" / job.task, run_dir))
+        record["train_s"] = time.perf_counter() - start
+        record["steps"] = int({**job.variant.flags, **job.overrides}["max_train_steps"])
+        record["history"] = result.history
+        unet_dir = result.unet_dir
+    start = time.perf_counter()
+    generate_heldout(args, unet_dir, eval_dir)
+    record["generate_s"] = time.perf_counter() - start
+    if unet_dir is not None:
+        start = time.perf_counter()
+        pairs = args.out / "data" / job.task / "heldout" / "pairs.parquet"
+        record["implicit_accuracy"] = implicit_accuracy(
+            args.model, unet_dir, pairs, args.resolution
+        )
+        record["implicit_s"] = time.perf_counter() - start
+    logger.warning("done %s/%s", job.task, job.name)
+    return record
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.55 * len(table), 3.4))
-    error = [100 * (table["mean"] - table["ci_low"]), 100 * (table["ci_high"] - table["mean"])]
-    ax.bar(table["model"], 100 * table["mean"], yerr=error, capsize=3, color="tab:blue")
-    ax.set_ylabel(f"toy {rule} reward rate (%)")
-    ax.set_ylim(0, 100)
-    ax.set_title("held-out prompts, 95% interval")
-    ax.tick_params(axis="x", labelrotation=45)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
 
+def flip_labels(source: Path, target: Path, share: float, seed: int) -> int:
+    """A copy of the pairs data with `share` of the training pairs' labels swapped (a fixed
+    random subset); held-out pairs and the KTO CSV stay clean. Returns the pairs flipped."""
+    import shutil
 
-def before_after_grid(eval_dir: Path, names: list[str], path: Path, prompts: int, seeds: int):
-    """Rows: the first held-out prompts; column blocks: one per model, `seeds` images each."""
+    import numpy as np
     import pandas as pd
-    from PIL import Image, ImageDraw, ImageFont
 
-    cell, label, header = 64, 230, 16
-    tables = {n: pd.read_csv(eval_dir / n / "generations.csv") for n in names}
-    chosen = list(dict.fromkeys(tables[names[0]]["prompt"]))[:prompts]
-    width = label + len(names) * (seeds * cell + 8)
-    grid = Image.new("RGB", (width, header + prompts * cell), "white")
-    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
-    for b, name in enumerate(names):
-        draw.text((label + b * (seeds * cell + 8) + 4, 2), name, fill="black", font=font)
-    for r, prompt in enumerate(chosen):
-        draw.text((4, header + r * cell + 4), prompt.replace(" on ", "\non "), fill="black",
-                  font=font)  # fmt: skip
-        for b, name in enumerate(names):
-            rows = tables[name][tables[name]["prompt"] == prompt].head(seeds)
-            for c, file_name in enumerate(rows["file_name"]):
-                tile = Image.open(eval_dir / name / file_name).convert("RGB").resize((cell, cell))
-                grid.paste(tile, (label + b * (seeds * cell + 8) + c * cell, header + r * cell))
-    grid.save(path)
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    flipped = 0
+    for path in sorted((target / "pickapic").glob("*.parquet")):
+        table = pd.read_parquet(path)
+        rng = np.random.default_rng(seed)
+        chosen = rng.permutation(len(table))[: round(share * len(table))]
+        table.loc[chosen, ["label_0", "label_1"]] = table.loc[
+            chosen, ["label_1", "label_0"]
+        ].to_numpy()
+        table.to_parquet(path, index=False)
+        flipped += len(chosen)
+    return flipped
 
 
-def per_loss_rows(args, table, accuracies, base: float) -> list[str]:
-    """One row per loss: the reward rate over its training seeds (mean, min and max)."""
-    rows = []
-    for loss in LOSSES:
-        names = [run_name(loss, seed) for seed in args.train_seeds]
-        rates = [float(table.loc[table["model"] == n, "mean"].iloc[0]) for n in names]
-        gains = [100 * (r - base) for r in rates]
-        accs = [accuracies[n] for n in names]
-        rows.append(
-            f"| {loss} | {len(names)} | {100 * sum(rates) / len(rates):.1f}% | "
-            f"{sum(gains) / len(gains):+.1f} | {min(gains):+.1f} / {max(gains):+.1f} | "
-            f"{100 * sum(accs) / len(accs):.1f}% (min {100 * min(accs):.1f}%) |"
+def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
+    """On-policy pairs (both trainer formats) per task, from the base; the noisy copy."""
+    from scripts.build_toy_prefs import build_toy_prefs
+
+    settings = {"steps": args.sample_steps, "guidance_scale": args.guidance_scale}
+    stats = {}
+    for task in tasks:
+        if task == NOISY_TASK:
+            continue
+        stats[task] = build_toy_prefs(
+            args.model,
+            args.out / "data" / task,
+            args.images_per_prompt,
+            args.pairs_per_prompt,
+            settings,
+            rule=task,
         )
-    return rows
+    if NOISY_TASK in tasks:
+        flipped = flip_labels(
+            args.out / "data" / "colour", args.out / "data" / NOISY_TASK, args.noise, seed=0
+        )
+        stats[NOISY_TASK] = {**stats["colour"], "flipped_pairs": flipped, "noise": args.noise}
+    return stats
 
 
-def results_markdown(args, stats, table, rates, accuracies, timings, total) -> str:
-    base = float(table.loc[table["model"] == "base", "mean"].iloc[0])
-    seeds = " ".join(str(s) for s in args.train_seeds)
-    lines = [
-        "# Toy benchmark results",
-        "",
-        f"`bash exps/toy_benchmark.sh` on the {MACHINE}; total {total / 60:.1f} min. "
-        f"Every loss trained with {len(args.train_seeds)} training seeds ({seeds}: the seed of "
-        "the noise and timestep draws, the data order and the KTO sampler). "
-        f"Held-out prompts: {stats['heldout_prompts']} (never in the preference data), "
-        f"{args.eval_seeds} images each, every image from its own seed (`--distinct_seeds`); "
-        f"DDIM {args.sample_steps} steps, guidance {args.guidance_scale}, {args.resolution} px. "
-        f"Reward: evaluation/toy_reward.py {RULE_TEXT[args.rule]}. "
-        f"Base: {100 * base:.1f}%.",
-        "",
-        "| loss | training seeds | toy reward rate (mean over seeds) | vs base (points, mean) | "
-        "vs base (points, worst / best seed) | implicit reward accuracy (held-out pairs) |",
-        "|---|---|---|---|---|---|",
-        *per_loss_rows(args, table, accuracies, base),
-        "",
-        "Every model:",
-        "",
-        "| model | images | toy reward rate | 95% interval | vs base (points) | "
-        "win rate vs base (per prompt) | implicit reward accuracy (held-out pairs) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    rate_of = {r.model: r for r in rates}
-    for row in table.itertuples():
-        win = rate_of.get(row.model)
-        acc = accuracies.get(row.model)
-        lines.append(
-            f"| {row.model} | {row.n} | {100 * row.mean:.1f}% | "
-            f"[{100 * row.ci_low:.1f}, {100 * row.ci_high:.1f}] | "
-            f"{'' if row.model == 'base' else f'{100 * (row.mean - base):+.1f}'} | "
-            f"{'' if win is None else f'{win.rate:.1%} ({win.wins}/{win.ties}/{win.losses})'} | "
-            f"{'' if acc is None else f'{acc:.1%}'} |"
-        )
-    lines += [
-        "",
-        "Win rate: per held-out prompt, the median-scoring image of the model against the base's "
-        "(wins/ties/losses; a tie counts half). Implicit reward accuracy: share of held-out "
-        f"preference pairs ({stats['heldout_pairs']}) with DPO margin > 0, policy vs the base as "
-        "reference, errors averaged over 16 (timestep, noise) draws.",
-        "",
-        f"Preference data (on-policy, from the base, every image from its own seed): "
-        f"{stats['train_prompts']} training prompts x {stats['images_per_prompt']} images, base "
-        f"reward rate {100 * stats['train_reward_rate']:.1f}%, {stats['train_pairs']} pairs; the "
-        "KTO CSV labels the images of those pairs "
-        f"(KTO draws a desirable image with probability {args.kto_desirable_prob}).",
-        "",
-        "| loss | steps | batch | learning rate | beta | time per run (mean) |",
-        "|---|---|---|---|---|---|",
-    ]
-    for loss in LOSSES:
-        beta = getattr(args, f"{loss}_beta", None)
-        lines.append(
-            f"| {loss} | {getattr(args, f'{loss}_steps')} | {args.batch} | "
-            f"{getattr(args, f'{loss}_lr')} | {'' if beta is None else beta} | "
-            f"{timings[loss] / len(args.train_seeds):.0f} s |"
-        )
-    lines += [
-        "",
-        f"Other timings: data {timings['data']:.0f} s, evaluation {timings['eval']:.0f} s, "
-        f"implicit accuracy {timings['implicit']:.0f} s.",
-        "",
-        "![training curves](toy_training_curves.png)",
-        "![reward by model](toy_reward_by_model.png)",
-        "![before / after](toy_before_after.png)",
-        "",
-    ]
-    return "\n".join(lines)
+def plan_jobs(args: argparse.Namespace, variants: dict[str, Variant]) -> list[Job]:
+    """The main table, the beta frontier and the noisy-label column; the base first."""
+    jobs = [Job(BASE, BASE, None)]
+    for task in args.tasks:
+        for name in args.main:
+            seeds = args.wide_seeds if name in args.wide else args.train_seeds
+            jobs += [Job(task, run_name(name, s), variants[name], s) for s in seeds]
+    for spec in args.frontier:
+        name, betas = spec.split(":")
+        for beta in betas.split(","):
+            if beta == variants[name].flags.get("beta"):
+                continue  # the main table's runs are the frontier's point at this beta
+            jobs += [
+                Job(args.frontier_task, run_name(name, s, beta), variants[name], s,
+                    {"beta": beta})
+                for s in args.train_seeds
+            ]  # fmt: skip
+    for name in args.noisy:
+        jobs += [Job(NOISY_TASK, run_name(name, s), variants[name], s) for s in args.train_seeds]
+        if name not in args.main:  # its clean-label runs, for the drop that noise causes
+            jobs += [Job("colour", run_name(name, s), variants[name], s) for s in args.train_seeds]
+    # Longest first, so the two workers finish together.
+    return [jobs[0], *sorted(jobs[1:], key=lambda j: -j.variant.steps)]
+
+
+def score_task(args: argparse.Namespace, task: str, names: list[str]) -> Path:
+    """evaluate.py over the base and the task's runs: scores.csv, summary, distribution.csv."""
+    import evaluate
+
+    runs = ["--run", f"{BASE}={args.out / 'eval' / BASE / BASE}"]
+    for name in names:
+        runs += ["--run", f"{name}={args.out / 'eval' / task / name}"]
+    scorers = [flag for s in SCORERS for flag in ("--scorer", s)]
+    out = args.out / "scores" / task
+    evaluate.main([*runs, *scorers, "--baseline", BASE, "--out", str(out)])
+    return out
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -255,83 +302,75 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--model", default="assets/toy-sd15", help="toy base model")
     p.add_argument("--out", type=Path, default=Path("outputs/toy_benchmark"), help="work dir")
     p.add_argument("--results", type=Path, default=Path("assets"), help="results md + plots")
+    p.add_argument("--variants", required=True, help="settings lines (exps/toy_benchmark.sh)")
+    p.add_argument("--tasks", nargs="+", default=list(TASKS), choices=TASKS, help="main tasks")
+    p.add_argument("--main", nargs="*", default=None, help="variants of the main table (all)")
+    p.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
+    p.add_argument("--wide", nargs="*", default=["dpo", "kto"], help="variants with wide seeds")
+    p.add_argument("--wide_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds")
+    p.add_argument("--frontier", nargs="*", default=[], help="VARIANT:beta,beta,... (colour)")
+    p.add_argument("--frontier_task", choices=TASKS, default="colour", help="frontier's task")
+    p.add_argument("--noisy", nargs="*", default=[], help="variants of the noisy-label column")
+    p.add_argument("--noise", type=float, default=0.3, help="share of pair labels flipped")
     p.add_argument("--images_per_prompt", type=int, default=16, help="on-policy images/prompt")
     p.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per training prompt")
     p.add_argument("--eval_seeds", type=int, default=20, help="images per held-out prompt")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
     p.add_argument("--resolution", type=int, default=32, help="pixels")
-    p.add_argument("--batch", type=int, default=8, help="pairs (dpo, sft) or images (kto)")
+    p.add_argument("--batch", type=int, default=8, help="pairs (pairwise, sft) or images (kto)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
-    p.add_argument("--train_seeds", type=int, nargs="+", default=[0, 1, 2], help="one run each")
-    p.add_argument("--rule", choices=sorted(RULE_TEXT), default="warm", help="toy reward rule")
-    for loss, lr, steps in (("dpo", 1e-4, 300), ("kto", 1e-4, 600), ("sft", 1e-4, 300)):
-        p.add_argument(f"--{loss}_lr", type=float, default=lr, help=f"{loss} learning rate")
-        p.add_argument(f"--{loss}_steps", type=int, default=steps, help=f"{loss} steps")
-    # Tuned on the toy task (exps/toy_benchmark.sh says why these are not the published values).
-    p.add_argument("--dpo_beta", type=float, default=1000.0, help="DPO beta")
-    p.add_argument("--kto_beta", type=float, default=1000.0, help="KTO beta")
-    p.add_argument("--kto_desirable_prob", type=float, default=0.5, help="KTO sampler gamma")
+    p.add_argument("--parallel", type=int, default=2, help="training processes at a time")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    import evaluate
-    import train
-    from scripts.build_toy_prefs import HELDOUT_PROMPTS, build_toy_prefs
+    import losses
+    from scripts.toy_benchmark_report import write_report
 
     start = time.perf_counter()
-    timings: dict[str, float] = {}
-    data = args.out / "data"
-    settings = {"steps": args.sample_steps, "guidance_scale": args.guidance_scale}
-    stats = build_toy_prefs(
-        args.model, data, args.images_per_prompt, args.pairs_per_prompt, settings, rule=args.rule
-    )
-    timings["data"] = time.perf_counter() - start
+    variants = parse_variants(Path(args.variants).read_text(encoding="utf-8"))
+    registered = losses.loss_names()
+    if args.main is None:  # the full benchmark: every registered loss
+        check_every_loss(variants, registered)
+        args.main = registered
+    unknown = [v for v in [*args.main, *args.noisy] if v not in variants]
+    unknown += [s for s in args.frontier if s.split(":")[0] not in variants]
+    if unknown:
+        raise ValueError(f"no settings line for {unknown}")
+    tasks = list(args.tasks)
+    if args.noisy:  # built from the colour task's pairs
+        tasks += [t for t in ("colour", NOISY_TASK) if t not in tasks]
+    if args.frontier and args.frontier_task not in tasks:
+        tasks.append(args.frontier_task)
+    stats = build_data(args, tasks)
+    data_s = time.perf_counter() - start
 
-    histories = {}
-    names = [run_name(loss, seed) for loss in LOSSES for seed in args.train_seeds]
-    for loss in LOSSES:
-        t = time.perf_counter()
-        for seed in args.train_seeds:
-            result = train.main(train_argv(args, loss, seed, data, args.out / "runs"))
-            histories[run_name(loss, seed)] = result.history
-        timings[loss] = time.perf_counter() - t
-    (args.out / "histories.json").write_text(json.dumps(histories))
+    jobs = plan_jobs(args, variants)
+    logger.info("%d runs, %d at a time", len(jobs) - 1, args.parallel)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    context = get_context("spawn")  # fresh interpreters: no torch thread pools inherited
+    with ProcessPoolExecutor(args.parallel, mp_context=context, initializer=init_worker) as pool:
+        records = list(pool.map(run_job, [args] * len(jobs), jobs))
+    runs_s = time.perf_counter() - start - data_s
 
-    t = time.perf_counter()
-    eval_dir = args.out / "eval"
-    runs = ["--generate", "base"]
-    for name in names:
-        runs += ["--generate", f"{name}={args.out / 'runs' / name}"]
-    _, table, rates = evaluate.main(
-        ["--model", args.model, *runs, "--prompts", str(HELDOUT_PROMPTS),
-         "--num_seeds", str(args.eval_seeds), "--distinct_seeds", "--steps",
-         str(args.sample_steps), "--guidance_scale", str(args.guidance_scale),
-         "--scorer", f"toy_{args.rule}", "--out", str(eval_dir)]
-    )  # fmt: skip
-    timings["eval"] = time.perf_counter() - t
-
-    t = time.perf_counter()
-    pairs = data / "heldout" / "pairs.parquet"
-    accuracies = {
-        name: implicit_accuracy(args.model, args.out / "runs" / name / "unet", pairs,
-                                args.resolution)
-        for name in names
-    }  # fmt: skip
-    timings["implicit"] = time.perf_counter() - t
-
-    args.results.mkdir(parents=True, exist_ok=True)
-    plot_training_curves(histories, args.results / "toy_training_curves.png")
-    plot_reward_by_model(table, args.results / "toy_reward_by_model.png", args.rule)
-    first = args.train_seeds[0]
-    before_after_grid(eval_dir, ["base", *(run_name(loss, first) for loss in LOSSES)],
-                      args.results / "toy_before_after.png", prompts=6, seeds=4)  # fmt: skip
+    score_dirs = {}
+    for task in tasks:
+        names = [j.name for j in jobs if j.task == task]
+        score_dirs[task] = str(score_task(args, task, names))
     total = time.perf_counter() - start
-    text = results_markdown(args, stats, table, rates, accuracies, timings, total)
-    (args.results / "toy_results.md").write_text(text, encoding="utf-8")
+    result = {
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "variants": {name: asdict(v) for name, v in variants.items()},
+        "data": stats,
+        "records": records,
+        "scores": score_dirs,
+        "timings": {"data_s": data_s, "runs_s": runs_s, "total_s": total},
+    }
+    (args.out / "benchmark.json").write_text(json.dumps(result, indent=1) + "\n")
+    text = write_report(result, args.results)
     print(text)
 
 

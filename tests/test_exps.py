@@ -92,40 +92,51 @@ def test_loss_picks_its_released_defaults(script, env, expected, request, toy_da
 
 
 def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
-    """All stages on the shipped toy base with a few images and steps: results and plots."""
+    """All stages on the shipped toy base with a few images and steps: every table, the
+    frontier, the noisy-label column, results and plots."""
+    tiny = "learning_rate=1e-4 max_train_steps=2"
     overrides = {
         "OUT": str(tmp_path / "work"),
         "RESULTS": str(tmp_path / "results"),
+        "VARIANTS": f"dpo beta=1000 {tiny}\nkto beta=1000 {tiny}\nsft {tiny}\n",
+        "MAIN": "dpo kto sft",
+        "TASKS": "colour",
+        "TRAIN_SEEDS": "0",
+        "WIDE": "dpo",
+        "WIDE_SEEDS": "0 3",
+        "FRONTIER": "dpo:1000,3000",
+        "NOISY": "dpo",
         "IMAGES_PER_PROMPT": "4",
         "PAIRS_PER_PROMPT": "2",
         "EVAL_SEEDS": "1",
-        "SAMPLE_STEPS": "10",  # fewer leave grey, never-warm images: no warm pairs
+        "SAMPLE_STEPS": "10",
         "BATCH": "2",
         "WARMUP": "1",
-        "DPO_STEPS": "2",
-        "KTO_STEPS": "2",
-        "SFT_STEPS": "2",
-        "TRAIN_SEEDS": "0 3",
     }
     env = {**os.environ, **overrides, "OMP_NUM_THREADS": "1"}
     script = REPO / "exps" / "toy_benchmark.sh"
     done = subprocess.run(
-        ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=400
     )
     assert done.returncode == 0, done.stderr[-3000:]
     results = (tmp_path / "results" / "toy_results.md").read_text()
-    assert "evaluation/toy_reward.py `warm`" in results  # the default rule labelled and scored
-    runs = [f"{loss}-s{seed}" for loss in ("dpo", "kto", "sft") for seed in (0, 3)]
-    for model in ("base", *runs):
-        assert f"| {model} | 12 |" in results  # 12 held-out prompts x 1 image
-        assert model == "base" or (tmp_path / "work" / "runs" / model / "unet").is_dir()
-    for loss in ("dpo", "kto", "sft"):
-        assert f"| {loss} | 2 |" in results  # the summary over the two training seeds
-    for plot in ("toy_training_curves.png", "toy_reward_by_model.png", "toy_before_after.png"):
+    assert "## Task: `colour` (prompt alignment" in results
+    assert "## Task: `colour` with a share of the training pairs' labels flipped" in results
+    runs = {"colour": ["dpo-s0", "dpo-s3", "kto-s0", "sft-s0", "dpo-b3000-s0"],
+            "colour-noisy": ["dpo-s0"]}  # fmt: skip
+    for task, names in runs.items():
+        for name in ("base", *names):
+            assert f"| {task} | {name} | 12 |" in results  # 12 held-out prompts x 1 image
+        for name in names:
+            assert (tmp_path / "work" / "runs" / task / name / "unet").is_dir()
+    assert "| dpo | 2 |" in results and "| kto | 1 |" in results  # seeds per loss
+    assert "| dpo | 3000 | 1 |" in results and "| dpo | 1000 | 1 |" in results  # frontier
+    for plot in ("toy_frontier.png", "toy_reward_by_loss.png", "toy_before_after.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000
     # Each seed is its own run: different draws, so different weights.
     first, second = (
-        (tmp_path / "work" / "runs" / f"dpo-s{s}" / "unet" / "diffusion_pytorch_model.safetensors")
+        tmp_path / "work" / "runs" / "colour" / f"dpo-s{s}" / "unet"
+        / "diffusion_pytorch_model.safetensors"
         for s in (0, 3)
-    )
+    )  # fmt: skip
     assert first.read_bytes() != second.read_bytes()

@@ -1,0 +1,343 @@
+"""The toy benchmark's report: tables (markdown) and plots from its benchmark.json and the
+per-task score folders that evaluate.py wrote (scores.csv, distribution.csv)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from evaluation.stats import wilson_interval
+
+MACHINE = "2-core CPU dev machine, no GPU"
+BASE = "base"
+RULE_OF_TASK = {"colour": "toy_colour", "warm": "toy_warm", "colour-noisy": "toy_colour"}
+TASK_TEXT = {
+    "colour": "`colour` (prompt alignment: the image shows the colour its caption names)",
+    "warm": "`warm` (a global taste: mean red - mean blue >= 20 on the 0-255 scale)",
+    "colour-noisy": "`colour` with a share of the training pairs' labels flipped",
+}
+
+
+@dataclass
+class RunMetrics:
+    task: str
+    name: str
+    variant: str
+    seed: int
+    images: int
+    reward: float
+    hits: int
+    shape: float
+    diversity: float
+    drift: float
+    implicit: float | None
+    seconds_per_step: float | None
+
+
+def variant_of(name: str) -> str:
+    """dpo-s0 -> dpo; dpo-b300-s0 -> dpo-b300."""
+    return name.rsplit("-s", 1)[0]
+
+
+def run_metrics(result: dict) -> list[RunMetrics]:
+    records = {(r["task"], r["name"]): r for r in result["records"]}
+    rows = []
+    for task, folder in result["scores"].items():
+        scores = pd.read_csv(Path(folder) / "scores.csv", keep_default_na=False)
+        spread = pd.read_csv(Path(folder) / "distribution.csv").set_index("model")
+        rule = RULE_OF_TASK[task]
+        for model, part in scores.groupby("model", sort=False):
+            record = records.get((task, model), {})
+            steps = record.get("steps")
+            rows.append(
+                RunMetrics(
+                    task=task,
+                    name=model,
+                    variant=BASE if model == BASE else variant_of(model),
+                    seed=int(record.get("seed", 0)),
+                    images=len(part),
+                    reward=float(part[rule].mean()),
+                    hits=int(part[rule].sum()),
+                    shape=float(part["toy_shape"].mean()),
+                    diversity=float(spread.loc[model, "diversity"]),
+                    drift=float(spread.loc[model, "drift"]),
+                    implicit=record.get("implicit_accuracy"),
+                    seconds_per_step=record["train_s"] / steps if steps else None,
+                )
+            )
+    return rows
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def loss_row(variant: str, runs: list[RunMetrics], base: RunMetrics) -> str:
+    """Mean over seeds, worst seed, and the Wilson interval of all the variant's images."""
+    rates = [r.reward for r in runs]
+    gains = [100 * (r - base.reward) for r in rates]
+    n, hits = sum(r.images for r in runs), sum(r.hits for r in runs)
+    low, high = wilson_interval(hits / n, n)
+    implicit = [r.implicit for r in runs if r.implicit is not None]
+    seconds = [r.seconds_per_step for r in runs if r.seconds_per_step]
+    return (
+        f"| {variant} | {len(runs)} | {pct(mean(rates))} | {pct(min(rates))} | "
+        f"[{100 * low:.1f}, {100 * high:.1f}] | {mean(gains):+.1f} (worst {min(gains):+.1f}) | "
+        f"{pct(mean([r.shape for r in runs]))} | {mean([r.diversity for r in runs]):.2f} | "
+        f"{mean([r.drift for r in runs]):.2f} | "
+        f"{pct(mean(implicit)) if implicit else ''} | "
+        f"{mean(seconds):.2f} |"
+    )
+
+
+TABLE_HEAD = [
+    "| loss | seeds | reward rate (mean) | worst seed | 95% interval (all images) | "
+    "points over base (mean, worst) | shape agreement | diversity vs base | drift | "
+    "implicit accuracy (held-out pairs) | s / step |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def task_table(task: str, metrics: list[RunMetrics], base: RunMetrics, order: list[str]) -> list:
+    by_variant: dict[str, list[RunMetrics]] = {}
+    for m in metrics:
+        if m.task == task and m.name != BASE:
+            by_variant.setdefault(m.variant, []).append(m)
+    names = [v for v in order if v in by_variant] + sorted(set(by_variant) - set(order))
+    base_row = (
+        f"| base | - | {pct(base.reward)} | - | "
+        f"[{100 * wilson_interval(base.reward, base.images)[0]:.1f}, "
+        f"{100 * wilson_interval(base.reward, base.images)[1]:.1f}] | - | {pct(base.shape)} | "
+        "1.00 | 0 | - | - |"
+    )
+    return [*TABLE_HEAD, base_row, *(loss_row(v, by_variant[v], base) for v in names)]
+
+
+def plot_frontier(result: dict, metrics: list[RunMetrics], path: Path) -> None:
+    """Reward vs drift per beta for the frontier's variants: seeds as dots, means joined."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    task, specs = result["settings"]["frontier_task"], result["settings"]["frontier"]
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    for colour, spec in zip(("tab:blue", "tab:orange", "tab:green"), specs, strict=False):
+        name, betas = spec.split(":")
+        points = []
+        for beta in betas.split(","):
+            runs = frontier_runs(result, metrics, name, beta)
+            if not runs:
+                continue
+            ax.scatter([r.drift for r in runs], [100 * r.reward for r in runs], s=10,
+                       color=colour, alpha=0.5)  # fmt: skip
+            points.append(
+                (mean([r.drift for r in runs]), 100 * mean([r.reward for r in runs]), beta)
+            )
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "-o", color=colour, label=name)
+        for x, y, beta in points:
+            ax.annotate(
+                f"beta {beta}", (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points"
+            )
+    ax.set_xlabel("drift from the base (Frechet, evaluation/distribution.py)")
+    ax.set_ylabel(f"{task} reward rate (%)")
+    ax.legend()
+    ax.set_title("reward vs drift over beta (dots: seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def frontier_names(name: str, beta: str, default_beta: str | None) -> set[str]:
+    """The run names' variant part at this beta: the main table's run is the default beta's."""
+    return {f"{name}-b{beta}", *([name] if beta == default_beta else [])}
+
+
+def frontier_runs(result: dict, metrics: list[RunMetrics], name: str, beta: str) -> list:
+    """A frontier point's runs: its training seeds (not the wide ones, so every point has the
+    same seeds) on the frontier's task."""
+    settings = result["settings"]
+    names = frontier_names(name, beta, result["variants"][name]["flags"].get("beta"))
+    return [
+        m for m in metrics
+        if m.task == settings["frontier_task"] and m.variant in names
+        and m.seed in settings["train_seeds"]
+    ]  # fmt: skip
+
+
+def plot_rewards(metrics: list[RunMetrics], tasks: list[str], order: list[str], path: Path):
+    """Per task, one bar per loss (mean over seeds) with its seeds as dots; base dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.6), squeeze=False)
+    for ax, task in zip(axes[0], tasks, strict=True):
+        base = next(m for m in metrics if m.task == task and m.name == BASE)
+        for x, variant in enumerate(order):
+            runs = [m for m in metrics if m.task == task and m.variant == variant]
+            if not runs:
+                continue
+            ax.bar(x, 100 * mean([r.reward for r in runs]), color="tab:blue", alpha=0.7)
+            ax.scatter([x] * len(runs), [100 * r.reward for r in runs], color="black", s=8)
+        ax.axhline(100 * base.reward, linestyle="--", color="grey", label="base")
+        ax.set_xticks(range(len(order)), order, rotation=45)
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{task} reward rate, held-out prompts")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def before_after_grid(result: dict, task: str, names: list[str], path: Path) -> None:
+    """Rows: the first held-out prompts; column blocks: base and one run per listed name."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    out = Path(result["settings"]["out"])
+    folders = {n: out / "eval" / (BASE if n == BASE else task) / n for n in names}
+    tables = {n: pd.read_csv(f / "generations.csv") for n, f in folders.items()}
+    prompts, seeds, cell, label, header = 6, 4, 48, 230, 16
+    chosen = list(dict.fromkeys(tables[BASE]["prompt"]))[:prompts]
+    width = label + len(names) * (seeds * cell + 8)
+    grid = Image.new("RGB", (width, header + prompts * cell), "white")
+    draw, font = ImageDraw.Draw(grid), ImageFont.load_default()
+    for b, name in enumerate(names):
+        draw.text((label + b * (seeds * cell + 8) + 4, 2), name, fill="black", font=font)
+    for r, prompt in enumerate(chosen):
+        draw.text((4, header + r * cell + 4), prompt.replace(" on ", "\non "), fill="black",
+                  font=font)  # fmt: skip
+        for b, name in enumerate(names):
+            rows = tables[name][tables[name]["prompt"] == prompt].head(seeds)
+            for c, file_name in enumerate(rows["file_name"]):
+                tile = Image.open(folders[name] / file_name).convert("RGB").resize((cell, cell))
+                grid.paste(tile, (label + b * (seeds * cell + 8) + c * cell, header + r * cell))
+    grid.save(path)
+
+
+def settings_rows(result: dict) -> list[str]:
+    rows = ["| name | loss | train.py flags |", "|---|---|---|"]
+    for name, v in result["variants"].items():
+        flags = " ".join(f"--{k} {val}" for k, val in v["flags"].items())
+        rows.append(f"| {name} | {v['loss']} | {flags} |")
+    return rows
+
+
+def write_report(result: dict, results_dir: Path) -> str:
+    settings = result["settings"]
+    metrics = run_metrics(result)
+    tasks = [t for t in result["scores"] if t in RULE_OF_TASK]
+    order = list(settings["main"]) + [v for v in settings["noisy"] if v not in settings["main"]]
+    results_dir.mkdir(parents=True, exist_ok=True)
+    timings = result["timings"]
+    lines = [
+        "# Toy benchmark results",
+        "",
+        f"`bash exps/toy_benchmark.sh` on the {MACHINE}: total {timings['total_s'] / 60:.1f} min "
+        f"({settings['parallel']} training processes at a time, one thread each). Model: "
+        f"`{settings['model']}`. Held-out prompts never in the preference data, "
+        f"{settings['eval_seeds']} images each, every image from its own seed; DDIM "
+        f"{settings['sample_steps']} steps, guidance {settings['guidance_scale']}, "
+        f"{settings['resolution']} px. Training seeds: {settings['train_seeds']} "
+        f"({', '.join(settings['wide'])}: {settings['wide_seeds']}).",
+        "",
+        "Columns: reward rate = share of held-out images the task's rule accepts, mean over "
+        "training seeds, and the worst seed; the 95% Wilson interval pools all the loss's images "
+        "(it does not include the seed-to-seed spread: the worst seed shows that); shape agreement "
+        "= the `shape` rule (the drawn shape is the caption's); diversity = per-prompt spread "
+        "across seeds relative to the base's; drift = Frechet distance to the base's images for "
+        "the same prompts and seeds (noise floor ~0.5: two halves of the base's own images); "
+        "implicit accuracy = held-out pairs with a positive DPO margin against the base; s / step "
+        "= training wall time over steps (one thread, another run beside it).",
+        "",
+    ]
+    for task in tasks:
+        base = next(m for m in metrics if m.task == task and m.name == BASE)
+        data = result["data"][task]
+        lines += [
+            f"## Task: {TASK_TEXT[task]}",
+            "",
+            f"Preference data: {data['train_prompts']} training prompts x "
+            f"{data['images_per_prompt']} on-policy images, base reward rate "
+            f"{pct(data['train_reward_rate'])}, {data['train_pairs']} pairs"
+            + (
+                f" ({data['flipped_pairs']} of them, {pct(data['noise'])}, with labels flipped)"
+                if "flipped_pairs" in data
+                else ""
+            )
+            + f"; {data['heldout_pairs']} held-out pairs for the implicit accuracy.",
+            "",
+            *task_table(task, metrics, base, order),
+            "",
+        ]
+    if settings["frontier"]:
+        plot_frontier(result, metrics, results_dir / "toy_frontier.png")
+        lines += [
+            f"## Reward vs drift over beta ({settings['frontier_task']} task)",
+            "",
+            "| variant | beta | seeds | reward rate (mean) | worst seed | drift (mean) | "
+            "shape agreement | diversity |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for spec in settings["frontier"]:
+            name, betas = spec.split(":")
+            for beta in betas.split(","):
+                runs = frontier_runs(result, metrics, name, beta)
+                if runs:
+                    lines.append(
+                        f"| {name} | {beta} | {len(runs)} | {pct(mean([r.reward for r in runs]))}"
+                        f" | {pct(min(r.reward for r in runs))} | "
+                        f"{mean([r.drift for r in runs]):.2f} | "
+                        f"{pct(mean([r.shape for r in runs]))} | "
+                        f"{mean([r.diversity for r in runs]):.2f} |"
+                    )
+        lines += ["", "![reward vs drift](toy_frontier.png)", ""]
+    plot_rewards(metrics, [t for t in tasks if t != "colour-noisy"], order,
+                 results_dir / "toy_reward_by_loss.png")  # fmt: skip
+    first = settings["train_seeds"][0]
+    shown = [BASE, *(f"{v}-s{first}" for v in ("dpo", "kto", "sft") if v in settings["main"])]
+    grid_task = "colour" if "colour" in tasks else tasks[0]
+    before_after_grid(result, grid_task, shown, results_dir / "toy_before_after.png")
+    lines += [
+        "![reward by loss](toy_reward_by_loss.png)",
+        f"![before / after ({grid_task} task)](toy_before_after.png)",
+        "",
+        "## Every run",
+        "",
+        "| task | run | images | reward rate | 95% interval | shape | diversity | drift | "
+        "implicit accuracy | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for m in metrics:
+        low, high = wilson_interval(m.reward, m.images)
+        lines.append(
+            f"| {m.task} | {m.name} | {m.images} | {pct(m.reward)} | "
+            f"[{100 * low:.1f}, {100 * high:.1f}] | {pct(m.shape)} | {m.diversity:.2f} | "
+            f"{m.drift:.2f} | {'' if m.implicit is None else pct(m.implicit)} | "
+            f"{'' if m.seconds_per_step is None else f'{m.seconds_per_step:.2f}'} |"
+        )
+    lines += [
+        "",
+        "## Settings",
+        "",
+        f"Common: batch {settings['batch']}, warm-up {settings['warmup']} steps, "
+        f"{settings['images_per_prompt']} on-policy images and up to "
+        f"{settings['pairs_per_prompt']} pairs per training prompt. Per variant:",
+        "",
+        *settings_rows(result),
+        "",
+        f"Timings: data {timings['data_s'] / 60:.1f} min, runs {timings['runs_s'] / 60:.1f} min, "
+        f"total {timings['total_s'] / 60:.1f} min.",
+        "",
+    ]
+    text = "\n".join(lines)
+    (results_dir / "toy_results.md").write_text(text, encoding="utf-8")
+    return text

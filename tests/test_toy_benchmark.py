@@ -1,0 +1,118 @@
+"""scripts/toy_benchmark.py's pieces: settings lines, the every-loss check, label flipping, the
+run plan, and the report's per-loss row against hand-computed numbers."""
+
+from __future__ import annotations
+
+import argparse
+
+import pandas as pd
+import pytest
+
+from scripts.toy_benchmark import (
+    NOISY_TASK,
+    check_every_loss,
+    flip_labels,
+    parse_variants,
+    plan_jobs,
+)
+from scripts.toy_benchmark_report import RunMetrics, loss_row
+
+SETTINGS = """
+dpo  beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
+kto  beta=1000 max_train_steps=600 kto_desirable_prob=0.5
+dpo_smoothed loss=dpo beta=1000 label_smoothing=0.3 max_train_steps=300
+"""
+
+
+def test_settings_lines_become_variants_with_train_flags():
+    variants = parse_variants(SETTINGS)
+    assert list(variants) == ["dpo", "kto", "dpo_smoothed"]
+    assert variants["dpo"].flags == {
+        "beta": "1000", "learning_rate": "1e-4", "max_train_steps": "300"
+    }  # fmt: skip
+    assert variants["dpo_smoothed"].loss == "dpo"
+    assert variants["dpo_smoothed"].flags["label_smoothing"] == "0.3"
+    assert variants["kto"].steps == 600
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("dpo beta 1000 max_train_steps=3", "is not key=value"),
+        ("dpo beta=1000", "max_train_steps is required"),
+        ("dpo max_train_steps=3\ndpo max_train_steps=4", "defined twice"),
+    ],
+)
+def test_bad_settings_lines_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        parse_variants(text)
+
+
+def test_a_registered_loss_without_settings_stops_the_benchmark():
+    variants = parse_variants(SETTINGS)
+    with pytest.raises(ValueError, match=r"registered loss\(es\) \['sft'\]"):
+        check_every_loss(variants, ["dpo", "kto", "sft"])
+    check_every_loss(variants, ["dpo", "kto"])  # extra variants of registered losses are fine
+    with pytest.raises(ValueError, match="loss=nope is not a registered loss"):
+        check_every_loss(
+            parse_variants("x max_train_steps=1\ny loss=nope max_train_steps=1"), ["x"]
+        )
+
+
+def test_flipping_swaps_the_labels_of_the_asked_share_and_nothing_else(tmp_path):
+    source = tmp_path / "colour"
+    (source / "pickapic").mkdir(parents=True)
+    (source / "heldout").mkdir()
+    rows = pd.DataFrame(
+        {"caption": [f"c{i}" for i in range(10)], "label_0": [1.0, 0.0] * 5,
+         "label_1": [0.0, 1.0] * 5, "jpg_0": [b"a"] * 10, "jpg_1": [b"b"] * 10}
+    )  # fmt: skip
+    rows.to_parquet(source / "pickapic" / "train.parquet", index=False)
+    rows.to_parquet(source / "heldout" / "pairs.parquet", index=False)
+    assert flip_labels(source, tmp_path / "noisy", 0.3, seed=0) == 3
+    flipped = pd.read_parquet(tmp_path / "noisy" / "pickapic" / "train.parquet")
+    changed = flipped["label_0"] != rows["label_0"]
+    assert changed.sum() == 3
+    assert (flipped["label_0"] + flipped["label_1"] == 1.0).all()
+    assert flipped[["caption", "jpg_0", "jpg_1"]].equals(rows[["caption", "jpg_0", "jpg_1"]])
+    held = pd.read_parquet(tmp_path / "noisy" / "heldout" / "pairs.parquet")
+    assert held.equals(rows)  # evaluation pairs stay clean
+    again = flip_labels(source, tmp_path / "noisy2", 0.3, seed=0)
+    assert again == 3 and pd.read_parquet(
+        tmp_path / "noisy2" / "pickapic" / "train.parquet"
+    ).equals(flipped)
+
+
+def test_the_plan_holds_every_table_once():
+    args = argparse.Namespace(
+        tasks=["colour", "warm"], main=["dpo", "kto"], train_seeds=[0, 1], wide=["dpo"],
+        wide_seeds=[0, 1, 2], frontier=["dpo:300,1000"], frontier_task="colour",
+        noisy=["dpo", "dpo_smoothed"],
+    )  # fmt: skip
+    jobs = plan_jobs(args, parse_variants(SETTINGS))
+    names = {(j.task, j.name) for j in jobs}
+    assert len(names) == len(jobs)  # no run twice
+    assert jobs[0].variant is None  # the base first
+    assert {("colour", f"dpo-s{s}") for s in (0, 1, 2)} <= names  # wide seeds
+    assert ("colour", "kto-s2") not in names and ("warm", "kto-s1") in names
+    # The frontier adds beta 300 only: beta 1000 is the main table's run.
+    assert {n for t, n in names if "-b" in n} == {"dpo-b300-s0", "dpo-b300-s1"}
+    assert next(j for j in jobs if j.name == "dpo-b300-s0").overrides == {"beta": "300"}
+    assert {("colour-noisy", "dpo-s0"), ("colour-noisy", "dpo_smoothed-s1")} <= names
+    assert ("colour", "dpo_smoothed-s0") in names  # its clean runs, for the drop noise causes
+    assert NOISY_TASK == "colour-noisy"
+
+
+def test_a_loss_row_by_hand():
+    def run(seed, hits, shape, drift, implicit):
+        return RunMetrics("colour", f"dpo-s{seed}", "dpo", seed, 100, hits / 100, hits, shape,
+                          0.9, drift, implicit, 0.5)  # fmt: skip
+
+    base = RunMetrics("colour", "base", "base", 0, 100, 0.3, 30, 0.7, 1.0, 0.0, None, None)
+    row = loss_row("dpo", [run(0, 50, 0.6, 1.0, 0.8), run(1, 70, 0.8, 3.0, 0.9)], base)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    # mean 60%, worst 50%; Wilson interval of 120 / 200; gains +20 and +40.
+    assert cells[:4] == ["dpo", "2", "60.0%", "50.0%"]
+    assert cells[4] == "[53.1, 66.5]"
+    assert cells[5] == "+30.0 (worst +20.0)"
+    assert cells[6:] == ["70.0%", "0.90", "2.00", "85.0%", "0.50"]
