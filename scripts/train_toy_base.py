@@ -166,6 +166,17 @@ def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tens
     return torch.cat(means), torch.cat(stds)
 
 
+def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Per-sample weights of the epsilon MSE under Min-SNR-gamma: min(SNR, gamma) / SNR."""
+    return snr.clamp(max=gamma) / snr
+
+
+def ema_decay_at(step: int, decay: float) -> float:
+    """The moving average's decay at an optimizer step (0-based), warmed up so the first steps'
+    weights are not averaged with the random init for long."""
+    return min(decay, (1 + step) / (10 + step))
+
+
 def train_unet(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -214,7 +225,7 @@ def train_unet(
         prediction = unet(scheduler.add_noise(latents, noise, t), t, text[ids]).sample
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
         if min_snr_gamma:
-            per_sample = per_sample * snr[t].clamp(max=min_snr_gamma) / snr[t]
+            per_sample = per_sample * min_snr_weights(snr[t], min_snr_gamma)
         loss = per_sample.mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -222,8 +233,7 @@ def train_unet(
         optimizer.step()
         schedule.step()
         if ema is not None:
-            # Warm-up: average over roughly the steps seen so far while they are few.
-            decay = min(ema_decay, (1 + step) / (10 + step))
+            decay = ema_decay_at(step, ema_decay)
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
         if step % 100 == 0 or step == steps - 1:
