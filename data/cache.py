@@ -34,10 +34,11 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.columns import parse_columns
 from data.errors import DataError
 from data.kto_table import load_labeled_csv
 from data.pair_table import PairTable
-from data.parquet_index import local_parquet_files
+from data.parquet_index import REQUIRED_COLUMNS, local_parquet_files, missing_column
 from data.transforms import ImageTransform, TransformedImages
 
 logger = logging.getLogger(__name__)
@@ -90,10 +91,12 @@ def source_images(
     images: str | None,
     split_labels: dict[str, int],
     pair_table: PairTable | None = None,
+    columns: dict[str, str] | None = None,
 ) -> Iterator[tuple[str, object, str]]:
     """(where, image cell, caption) for every image a run over this data can draw: both images
-    of every untied Pick-a-Pic pair, every CSV row, or both images of every row of your own
-    pairs (``pair_table``, data/pair_table.py). Local data only."""
+    of every untied Pick-a-Pic pair (its columns named by ``columns``, data/columns.py), every
+    CSV row, or both images of every row of your own pairs (``pair_table``,
+    data/pair_table.py). Local data only."""
     if pair_table is not None:
         for row in range(len(pair_table)):
             caption = _caption(pair_table.captions[row].as_py())
@@ -110,11 +113,16 @@ def source_images(
     files = local_parquet_files(data)
     if files is None:
         raise DataError(f"{data}: the cache is built from local parquet files, not a hub name")
+    columns = columns or parse_columns(None)
     for path in files:
         shard = pq.ParquetFile(path)
+        missing = missing_column(path, set(shard.schema_arrow.names), columns, REQUIRED_COLUMNS)
+        if missing:
+            raise DataError(missing)
         first = 0
         for group in range(shard.num_row_groups):
-            table = shard.read_row_group(group)
+            table = shard.read_row_group(group, columns=[columns[c] for c in REQUIRED_COLUMNS])
+            table = table.rename_columns(list(REQUIRED_COLUMNS))
             label_0 = table.column("label_0").to_pylist()
             label_1 = table.column("label_1").to_pylist()
             captions = table.column("caption").to_pylist()

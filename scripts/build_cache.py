@@ -1,6 +1,7 @@
 """Precompute the latent and text-embedding cache that ``train.py --cache DIR`` trains from.
 
-Takes train.py's own flags (model, VAE, data, resolution, flips), so the cache matches the run:
+Takes train.py's own flags (model, VAE, data and ``--columns``, resolution, flips), so the cache
+matches the run:
 
     python scripts/build_cache.py --pretrained_model M --data PARQUET_DIR --resolution 512
     python train.py --pretrained_model M --data PARQUET_DIR --resolution 512 --cache \
@@ -42,6 +43,7 @@ from data.cache import (
     source_images,
     write_manifest,
 )
+from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.kto_table import parse_split_labels
 from diffusion import posterior_moments
@@ -130,7 +132,8 @@ def build_cache(
     captions, seen, pending = {""}, set(), []  # "" : caption dropout's empty caption
     split_labels = parse_split_labels(config.split_labels)
     own = load_pair_table(config) if config.pairs or config.pairs_dirs else None
-    rows = source_images(config.data, config.csv, config.images, split_labels, own)
+    columns = parse_columns(config.columns)  # validated with the config
+    rows = source_images(config.data, config.csv, config.images, split_labels, own, columns)
     for where, cell, caption in rows:
         captions.add(caption)
         try:
