@@ -26,17 +26,17 @@ scorer's scores are z-scored, ``z = (s - mean) / std`` with the mean and standar
 that scorer over every image scored in the run, before ``c = sum_k w_k z_k`` (``--weights``,
 default equal, normalised to sum to 1). A constant scorer (std 0) contributes 0.
 
-Two passes, both streaming and resumable: (1) each unit of work (a parquet row group, or a chunk
-of ``--chunk_rows`` rows of a hub dataset, a manifest, two folders or a CSV) is read, its images
+Two passes, both streaming and resumable: (1) each unit of work (a parquet row group, or a chunk of
+``--chunk_rows`` rows of a hub dataset, a manifest, two folders or a CSV) is read, its images
 decoded and scored ``--batch_size`` at a time, and written with its scores to ``OUT/.scored/``
-(atomically); (2) the statistics are accumulated from the score columns alone, and each scored
-unit becomes its final shard (one unit in memory at a time; the CSV quantile needs the N combined
-scores, 8 bytes each); ``OUT/relabel.json`` records the statistics and counts, and ``.scored/`` is removed.
+(atomically); (2) the statistics are accumulated from the score columns alone, and each scored unit
+becomes its final shard (one unit in memory at a time; the CSV quantile needs the N combined scores,
+8 bytes each); ``OUT/relabel.json`` records the statistics and counts, and ``.scored/`` is removed.
 A killed run, re-run with the same command, skips every unit already written (a hub dataset is
 streamed in its stored order and re-read, undecoded, up to the first unit not written:
-data/hub_chunks.py); a re-run with other scorers, weights or input is refused. An image that
-does not decode gets NaN scores; its pair becomes a tie (counted, logged); its CSV row gets label
-0 only if the score is known, else it is dropped from the CSV (counted).
+data/hub_chunks.py); a re-run with other scorers, weights or input is refused. An image that does
+not decode gets NaN scores; its pair becomes a tie (counted, logged); its CSV row gets label 0 only
+if the score is known, else it is dropped from the CSV (counted).
 """
 
 from __future__ import annotations
