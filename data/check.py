@@ -2,6 +2,7 @@
 
     python -m data.check /data/pickapic_v2                      # Pick-a-Pic parquet pairs
     python -m data.check /data/mine --columns caption=prompt,jpg_0=a,jpg_1=b,label_0=x,label_1=y
+    python -m data.check owner/name [--hub_split test] [--columns ...]   # a hub dataset, streamed
     python -m data.check --csv train_processed_v3.csv --images /data/pickapic_kto
     python -m data.check --pairs my_pairs.jsonl --images /data/mine      # your own pairs
     python -m data.check --pairs_dirs /data/w,/data/l --captions captions.jsonl
@@ -25,6 +26,7 @@ at a fraction of the cost of a full decode.
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -42,6 +44,7 @@ from PIL import Image
 import cli
 from data.columns import PROB, columns_flag, parse_columns
 from data.errors import DataError
+from data.hub_chunks import UID_COLUMNS, HubChunks, pair_chunk
 from data.kto_table import DEFAULT_SPLIT_LABELS, MAX_MISSING_SHARE, parse_split_labels, read_csv
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
 from data.parquet_index import (
@@ -51,10 +54,11 @@ from data.parquet_index import (
     local_parquet_files,
     missing_column,
 )
+from data.pickapic_hub import open_hub_pairs
 
 logger = logging.getLogger(__name__)
 
-UID_COLUMNS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic's image ids, used when present
+HUB_CHUNK_ROWS = 1024  # rows of a hub dataset read at a time
 EXAMPLES_KEPT = 20  # locations listed per kind of defect; the counts are always complete
 DRAFT_SCALE = 8  # JPEG DCT scaling: the largest libjpeg offers
 
@@ -158,18 +162,22 @@ def _as_bytes(value: object) -> bytes:
 
 
 def check_pairs(
-    source: str, captions: CaptionLengths, columns: dict[str, str] | None = None
+    source: str,
+    captions: CaptionLengths,
+    columns: dict[str, str] | None = None,
+    hub_split: str = "train",
 ) -> Report:
-    """Scan every row group of every shard named by ``source`` (as ``--data`` takes it), its
-    columns named by ``columns`` (standard name -> shard column, data/columns.py)."""
+    """Scan every row group of every shard named by ``source`` (as ``--data`` takes it), or
+    every row of a hub dataset, its columns named by ``columns`` (standard name -> shard column,
+    data/columns.py)."""
     columns = columns or parse_columns(None)
     report = Report(source)
     files = local_parquet_files(source)  # DataError for a path that does not exist
-    if files is None:
-        raise DataError(f"{source}: not a local path (the check reads local shards only)")
     seen: set[bytes] = set()
     chosen: Counter = Counter()
-    for path in files:
+    if files is None:
+        _check_hub(source, hub_split, report, seen, chosen, captions, columns)
+    for path in files or []:
         _check_shard(path, report, seen, chosen, captions, columns)
     report.labels = {f"image_{side}_chosen": n for side, n in sorted(chosen.items())}
     if report.usable == 0 and not report.fatal:
@@ -219,6 +227,45 @@ def _check_shard(
             continue
         _check_rows(path, first_row, table, id_columns, report, seen, chosen, captions, columns)
         first_row += num_rows
+
+
+def _check_hub(
+    name: str,
+    split: str,
+    report: Report,
+    seen: set[bytes],
+    chosen: Counter,
+    captions: CaptionLengths,
+    columns: dict[str, str],
+) -> None:
+    """A hub dataset, streamed in its stored order in chunks (data/hub_chunks.py); rows are
+    numbered from 1 in that order."""
+    prob = columns[PROB] != PROB  # a hub stream's soft label is checked when mapped explicitly
+    needed = [columns[c] for c in (*REQUIRED_COLUMNS, *([PROB] if prob else []))]
+    try:
+        chunks = HubChunks(open_hub_pairs(name, split, None, needed), HUB_CHUNK_ROWS)
+    except DataError as exc:
+        if "missing column" not in str(exc):
+            raise  # the name cannot be opened at all
+        report.fatal.append(str(exc))
+        return
+    first_row = 0
+    for index in itertools.count():
+        table = pair_chunk(chunks, index, columns, prob)
+        if table is None:
+            return
+        where = f"{name} rows {first_row + 1}-{first_row + table.num_rows}"
+        try:
+            count_mapped_pairs(where, table.select(["label_0", "label_1"]), columns)
+            if prob:
+                check_probs(where, table.column(PROB))
+        except DataError as exc:
+            report.fatal.append(str(exc))
+        else:
+            ids = list(UID_COLUMNS) if set(UID_COLUMNS) <= set(table.column_names) else None
+            ids = ids or ["jpg_0", "jpg_1"]
+            _check_rows(name, first_row, table, ids, report, seen, chosen, captions, columns)
+        first_row += table.num_rows
 
 
 def _check_rows(
@@ -369,7 +416,10 @@ def default_tokenizer() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", help="Pick-a-Pic parquet directory, glob or file")
+    parser.add_argument(
+        "data", nargs="?", help="Pick-a-Pic parquet directory, glob or file, or a hub dataset"
+    )
+    parser.add_argument("--hub_split", default="train", help="split of a hub dataset DATA")
     parser.add_argument(
         "--columns",
         help="DATA column mapping for parquet in another schema, as train.py's --columns "
@@ -419,7 +469,7 @@ def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
     elif args.csv:
         report = check_csv(args.csv, args.images, parse_split_labels(args.split_labels), captions)
     else:
-        report = check_pairs(args.data, captions, columns)
+        report = check_pairs(args.data, captions, columns, args.hub_split)
     logger.info(report.summary())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")

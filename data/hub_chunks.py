@@ -6,7 +6,9 @@ content depends only on its index. Reading chunk ``i`` after chunk ``i - 1`` con
 stream; any other order (the first chunk after a resume) reopens it with ``skip``, which re-reads
 the earlier rows without decoding them. One chunk is in memory at a time. Image features stay in
 their stored form (``{"bytes", "path"}`` structs, never decoded by ``datasets``); ``image_bytes``
-turns such a column into plain bytes, as Pick-a-Pic stores its images.
+turns such a column into plain bytes, as Pick-a-Pic stores its images, and ``pair_chunk`` gives
+a chunk of pairs Pick-a-Pic's column names (for the latent cache, the KTO builder and the data
+check).
 """
 
 from collections.abc import Iterator
@@ -14,6 +16,8 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
+
+from data.columns import PROB, STANDARD
 
 
 class HubChunks:
@@ -49,3 +53,24 @@ def image_bytes(table: pa.Table, column: str) -> pa.Table:
         return table
     index = table.column_names.index(column)
     return table.set_column(index, column, pc.struct_field(array, "bytes"))
+
+
+UID_COLUMNS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic's image ids, kept when present
+
+
+def pair_chunk(
+    chunks: HubChunks, index: int, columns: dict[str, str], prob: bool = False
+) -> pa.Table | None:
+    """Chunk ``index`` with Pick-a-Pic's names: the mapped caption, image and label columns
+    (``columns``: standard name -> the dataset's, data/columns.py; with ``prob`` the soft label
+    ``prob_0`` too) renamed to theirs, images as bytes, plus both uid columns when the dataset has
+    them unmapped; None past the end."""
+    table = chunks.get(index)
+    if table is None:
+        return None
+    uids = [c for c in UID_COLUMNS if c in table.column_names and c not in columns.values()]
+    uids = uids if len(uids) == len(UID_COLUMNS) else []
+    standard = [*STANDARD, *([PROB] if prob else [])]
+    table = table.select([columns[c] for c in standard] + uids)
+    table = table.rename_columns([*standard, *uids])
+    return image_bytes(image_bytes(table, "jpg_0"), "jpg_1")

@@ -222,28 +222,6 @@ MAPPING = {"caption": "prompt", "jpg_0": "image_a", "jpg_1": "image_b", "label_0
 COLUMNS_FLAG = ",".join(f"{k}={v}" for k, v in MAPPING.items())
 
 
-def cache_hub_dataset(cache: Path, name: str, shard: Path, image_feature: bool) -> None:
-    """Populate the ``datasets`` cache as a first (online) ``load_dataset(name)`` would, from a
-    local shard, so that an offline ``load_dataset(name, streaming=True)`` reads it through the
-    hub code path (hub unreachable -> the latest cached version). Image columns optionally as
-    hub ``Image`` features (``{"bytes", "path"}`` structs)."""
-    import shutil
-
-    import datasets
-    from datasets.packaged_modules.parquet.parquet import Parquet
-
-    owner, dataset = name.split("/")
-    features = None
-    if image_feature:
-        features = datasets.Features.from_arrow_schema(pq.read_schema(shard))
-        features["image_a"] = features["image_b"] = datasets.Image()
-    builder = Parquet(cache_dir=str(cache / ".build"), dataset_name=dataset, hash="0" * 16,
-                      config_id="default", data_files={"train": [str(shard)]},
-                      features=features)  # fmt: skip
-    builder.download_and_prepare()
-    shutil.move(cache / ".build" / dataset, cache / f"{owner}___{dataset}")
-
-
 def mapped_copy(source: Path, target: Path) -> None:
     """The same shard (row groups kept) in another schema: MAPPING's column names."""
     shard = pq.ParquetFile(source)
@@ -253,23 +231,12 @@ def mapped_copy(source: Path, target: Path) -> None:
     pq.write_table(table, target, row_group_size=shard.metadata.row_group(0).num_rows)
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A datasets cache under tmp_path, the hub unreachable (offline)."""
-    import datasets
-
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf-datasets")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
-    datasets.config.SLEEP_TIME_ON_THREADS_SHUTDOWN = 0
-    return tmp_path / "hf-datasets"
-
-
-def test_a_hub_dataset_relabels_like_its_local_shards_and_resumes(tmp_path, hub):
+def test_a_hub_dataset_relabels_like_its_local_shards_and_resumes(tmp_path, offline_hub):
     """owner/pairs, in another schema with Image features, read by name through datasets'
     offline cache: the same output as the local Pick-a-Pic shards; a killed run resumes."""
     write_pairs(tmp_path / "in" / "a.parquet", 10, row_group=3)
     mapped_copy(tmp_path / "in" / "a.parquet", tmp_path / "mapped" / "a.parquet")
-    cache_hub_dataset(hub, "owner/pairs", tmp_path / "mapped" / "a.parquet", image_feature=True)
+    offline_hub("owner/pairs", tmp_path / "mapped" / "a.parquet", ["image_a", "image_b"])
     scorers = [ToyRewardScorer("warm"), TinyRandomScorer()]
     common = ["--scorer", "toy_warm", "--scorer", "tiny", "--tie_threshold", "0.2"]
     local = relabel(["--data", str(tmp_path / "in"), *common, "--out", str(tmp_path / "local")],
@@ -292,12 +259,12 @@ def test_a_hub_dataset_relabels_like_its_local_shards_and_resumes(tmp_path, hub)
     pd.testing.assert_frame_equal(read_out(tmp_path / "cut"), expected)
 
 
-def test_hub_relabelling_memory_is_flat_and_bad_names_are_named(tmp_path, hub):
+def test_hub_relabelling_memory_is_flat_and_bad_names_are_named(tmp_path, offline_hub):
     peaks = []
     for n in (4, 8, 48):  # the first run warms up one-time allocations
         write_pairs(tmp_path / f"in{n}" / "a.parquet", n, size=48, row_group=4)
         mapped_copy(tmp_path / f"in{n}" / "a.parquet", tmp_path / f"m{n}" / "a.parquet")
-        cache_hub_dataset(hub, f"owner/pairs{n}", tmp_path / f"m{n}" / "a.parquet", True)
+        offline_hub(f"owner/pairs{n}", tmp_path / f"m{n}" / "a.parquet", ["image_a", "image_b"])
         tracemalloc.start()
         relabel(["--data", f"owner/pairs{n}", "--columns", COLUMNS_FLAG, "--chunk_rows", "4",
                  "--scorer", "toy_warm", "--out", str(tmp_path / f"out{n}")],
