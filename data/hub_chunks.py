@@ -1,14 +1,13 @@
 """A hub dataset read in fixed chunks of rows, in stream order, as arrow tables.
 
-For commands that walk a whole dataset once and resume by chunk (``python -m data.relabel``):
-chunk ``i`` is rows ``[i * rows, (i + 1) * rows)`` of the unshuffled stream, so a chunk's
-content depends only on its index. Reading chunk ``i`` after chunk ``i - 1`` continues the open
-stream; any other order (the first chunk after a resume) reopens it with ``skip``, which re-reads
-the earlier rows without decoding them. One chunk is in memory at a time. Image features stay in
-their stored form (``{"bytes", "path"}`` structs, never decoded by ``datasets``); ``image_bytes``
-turns such a column into plain bytes, as Pick-a-Pic stores its images, and ``pair_chunk`` gives
-a chunk of pairs Pick-a-Pic's column names (for the latent cache, the KTO builder and the data
-check).
+For the commands that walk a whole dataset once (relabelling and the KTO builder, which resume by
+chunk; the data check; the latent cache): chunk ``i`` is rows ``[i * rows, (i + 1) * rows)`` of the
+unshuffled stream, so a chunk's content depends only on its index. Reading chunk ``i`` after chunk
+``i - 1`` continues the open stream; any other order (the first chunk after a resume) reopens it
+with ``skip``, which re-reads the earlier rows without decoding them. One chunk is in memory at a
+time. Image features stay in their stored form (``{"bytes", "path"}`` structs, never decoded by
+``datasets``); ``image_bytes`` turns such a column into plain bytes, as Pick-a-Pic stores its
+images, and ``pair_chunk`` gives a chunk of pairs with Pick-a-Pic's column names.
 """
 
 from collections.abc import Iterator
