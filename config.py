@@ -318,8 +318,8 @@ class TrainConfig:
         """Your own pairs and soft labels (data/pair_table.py, data/columns.py)."""
         from data.columns import column_problems
 
-        problems = column_problems(self.columns)
         sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
+        problems = column_problems(self.columns, sources)
         if len(sources) > 1:
             problems.append(f"give one data source, not {' and '.join(sources)}")
         if self.pairs and not self.images:
@@ -328,8 +328,6 @@ class TrainConfig:
             problems.append("--pairs_dirs takes two folders: W,L (chosen, rejected)")
         if self.captions and not self.pairs_dirs:
             problems.append("--captions goes with --pairs_dirs")
-        if self.columns and sources:
-            problems.append(f"--columns maps --data columns: it does not apply to {sources[0]}")
         if self.soft_labels and not spec.soft_labels:
             problems.append(f"--soft_labels: --loss {self.loss} does not train on soft labels")
         return problems

@@ -46,7 +46,7 @@ import torch
 from PIL import Image
 
 from evaluation.distribution import compare_runs, distribution_markdown
-from evaluation.references import references_for
+from evaluation.references import metric_reference_markdown, references_for
 from evaluation.scorers import SCORERS, Scorer, build_scorer
 from evaluation.stats import WinRate, summary, win_rate
 from evaluation.suites import PROTOCOLS, SUITES, load_suite
@@ -396,10 +396,12 @@ def style_markdown(scores: pd.DataFrame, scorers: Sequence[str]) -> str:
 
 def reference_markdown(suite: str, scores: pd.DataFrame, scorers: Sequence[str]) -> str:
     """Measured rows beside the published ones (on the published scale), for suites that have
-    published figures."""
+    published figures (evaluation/references.py)."""
+    by_model = {m: {s: part[s].mean() for s in scorers} for m, part in scores.groupby("model")}
+    per_suite = metric_reference_markdown(suite, by_model)
     refs = references_for(suite)
     if not refs:
-        return ""
+        return per_suite
     styles = list(refs[0].by_style)
     lines = [
         "| model | " + " | ".join(styles) + " | average | measured here | source |",
@@ -424,7 +426,7 @@ def reference_markdown(suite: str, scores: pd.DataFrame, scorers: Sequence[str])
         )
     scale = f"{refs[0].scale:g} x the `{refs[0].scorer}` scorer's mean"
     harnesses = sorted({r.harness for r in refs})
-    return (
+    return per_suite + (
         f"Figures on the published scale ({scale}):\n\n" + "\n".join(lines) + "\n\n"
         f"Published rows are NOT measured here; their harness: {'; '.join(harnesses)}.\n"
     )

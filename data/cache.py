@@ -20,6 +20,7 @@ complete shards, and a rebuild skips every key they already hold.
 """
 
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -34,10 +35,13 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from data.columns import parse_columns
 from data.errors import DataError
+from data.hub_chunks import HubChunks, pair_chunk
 from data.kto_table import load_labeled_csv
 from data.pair_table import PairTable
-from data.parquet_index import local_parquet_files
+from data.parquet_index import REQUIRED_COLUMNS, local_parquet_files, missing_column
+from data.pickapic_hub import open_hub_pairs
 from data.transforms import ImageTransform, TransformedImages
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATENT_PREFIX = "latents-"
 TEXT_PREFIX = "text-"
+HUB_CHUNK_ROWS = 256  # rows of a hub dataset read at a time
 CACHE_FORMAT = 2  # 2: crops and resize rounding as torchvision computes them
 
 
@@ -90,10 +95,13 @@ def source_images(
     images: str | None,
     split_labels: dict[str, int],
     pair_table: PairTable | None = None,
+    columns: dict[str, str] | None = None,
+    hub_split: str = "train",
 ) -> Iterator[tuple[str, object, str]]:
     """(where, image cell, caption) for every image a run over this data can draw: both images
-    of every untied Pick-a-Pic pair, every CSV row, or both images of every row of your own
-    pairs (``pair_table``, data/pair_table.py). Local data only."""
+    of every untied Pick-a-Pic pair (its columns named by ``columns``, data/columns.py; local
+    shards or a hub dataset streamed in chunks), every CSV row, or both images of every row of
+    your own pairs (``pair_table``, data/pair_table.py)."""
     if pair_table is not None:
         for row in range(len(pair_table)):
             caption = _caption(pair_table.captions[row].as_py())
@@ -107,26 +115,43 @@ def source_images(
         ):
             yield f"{csv} row {row + 1}", os.path.join(images, name), _caption(caption)
         return
+    columns = columns or parse_columns(None)
     files = local_parquet_files(data)
-    if files is None:
-        raise DataError(f"{data}: the cache is built from local parquet files, not a hub name")
+    if files is None:  # a hub dataset, in its stored order
+        stream = open_hub_pairs(data, hub_split, None, [columns[c] for c in REQUIRED_COLUMNS])
+        chunks = HubChunks(stream, HUB_CHUNK_ROWS)
+        first = 0
+        for index in itertools.count():
+            table = pair_chunk(chunks, index, columns)
+            if table is None:
+                return
+            yield from _pair_images(data, first, table)
+            first += table.num_rows
     for path in files:
         shard = pq.ParquetFile(path)
+        missing = missing_column(path, set(shard.schema_arrow.names), columns, REQUIRED_COLUMNS)
+        if missing:
+            raise DataError(missing)
         first = 0
         for group in range(shard.num_row_groups):
-            table = shard.read_row_group(group)
-            label_0 = table.column("label_0").to_pylist()
-            label_1 = table.column("label_1").to_pylist()
-            captions = table.column("caption").to_pylist()
-            for i in range(table.num_rows):
-                if label_0[i] == label_1[i]:
-                    continue  # ties are never drawn
-                for column in ("jpg_0", "jpg_1"):
-                    cell = table.column(column)[i]
-                    if isinstance(cell, pa.Scalar):
-                        cell = cell.as_py()
-                    yield f"{path} row {first + i} {column}", cell, _caption(captions[i])
+            table = shard.read_row_group(group, columns=[columns[c] for c in REQUIRED_COLUMNS])
+            yield from _pair_images(path, first, table.rename_columns(list(REQUIRED_COLUMNS)))
             first += table.num_rows
+
+
+def _pair_images(source: str, first: int, table: pa.Table) -> Iterator[tuple[str, object, str]]:
+    """Both images of every untied row of a table in Pick-a-Pic's names (row ``first`` on)."""
+    label_0 = table.column("label_0").to_pylist()
+    label_1 = table.column("label_1").to_pylist()
+    captions = table.column("caption").to_pylist()
+    for i in range(table.num_rows):
+        if label_0[i] == label_1[i]:
+            continue  # ties are never drawn
+        for column in ("jpg_0", "jpg_1"):
+            cell = table.column(column)[i]
+            if isinstance(cell, pa.Scalar):
+                cell = cell.as_py()
+            yield f"{source} row {first + i} {column}", cell, _caption(captions[i])
 
 
 def _caption(value: object) -> str:

@@ -1,6 +1,8 @@
 """Check a training dataset before spending GPU hours on it.
 
     python -m data.check /data/pickapic_v2                      # Pick-a-Pic parquet pairs
+    python -m data.check /data/mine --columns caption=prompt,jpg_0=a,jpg_1=b,label_0=x,label_1=y
+    python -m data.check owner/name [--hub_split test] [--columns ...]   # a hub dataset, streamed
     python -m data.check --csv train_processed_v3.csv --images /data/pickapic_kto
     python -m data.check --pairs my_pairs.jsonl --images /data/mine      # your own pairs
     python -m data.check --pairs_dirs /data/w,/data/l --captions captions.jsonl
@@ -12,7 +14,9 @@ parquet file or row group, a missing column, a bad label, an unknown split, a pa
 image root, most image files missing, no usable rows), or, with ``--strict``, when anything at
 all was found; 2, with one line naming the flag, when the input cannot be read at all (a path
 that does not exist, an empty or unparsable CSV); 0 otherwise. Rows are numbered from 1 in
-both formats (a parquet file's first row, the CSV's first row after its header).
+both formats (a parquet file's first row, the CSV's first row after its header). ``--columns``
+reads parquet in another schema as training does (data/columns.py); reports keep the standard
+names (``jpg_0``, ``label_0``) and name the shard's own column beside them.
 
 Images are decoded in JPEG draft mode (DCT scaling to about 1/8 size), which still reads the
 whole entropy-coded stream, so truncated or garbled files fail here as they would in training,
@@ -22,6 +26,7 @@ at a fraction of the cost of a full decode.
 import argparse
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -37,14 +42,23 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 import cli
+from data.columns import PROB, columns_flag, parse_columns
 from data.errors import DataError
+from data.hub_chunks import UID_COLUMNS, HubChunks, pair_chunk
 from data.kto_table import DEFAULT_SPLIT_LABELS, MAX_MISSING_SHARE, parse_split_labels, read_csv
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
-from data.parquet_index import REQUIRED_COLUMNS, count_pairs, local_parquet_files
+from data.parquet_index import (
+    REQUIRED_COLUMNS,
+    check_probs,
+    count_mapped_pairs,
+    local_parquet_files,
+    missing_column,
+)
+from data.pickapic_hub import open_hub_pairs
 
 logger = logging.getLogger(__name__)
 
-UID_COLUMNS = ("image_0_uid", "image_1_uid")  # Pick-a-Pic's image ids, used when present
+HUB_CHUNK_ROWS = 1024  # rows of a hub dataset read at a time
 EXAMPLES_KEPT = 20  # locations listed per kind of defect; the counts are always complete
 DRAFT_SCALE = 8  # JPEG DCT scaling: the largest libjpeg offers
 
@@ -99,8 +113,11 @@ class Report:
         return "\n  ".join([f"data check of {self.source}:", *lines])
 
 
-def image_decodes(data: bytes | str | None) -> bool:
-    """Whether an image (bytes or path) decodes; JPEGs in draft mode, other formats fully."""
+def image_decodes(data: bytes | str | dict | None) -> bool:
+    """Whether an image (bytes, a path, or a hub-style ``{"bytes", "path"}`` cell, as
+    data/decode.py reads) decodes; JPEGs in draft mode, other formats fully."""
+    if isinstance(data, dict):
+        data = data.get("bytes") or data.get("path")
     if data is None:
         return False
     try:
@@ -144,16 +161,24 @@ def _as_bytes(value: object) -> bytes:
     return b"" if value is None else str(value).encode()
 
 
-def check_pairs(source: str, captions: CaptionLengths) -> Report:
-    """Scan every row group of every shard named by ``source`` (as ``--data`` takes it)."""
+def check_pairs(
+    source: str,
+    captions: CaptionLengths,
+    columns: dict[str, str] | None = None,
+    hub_split: str = "train",
+) -> Report:
+    """Scan every row group of every shard named by ``source`` (as ``--data`` takes it), or
+    every row of a hub dataset, its columns named by ``columns`` (standard name -> shard column,
+    data/columns.py)."""
+    columns = columns or parse_columns(None)
     report = Report(source)
     files = local_parquet_files(source)  # DataError for a path that does not exist
-    if files is None:
-        raise DataError(f"{source}: not a local path (the check reads local shards only)")
     seen: set[bytes] = set()
     chosen: Counter = Counter()
-    for path in files:
-        _check_shard(path, report, seen, chosen, captions)
+    if files is None:
+        _check_hub(source, hub_split, report, seen, chosen, captions, columns)
+    for path in files or []:
+        _check_shard(path, report, seen, chosen, captions, columns)
     report.labels = {f"image_{side}_chosen": n for side, n in sorted(chosen.items())}
     if report.usable == 0 and not report.fatal:
         report.fatal.append(
@@ -163,7 +188,12 @@ def check_pairs(source: str, captions: CaptionLengths) -> Report:
 
 
 def _check_shard(
-    path: str, report: Report, seen: set[bytes], chosen: Counter, captions: CaptionLengths
+    path: str,
+    report: Report,
+    seen: set[bytes],
+    chosen: Counter,
+    captions: CaptionLengths,
+    columns: dict[str, str],
 ) -> None:
     try:
         shard = pq.ParquetFile(path)
@@ -171,25 +201,71 @@ def _check_shard(
         report.fatal.append(f"{path}: not a readable parquet file ({exc})")
         return
     names = set(shard.schema_arrow.names)
-    missing = [c for c in REQUIRED_COLUMNS if c not in names]
+    # prob_0 is checked when the shard has it, or when --columns names it explicitly.
+    prob = columns[PROB] in names or columns[PROB] != PROB
+    missing = missing_column(path, names, columns, [*REQUIRED_COLUMNS, *([PROB] if prob else [])])
     if missing:
-        report.fatal.append(f"{path}: missing column {', '.join(missing)}")
+        report.fatal.append(missing)
         return
-    id_columns = list(UID_COLUMNS) if set(UID_COLUMNS) <= names else ["jpg_0", "jpg_1"]
-    columns = sorted(set(REQUIRED_COLUMNS) | set(id_columns))
+    standard = [*REQUIRED_COLUMNS, *([PROB] if prob else [])]
+    uids = set(UID_COLUMNS) <= names and not set(UID_COLUMNS) & set(columns.values())
+    id_columns = list(UID_COLUMNS) if uids else ["jpg_0", "jpg_1"]
+    read = [columns[c] for c in standard] + (list(UID_COLUMNS) if uids else [])
     first_row = 0
     for group in range(shard.metadata.num_row_groups):
         num_rows = shard.metadata.row_group(group).num_rows
         where = f"{path} row group {group} (rows {first_row + 1}-{first_row + num_rows})"
         try:
-            table = shard.read_row_group(group, columns=columns)
-            count_pairs(where, table.select(["label_0", "label_1"]))
+            table = shard.read_row_group(group, columns=read)
+            table = table.rename_columns(standard + read[len(standard) :])
+            count_mapped_pairs(where, table.select(["label_0", "label_1"]), columns)
+            if prob:
+                check_probs(where, table.column(PROB))
         except (OSError, pa.ArrowException, DataError) as exc:
             report.fatal.append(f"{where}: {exc}" if not isinstance(exc, DataError) else str(exc))
             first_row += num_rows
             continue
-        _check_rows(path, first_row, table, id_columns, report, seen, chosen, captions)
+        _check_rows(path, first_row, table, id_columns, report, seen, chosen, captions, columns)
         first_row += num_rows
+
+
+def _check_hub(
+    name: str,
+    split: str,
+    report: Report,
+    seen: set[bytes],
+    chosen: Counter,
+    captions: CaptionLengths,
+    columns: dict[str, str],
+) -> None:
+    """A hub dataset, streamed in its stored order in chunks (data/hub_chunks.py); rows are
+    numbered from 1 in that order."""
+    prob = columns[PROB] != PROB  # a hub stream's soft label is checked when mapped explicitly
+    needed = [columns[c] for c in (*REQUIRED_COLUMNS, *([PROB] if prob else []))]
+    try:
+        chunks = HubChunks(open_hub_pairs(name, split, None, needed), HUB_CHUNK_ROWS)
+    except DataError as exc:
+        if "missing column" not in str(exc):
+            raise  # the name cannot be opened at all
+        report.fatal.append(str(exc))
+        return
+    first_row = 0
+    for index in itertools.count():
+        table = pair_chunk(chunks, index, columns, prob)
+        if table is None:
+            return
+        where = f"{name} rows {first_row + 1}-{first_row + table.num_rows}"
+        try:
+            count_mapped_pairs(where, table.select(["label_0", "label_1"]), columns)
+            if prob:
+                check_probs(where, table.column(PROB))
+        except DataError as exc:
+            report.fatal.append(str(exc))
+        else:
+            ids = list(UID_COLUMNS) if set(UID_COLUMNS) <= set(table.column_names) else None
+            ids = ids or ["jpg_0", "jpg_1"]
+            _check_rows(name, first_row, table, ids, report, seen, chosen, captions, columns)
+        first_row += table.num_rows
 
 
 def _check_rows(
@@ -201,6 +277,7 @@ def _check_rows(
     seen: set[bytes],
     chosen: Counter,
     captions: CaptionLengths,
+    columns: dict[str, str],
 ) -> None:
     label_0 = table.column("label_0").to_numpy(zero_copy_only=False)
     label_1 = table.column("label_1").to_numpy(zero_copy_only=False)
@@ -224,9 +301,14 @@ def _check_rows(
         decodes = True
         for side in (0, 1):
             if not image_decodes(jpgs[side][i].as_py()):
-                report.undecodable_images.add(f"{where}, column jpg_{side}")
+                report.undecodable_images.add(f"{where}, column {_named(columns, f'jpg_{side}')}")
                 decodes = False
         report.usable += decodes  # training skips a pair whose image does not decode
+
+
+def _named(columns: dict[str, str], name: str) -> str:
+    """``jpg_0``, or ``jpg_0 (image_a)`` when --columns maps it to the shard's ``image_a``."""
+    return name if columns[name] == name else f"{name} ({columns[name]})"
 
 
 def check_csv(
@@ -334,7 +416,15 @@ def default_tokenizer() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(description=__doc__.splitlines()[0])
-    parser.add_argument("data", nargs="?", help="Pick-a-Pic parquet directory, glob or file")
+    parser.add_argument(
+        "data", nargs="?", help="Pick-a-Pic parquet directory, glob or file, or a hub dataset"
+    )
+    parser.add_argument("--hub_split", default="train", help="split of a hub dataset DATA")
+    parser.add_argument(
+        "--columns",
+        help="DATA column mapping for parquet in another schema, as train.py's --columns "
+        "(caption=prompt,jpg_0=image_a,jpg_1=image_b,label_0=a_wins,label_1=b_wins[,prob_0=p])",
+    )
     parser.add_argument("--csv", help="per-image KTO CSV (file_name, caption, split)")
     parser.add_argument("--images", help="image root of the CSV's or manifest's paths")
     parser.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (needs --images)")
@@ -362,6 +452,11 @@ def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
             "give one of: a parquet DATA path, --csv and --images, --pairs and --images, "
             "--pairs_dirs W,L"
         )
+    others = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(args, n)]
+    try:
+        columns = columns_flag(args.columns, others)
+    except ValueError as exc:
+        raise cli.UsageError(str(exc)) from exc
     tokenizer = None if str(args.tokenizer).lower() == "none" else args.tokenizer
     captions = CaptionLengths(tokenizer)
     if args.pairs:
@@ -374,7 +469,7 @@ def run(argv: Iterable[str] | None = None) -> tuple[Report, int]:
     elif args.csv:
         report = check_csv(args.csv, args.images, parse_split_labels(args.split_labels), captions)
     else:
-        report = check_pairs(args.data, captions)
+        report = check_pairs(args.data, captions, columns, args.hub_split)
     logger.info(report.summary())
     if args.json:
         args.json.write_text(json.dumps(asdict(report), indent=2) + "\n")

@@ -6,6 +6,8 @@ probability that ``jpg_0`` is preferred, written by ``python -m data.relabel``).
 first image; unmapped names keep their standard column.
 """
 
+from collections.abc import Sequence
+
 STANDARD = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
 PROB = "prob_0"
 
@@ -31,9 +33,22 @@ def parse_columns(text: str | None) -> dict[str, str]:
     return mapping
 
 
-def column_problems(text: str | None) -> list[str]:
+def column_problems(text: str | None, other_sources: Sequence[str] = ()) -> list[str]:
+    """``--columns``'s problems, as every command that takes it reports them: a mapping that
+    does not parse, or one given with another data source (``other_sources``: the flags given,
+    e.g. ``["--csv"]``), whose columns it does not name."""
     try:
         parse_columns(text)
     except ValueError as exc:
         return [str(exc)]
+    if text and other_sources:
+        return [f"--columns maps --data columns: it does not apply to {other_sources[0]}"]
     return []
+
+
+def columns_flag(text: str | None, other_sources: Sequence[str] = ()) -> dict[str, str]:
+    """``parse_columns`` for a command line: ValueError with ``column_problems``' message."""
+    problems = column_problems(text, other_sources)
+    if problems:
+        raise ValueError("; ".join(problems))
+    return parse_columns(text)

@@ -9,6 +9,7 @@ import itertools
 import logging
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -107,14 +108,9 @@ def scan_shards(
             logger.warning("skipping %s: not a readable parquet file (%s)", path, exc)
             unreadable.append(path)
             continue
-        names = set(shard.schema_arrow.names)
-        for column in needed:
-            if columns[column] not in names:
-                renamed = "" if columns[column] == column else f" (--columns {column})"
-                raise DataError(
-                    f"{path}: missing column {columns[column]}{renamed} (a Pick-a-Pic shard "
-                    f"needs {', '.join(REQUIRED_COLUMNS)}; found {', '.join(sorted(names))})"
-                )
+        missing = missing_column(path, set(shard.schema_arrow.names), columns, needed)
+        if missing:
+            raise DataError(missing)
         try:
             labels = shard.read(columns=[columns["label_0"], columns["label_1"]])
             labels = labels.rename_columns(["label_0", "label_1"])
@@ -124,13 +120,7 @@ def scan_shards(
             logger.warning("skipping %s: its label columns do not read (%s)", path, exc)
             unreadable.append(path)
             continue
-        try:
-            num_pairs += count_pairs(path, labels)
-        except DataError as exc:
-            if (columns["label_0"], columns["label_1"]) == ("label_0", "label_1"):
-                raise
-            mapped = f"label_0={columns['label_0']}, label_1={columns['label_1']}"
-            raise DataError(f"{exc} (columns mapped by --columns {mapped})") from exc
+        num_pairs += count_mapped_pairs(path, labels, columns)
         first_row = 0
         for index in range(shard.metadata.num_row_groups):
             num_rows = shard.metadata.row_group(index).num_rows
@@ -170,6 +160,33 @@ def count_pairs(path: str, labels: pa.Table) -> int:
             f"{second[row]:g} are neither a tie nor a 1/0 preference"
         )
     return int(untied.sum())
+
+
+def count_mapped_pairs(path: str, labels: pa.Table, columns: dict[str, str]) -> int:
+    """``count_pairs`` of labels read through a ``--columns`` mapping (already renamed to
+    ``label_0``/``label_1``); an error names the shard's own columns too."""
+    try:
+        return count_pairs(path, labels)
+    except DataError as exc:
+        if (columns["label_0"], columns["label_1"]) == ("label_0", "label_1"):
+            raise
+        mapped = f"label_0={columns['label_0']}, label_1={columns['label_1']}"
+        raise DataError(f"{exc} (columns mapped by --columns {mapped})") from exc
+
+
+def missing_column(
+    path: str, names: set[str], columns: dict[str, str], needed: Sequence[str]
+) -> str | None:
+    """The first of ``needed`` (standard names) whose mapped column is not in ``names``, as
+    a message naming the shard, the column and the mapping; None when all are there."""
+    for column in needed:
+        if columns[column] not in names:
+            renamed = "" if columns[column] == column else f" (--columns {column})"
+            return (
+                f"{path}: missing column {columns[column]}{renamed} (a Pick-a-Pic shard "
+                f"needs {', '.join(REQUIRED_COLUMNS)}; found {', '.join(sorted(names))})"
+            )
+    return None
 
 
 def check_probs(path: str, array: pa.ChunkedArray) -> None:

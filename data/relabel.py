@@ -2,14 +2,17 @@
 
     python -m data.relabel --data /data/pickapic_v2 --scorer pickscore=/models/PickScore_v1 \\
         --scorer hpsv2=/models/hpsv2 --weights 0.5,0.5 --out /data/pickapic_ai
+    python -m data.relabel --data owner/name --columns caption=prompt,jpg_0=a,jpg_1=b,... \\
+        --scorer toy_warm --out OUT                                    # a hub dataset, streamed
     python -m data.relabel --pairs my_pairs.jsonl --images /data/mine --scorer toy_warm --out OUT
-    python -m data.relabel --csv kto.csv --images /data/kto --scorer toy_warm --quantile 0.5 \
+    python -m data.relabel --csv kto.csv --images /data/kto --scorer toy_warm --quantile 0.5 \\
         --out OUT
 
-Pairs (parquet shards, with ``--columns`` for another schema, or your own pairs) become parquet
-shards ``OUT/train-*.parquet`` in the Pick-a-Pic schema: every original column (the human
-``label_0``/``label_1`` renamed ``human_label_0``/``human_label_1``, mapped columns renamed to
-their standard names), ``score_<scorer>_<side>`` per scorer and image, ``score_combined_<side>``,
+Pairs (parquet shards or a hub dataset, with ``--columns`` for another schema, or your own
+pairs) become parquet shards ``OUT/train-*.parquet`` in the Pick-a-Pic schema: every original
+column (the human ``label_0``/``label_1`` renamed ``human_label_0``/``human_label_1``, mapped
+columns renamed to their standard names, a hub ``Image`` column stored as its bytes),
+``score_<scorer>_<side>`` per scorer and image, ``score_combined_<side>``,
 the AI labels ``label_0``/``label_1`` (a tie, 0.5/0.5, when the combined gap is at most
 ``--tie_threshold``) and ``prob_0 = sigmoid((c_0 - c_1) / --temperature)``, the soft label that
 ``train.py --soft_labels`` reads. Per-image data (the KTO CSV) becomes ``OUT/<csv name>`` with its
@@ -23,28 +26,30 @@ scorer's scores are z-scored, ``z = (s - mean) / std`` with the mean and standar
 that scorer over every image scored in the run, before ``c = sum_k w_k z_k`` (``--weights``,
 default equal, normalised to sum to 1). A constant scorer (std 0) contributes 0.
 
-Two passes, both streaming and resumable: (1) each unit of work (a parquet row group, or a chunk
-of ``--chunk_rows`` rows of a manifest, two folders or a CSV) is read, its images decoded and
-scored ``--batch_size`` at a time, and written with its scores to ``OUT/.scored/`` (atomically);
-(2) the statistics are accumulated from the score columns alone, and each scored unit becomes its
-final shard (one unit in memory at a time; the CSV quantile needs the N combined scores, 8 bytes
-each); ``OUT/relabel.json`` records the statistics and counts, and ``.scored/`` is removed.
-A killed run, re-run with the same command, skips every unit already written; a re-run
-with other scorers, weights or input is refused. An image that does not decode gets NaN scores;
-its pair becomes a tie (counted, logged); its CSV row gets label 0 only if the score is known,
-else it is dropped from the CSV (counted).
+Two passes, both streaming and resumable: (1) each unit of work (a parquet row group, or a chunk of
+``--chunk_rows`` rows of a hub dataset, a manifest, two folders or a CSV) is read, its images
+decoded and scored ``--batch_size`` at a time, and written with its scores to ``OUT/.scored/``
+(atomically); (2) the statistics are accumulated from the score columns alone, and each scored unit
+becomes its final shard (one unit in memory at a time; the CSV quantile needs the N combined scores,
+8 bytes each); ``OUT/relabel.json`` records the statistics and counts, and ``.scored/`` is removed.
+A killed run, re-run with the same command, skips every unit already written (a hub dataset is
+streamed in its stored order and re-read, undecoded, up to the first unit not written:
+data/hub_chunks.py); a re-run with other scorers, weights or input is refused. An image that does
+not decode gets NaN scores; its pair becomes a tie (counted, logged); its CSV row gets label 0 only
+if the score is known, else it is dropped from the CSV (counted).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -54,11 +59,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 import cli
-from data.columns import PROB, STANDARD, parse_columns
+from data.columns import PROB, STANDARD, columns_flag
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
+from data.hub_chunks import HubChunks, image_bytes
 from data.pair_table import PairTable, load_manifest, load_pair_dirs, read_pair_chunk
 from data.parquet_index import local_parquet_files
+from data.pickapic_hub import open_hub_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +78,12 @@ DESIRABLE, UNDESIRABLE = "exclusive_win", "exclusive_lose"  # the default KTO sp
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: its id (the output file's stem) and a reader of its rows."""
+    """One unit of work: its id (the output file's stem) and a reader of its rows. A source of
+    unknown length (a hub stream) yields units without end; its first read past the last row
+    returns None."""
 
     name: str
-    read: Callable[[], pa.Table]
+    read: Callable[[], pa.Table | None]
 
 
 @dataclass
@@ -108,12 +117,17 @@ def parse_weights(text: str | None, count: int) -> list[float]:
 # ---------------------------------------------------------------- sources -> units
 
 
-def parquet_units(source: str, columns: dict[str, str]) -> list[Unit]:
-    """One unit per row group of every shard; mapped columns renamed to the standard names and
-    the human labels to ``human_label_*``."""
-    files = local_parquet_files(source)
-    if files is None:
-        raise DataError(f"--data {source}: relabelling reads local parquet shards only")
+def standard_names(names: Sequence[str], columns: dict[str, str]) -> list[str]:
+    """A table's column names with mapped columns renamed to the standard names and the human
+    labels (and soft label) to ``human_label_*`` (``human_prob_0``)."""
+    renames = {columns[c]: c for c in STANDARD}
+    renames[columns["label_0"]], renames[columns["label_1"]] = "human_label_0", "human_label_1"
+    renames[columns[PROB]] = "human_prob_0"
+    return [renames.get(n, n) for n in names]
+
+
+def parquet_units(files: list[str], columns: dict[str, str]) -> list[Unit]:
+    """One unit per row group of every shard, columns renamed by ``standard_names``."""
     units = []
     for file_index, path in enumerate(files):
         shard = pq.ParquetFile(path)
@@ -121,11 +135,7 @@ def parquet_units(source: str, columns: dict[str, str]) -> list[Unit]:
         for column in STANDARD:
             if columns[column] not in names:
                 raise DataError(f"{path}: missing column {columns[column]} ({column})")
-        renames = {columns[c]: c for c in STANDARD}
-        renames[columns["label_0"]], renames[columns["label_1"]] = "human_label_0", "human_label_1"
-        if columns[PROB] in names:
-            renames[columns[PROB]] = "human_prob_0"
-        new_names = [renames.get(n, n) for n in names]
+        new_names = standard_names(names, columns)
 
         def read(path: str = path, group: int = 0, new_names: list[str] = new_names) -> pa.Table:
             return pq.ParquetFile(path).read_row_group(group).rename_columns(new_names)
@@ -134,6 +144,23 @@ def parquet_units(source: str, columns: dict[str, str]) -> list[Unit]:
             name = f"train-{file_index:05d}-{group:05d}"
             units.append(Unit(name, lambda read=read, group=group: read(group=group)))
     return units
+
+
+def hub_units(name: str, split: str, columns: dict[str, str], chunk_rows: int) -> Iterator[Unit]:
+    """Chunks of ``chunk_rows`` rows of a hub dataset (data/hub_chunks.py), without end, columns
+    renamed by ``standard_names`` and hub ``Image`` structs turned into bytes."""
+    stream = open_hub_pairs(name, split, None, [columns[c] for c in STANDARD])
+    chunks = HubChunks(stream, chunk_rows)
+
+    def read(index: int) -> pa.Table | None:
+        table = chunks.get(index)
+        if table is None:
+            return None
+        table = table.rename_columns(standard_names(table.column_names, columns))
+        return image_bytes(image_bytes(table, "jpg_0"), "jpg_1")
+
+    for index in itertools.count():
+        yield Unit(f"train-{index:05d}", lambda index=index: read(index))
 
 
 def pair_table_units(table: PairTable, chunk_rows: int) -> list[Unit]:
@@ -298,7 +325,7 @@ class Options:
     batch_size: int = 32
 
 
-def relabel(units: list[Unit], scorers: Sequence, options: Options, out: Path, per_image: bool,
+def relabel(units: Iterable[Unit], scorers: Sequence, options: Options, out: Path, per_image: bool,
             csv_name: str = "", max_units: int | None = None) -> Summary:  # fmt: skip
     """Pass 1 over units not yet scored (at most ``max_units`` in this call), then pass 2."""
     out.mkdir(parents=True, exist_ok=True)
@@ -306,20 +333,30 @@ def relabel(units: list[Unit], scorers: Sequence, options: Options, out: Path, p
         return Summary(**json.loads((out / SUMMARY_FILE).read_text()))
     scored_dir = out / SCORED_DIR
     scored_dir.mkdir(exist_ok=True)
-    summary = Summary(units=len(units))
+    summary = Summary()
     sides = ["image"] if per_image else ["jpg_0", "jpg_1"]
+    names: list[str] = []  # the units, in order (a hub stream's count is known only at its end)
     for unit in units:
         path = scored_dir / f"{unit.name}.parquet"
         if path.is_file():
+            names.append(unit.name)
             continue
         if max_units is not None and summary.scored_now >= max_units:
+            summary.units = len(names)
             return summary  # "killed": a re-run continues from here
-        table, bad = score_unit(unit.read(), sides, scorers, options.batch_size, options.names)
+        rows = unit.read()
+        if rows is None:
+            break  # past the end of a stream of unknown length
+        table, bad = score_unit(rows, sides, scorers, options.batch_size, options.names)
         if bad:
             logger.warning("%s: %d images do not decode (scores NaN)", unit.name, bad)
         write_parquet_atomic(table, path)
         summary.scored_now += 1
-    files = [scored_dir / f"{u.name}.parquet" for u in units]
+        names.append(unit.name)
+    if not names:
+        raise DataError("no rows to relabel")
+    summary.units = len(names)
+    files = [scored_dir / f"{name}.parquet" for name in names]
     suffixes = [""] if per_image else ["_0", "_1"]
     stats = score_stats(files, [[f"score_{n}{s}" for s in suffixes] for n in options.names])
     summary.stats = {
@@ -328,7 +365,7 @@ def relabel(units: list[Unit], scorers: Sequence, options: Options, out: Path, p
     if per_image:
         _write_csv(files, options, stats, out / csv_name, summary)
     else:
-        _write_pairs(units, files, options, stats, out, summary)
+        _write_pairs(names, files, options, stats, out, summary)
     summary.complete = True
     (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
     # The final shards hold every score; the scored copies would be read as training shards.
@@ -336,9 +373,9 @@ def relabel(units: list[Unit], scorers: Sequence, options: Options, out: Path, p
     return summary
 
 
-def _write_pairs(units, files, options: Options, stats, out: Path, summary: Summary) -> None:
+def _write_pairs(names, files, options: Options, stats, out: Path, summary: Summary) -> None:
     counts = {"image_0_chosen": 0, "image_1_chosen": 0, "tie": 0}
-    for unit, path in zip(units, files, strict=True):
+    for name, path in zip(names, files, strict=True):
         table = pq.read_table(path)
         c = [combined(table, [f"score_{n}_{side}" for n in options.names], stats, options.weights)
              for side in (0, 1)]  # fmt: skip
@@ -351,7 +388,7 @@ def _write_pairs(units, files, options: Options, stats, out: Path, summary: Summ
         counts["tie"] += int((label_0 == 0.5).sum())
         counts["image_0_chosen"] += int((label_0 == 1).sum())
         counts["image_1_chosen"] += int((label_1 == 1).sum())
-        final = out / f"{unit.name}.parquet"
+        final = out / f"{name}.parquet"
         if final.is_file():
             continue  # written by an earlier (killed) call: the same values
         new = {"score_combined_0": c[0], "score_combined_1": c[1], "label_0": label_0,
@@ -411,13 +448,14 @@ def _write_csv(files, options: Options, stats, target: Path, summary: Summary) -
 def build_parser() -> argparse.ArgumentParser:
     parser = cli.Parser(prog="python -m data.relabel", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="parquet pairs: directory, glob or file")
+    source.add_argument("--data", help="parquet pairs: directory, glob or file, or a hub dataset")
     source.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (with --images)")
     source.add_argument("--pairs_dirs", help="your own pairs: two folders W,L")
     source.add_argument("--csv", help="per-image KTO CSV (file_name, caption, ...; --images)")
     parser.add_argument("--images", help="image root of --pairs or --csv")
     parser.add_argument("--captions", help="--pairs_dirs captions: JSONL or folder of .txt")
     parser.add_argument("--columns", help="--data column mapping (as train.py's --columns)")
+    parser.add_argument("--hub_split", default="train", help="split of a hub dataset --data")
     parser.add_argument("--scorer", action="append", required=True,
                         help="NAME or NAME=PATH of a registered scorer (repeatable)")  # fmt: skip
     parser.add_argument("--weights", help="comma-separated weight per --scorer (default equal)")
@@ -451,16 +489,20 @@ def check_args(args: argparse.Namespace) -> None:
         raise cli.UsageError("--pairs_dirs takes two folders: W,L")
 
 
-def source_units(args: argparse.Namespace) -> tuple[list[Unit], bool, str]:
+def source_units(args: argparse.Namespace) -> tuple[Iterable[Unit], bool, str]:
     """(units, per_image, CSV output name)."""
+    others = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(args, n)]
+    try:
+        columns = columns_flag(args.columns, others)
+    except ValueError as exc:
+        raise cli.UsageError(str(exc)) from exc
     if args.csv:
         return csv_units(args.csv, args.images, args.chunk_rows), True, Path(args.csv).name
     if args.data:
-        try:
-            columns = parse_columns(args.columns)
-        except ValueError as exc:
-            raise cli.UsageError(str(exc)) from exc
-        return parquet_units(args.data, columns), False, ""
+        files = local_parquet_files(args.data)  # None: not a local path but a hub name
+        if files is None:
+            return hub_units(args.data, args.hub_split, columns, args.chunk_rows), False, ""
+        return parquet_units(files, columns), False, ""
     if args.pairs:
         table = load_manifest(args.pairs, args.images)
     else:
@@ -494,8 +536,6 @@ def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None) -> S
     options = Options(names, weights, args.tie_threshold, args.temperature, args.threshold,
                       args.quantile, args.batch_size)  # fmt: skip
     units, per_image, csv_name = source_units(args)
-    if not units:
-        raise DataError("no rows to relabel")
     identity = {k: v for k, v in vars(args).items() if k not in ("max_units", "device", "out")}
     check_resume(args.out, json.loads(json.dumps(identity, default=str)))
     if scorers is None:

@@ -1,6 +1,7 @@
 """Precompute the latent and text-embedding cache that ``train.py --cache DIR`` trains from.
 
-Takes train.py's own flags (model, VAE, data, resolution, flips), so the cache matches the run:
+Takes train.py's own flags (model, VAE, data and ``--columns``, resolution, flips), so the cache
+matches the run:
 
     python scripts/build_cache.py --pretrained_model M --data PARQUET_DIR --resolution 512
     python train.py --pretrained_model M --data PARQUET_DIR --resolution 512 --cache \
@@ -9,7 +10,8 @@ Takes train.py's own flags (model, VAE, data, resolution, flips), so the cache m
 ``--cache`` names the output directory (default: ``prefdiff-cache-<R>px`` next to the data).
 Per image: the VAE posterior mean and std of the centre crop, both flip orientations when
 ``--random_flip`` is on; per caption (and the empty caption of caption dropout): the family's
-text features. Images and captions are deduplicated by content. Interrupted? Run the same
+text features. Images and captions are deduplicated by content. A hub dataset ``--data owner/name``
+is streamed in its stored order (``--cache`` is then required). Interrupted? Run the same
 command again: finished shards are kept and their entries skipped.
 """
 
@@ -27,6 +29,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from build import load_pair_table
+from cli import UsageError
 from config import TrainConfig, build_parser
 from data.cache import (
     LATENT_PREFIX,
@@ -42,8 +45,10 @@ from data.cache import (
     source_images,
     write_manifest,
 )
+from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.kto_table import parse_split_labels
+from data.parquet_index import local_parquet_files
 from diffusion import posterior_moments
 from models.family import ModelFamily, family_for
 from models.loading import load_family, load_vae
@@ -130,7 +135,10 @@ def build_cache(
     captions, seen, pending = {""}, set(), []  # "" : caption dropout's empty caption
     split_labels = parse_split_labels(config.split_labels)
     own = load_pair_table(config) if config.pairs or config.pairs_dirs else None
-    rows = source_images(config.data, config.csv, config.images, split_labels, own)
+    columns = parse_columns(config.columns)  # validated with the config
+    rows = source_images(
+        config.data, config.csv, config.images, split_labels, own, columns, config.hub_split
+    )
     for where, cell, caption in rows:
         captions.add(caption)
         try:
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> CacheStats:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     # Beside the CSV or manifest, or inside the parquet directory or the chosen folder.
     beside = config.csv or config.pairs or (config.pairs_dirs or "").split(",")[0] or None
+    if not (beside or config.cache) and local_parquet_files(config.data) is None:
+        raise UsageError(f"--data {config.data} is a hub dataset: give the cache a --cache DIR")
     out_dir = Path(config.cache or default_cache_dir(config.data, beside, config.resolution))
     stats = build_cache(config, out_dir, batch_size, per_shard)
     print(f"cache {out_dir}: {stats}")  # the CLI's summary line

@@ -1,6 +1,7 @@
 """Build the per-image Diffusion-KTO data from Pick-a-Pic pairs: a CSV plus JPEG files.
 
     python scripts/build_kto_csv.py --data /data/pickapic_v2 --out /data/pickapic_kto
+    python scripts/build_kto_csv.py --data /data/mine --columns caption=prompt,jpg_0=a,... --out OUT
     python scripts/build_kto_csv.py --pairs my_pairs.jsonl --images /data/mine --out OUT
     python scripts/build_kto_csv.py --pairs_dirs /data/w,/data/l --captions c.jsonl --out OUT
 
@@ -12,7 +13,11 @@ preference and are ignored, so an image seen only in ties is not listed. An imag
 by ``image_<side>_uid`` when the shards have it, otherwise by a hash of its bytes; its caption is
 that of its first comparison. Your own pairs (data/pair_table.py) count as 1/0 comparisons, the
 chosen image winning; an image is identified by its path, and rows are read in chunks of
-``OWN_CHUNK`` that play the role of row groups (done marks, resume).
+``OWN_CHUNK`` that play the role of row groups (done marks, resume). Parquet in another schema
+is read through ``--columns`` as train.py reads it (data/columns.py); ``image_<side>_uid`` is
+used only when the shard has both uid columns and the mapping does not name them. A hub dataset
+(``--data owner/name``, ``--hub_split``) is streamed in chunks of ``OWN_CHUNK`` rows, each a
+"row group" (data/hub_chunks.py).
 
 Streaming with bounded memory: one parquet row group at a time; the per-image tallies live in
 an SQLite file (``OUT/.kto_build.sqlite``), one transaction per row group that also marks the
@@ -24,10 +29,10 @@ are re-encoded to JPEG; an image that does not decode drops its row (counted and
 
 from __future__ import annotations
 
-import argparse
 import csv
 import hashlib
 import io
+import itertools
 import logging
 import os
 import re
@@ -43,8 +48,13 @@ from PIL import Image
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cli
+from data.columns import columns_flag, parse_columns
+from data.errors import DataError
+from data.hub_chunks import HubChunks, pair_chunk
 from data.pair_table import PairTable, load_manifest, load_pair_dirs, read_pair_chunk
-from data.parquet_index import local_parquet_files
+from data.parquet_index import local_parquet_files, missing_column
+from data.pickapic_hub import open_hub_pairs
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +218,7 @@ class KtoBuilder:
 
 
 READ_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0", "label_1")
+UID_COLUMNS = ("image_0_uid", "image_1_uid")
 OWN_CHUNK = 256  # own-pair rows per transaction (their image bytes are in memory at once)
 
 
@@ -256,12 +267,49 @@ def _finish(builder: KtoBuilder, summary: BuildSummary, pending: bool) -> None:
         summary.complete = True
 
 
-def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> BuildSummary:
+def build_kto_from_hub(
+    name: str, split: str, columns: dict[str, str], out_dir: Path, max_row_groups: int | None
+) -> BuildSummary:
+    """As ``build_kto``, from a hub dataset read in chunks of ``OWN_CHUNK`` rows in its stored
+    order (data/hub_chunks.py): chunk i plays row group i (done marks, resume)."""
+    needed = [columns[c] for c in READ_COLUMNS]
+    chunks = HubChunks(open_hub_pairs(name, split, None, needed), OWN_CHUNK)
+    builder = KtoBuilder(out_dir)
+    summary = BuildSummary()
+    pending = False
+    try:
+        for index in itertools.count():
+            if builder.is_done(name, index):
+                summary.row_groups_skipped += 1
+                continue
+            if max_row_groups is not None and summary.row_groups_done >= max_row_groups:
+                pending = True  # perhaps nothing is left: the next run finds out
+                break
+            table = pair_chunk(chunks, index, columns)
+            if table is None:
+                break  # past the last row
+            builder.add_row_group(name, index, table)
+            summary.row_groups_done += 1
+        _finish(builder, summary, pending)
+    finally:
+        builder.close()
+    return summary
+
+
+def build_kto(
+    data: str,
+    out_dir: Path,
+    max_row_groups: int | None = None,
+    columns: dict[str, str] | None = None,
+    hub_split: str = "train",
+) -> BuildSummary:
     """Process every row group not yet done (at most ``max_row_groups`` in this call), then,
-    once all are done, write the CSV."""
+    once all are done, write the CSV. ``columns``: standard name -> shard column. A hub dataset
+    name (``owner/name``) is read by ``build_kto_from_hub``."""
+    columns = columns or parse_columns(None)
     files = local_parquet_files(data)
     if files is None:
-        raise SystemExit(f"{data}: the builder reads local parquet shards only")
+        return build_kto_from_hub(data, hub_split, columns, out_dir, max_row_groups)
     builder = KtoBuilder(out_dir)
     summary = BuildSummary()
     pending = False
@@ -274,7 +322,12 @@ def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> Bu
                 summary.unreadable_row_groups += 1
                 continue
             names = set(shard.schema_arrow.names)
-            columns = [*READ_COLUMNS, *(c for c in ("image_0_uid", "image_1_uid") if c in names)]
+            missing = missing_column(path, names, columns, READ_COLUMNS)
+            if missing:
+                raise DataError(missing)
+            uids = [c for c in UID_COLUMNS if c in names and c not in columns.values()]
+            uids = uids if len(uids) == len(UID_COLUMNS) else []
+            read = [columns[c] for c in READ_COLUMNS] + uids
             for group in range(shard.metadata.num_row_groups):
                 if builder.is_done(path, group):
                     summary.row_groups_skipped += 1
@@ -283,7 +336,8 @@ def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> Bu
                     pending = True
                     continue
                 try:
-                    table = shard.read_row_group(group, columns=columns)
+                    table = shard.read_row_group(group, columns=read)
+                    table = table.rename_columns([*READ_COLUMNS, *uids])
                 except (OSError, pa.ArrowException) as exc:
                     logger.warning("skipping %s row group %d: %s", path, group, exc)
                     summary.unreadable_row_groups += 1
@@ -296,12 +350,14 @@ def build_kto(data: str, out_dir: Path, max_row_groups: int | None = None) -> Bu
     return summary
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    parser = cli.Parser(description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--data", help="Pick-a-Pic parquet directory, glob or file")
+    source.add_argument("--data", help="Pick-a-Pic parquet directory, glob or file, or hub name")
     source.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (with --images)")
     source.add_argument("--pairs_dirs", help="your own pairs: two folders W,L")
+    parser.add_argument("--columns", help="--data column mapping, as train.py's --columns")
+    parser.add_argument("--hub_split", default="train", help="split of a hub dataset --data")
     parser.add_argument("--images", help="image root of --pairs")
     parser.add_argument("--captions", help="--pairs_dirs captions: JSONL or folder of .txt")
     parser.add_argument("--out", type=Path, required=True, help="output directory (CSV + images)")
@@ -311,10 +367,15 @@ def main() -> None:
         default=None,
         help="process at most this many new row groups in this run (re-run to continue)",
     )
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    others = [f"--{n}" for n in ("pairs", "pairs_dirs") if getattr(args, n)]
+    try:
+        columns = columns_flag(args.columns, others)
+    except ValueError as exc:
+        parser.error(str(exc))
     if args.data:
-        summary = build_kto(args.data, args.out, args.max_row_groups)
+        summary = build_kto(args.data, args.out, args.max_row_groups, columns, args.hub_split)
     else:
         if args.pairs and not args.images:
             parser.error("--pairs needs --images")
@@ -335,4 +396,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, prog="scripts/build_kto_csv.py")  # a DataError: one line naming the file

@@ -52,3 +52,42 @@ def fresh_accelerate_state():
     reset_accelerate()
     yield
     reset_accelerate()
+
+
+# --- Hub datasets, offline (data/pickapic_hub.py, data/hub_chunks.py) ---
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """``register(name, shard, image_columns=())``: afterwards ``datasets.load_dataset(name,
+    streaming=True)`` reads ``shard`` by name. The hub is unreachable (offline), so datasets falls
+    back to the latest cached version in its cache, which this fills from the shard as a first,
+    online load would; ``image_columns`` become hub ``Image`` features."""
+    import shutil
+
+    import datasets
+    import pyarrow.parquet as pq
+    from datasets.packaged_modules.parquet.parquet import Parquet
+
+    cache = tmp_path / "hf-datasets"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "SLEEP_TIME_ON_THREADS_SHUTDOWN", 0)
+
+    def register(name: str, shard: Path, image_columns=()) -> None:
+        owner, dataset = name.split("/")
+        features = datasets.Features.from_arrow_schema(pq.read_schema(shard))
+        for column in image_columns:
+            features[column] = datasets.Image()
+        builder = Parquet(
+            cache_dir=str(cache / ".build"),
+            dataset_name=dataset,
+            hash="0" * 16,
+            config_id="default",
+            data_files={"train": [str(shard)]},
+            features=features,
+        )
+        builder.download_and_prepare()
+        shutil.move(cache / ".build" / dataset, cache / f"{owner}___{dataset}")
+
+    return register

@@ -37,9 +37,9 @@ def sdxl_cache(tiny_sdxl_dir, small_data, tmp_path_factory):
     return out
 
 
-def latent_entries(directory):
+def latent_entries(directory, prefix=LATENT_PREFIX):
     entries = {}
-    for shard in sorted(directory.glob(f"{LATENT_PREFIX}*.safetensors")):
+    for shard in sorted(directory.glob(f"{prefix}*.safetensors")):
         entries.update(load_file(shard))
     return entries
 

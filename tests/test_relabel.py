@@ -213,3 +213,74 @@ def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, c
     assert frame["label_0"].tolist() == [0.0, 1.0, 0.0, 1.0]
     assert frame["chosen"].tolist() == [f"{i}a.png" for i in range(4)]
     assert "relabelled 4 rows" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- a hub dataset, offline
+
+MAPPING = {"caption": "prompt", "jpg_0": "image_a", "jpg_1": "image_b", "label_0": "a_wins",
+           "label_1": "b_wins"}  # fmt: skip
+COLUMNS_FLAG = ",".join(f"{k}={v}" for k, v in MAPPING.items())
+
+
+def mapped_copy(source: Path, target: Path) -> None:
+    """The same shard (row groups kept) in another schema: MAPPING's column names."""
+    shard = pq.ParquetFile(source)
+    table = shard.read()
+    table = table.rename_columns([MAPPING.get(n, n) for n in table.column_names])
+    target.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, target, row_group_size=shard.metadata.row_group(0).num_rows)
+
+
+def test_a_hub_dataset_relabels_like_its_local_shards_and_resumes(tmp_path, offline_hub):
+    """owner/pairs, in another schema with Image features, read by name through datasets'
+    offline cache: the same output as the local Pick-a-Pic shards; a killed run resumes."""
+    write_pairs(tmp_path / "in" / "a.parquet", 10, row_group=3)
+    mapped_copy(tmp_path / "in" / "a.parquet", tmp_path / "mapped" / "a.parquet")
+    offline_hub("owner/pairs", tmp_path / "mapped" / "a.parquet", ["image_a", "image_b"])
+    scorers = [ToyRewardScorer("warm"), TinyRandomScorer()]
+    common = ["--scorer", "toy_warm", "--scorer", "tiny", "--tie_threshold", "0.2"]
+    local = relabel(["--data", str(tmp_path / "in"), *common, "--out", str(tmp_path / "local")],
+                    scorers=scorers)  # fmt: skip
+    hub_args = ["--data", "owner/pairs", "--columns", COLUMNS_FLAG, "--chunk_rows", "3", *common]
+    whole = relabel([*hub_args, "--out", str(tmp_path / "whole")],
+                    scorers=[ToyRewardScorer("warm"), TinyRandomScorer()])  # fmt: skip
+    assert whole.complete and (whole.units, whole.rows) == (4, 10)
+    assert whole.labels == local.labels and whole.stats == local.stats
+    expected = read_out(tmp_path / "local")
+    assert isinstance(expected["jpg_0"][0], bytes)
+    pd.testing.assert_frame_equal(read_out(tmp_path / "whole"), expected)
+    cut = [*hub_args, "--out", str(tmp_path / "cut")]
+    first = relabel([*cut, "--max_units", "2"],
+                    scorers=[ToyRewardScorer("warm"), TinyRandomScorer()])  # fmt: skip
+    assert (first.scored_now, first.complete) == (2, False)
+    rest_scorer = TinyRandomScorer()
+    rest = relabel(cut, scorers=[ToyRewardScorer("warm"), rest_scorer])
+    assert rest.scored_now == 2 and sum(rest_scorer.calls) == 2 * (3 + 1)  # units 3 and 4 only
+    pd.testing.assert_frame_equal(read_out(tmp_path / "cut"), expected)
+
+
+def test_hub_relabelling_memory_is_flat_and_bad_names_are_named(tmp_path, offline_hub):
+    peaks = []
+    for n in (4, 8, 48):  # the first run warms up one-time allocations
+        write_pairs(tmp_path / f"in{n}" / "a.parquet", n, size=48, row_group=4)
+        mapped_copy(tmp_path / f"in{n}" / "a.parquet", tmp_path / f"m{n}" / "a.parquet")
+        offline_hub(f"owner/pairs{n}", tmp_path / f"m{n}" / "a.parquet", ["image_a", "image_b"])
+        tracemalloc.start()
+        relabel(["--data", f"owner/pairs{n}", "--columns", COLUMNS_FLAG, "--chunk_rows", "4",
+                 "--scorer", "toy_warm", "--out", str(tmp_path / f"out{n}")],
+                scorers=[ToyRewardScorer("warm")])  # fmt: skip
+        peaks.append(tracemalloc.get_traced_memory()[1])
+        tracemalloc.stop()
+    input_growth = (tmp_path / "in48" / "a.parquet").stat().st_size - (
+        tmp_path / "in8" / "a.parquet").stat().st_size  # fmt: skip
+    assert peaks[2] - peaks[1] < 0.25 * input_growth, (peaks, input_growth)
+    assert len(read_out(tmp_path / "out48")) == 48
+    with pytest.raises(Exception, match="owner/absent"):
+        relabel(["--data", "owner/absent", "--scorer", "toy_warm", "--out", str(tmp_path / "x")],
+                scorers=[ToyRewardScorer("warm")])  # fmt: skip
+    with pytest.raises(Exception, match="missing column caption"):
+        relabel(["--data", "owner/pairs4", "--scorer", "toy_warm", "--out", str(tmp_path / "y")],
+                scorers=[ToyRewardScorer("warm")])  # fmt: skip
+    with pytest.raises(Exception, match="does not apply to --csv"):
+        relabel(["--csv", "k.csv", "--images", "i", "--columns", COLUMNS_FLAG,
+                 "--scorer", "toy_warm", "--out", str(tmp_path / "z")])  # fmt: skip
