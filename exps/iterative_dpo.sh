@@ -21,6 +21,7 @@ SCORER=${SCORER:-toy_warm}
 SEED=${SEED:-0}                   # training seed (noise, timesteps, data order) of every round
 EVAL_SCORER=${EVAL_SCORER:-toy_shape}  # a second scorer for the evaluation only (empty: none)
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}  # DDIM, as the toy benchmark samples
+GUIDANCE=${GUIDANCE:-3.0}         # the toy protocol's (evaluation/suites.py TOY_GUIDANCE)
 RESOLUTION=${RESOLUTION:-32}
 STEPS_PER_ROUND=${STEPS_PER_ROUND:-100}
 BATCH=${BATCH:-8}
@@ -53,7 +54,8 @@ for r in $(seq 1 "$ROUNDS"); do
   fi
   $PYTHON -m scripts.make_pairs --model "$BASE" "${UNET_FLAG[@]}" --prompts "$PROMPTS" \
     --images_per_prompt "$IMAGES_PER_PROMPT" --first_seed $((r * 100000)) --scorer "$SCORER" \
-    --pairing "$PAIRING" --margin "$MARGIN" --steps "$SAMPLE_STEPS" --resolution "$RESOLUTION" \
+    --pairing "$PAIRING" --margin "$MARGIN" --steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" \
+    --resolution "$RESOLUTION" \
     --out "$ROUND/pairs"
   # A saturated round (every prompt's images scored alike, or none above MARGIN) has nothing to
   # prefer: stop there and evaluate the rounds that trained.
@@ -70,6 +72,7 @@ for r in $(seq 1 "$ROUNDS"); do
   EVAL_RUNS+=(--generate "round$r=$ROUND/train")
 done
 $PYTHON evaluate.py --model "$BASE" --generate base "${EVAL_RUNS[@]}" --prompts "$EVAL_PROMPTS" \
-  --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --scorer "$SCORER" \
+  --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --steps "$SAMPLE_STEPS" \
+  --guidance_scale "$GUIDANCE" --scorer "$SCORER" \
   ${EVAL_SCORER:+--scorer "$EVAL_SCORER"} --out "$OUT/eval"
 echo "rounds: $OUT/round*/train/unet; evaluation per round: $OUT/eval/summary.md"

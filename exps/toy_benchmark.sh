@@ -33,20 +33,23 @@ dspo          beta=0.001 learning_rate=1e-4 max_train_steps=300  # released 0.00
 mapo          beta=0.1 learning_rate=1e-4 max_train_steps=300 snr_value=0.5  # released 0.1, 0.5
 dpo_smoothed  loss=dpo beta=1000 label_smoothing=0.3 learning_rate=1e-4 max_train_steps=300  # cDPO, eps = the flip rate
 dpo_safeguard loss=dpo beta=1000 winner_preserving_mu=0.9 learning_rate=1e-4 max_train_steps=300  # released mu 0.9
+kto_batch16   loss=kto tasks=warm beta=1000 learning_rate=1e-4 max_train_steps=600 kto_desirable_prob=0.5 train_batch_size=16  # KTO's spread (README)
 "}
 TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
-WIDE=${WIDE:-dpo kto}               # these get WIDE_SEEDS (their seed spread is the question)
+WIDE=${WIDE:-dpo kto kto_batch16}   # these get WIDE_SEEDS (their seed spread is the question)
 WIDE_SEEDS=${WIDE_SEEDS:-0 1 2 3 4}
 FRONTIER=${FRONTIER:-dpo:300,1000,3000 kto:300,1000,3000}  # VARIANT:betas, on FRONTIER_TASK
 FRONTIER_TASK=${FRONTIER_TASK:-colour}
+FRONTIER_SEEDS=${FRONTIER_SEEDS:-0 1}
 NOISY=${NOISY:-dpo dpo_smoothed ipo dpo_safeguard}
 NOISE=${NOISE:-0.3}                 # share of the colour task's training pair labels flipped
+NOISY_SEEDS=${NOISY_SEEDS:-0 1 2}
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-16}  # on-policy generations per training prompt
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-8}
 EVAL_SEEDS=${EVAL_SEEDS:-20}        # 12 held-out prompts x 20 = 240 images per run
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}    # DDIM
-GUIDANCE=${GUIDANCE:-1.0}           # no CFG, as the preference data was sampled
+GUIDANCE=${GUIDANCE:-3.0}           # evaluation/suites.py TOY_GUIDANCE: data and evaluation alike
 RESOLUTION=${RESOLUTION:-32}
 BATCH=${BATCH:-8}
 WARMUP=${WARMUP:-10}
@@ -61,4 +64,4 @@ export OMP_NUM_THREADS=1
 bash scripts/setup.sh
 mkdir -p "$OUT"
 printf '%s\n' "$VARIANTS" > "$OUT/variants.txt"
-.venv/bin/python scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --variants "$OUT/variants.txt" --tasks $TASKS ${MAIN:+--main $MAIN} --train_seeds $TRAIN_SEEDS --wide $WIDE --wide_seeds $WIDE_SEEDS --frontier $FRONTIER --frontier_task "$FRONTIER_TASK" --noisy $NOISY --noise "$NOISE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --parallel "$PARALLEL"
+.venv/bin/python scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --variants "$OUT/variants.txt" --tasks $TASKS ${MAIN:+--main $MAIN} --train_seeds $TRAIN_SEEDS --wide $WIDE --wide_seeds $WIDE_SEEDS --frontier $FRONTIER --frontier_task "$FRONTIER_TASK" --frontier_seeds $FRONTIER_SEEDS --noisy $NOISY --noisy_seeds $NOISY_SEEDS --noise "$NOISE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --parallel "$PARALLEL"

@@ -31,6 +31,7 @@ from PIL import Image
 # Run as a script, the repo root is not on sys.path.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from evaluation.suites import TOY_GUIDANCE
 from evaluation.toy_reward import toy_reward
 from scripts.atomic_dir import atomic_directory
 from scripts.build_toy_data import (
@@ -152,7 +153,7 @@ def build_toy_prefs(
     from generate import load_pipeline
 
     toy_reward(rule)  # unknown rule: fail before generating
-    settings = {"steps": 20, "guidance_scale": 1.0, "batch_size": 64, **(settings or {})}
+    settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **(settings or {})}
     train_prompts, heldout_prompts = toy_prompt_split()
     pipe = load_pipeline(model, scheduler="ddim")
     # One call for both splits, so no held-out image shares its noise with a training image.
@@ -193,7 +194,7 @@ def main() -> None:
     parser.add_argument("--images_per_prompt", type=int, default=16, help="k generations")
     parser.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per prompt")
     parser.add_argument("--steps", type=int, default=20, help="DDIM steps")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
+    parser.add_argument("--guidance_scale", type=float, default=TOY_GUIDANCE, help="CFG scale")
     parser.add_argument(
         "--rule", default=DEFAULT_RULE, choices=["colour", "warm"], help="toy reward rule"
     )

@@ -30,14 +30,14 @@ from pathlib import Path
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from evaluation.suites import TOY_GUIDANCE
+
 logger = logging.getLogger(__name__)
 
 TASKS = ("colour", "warm")
 NOISY_TASK = "colour-noisy"  # the colour task's pairs with a share of labels flipped
 SCORERS = ("toy_colour", "toy_shape", "toy_warm")
 BASE = "base"
-# Keys of a settings line that are not train.py flags.
-NON_FLAGS = ("loss",)
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,7 @@ class Variant:
     name: str
     loss: str
     flags: dict[str, str]
+    tasks: tuple[str, ...] = ()  # empty: every main task
 
     @property
     def steps(self) -> int:
@@ -66,7 +67,8 @@ class Job:
 
 def parse_variants(text: str) -> dict[str, Variant]:
     """Settings lines `NAME key=value ...`: `loss=` names the registered loss (default: NAME),
-    every other key is a train.py flag. Blank lines and # comments are skipped."""
+    `tasks=a,b` limits the variant to those main tasks, every other key is a train.py flag.
+    Blank lines and # comments are skipped."""
     variants = {}
     for number, raw in enumerate(text.splitlines(), 1):
         line = raw.split("#", 1)[0].strip()
@@ -82,9 +84,10 @@ def parse_variants(text: str) -> dict[str, Variant]:
         if "max_train_steps" not in flags:
             raise ValueError(f"settings line {number} ({name}): max_train_steps is required")
         loss = flags.pop("loss", name)
+        tasks = tuple(flags.pop("tasks").split(",")) if "tasks" in flags else ()
         if name in variants:
             raise ValueError(f"settings line {number}: {name} is defined twice")
-        variants[name] = Variant(name, loss, flags)
+        variants[name] = Variant(name, loss, flags, tasks)
     return variants
 
 
@@ -264,6 +267,8 @@ def plan_jobs(args: argparse.Namespace, variants: dict[str, Variant]) -> list[Jo
     jobs = [Job(BASE, BASE, None)]
     for task in args.tasks:
         for name in args.main:
+            if variants[name].tasks and task not in variants[name].tasks:
+                continue
             seeds = args.wide_seeds if name in args.wide else args.train_seeds
             jobs += [Job(task, run_name(name, s), variants[name], s) for s in seeds]
     for spec in args.frontier:
@@ -274,12 +279,12 @@ def plan_jobs(args: argparse.Namespace, variants: dict[str, Variant]) -> list[Jo
             jobs += [
                 Job(args.frontier_task, run_name(name, s, beta), variants[name], s,
                     {"beta": beta})
-                for s in args.train_seeds
+                for s in args.frontier_seeds
             ]  # fmt: skip
     for name in args.noisy:
-        jobs += [Job(NOISY_TASK, run_name(name, s), variants[name], s) for s in args.train_seeds]
+        jobs += [Job(NOISY_TASK, run_name(name, s), variants[name], s) for s in args.noisy_seeds]
         if name not in args.main:  # its clean-label runs, for the drop that noise causes
-            jobs += [Job("colour", run_name(name, s), variants[name], s) for s in args.train_seeds]
+            jobs += [Job("colour", run_name(name, s), variants[name], s) for s in args.noisy_seeds]
     # Longest first, so the two workers finish together.
     return [jobs[0], *sorted(jobs[1:], key=lambda j: -j.variant.steps)]
 
@@ -310,13 +315,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--wide_seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4], help="seeds")
     p.add_argument("--frontier", nargs="*", default=[], help="VARIANT:beta,beta,... (colour)")
     p.add_argument("--frontier_task", choices=TASKS, default="colour", help="frontier's task")
+    p.add_argument("--frontier_seeds", type=int, nargs="+", default=[0, 1], help="seeds")
     p.add_argument("--noisy", nargs="*", default=[], help="variants of the noisy-label column")
     p.add_argument("--noise", type=float, default=0.3, help="share of pair labels flipped")
+    p.add_argument("--noisy_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     p.add_argument("--images_per_prompt", type=int, default=16, help="on-policy images/prompt")
     p.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per training prompt")
     p.add_argument("--eval_seeds", type=int, default=20, help="images per held-out prompt")
     p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps")
-    p.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
+    p.add_argument("--guidance_scale", type=float, default=TOY_GUIDANCE, help="CFG scale")
     p.add_argument("--resolution", type=int, default=32, help="pixels")
     p.add_argument("--batch", type=int, default=8, help="pairs (pairwise, sft) or images (kto)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")

@@ -161,14 +161,14 @@ def frontier_names(name: str, beta: str, default_beta: str | None) -> set[str]:
 
 
 def frontier_runs(result: dict, metrics: list[RunMetrics], name: str, beta: str) -> list:
-    """A frontier point's runs: its training seeds (not the wide ones, so every point has the
-    same seeds) on the frontier's task."""
+    """A frontier point's runs on the frontier's task, with the frontier's seeds only (so every
+    point has the same seeds)."""
     settings = result["settings"]
     names = frontier_names(name, beta, result["variants"][name]["flags"].get("beta"))
     return [
         m for m in metrics
         if m.task == settings["frontier_task"] and m.variant in names
-        and m.seed in settings["train_seeds"]
+        and m.seed in settings["frontier_seeds"]
     ]  # fmt: skip
 
 

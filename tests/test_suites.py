@@ -6,7 +6,7 @@ import pytest
 
 import evaluate
 from evaluation import suites
-from evaluation.suites import PROTOCOLS, SUITES, load_suite
+from evaluation.suites import PROTOCOLS, SUITES, TOY_GUIDANCE, load_suite
 
 
 @pytest.mark.parametrize(("name", "count"), [("pickapic_v2", 487), ("hpsv2", 3200),
@@ -62,7 +62,8 @@ def test_suite_summary_lists_the_protocol_styles_and_references(tiny_sd15_dir, t
         assert f"| base | {style} | toy_warm | 1 |" in text
     for line in ("| prompts: suite | hpsv2 |", "| prompts: limit_per_style | 1 |",
                  "| generation: scheduler | ddim |", "| generation: steps | 2 |",
-                 "| generation: guidance_scale | 1.0 |", "| generation: resolution | 64 |",
+                 f"| generation: guidance_scale | {TOY_GUIDANCE} |",
+                 "| generation: resolution | 64 |",
                  "| generation: seeds | 0..0 for every prompt |",
                  "| scorer toy_warm | rules in evaluation/toy_reward.py"):  # fmt: skip
         assert line in text, line

@@ -20,13 +20,16 @@ from scripts.toy_benchmark_report import RunMetrics, loss_row
 SETTINGS = """
 dpo  beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
 kto  beta=1000 max_train_steps=600 kto_desirable_prob=0.5
+kto_b16 loss=kto tasks=warm beta=1000 max_train_steps=600 train_batch_size=16
 dpo_smoothed loss=dpo beta=1000 label_smoothing=0.3 max_train_steps=300
 """
 
 
 def test_settings_lines_become_variants_with_train_flags():
     variants = parse_variants(SETTINGS)
-    assert list(variants) == ["dpo", "kto", "dpo_smoothed"]
+    assert list(variants) == ["dpo", "kto", "kto_b16", "dpo_smoothed"]
+    assert variants["kto_b16"].tasks == ("warm",) and variants["dpo"].tasks == ()
+    assert "tasks" not in variants["kto_b16"].flags
     assert variants["dpo"].flags == {
         "beta": "1000", "learning_rate": "1e-4", "max_train_steps": "300"
     }  # fmt: skip
@@ -85,9 +88,9 @@ def test_flipping_swaps_the_labels_of_the_asked_share_and_nothing_else(tmp_path)
 
 def test_the_plan_holds_every_table_once():
     args = argparse.Namespace(
-        tasks=["colour", "warm"], main=["dpo", "kto"], train_seeds=[0, 1], wide=["dpo"],
+        tasks=["colour", "warm"], main=["dpo", "kto", "kto_b16"], train_seeds=[0, 1], wide=["dpo"],
         wide_seeds=[0, 1, 2], frontier=["dpo:300,1000"], frontier_task="colour",
-        noisy=["dpo", "dpo_smoothed"],
+        frontier_seeds=[0, 1], noisy=["dpo", "dpo_smoothed"], noisy_seeds=[0, 1],
     )  # fmt: skip
     jobs = plan_jobs(args, parse_variants(SETTINGS))
     names = {(j.task, j.name) for j in jobs}
@@ -95,6 +98,7 @@ def test_the_plan_holds_every_table_once():
     assert jobs[0].variant is None  # the base first
     assert {("colour", f"dpo-s{s}") for s in (0, 1, 2)} <= names  # wide seeds
     assert ("colour", "kto-s2") not in names and ("warm", "kto-s1") in names
+    assert ("warm", "kto_b16-s0") in names and ("colour", "kto_b16-s0") not in names
     # The frontier adds beta 300 only: beta 1000 is the main table's run.
     assert {n for t, n in names if "-b" in n} == {"dpo-b300-s0", "dpo-b300-s1"}
     assert next(j for j in jobs if j.name == "dpo-b300-s0").overrides == {"beta": "300"}
