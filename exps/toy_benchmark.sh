@@ -47,7 +47,7 @@ NOISE=${NOISE:-0.3}                 # share of the colour task's training pair l
 NOISY_SEEDS=${NOISY_SEEDS:-0 1 2}
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-16}  # on-policy generations per training prompt
 PAIRS_PER_PROMPT=${PAIRS_PER_PROMPT:-8}
-EVAL_SEEDS=${EVAL_SEEDS:-20}        # 12 held-out prompts x 20 = 240 images per run
+EVAL_SEEDS=${EVAL_SEEDS:-16}        # 12 held-out prompts x 16 = 192 images per run
 SAMPLE_STEPS=${SAMPLE_STEPS:-20}    # DDIM
 GUIDANCE=${GUIDANCE:-3.0}           # evaluation/suites.py TOY_GUIDANCE: data and evaluation alike
 RESOLUTION=${RESOLUTION:-32}

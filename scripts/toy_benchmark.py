@@ -187,8 +187,10 @@ def init_worker() -> None:
 
 
 def run_job(args: argparse.Namespace, job: Job) -> dict:
-    """Train (unless the base), generate the held-out images, measure implicit accuracy."""
+    """Train (unless the base), generate the held-out images, measure the implicit accuracy
+    (pairwise losses: a pairwise margin is what they optimise)."""
     import train
+    from losses import get_spec
 
     record: dict = {"task": job.task, "name": job.name, "seed": job.seed, "history": []}
     eval_dir = args.out / "eval" / job.task / job.name
@@ -204,7 +206,7 @@ def run_job(args: argparse.Namespace, job: Job) -> dict:
     start = time.perf_counter()
     generate_heldout(args, unet_dir, eval_dir)
     record["generate_s"] = time.perf_counter() - start
-    if unet_dir is not None:
+    if unet_dir is not None and get_spec(job.variant.loss).pairwise:
         start = time.perf_counter()
         pairs = args.out / "data" / job.task / "heldout" / "pairs.parquet"
         record["implicit_accuracy"] = implicit_accuracy(
