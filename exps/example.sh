@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # Offline demo: Diffusion-DPO on the shipped toy base (assets/toy-sd15, a tiny SD1.5-shaped model
 # that draws the caption's coloured shape) with on-policy toy preference pairs labelled by the
-# `colour` rule (evaluation/toy_reward.py: the image shows the colour its caption names: prompt
-# alignment), then before and after on held-out prompts: the colour reward, shape agreement, and
-# diversity and drift against the base's images. A few minutes on 2 CPU cores. Any variable below
-# can be overridden from the environment.
+# `warm` rule (evaluation/toy_reward.py: mean red - mean blue >= 20, a warm-filter taste), then
+# before and after on held-out prompts: the warm reward, shape agreement, and diversity and drift
+# against the base's images. (The `colour` task, prompt alignment, does not train on this base
+# yet: README, "Toy benchmark".) A few minutes on 2 CPU cores. Any variable below can be
+# overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-assets/toy-sd15}
-DATA=${DATA:-build/toy-prefs-colour/pickapic}
+DATA=${DATA:-build/toy-prefs/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
 LOSS=${LOSS:-dpo}             # any pairwise loss, or sft (the toy data are pairs): README, "Losses"
 DPO_TOY_BETA=1000             # dpo's beta tuned on the toy task (released Diffusion-DPO value: 5000)
@@ -29,14 +30,14 @@ EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the pre
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-$EVAL_PROMPTS}
 VALIDATION_STEPS=${VALIDATION_STEPS:-25}
 VALIDATION_IMAGES=${VALIDATION_IMAGES:-4}
-VALIDATION_SCORER=${VALIDATION_SCORER:-toy_colour}
+VALIDATION_SCORER=${VALIDATION_SCORER:-toy_warm}
 GUIDANCE=${GUIDANCE:-3.0}     # the toy protocol's (evaluation/suites.py TOY_GUIDANCE), as the pairs were drawn
 EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"
-# Before (base) and after (the trained UNet swapped in), same prompts and seeds: the colour reward,
+# Before (base) and after (the trained UNet swapped in), same prompts and seeds: the warm reward,
 # shape agreement, and diversity and drift against the base (evaluation/distribution.py).
-.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --guidance_scale "$GUIDANCE" --scorer toy_colour --scorer toy_shape --out "$OUTPUT_DIR/eval"
+.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --guidance_scale "$GUIDANCE" --scorer toy_warm --scorer toy_shape --out "$OUTPUT_DIR/eval"
 echo "model: $OUTPUT_DIR/unet; validation grids: $OUTPUT_DIR/validation; evaluation: $OUTPUT_DIR/eval/summary.md, chart $OUTPUT_DIR/eval/summary.png, per-image scores $OUTPUT_DIR/eval/scores.csv"

@@ -37,9 +37,5 @@ fi
 [ -f build/tiny-sd15/model_index.json ] || "$py" scripts/build_tiny_model.py --out build/tiny-sd15
 [ -f build/toy-data/kto/train_processed_v3.csv ] || "$py" scripts/build_toy_data.py --out build/toy-data
 # Rebuilt when missing, built for another rule, or from an older builder or base (DATA_VERSION).
-# build/toy-prefs-colour: exps/example.sh's colour task; build/toy-prefs: the warm taste.
-for rule in colour warm; do
-  dir=build/toy-prefs$([ "$rule" = colour ] && echo -colour || true)
-  { grep -qs '"version": 3,' "$dir/stats.json" && grep -qs "\"rule\": \"$rule\"" "$dir/stats.json"; } ||
-    "$py" scripts/build_toy_prefs.py --out "$dir" --rule "$rule"
-done
+{ grep -qs '"version": 3,' build/toy-prefs/stats.json && grep -qs '"rule": "warm"' build/toy-prefs/stats.json; } ||
+  "$py" scripts/build_toy_prefs.py --out build/toy-prefs --rule warm
