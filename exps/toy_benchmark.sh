@@ -5,14 +5,16 @@
 # run is scored on held-out prompts for reward, shape agreement, diversity and drift (README, "Toy
 # benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
-# Two runs at a time, one thread each: about 80 min on the 2-core machine; QUICK=1 (dpo, kto, sft;
-# one seed; colour task; no frontier or noisy column) about 6 min.
+# An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: an
+# estimated 70-90 min on the 2-core machine (not yet run in full); QUICK=1 (dpo, kto, sft; one
+# seed; colour task; no frontier or noisy column) 6.7 min measured on a shared machine.
 #
-# Settings were tuned on this toy task (tiny model, minutes of CPU), not taken from the papers:
-# learning rates large enough for a 1M-parameter UNet to move in a few hundred steps, and betas in
-# our convention (u = beta/2 (g_chosen - g_rejected), README "Losses") rescaled for 8x8 latents of a
-# tiny UNet, where the per-image error gaps are not SD1.5's at 512 px. The trials are in README
-# ("Toy benchmark"). Any variable can be overridden from the environment.
+# DPO's and KTO's settings were tuned on the first toy base's warm task (tiny model, minutes of
+# CPU), not taken from the papers: learning rates large enough for a 1M-parameter UNet to move in
+# a few hundred steps, and betas in our convention (u = beta/2 (g_chosen - g_rejected), README
+# "Losses") rescaled for 8x8 latents of a tiny UNet, where the per-image error gaps are not
+# SD1.5's at 512 px. The other losses start from their released values or DPO's toy beta, not yet
+# tuned (README, "Toy benchmark"). Any variable can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -39,10 +41,10 @@ TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
 WIDE=${WIDE:-dpo kto kto_batch16}   # these get WIDE_SEEDS (their seed spread is the question)
 WIDE_SEEDS=${WIDE_SEEDS:-0 1 2 3 4}
-FRONTIER=${FRONTIER:-dpo:300,1000,3000 kto:300,1000,3000}  # VARIANT:betas, on FRONTIER_TASK
+FRONTIER=${FRONTIER-dpo:300,1000,3000 kto:300,1000,3000}  # VARIANT:betas, on FRONTIER_TASK
 FRONTIER_TASK=${FRONTIER_TASK:-colour}
 FRONTIER_SEEDS=${FRONTIER_SEEDS:-0 1}
-NOISY=${NOISY:-dpo dpo_smoothed ipo dpo_safeguard}
+NOISY=${NOISY-dpo dpo_smoothed ipo dpo_safeguard}
 NOISE=${NOISE:-0.3}                 # share of the colour task's training pair labels flipped
 NOISY_SEEDS=${NOISY_SEEDS:-0 1 2}
 IMAGES_PER_PROMPT=${IMAGES_PER_PROMPT:-16}  # on-policy generations per training prompt
