@@ -10,19 +10,14 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from transformers import AutoTokenizer
 
 from config import TrainConfig
 from data.cache import CachedLatentEncoder, TextCache
-from diffusion import LatentEncoder, VaeEncoder
-from models.family import ModelFamily, family_for
+from diffusion import LatentEncoder, NoiseProcess, VaeEncoder
+from models.family import ModelFamily, denoiser_config, family_for
 from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
 from models.speed import apply_attention, compile_unet
-
-TEXT_ENCODER_CLASSES = {
-    "text_encoder": CLIPTextModel,
-    "text_encoder_2": CLIPTextModelWithProjection,
-}
 
 
 @dataclass
@@ -33,7 +28,9 @@ class Components:
     reference: torch.nn.Module | None
     latent_encoder: LatentEncoder  # the VAE, or the latent cache
     family: ModelFamily
-    noise_scheduler: DDPMScheduler
+    # DDPMScheduler (SD1.5, SDXL), or flow_matching.FlowMatching (SD3, Flux): what denoise noises
+    # with; both carry the diffusers scheduler's ``config``.
+    noise_scheduler: NoiseProcess | DDPMScheduler
     policy_io: FullUNetIO | LoraIO  # how checkpoints and the export save the policy
 
 
@@ -44,8 +41,10 @@ def _hub_args(config: TrainConfig) -> dict:
 def load_unet(
     source: str, config: TrainConfig, dtype: torch.dtype = torch.float32
 ) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(
-        source, subfolder="unet", dtype=dtype, **_hub_args(config)
+    """The model's denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
+    family_cls = family_for(denoiser_config(source, config.revision))
+    return family_cls.denoiser_class.from_pretrained(
+        source, subfolder=family_cls.denoiser_folder, dtype=dtype, **_hub_args(config)
     )
 
 
@@ -88,13 +87,15 @@ def load_family(
 ) -> ModelFamily:
     """The family with its frozen tokenizers and text encoders."""
     tokenizers, encoders = [], []
-    for tokenizer_folder, encoder_folder in family_cls.text_subfolders:
+    for (tokenizer_folder, encoder_folder), encoder_cls in zip(
+        family_cls.text_subfolders, family_cls.text_encoder_classes, strict=True
+    ):
         tokenizers.append(
             AutoTokenizer.from_pretrained(
                 config.pretrained_model, subfolder=tokenizer_folder, revision=config.revision
             )
         )
-        encoder = TEXT_ENCODER_CLASSES[encoder_folder].from_pretrained(
+        encoder = encoder_cls.from_pretrained(
             config.pretrained_model, subfolder=encoder_folder, dtype=dtype, **_hub_args(config)
         )
         encoders.append(encoder.requires_grad_(False).eval().to(device))
@@ -156,8 +157,10 @@ def load_components(
         latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))
         family = load_family(config, family_cls, weight_dtype, device)
 
-    scheduler = DDPMScheduler.from_pretrained(
+    family.configure(policy.config, config)
+    scheduler = family_cls.scheduler_class.from_pretrained(
         source, subfolder="scheduler", revision=config.revision
     )
-    policy_io = LoraIO(family_cls) if lora else FullUNetIO()
-    return Components(policy, reference, latent_encoder, family, scheduler, policy_io)
+    process = family_cls.noise_process(scheduler, config, config.resolution)
+    policy_io = LoraIO(family_cls) if lora else FullUNetIO(family_cls.denoiser_folder)
+    return Components(policy, reference, latent_encoder, family, process, policy_io)
