@@ -25,7 +25,11 @@ from config import TIMESTEP_SAMPLINGS
 
 
 def sample_u(
-    sampling: str, generator: torch.Generator, logit_mean: float, logit_std: float, mode_scale: float
+    sampling: str,
+    generator: torch.Generator,
+    logit_mean: float,
+    logit_std: float,
+    mode_scale: float,
 ) -> torch.Tensor:
     """One u in (0, 1), [1] fp32, from ``generator``.
 

@@ -62,6 +62,8 @@ class ModelFamily:
     text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
     text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (CLIPTextModel,)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    # generate.SCHEDULERS names that can sample this family; the first is its default.
+    samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
 
     @staticmethod
     def matches(unet_config: dict) -> bool:

@@ -38,6 +38,7 @@ class FlowFamily(ModelFamily):
     scheduler_class: ClassVar[type] = FlowMatchEulerDiscreteScheduler
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "pooled_projections")
     max_sequence_length: ClassVar[int] = 256
+    samplers: ClassVar[tuple[str, ...]] = ("flow_euler",)
 
     @staticmethod
     def noise_process(scheduler: Any, train_config: Any, resolution: int) -> FlowMatching:
