@@ -191,7 +191,7 @@ class TrainConfig:
     )
     logit_mean: float = arg(0.0, "flow models: logit_normal's mean (SD3 paper: 0)")
     logit_std: float = arg(1.0, "flow models: logit_normal's std (SD3 paper: 1)")
-    mode_scale: float = arg(1.29, "flow models: the scale s of 'mode' sampling (SD3 paper eq. 20)")
+    mode_scale: float = arg(1.29, "flow models: the scale s of 'mode' sampling (SD3 paper, 3.1)")
     flow_shift: float | None = arg(
         None, "flow models: sigma shift (default: the scheduler's, at the training resolution)"
     )

@@ -4,7 +4,7 @@ A sample at noise level sigma in [0, 1] is the straight line between data and no
 
     x_sigma = (1 - sigma) x0 + sigma eps,        target v = eps - x0,
 
-(Esser et al. 2024, "Scaling Rectified Flow Transformers", eq. 2-3 with the rectified-flow
+(Esser et al. 2024, "Scaling Rectified Flow Transformers", arXiv 2403.03206, 2 and 3.1: the
 choice a_t = 1 - t, b_t = t), and the transformer regresses v. The errors the losses read are the
 per-sample mean squared errors of v, exactly as the epsilon / v errors of SD1.5 and SDXL.
 
@@ -33,9 +33,9 @@ def sample_u(
 ) -> torch.Tensor:
     """One u in (0, 1), [1] fp32, from ``generator``.
 
-    uniform: U(0, 1). logit_normal: sigmoid(N(mean, std)) (Esser et al. 2024, eq. 19; their best
+    uniform: U(0, 1). logit_normal: sigmoid(N(mean, std)) (Esser et al. 2024, 3.1; their best
     setting is mean 0, std 1). mode: f(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u) on uniform u
-    (eq. 20; s = ``mode_scale``)."""
+    (3.1; s = ``mode_scale``, 1.29 in diffusers' SD3 / Flux training scripts)."""
     if sampling == "uniform":
         return torch.rand(1, generator=generator)
     if sampling == "logit_normal":

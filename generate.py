@@ -127,7 +127,9 @@ def load_pipeline(
         model,
         unet_dir=None
         if unet is None
-        else trained_dir(unet, folder, "config.json", f"diffusers {folder}"),
+        else trained_dir(
+            unet, folder, "config.json", f"diffusers {family.denoiser_class.__name__}"
+        ),
         lora_dir=None if lora is None else trained_dir(lora, "lora", LORA_WEIGHTS, "LoRA weights"),
         dtype=dtype,
     )
