@@ -258,7 +258,8 @@ def describe_config(run_info: dict[str, Any]) -> str:
 def results(config: TrainConfig, model_dir: Path) -> str:
     """The last lines of a run: where everything it wrote is."""
     out = Path(config.output_dir)
-    what = "LoRA adapters" if config.lora_rank else "UNet"
+    denoiser = "UNet" if model_dir.name == "unet" else "transformer"  # transformer/: SD3, Flux
+    what = "LoRA adapters" if config.lora_rank else denoiser
     load = "lora_dir" if config.lora_rank else "unet_dir"
     lines = [
         f"{what}: {model_dir} (models.load_pipeline({config.pretrained_model!r}, "

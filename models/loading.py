@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers.models.normalization import RMSNorm
 from transformers import AutoTokenizer
 
 from config import TrainConfig
@@ -48,8 +49,10 @@ def load_unet(
     )
 
 
-# Layers that autocast runs in fp32 with the module's own weights (torch's fp32 op list).
-FP32_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+# Layers that autocast runs in fp32 with the module's own weights (torch's fp32 op list), and
+# diffusers' RMSNorm (SD3.5's and Flux's qk norms), which computes in fp32 unless its weight is
+# half precision, when it rounds its output to the weight's dtype first.
+FP32_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, RMSNorm)
 
 
 def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -60,13 +63,20 @@ def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> No
     layer norms run with each model's own weights: the policy's exact fp32 ones against the
     reference's rounded ones, enough to move the step-0 DPO margin off zero at beta 5000.
     Keeping the reference's norms at their fp32 values makes the two models compute the same
-    thing at step 0 (loss exactly log 2) in fp16 and bf16, for a few KB of memory."""
+    thing at step 0 (loss exactly log 2) in fp16 and bf16, for a few KB of memory.
+
+    Floating buffers (SD3's positional embedding table) stay fp32 for the same reason: they
+    are added, not multiplied, so autocast never rounds the policy's."""
     norms = [m for m in unet.modules() if isinstance(m, FP32_NORMS)]
     kept = [[p.detach().clone() for p in m.parameters()] for m in norms]
+    buffers = [(m, n, b) for m in unet.modules() for n, b in m._buffers.items()
+               if b is not None and b.is_floating_point()]  # fmt: skip
     unet.to(dtype)
     for module, params in zip(norms, kept, strict=True):
         for param, value in zip(module.parameters(), params, strict=True):
             param.data = value
+    for module, name, value in buffers:
+        module._buffers[name] = value
 
 
 def vae_source(config: TrainConfig) -> tuple[str, dict]:

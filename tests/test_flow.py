@@ -305,3 +305,11 @@ def test_batch_two_equals_accumulation_two_on_sd3(tiny_sd3_dir, toy_data_dir, tm
     for a, b in zip(big.history, small.history, strict=True):
         assert a["err/policy"] == pytest.approx(b["err/policy"], rel=1e-6)
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+
+
+def test_bf16_step0_is_log2_on_sd3(tiny_sd3_dir, toy_data_dir, tmp_path):
+    """The fp32 policy under bf16 autocast and the bf16 reference compute the same errors at
+    step 0: the reference keeps its RMSNorm weights and its positional-embedding buffer fp32."""
+    result = run(tiny_sd3_dir, toy_data_dir, tmp_path / "out", "dpo", "--max_train_steps", "1",
+                 "--mixed_precision", "bf16", "--beta", "5000")  # fmt: skip
+    assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
