@@ -271,7 +271,9 @@ class TrainConfig:
     validation_inference_steps: int = arg(20, "sampler steps of the validation pipeline")
     validation_guidance_scale: float = arg(1.0, "CFG scale of validation images (<= 1: off)")
     validation_scheduler: str = arg(
-        "ddim", "validation sampler", choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"]
+        "ddim",
+        "validation sampler (SD3 / Flux sample with flow_euler whatever this names)",
+        choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "flow_euler"],
     )
     validation_scorer: str | None = arg(
         None, "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
