@@ -4,13 +4,13 @@
 # run_sd3_pickapic.sh and train/train_sd3_dpo.py at 71b7f73): beta 1000 on the same
 # -logsigmoid(-beta/2 * ...) as prefdiff's dpo, lr 5e-6 constant with no warm-up, 128 pairs per
 # step (8 GPUs x 1 x accumulation 16), 1000 steps, fp16, full fine-tuning, timesteps uniform over
-# the scheduler's shifted sigmas (shift 3.0). Not from that script: 1024 px (SD3.5's native size;
+# the scheduler's shifted sigmas. Not from that script: 1024 px (SD3.5-medium's native size;
 # flow_grpo's SD3.5-medium DPO trains at 512: RESOLUTION=512), gradient checkpointing.
 # flow_grpo's SD3.5-medium DPO (config/dpo.py, scripts/train_sd3_dpo.py) uses beta 100 with the
 # same 1/2 and logit-normal(0, 1) sigmas: BETA=100 SAMPLING=logit_normal.
 #   MODEL=stabilityai/stable-diffusion-3.5-medium DATA=/data/pickapic_v2 bash exps/sd35_dpo.sh
-# LOSS=<name> trains another pairwise loss on this recipe (with that loss's released
-# hyperparameters unless BETA is set: they were tuned on SD1.5 / SDXL, README "betas").
+# LOSS=<name> trains another pairwise loss on this recipe: give its BETA (BETA= empty takes the
+# loss's released value, tuned on SD1.5 / SDXL: README "Betas for flow models").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ LR=${LR:-5e-6}
 WARMUP=${WARMUP:-0}
 STEPS=${STEPS:-1000}
 LOSS=${LOSS:-dpo}
-BETA=${BETA:-1000}                                     # Linear-DPO's SD3 value
+BETA=${BETA-1000}                                      # Linear-DPO's SD3 value
 SAMPLING=${SAMPLING:-uniform}                          # uniform | logit_normal | mode
 RESOLUTION=${RESOLUTION:-1024}
 PRECISION=${PRECISION:-fp16}

@@ -3,9 +3,9 @@
 # SD1.5 schedule (Li et al. 2024, arXiv 2404.04465: 8 images per step, 1000 warm-up steps, 10k
 # steps, gamma = 0.8 desirable draws, Kahneman-Tversky utility, caption dropout 0.2) with what
 # the SD3 DPO recipe (exps/sd35_dpo.sh, Linear-DPO) sets for the model: beta 1000 instead of
-# SD1.5's 5000 (betas do not transfer across families: README "betas"), lr 5e-6, uniform
-# timesteps over the shifted sigmas, fp16, 1024 px, gradient checkpointing. Untested at scale:
-# treat BETA and LR as the first things to sweep.
+# SD1.5's 5000 (betas do not transfer across families: README "Betas for flow models"), lr 5e-6,
+# uniform timesteps over the scheduler's shifted sigmas, fp16, 1024 px, gradient checkpointing.
+# Untested at scale: treat BETA and LR as the first things to sweep.
 #   MODEL=stabilityai/stable-diffusion-3.5-medium CSV=/data/pickapic/train_processed_v3.csv \
 #   IMAGES=/data/pickapic bash exps/sd35_kto.sh
 set -euo pipefail

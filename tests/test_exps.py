@@ -77,7 +77,7 @@ def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
     # example.sh, a beta the script sets (the flow models'), else the loss's released value.
     text = script.read_text()
     toy_beta = re.search(r"DPO_TOY_BETA=([0-9.]+)", text)
-    own_beta = re.search(r"BETA=\$\{BETA:-([0-9.]+)\}", text)
+    own_beta = re.search(r"BETA=\$\{BETA:?-([0-9.]+)\}", text)
     released = get_spec(config["loss"]).hyperparameters["beta"]
     expected = toy_beta or own_beta
     assert config["beta"] == (float(expected.group(1)) if expected else released)
