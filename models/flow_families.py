@@ -96,6 +96,10 @@ class SD3Family(FlowFamily):
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> TextFeatures:
+        return self.encode_with_grad(captions)
+
+    def encode_with_grad(self, captions: list[str]) -> TextFeatures:
+        """``encode_text`` with autograd on (training text encoders: the toy flow base)."""
         hidden, pooled = [], []
         for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2], strict=True):
             out = encoder(self._tokenize(tokenizer, captions).to(encoder.device),
