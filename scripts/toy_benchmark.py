@@ -55,24 +55,29 @@ def train_argv(args: argparse.Namespace, loss: str, seed: int, data: Path, out: 
 
 
 def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) -> float:
-    """DPO implicit reward accuracy of a trained UNet against the base, on held-out pairs."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    """DPO implicit reward accuracy of a trained denoiser (UNet, or SD3 / Flux transformer)
+    against the base, on held-out pairs."""
+    import torch
+    from diffusers import AutoencoderKL
 
+    from config import TrainConfig
     from evaluation.implicit_reward import accuracy, implicit_margins, read_pairs
-    from models.family import ModelFamily
+    from models.family import denoiser_config, family_for
+    from models.loading import load_family
 
     pixels, captions = read_pairs(pairs, resolution)
-    load = {"dtype": __import__("torch").float32}
-    family = ModelFamily(
-        [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")],
-        [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)],
-    )
+    load = {"dtype": torch.float32}
+    config = TrainConfig(pretrained_model=model, resolution=resolution)
+    family_cls = family_for(denoiser_config(model))
+    family = load_family(config, family_cls, torch.float32, torch.device("cpu"))
+    scheduler = family_cls.scheduler_class.from_pretrained(model, subfolder="scheduler")
     margins = implicit_margins(
-        UNet2DConditionModel.from_pretrained(unet_dir, **load),
-        UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load),
+        family_cls.denoiser_class.from_pretrained(unet_dir, **load),
+        family_cls.denoiser_class.from_pretrained(
+            model, subfolder=family_cls.denoiser_folder, **load
+        ),
         AutoencoderKL.from_pretrained(model, subfolder="vae", **load),
-        DDPMScheduler.from_pretrained(model, subfolder="scheduler"),
+        family_cls.noise_process(scheduler, config, resolution),
         family,
         pixels,
         captions,
@@ -280,6 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     import evaluate
     import train
+    from generate import trained_weights
     from scripts.build_toy_prefs import HELDOUT_PROMPTS, build_toy_prefs
 
     start = time.perf_counter()
@@ -316,11 +322,11 @@ def main(argv: list[str] | None = None) -> None:
 
     t = time.perf_counter()
     pairs = data / "heldout" / "pairs.parquet"
+    run_dirs = {name: trained_weights(args.out / "runs" / name, "run")["unet"] for name in names}
     accuracies = {
-        name: implicit_accuracy(args.model, args.out / "runs" / name / "unet", pairs,
-                                args.resolution)
+        name: implicit_accuracy(args.model, run_dirs[name], pairs, args.resolution)
         for name in names
-    }  # fmt: skip
+    }
     timings["implicit"] = time.perf_counter() - t
 
     args.results.mkdir(parents=True, exist_ok=True)
