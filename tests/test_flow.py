@@ -197,6 +197,7 @@ def test_end_to_end(family, loss, request, toy_data_dir, tmp_path):
     result = run(model, toy_data_dir, out, loss, "--weight_decay", "0")
     assert all(math.isfinite(step["loss"]) for step in result.history)
     assert result.unet_dir == out / "transformer"
+    assert 'unet_dir="transformer"' in (out / "README.md").read_text()  # the model card's use
     base = base_params(family, model)
     cls, pipeline_cls = FAMILIES[family]
     trained = dict(cls.from_pretrained(out, subfolder="transformer").named_parameters())
