@@ -108,10 +108,13 @@ def load_pipeline(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     lora: str | Path | None = None,
+    strict: bool = True,
 ) -> DiffusionPipeline:
     """The base pipeline (local directory or hub name), with an optional trained UNet (or SD3 /
     Flux transformer) swapped in and/or LoRA adapters loaded; ``scheduler`` None: the family's
-    default sampler (ddim; flow_euler for SD3 and Flux).
+    default sampler (ddim; flow_euler for SD3 and Flux). A ``scheduler`` the family cannot
+    sample with is an error, or, not ``strict`` (a protocol's preset, not the user's flag),
+    replaced by the family's default.
 
     Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
     if scheduler is not None and scheduler not in SCHEDULERS:
@@ -119,6 +122,9 @@ def load_pipeline(
     denoiser_model_config(str(model), "--model", None)  # a wrong path: one line, at once
     family = family_for(denoiser_config(str(model)))
     scheduler = scheduler or family.samplers[0]
+    if scheduler not in family.samplers and not strict:
+        logger.info("%s samples with %s, not %s", family.name, family.samplers[0], scheduler)
+        scheduler = family.samplers[0]
     if scheduler not in family.samplers:
         allowed = ", ".join(family.samplers)
         raise cli.UsageError(f"--scheduler {scheduler}: {family.name} samples with {allowed}")
