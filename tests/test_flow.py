@@ -342,3 +342,11 @@ def test_evaluate_generates_and_scores_a_flow_run(tiny_flux_dir, toy_data_dir, t
          "--scorer", "toy_warm", "--out", str(tmp_path / "eval")]
     )  # fmt: skip
     assert set(table["model"]) == {"base", "sft"} and (table["n"] == 2).all()  # 1 prompt x 2
+
+
+def test_validation_samples_a_flow_policy(tiny_flux_dir, toy_data_dir, tmp_path):
+    out = tmp_path / "out"
+    result = run(tiny_flux_dir, toy_data_dir, out, "dpo", "--validation_prompt", "a red circle",
+                 "--validation_steps", "2", "--validation_images", "1")  # fmt: skip
+    assert [v.step for v in result.validation] == [0, 2]
+    assert all((out / "validation" / f"step-{s}.png").is_file() for s in (0, 2))
