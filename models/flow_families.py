@@ -21,6 +21,7 @@ from diffusers import (
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
 
+from cli import UsageError
 from flow_matching import FlowMatching, resolution_shift
 from models.family import ModelFamily, TextFeatures
 
@@ -44,6 +45,11 @@ class FlowFamily(ModelFamily):
     def noise_process(scheduler: Any, train_config: Any, resolution: int) -> FlowMatching:
         """Flow matching with the run's sigma sampling and the scheduler's shift at this
         resolution (``--flow_shift`` overrides it)."""
+        if resolution % PIXELS_PER_TOKEN:
+            raise UsageError(
+                f"--resolution {resolution}: SD3 and Flux need a multiple of {PIXELS_PER_TOKEN} "
+                "(the VAE's 8x and the transformer's 2x2 patches)"
+            )
         tokens = (resolution // PIXELS_PER_TOKEN) ** 2
         shift = train_config.flow_shift
         return FlowMatching(

@@ -127,6 +127,14 @@ def test_families_chosen_from_the_transformer_config(sd3, flux):
     assert flux.family.guidance == 3.5  # guidance-distilled: the embedding gets a value
 
 
+def test_a_resolution_the_patches_do_not_divide_is_refused(tiny_flux_dir):
+    from cli import UsageError
+
+    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72"])
+    with pytest.raises(UsageError, match="multiple of 16"):
+        load_components(config, False, torch.float32, torch.device("cpu"))
+
+
 def test_sd3_text_features_equal_the_pipelines_prompt_encoding(sd3, tiny_sd3_dir):
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
     captions = ["a red circle on a gray background", ""]
