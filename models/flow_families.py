@@ -104,15 +104,16 @@ class SD3Family(FlowFamily):
     def encode_text(self, captions: list[str]) -> TextFeatures:
         return self.encode_with_grad(captions)
 
-    def encode_with_grad(self, captions: list[str]) -> TextFeatures:
-        """``encode_text`` with autograd on (training text encoders: the toy flow base)."""
+    def encode_with_grad(self, captions: list[str], t5: torch.Tensor | None = None) -> TextFeatures:
+        """``encode_text`` with autograd on (training text encoders: the toy flow base); ``t5``:
+        the captions' T5 states when already computed (a frozen T5)."""
         hidden, pooled = [], []
         for tokenizer, encoder in zip(self.tokenizers[:2], self.text_encoders[:2], strict=True):
             out = encoder(self._tokenize(tokenizer, captions).to(encoder.device),
                           output_hidden_states=True)  # fmt: skip
             hidden.append(out.hidden_states[-2])
             pooled.append(out[0])  # text_embeds: the projected pooled output
-        t5 = self._t5(captions)
+        t5 = self._t5(captions) if t5 is None else t5
         clip = torch.cat(hidden, dim=-1)
         clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1])).to(t5)
         return {
