@@ -223,8 +223,9 @@ from models.flow_families import FluxFamily, SD3Family  # noqa: E402  (they subc
 # Checked in order: the flow transformers first (their configs have no addition_embed_type).
 FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, FluxFamily, SDXLFamily, ModelFamily)
 
-# The denoiser subfolders a diffusers model directory may have, in the order they are tried.
-DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser_folder for f in FAMILIES))
+# The denoiser subfolders a diffusers model directory may have, in the order they are tried
+# (unet/ first: the UNet families were there first).
+DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser_folder for f in reversed(FAMILIES)))
 
 
 def denoiser_config(source: str | Path, revision: str | None = None) -> dict:
