@@ -288,6 +288,9 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
                                       strict=args.scheduler_given,
                                       dtype=generate.DTYPES[args.dtype], device=args.device,
                                       **weights)  # fmt: skip
+        # What actually sampled (a preset's DDIM becomes flow_euler for SD3 / Flux): recorded.
+        args.scheduler = next(n for n, c in generate.SCHEDULERS.items()
+                              if type(pipe.scheduler) is c)  # fmt: skip
         images = generate.generate(
             pipe,
             prompts,

@@ -2,6 +2,7 @@
 family adapters against the diffusers pipelines' own prompt encoding and packing, and
 train.py end to end on tiny SD3.5- and Flux-shaped models (full, LoRA, cached, resumed)."""
 
+import json
 import math
 
 import numpy as np
@@ -350,6 +351,8 @@ def test_evaluate_generates_and_scores_a_flow_run(tiny_flux_dir, toy_data_dir, t
          "--scorer", "toy_warm", "--out", str(tmp_path / "eval")]
     )  # fmt: skip
     assert set(table["model"]) == {"base", "sft"} and (table["n"] == 2).all()  # 1 prompt x 2
+    protocol = json.loads((tmp_path / "eval" / "protocol.json").read_text())
+    assert "flow_euler" in json.dumps(protocol)  # what sampled, not the toy preset's ddim
 
 
 def test_validation_samples_a_flow_policy(tiny_flux_dir, toy_data_dir, tmp_path):
