@@ -193,7 +193,8 @@ def results_markdown(args, stats, table, rates, accuracies, timings, total) -> s
         "the noise and timestep draws, the data order and the KTO sampler). "
         f"Held-out prompts: {stats['heldout_prompts']} (never in the preference data), "
         f"{args.eval_seeds} images each, every image from its own seed (`--distinct_seeds`); "
-        f"DDIM {args.sample_steps} steps, guidance {args.guidance_scale}, {args.resolution} px. "
+        f"the base's own sampler (DDIM; flow Euler for SD3 / Flux) {args.sample_steps} steps, "
+        f"guidance {args.guidance_scale}, {args.resolution} px. "
         f"Reward: evaluation/toy_reward.py {RULE_TEXT[args.rule]}. "
         f"Base: {100 * base:.1f}%.",
         "",
@@ -263,7 +264,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images_per_prompt", type=int, default=16, help="on-policy images/prompt")
     p.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per training prompt")
     p.add_argument("--eval_seeds", type=int, default=20, help="images per held-out prompt")
-    p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--sample_steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale")
     p.add_argument("--resolution", type=int, default=32, help="pixels")
     p.add_argument("--batch", type=int, default=8, help="pairs (dpo, sft) or images (kto)")
