@@ -47,6 +47,8 @@ TIME_IDS_MODES = ("constant", "original")
 # What a dropped caption conditions on (models/family.py, ModelFamily.empty_prompt).
 EMPTY_PROMPT_MODES = ("encode", "zeros")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+# Flow-matching models (SD3, Flux): how sigma is drawn (flow_matching.py; Esser et al. 2024, 3.1).
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
 LIBRARIES = (
     "torch",
@@ -181,6 +183,21 @@ class TrainConfig:
         "branch, force_zeros_for_empty_prompt)",
         choices=list(EMPTY_PROMPT_MODES),
     )
+    # Flow-matching models only (SD3 / SD3.5, Flux.1): see flow_matching.py and the README.
+    timestep_sampling: str = arg(
+        "logit_normal",
+        "flow models: how sigma is drawn, before the scheduler's shift (SD3 paper: logit_normal)",
+        choices=list(TIMESTEP_SAMPLINGS),
+    )
+    logit_mean: float = arg(0.0, "flow models: logit_normal's mean (SD3 paper: 0)")
+    logit_std: float = arg(1.0, "flow models: logit_normal's std (SD3 paper: 1)")
+    mode_scale: float = arg(1.29, "flow models: the scale s of 'mode' sampling (SD3 paper, 3.1)")
+    flow_shift: float | None = arg(
+        None, "flow models: sigma shift (default: the scheduler's, at the training resolution)"
+    )
+    flux_guidance: float = arg(
+        3.5, "guidance-distilled Flux (guidance_embeds): the guidance value fed while training"
+    )
     row_groups_per_block: int = arg(1, "parquet row groups shuffled together")
     dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
 
@@ -254,7 +271,9 @@ class TrainConfig:
     validation_inference_steps: int = arg(20, "sampler steps of the validation pipeline")
     validation_guidance_scale: float = arg(1.0, "CFG scale of validation images (<= 1: off)")
     validation_scheduler: str = arg(
-        "ddim", "validation sampler", choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m"]
+        "ddim",
+        "validation sampler (SD3 / Flux sample with flow_euler whatever this names)",
+        choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "flow_euler"],
     )
     validation_scorer: str | None = arg(
         None, "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
@@ -297,6 +316,8 @@ class TrainConfig:
             problems.append("--checkpoints_total_limit must be >= 1")
         if not math.isfinite(self.max_grad_norm) or self.max_grad_norm < 0:
             problems.append("--max_grad_norm must be finite and >= 0")
+        if self.logit_std <= 0 or (self.flow_shift is not None and self.flow_shift <= 0):
+            problems.append("--logit_std and --flow_shift must be > 0")
         if self.cache and self.random_crop:
             problems.append("--cache stores centre crops: --random_crop cannot be cached")
         if self.lora_rank < 0:

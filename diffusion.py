@@ -17,6 +17,14 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
+from flow_matching import FlowMatching
+
+# How the denoiser is called: (model, noisy, timesteps, condition) -> model output [N, C, h, w].
+# None: a UNet, model(noisy, timesteps, **condition).sample; families with another calling
+# convention (the flow transformers) pass their own (models.family.ModelFamily.forward).
+Forward = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, dict[str, Any]], torch.Tensor]
+NoiseProcess = DDPMScheduler | FlowMatching  # SD's scheduler, or flow matching
+
 
 @dataclass
 class GroupDraws:
@@ -24,7 +32,7 @@ class GroupDraws:
     (pairs: all chosen first, then all rejected), matching the batch layout."""
 
     latent_eps: torch.Tensor  # [N, C, h, w] VAE posterior sample noise (one per image)
-    timesteps: torch.Tensor  # [N] long, shared within a group
+    timesteps: torch.Tensor  # [N] long (DDPM) or fp32 t = sigma * T (flow), shared in a group
     noise: torch.Tensor  # [N, C, h, w], shared within a group
 
 
@@ -47,16 +55,26 @@ def draw_groups(
     group_size: int,
     first_group: int,
     num_groups: int,
-    num_train_timesteps: int,
+    num_train_timesteps: int | Callable[[torch.Generator], torch.Tensor],
     seed: int,
 ) -> GroupDraws:
     """Draw, for groups ``first_group .. first_group + num_groups - 1``, one VAE sample noise per
-    image and one timestep and diffusion noise per group (Diffusion-DPO: a pair shares both)."""
+    image and one timestep and diffusion noise per group (Diffusion-DPO: a pair shares both).
+
+    ``num_train_timesteps``: T for a uniform integer timestep in [0, T) (DDPM), or a function
+    drawing one timestep [1] from the group's generator (flow matching's sigma sampling)."""
+    if isinstance(num_train_timesteps, int):
+        steps = num_train_timesteps
+
+        def draw_timestep(gen: torch.Generator) -> torch.Tensor:
+            return torch.randint(0, steps, (1,), generator=gen)
+    else:
+        draw_timestep = num_train_timesteps
     latent_eps, timesteps, noise = [], [], []
     for g in range(first_group, first_group + num_groups):
         gen = group_generator(seed, g)
         latent_eps.append(torch.randn((group_size, *latent_shape), generator=gen))
-        timesteps.append(torch.randint(0, num_train_timesteps, (1,), generator=gen))
+        timesteps.append(draw_timestep(gen))
         noise.append(torch.randn(latent_shape, generator=gen))
     # [G, group_size, ...] -> [group_size * G, ...] with group members outermost.
     eps = torch.stack(latent_eps, dim=1).flatten(0, 1)
@@ -106,10 +124,20 @@ def scaled_latents(
     return (latents - shift) * vae.config.scaling_factor
 
 
+def timestep_draw(scheduler: NoiseProcess) -> int | Callable[[torch.Generator], torch.Tensor]:
+    """What ``draw_groups`` draws timesteps with for this noise process."""
+    if isinstance(scheduler, FlowMatching):
+        return scheduler.draw_timestep
+    return scheduler.config.num_train_timesteps
+
+
 def noisy_inputs_and_target(
-    scheduler: DDPMScheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
+    scheduler: NoiseProcess, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, and the model's regression target."""
+    """z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, and the model's regression target (flow
+    matching: ``flow_matching.FlowMatching.noisy_and_target``)."""
+    if isinstance(scheduler, FlowMatching):
+        return scheduler.noisy_and_target(latents, noise, timesteps)
     noisy = scheduler.add_noise(latents, noise, timesteps)
     prediction_type = scheduler.config.prediction_type
     if prediction_type == "epsilon":
@@ -133,6 +161,7 @@ def predict(
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
     condition: dict[str, Any],
+    forward: Forward | None = None,
 ) -> torch.Tensor:
     """The UNet's prediction [N, C, h, w], upcast to fp32 (half-precision UNets give fp32)."""
     dtype = (
@@ -140,6 +169,8 @@ def predict(
     )
     inputs = noisy if dtype is None else noisy.to(dtype)
     cond = condition if dtype is None else cast_floats(condition, dtype)
+    if forward is not None:
+        return forward(unet, inputs, timesteps, cond).float()
     return unet(inputs, timesteps, **cond).sample.float()
 
 
@@ -178,7 +209,7 @@ def denoise(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
     encoder: LatentEncoder,
-    scheduler: DDPMScheduler,
+    scheduler: NoiseProcess,
     condition: dict[str, Any],
     images: torch.Tensor,
     group_size: int,
@@ -186,20 +217,22 @@ def denoise(
     seed: int,
     autocast: Callable[[], AbstractContextManager],
     keep_predictions: bool = False,
+    forward: Forward | None = None,
 ) -> Denoised:
     """images [N = group_size * G, ...] (pixels, or cached moments) -> per-sample errors of the
     policy (with grad) and of the reference (no grad, when there is one), the timesteps drawn,
     and the per-pixel predictions and target when ``keep_predictions``.
 
     Policy and reference see the same noisy latents, timesteps and conditioning and run under
-    the same autocast, so their errors are equal (margin 0) while the weights are equal."""
+    the same autocast, so their errors are equal (margin 0) while the weights are equal.
+    ``forward``: the family's way of calling its denoiser (None: a UNet)."""
     mean, std = encoder.moments(images)
     draws = draw_groups(
         tuple(mean.shape[1:]),
         group_size,
         first_group,
         mean.shape[0] // group_size,
-        scheduler.config.num_train_timesteps,
+        timestep_draw(scheduler),
         seed,
     )
     device = mean.device
@@ -207,11 +240,11 @@ def denoise(
     timesteps = draws.timesteps.to(device)
     noisy, target = noisy_inputs_and_target(scheduler, latents, draws.noise.to(device), timesteps)
     with autocast():
-        policy_pred = predict(policy, noisy, timesteps, condition)
+        policy_pred = predict(policy, noisy, timesteps, condition, forward)
         ref_pred = None
         if reference is not None:
             with torch.no_grad():
-                ref_pred = predict(reference, noisy, timesteps, condition)
+                ref_pred = predict(reference, noisy, timesteps, condition, forward)
     return Denoised(
         policy_err=per_sample_mse(policy_pred, target),
         ref_err=None if ref_pred is None else per_sample_mse(ref_pred, target),
@@ -226,7 +259,7 @@ def batch_errors(
     policy: torch.nn.Module,
     reference: torch.nn.Module | None,
     encoder: LatentEncoder,
-    scheduler: DDPMScheduler,
+    scheduler: NoiseProcess,
     condition: dict[str, Any],
     images: torch.Tensor,
     group_size: int,
@@ -234,11 +267,12 @@ def batch_errors(
     seed: int,
     autocast: Callable[[], AbstractContextManager],
     return_timesteps: bool = False,
+    forward: Forward | None = None,
 ) -> tuple[torch.Tensor, ...]:
     """``denoise`` without predictions: (policy_err [N] with grad, ref_err [N] or None), and the
     timesteps [N] with ``return_timesteps``."""
     out = denoise(policy, reference, encoder, scheduler, condition, images, group_size,
-                  first_group, seed, autocast)  # fmt: skip
+                  first_group, seed, autocast, forward=forward)  # fmt: skip
     if return_timesteps:
         return out.policy_err, out.ref_err, out.timesteps
     return out.policy_err, out.ref_err

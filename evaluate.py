@@ -251,6 +251,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if args.generate and not (args.prompts or args.suite):
         parser.error("--generate needs --prompts or --suite")
     protocol = PROTOCOLS[args.protocol]
+    args.scheduler_given = args.scheduler is not None  # a preset may not suit SD3 / Flux
     for flag, preset in PROTOCOL_FLAGS.items():
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(protocol, preset))
@@ -284,8 +285,12 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     for name, run in parse_named(args.generate, "--generate"):
         weights = generate.trained_weights(run, "--generate") if run else {}
         pipe = generate.load_pipeline(args.model, scheduler=args.scheduler,
+                                      strict=args.scheduler_given,
                                       dtype=generate.DTYPES[args.dtype], device=args.device,
                                       **weights)  # fmt: skip
+        # What actually sampled (a preset's DDIM becomes flow_euler for SD3 / Flux): recorded.
+        args.scheduler = next(n for n, c in generate.SCHEDULERS.items()
+                              if type(pipe.scheduler) is c)  # fmt: skip
         images = generate.generate(
             pipe,
             prompts,

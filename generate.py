@@ -9,9 +9,10 @@ uses the same seeds (a grid's columns share noise); --distinct_seeds gives promp
 shifted by i x (max seed + 1), so no two images share noise: for scoring, where a model whose
 picture is mostly decided by the noise would otherwise give k independent draws, not prompts x k.
 
-A trained UNet (the trainer's OUTPUT_DIR or its unet/ folder, full fine-tune) replaces the base's
-with --unet; LoRA adapters (OUTPUT_DIR or its lora/ folder) are loaded with --lora. SD1.5 and SDXL
-bases both work: the pipeline class comes from the model family (models.load_pipeline).
+A trained UNet (the trainer's OUTPUT_DIR or its unet/ folder, full fine-tune; transformer/ for SD3
+and Flux) replaces the base's with --unet; LoRA adapters (OUTPUT_DIR or its lora/ folder) are
+loaded with --lora. SD1.5, SDXL, SD3 / SD3.5 and Flux.1 bases all work: the pipeline class comes
+from the model family (models.load_pipeline).
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ from diffusers import (
     DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    FlowMatchEulerDiscreteScheduler,
 )
 from PIL import Image, ImageDraw, ImageFont
 from tqdm.auto import tqdm
 
 import models
+from models.family import DENOISER_FOLDERS, denoiser_config, family_for
 from models.lora import LORA_WEIGHTS
-from startup import model_config
+from startup import FLUX_LATENT_SIZE, denoiser_model_config
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +56,7 @@ SCHEDULERS = {
     "euler": EulerDiscreteScheduler,
     "euler_a": EulerAncestralDiscreteScheduler,
     "dpmpp_2m": DPMSolverMultistepScheduler,
+    "flow_euler": FlowMatchEulerDiscreteScheduler,  # SD3 / Flux (their pipelines' own sampler)
 }
 METADATA_CSV = "generations.csv"
 GRID_PNG = "grid.png"
@@ -83,9 +87,11 @@ def trained_dir(path: str | Path, subfolder: str, marker: str, what: str) -> Pat
 
 def trained_weights(path: str | Path, flag: str) -> dict[str, Path]:
     """``{"unet": dir}`` for a full fine-tune or ``{"lora": dir}`` for LoRA adapters, from the
-    trainer's OUTPUT_DIR or its unet/ or lora/ folder (whichever the run wrote)."""
+    trainer's OUTPUT_DIR or its unet/ (transformer/ for SD3, Flux) or lora/ folder (whichever the
+    run wrote)."""
     path = Path(path)
-    for key, subfolder, marker in (("unet", "unet", "config.json"), ("lora", "lora", LORA_WEIGHTS)):
+    found = [("unet", folder, "config.json") for folder in DENOISER_FOLDERS]
+    for key, subfolder, marker in (*found, ("lora", "lora", LORA_WEIGHTS)):
         for candidate in (path / subfolder, path):
             if (candidate / marker).is_file():
                 return {key: candidate}
@@ -98,23 +104,38 @@ def trained_weights(path: str | Path, flag: str) -> dict[str, Path]:
 def load_pipeline(
     model: str,
     unet: str | Path | None = None,
-    scheduler: str = "ddim",
+    scheduler: str | None = None,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     lora: str | Path | None = None,
+    strict: bool = True,
 ) -> DiffusionPipeline:
-    """The base pipeline (local directory or hub name), with an optional trained UNet swapped in
-    and/or LoRA adapters loaded.
+    """The base pipeline (local directory or hub name), with an optional trained UNet (or SD3 /
+    Flux transformer) swapped in and/or LoRA adapters loaded; ``scheduler`` None: the family's
+    default sampler (ddim; flow_euler for SD3 and Flux). A ``scheduler`` the family cannot
+    sample with is an error, or, not ``strict`` (a protocol's preset, not the user's flag),
+    replaced by the family's default.
 
     Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
-    if scheduler not in SCHEDULERS:
+    if scheduler is not None and scheduler not in SCHEDULERS:
         raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    model_config(str(model), "unet", "--model", None)  # a wrong path: one line, at once
+    denoiser_model_config(str(model), "--model", None)  # a wrong path: one line, at once
+    family = family_for(denoiser_config(str(model)))
+    scheduler = scheduler or family.samplers[0]
+    if scheduler not in family.samplers and not strict:
+        logger.info("%s samples with %s, not %s", family.name, family.samplers[0], scheduler)
+        scheduler = family.samplers[0]
+    if scheduler not in family.samplers:
+        allowed = ", ".join(family.samplers)
+        raise cli.UsageError(f"--scheduler {scheduler}: {family.name} samples with {allowed}")
+    folder = family.denoiser_folder
     pipe = models.load_pipeline(
         model,
         unet_dir=None
         if unet is None
-        else trained_dir(unet, "unet", "config.json", "diffusers UNet"),
+        else trained_dir(
+            unet, folder, "config.json", f"diffusers {family.denoiser_class.__name__}"
+        ),
         lora_dir=None if lora is None else trained_dir(lora, "lora", LORA_WEIGHTS, "LoRA weights"),
         dtype=dtype,
     )
@@ -140,6 +161,13 @@ def prompt_seeds(prompt_index: int, seeds: Sequence[int], distinct: bool) -> lis
     return [s + shift for s in seeds]
 
 
+def native_resolution(pipe: DiffusionPipeline) -> int:
+    """The denoiser's latent sample_size (Flux's pipeline default where it has none) x the VAE's
+    downsampling."""
+    denoiser = getattr(pipe, "unet", None) or pipe.transformer
+    return denoiser.config.get("sample_size", FLUX_LATENT_SIZE) * pipe.vae_scale_factor
+
+
 @torch.no_grad()
 def generate(
     pipe: DiffusionPipeline,
@@ -154,7 +182,7 @@ def generate(
 ) -> list[Generation]:
     """Every prompt with every seed (see prompt_seeds), in prompt-major order, batch_size images
     per pipeline call."""
-    resolution = resolution or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    resolution = resolution or native_resolution(pipe)
     jobs = [
         (i, p, s, c)
         for i, p in enumerate(prompts)
@@ -234,7 +262,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--distinct_seeds", action="store_true", help="shift each prompt's seeds past the last's"
     )
-    parser.add_argument("--scheduler", choices=sorted(SCHEDULERS), default="ddim", help="sampler")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        default=None,
+        help="sampler (default: ddim; flow_euler for SD3 and Flux)",
+    )
     parser.add_argument("--steps", type=int, default=20, help="inference steps")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: native)")

@@ -23,6 +23,10 @@ from losses import get_spec
 LICENSE_PLACEHOLDER = "other"
 
 
+# Families whose export is a transformer/ (models/flow_families.py), not a unet/.
+TRANSFORMER_FAMILIES = ("sd3", "flux")
+
+
 def _is_hub_name(name: str | None) -> bool:
     return bool(name) and not Path(name).exists() and name.count("/") == 1
 
@@ -69,7 +73,9 @@ def card_text(
         pipeline_tag="text-to-image",
     )
     title = config.get("hub_model_id") or Path(config["output_dir"]).name
-    what = f"LoRA adapters (rank {config['lora_rank']})" if lora else "A fully fine-tuned UNet"
+    denoiser = "transformer" if family in TRANSFORMER_FAMILIES else "unet"
+    full = f"A fully fine-tuned {'UNet' if denoiser == 'unet' else 'transformer'}"
+    what = f"LoRA adapters (rank {config['lora_rank']})" if lora else full
     # The loss's own settings: the config fields its registered builder accepts.
     accepted = inspect.signature(get_spec(loss).builder).parameters
     loss_rows = [(f"`--{k}`", _fmt(config[k])) for k in accepted if k in config]
@@ -132,7 +138,7 @@ def card_text(
             lines += ["", f"Mean `{validation.scorer}` score: {validation.mean_score:.4g}."]
         if grid:
             lines += ["", f"![validation grid, rows are prompts]({grid})"]
-    folder = "lora" if lora else "unet"
+    folder, argument = ("lora", "lora_dir") if lora else (denoiser, "unet_dir")
     lines += [
         "",
         "## Use",
@@ -140,7 +146,7 @@ def card_text(
         "```python",
         "from models import load_pipeline  # prefdiff",
         "",
-        f'pipe = load_pipeline("{config["pretrained_model"]}", {folder}_dir="{folder}")',
+        f'pipe = load_pipeline("{config["pretrained_model"]}", {argument}="{folder}")',
         "```",
         "",
         "## Licence",

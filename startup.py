@@ -23,7 +23,8 @@ from config import TrainConfig
 logger = logging.getLogger("prefdiff")
 
 METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
-EXPORT_DIRS = ("unet", "lora")  # a finished run's exported policy (checkpointing.export_unet)
+# A finished run's exported policy (checkpointing.export_unet): transformer/ for SD3 and Flux.
+EXPORT_DIRS = ("unet", "transformer", "lora")
 # What train.py writes into OUTPUT_DIR, removed by --overwrite_output_dir (logs/ is kept: the
 # trackers add a new run beside the old one there).
 RUN_FILES = (*EXPORT_DIRS, METRICS_FILE, "train_config.json")
@@ -101,18 +102,34 @@ def model_config(source: str, subfolder: str | None, flag: str, revision: str | 
         raise UsageError(f"{flag} {source}: {reason}") from exc
 
 
+# Flux's transformer config has no sample_size: FluxPipeline's default_sample_size (1024 px).
+FLUX_LATENT_SIZE = 128
+
+
 def native_resolution(unet: dict, vae: dict) -> int:
     """The pixel size the model was trained at: the UNet's latent ``sample_size`` times the
     VAE's downsampling factor, 2 per down block after the first (SD1.5: 64 x 8 = 512)."""
-    return int(unet["sample_size"]) * 2 ** (len(vae["block_out_channels"]) - 1)
+    latent = unet.get("sample_size", FLUX_LATENT_SIZE)
+    return int(latent) * 2 ** (len(vae["block_out_channels"]) - 1)
+
+
+def denoiser_model_config(source: str, flag: str, revision: str | None) -> dict:
+    """``model_config`` of the denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
+    try:
+        return model_config(source, "unet", flag, revision)
+    except UsageError as missing_unet:
+        try:
+            return model_config(source, "transformer", flag, revision)
+        except UsageError:
+            raise missing_unet from None
 
 
 def check_models(config: TrainConfig) -> int:
     """Read the configs of every model flag (a mistake surfaces here, in one line); returns the
     native resolution of the policy with its VAE."""
-    unet = model_config(config.pretrained_model, "unet", "--pretrained_model", config.revision)
+    unet = denoiser_model_config(config.pretrained_model, "--pretrained_model", config.revision)
     if config.reference_model:
-        model_config(config.reference_model, "unet", "--reference_model", config.revision)
+        denoiser_model_config(config.reference_model, "--reference_model", config.revision)
     if config.pretrained_vae:
         vae = model_config(config.pretrained_vae, None, "--pretrained_vae", None)
     else:
@@ -241,7 +258,8 @@ def describe_config(run_info: dict[str, Any]) -> str:
 def results(config: TrainConfig, model_dir: Path) -> str:
     """The last lines of a run: where everything it wrote is."""
     out = Path(config.output_dir)
-    what = "LoRA adapters" if config.lora_rank else "UNet"
+    denoiser = "UNet" if model_dir.name == "unet" else "transformer"  # transformer/: SD3, Flux
+    what = "LoRA adapters" if config.lora_rank else denoiser
     load = "lora_dir" if config.lora_rank else "unet_dir"
     lines = [
         f"{what}: {model_dir} (models.load_pipeline({config.pretrained_model!r}, "

@@ -254,6 +254,7 @@ def micro_batch_loss(run: Run, batch) -> tuple[torch.Tensor, dict[str, float]]:
         seed=run.config.seed,
         autocast=accelerator.autocast,
         keep_predictions=run.needs.predictions,
+        forward=models.family.forward,
     )
     labels = getattr(batch, "labels", None)
     labels = None if labels is None else labels.to(out.policy_err)

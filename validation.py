@@ -131,11 +131,14 @@ class Validator:
 
     def pipeline(self, unet: torch.nn.Module) -> Any:
         """The family's pipeline around ``unet`` (no safety checker: images must not be blanked)."""
-        cls = self.models.family.pipeline_class
-        scheduler_cls = generate.SCHEDULERS[self.config.validation_scheduler]
+        family = self.models.family
+        cls = family.pipeline_class
+        name = self.config.validation_scheduler
+        # SD3 / Flux sample only with their flow sampler, whatever the (SD) default names.
+        scheduler_cls = generate.SCHEDULERS[name if name in family.samplers else family.samplers[0]]
         parts = {
             **self.frozen_parts(),
-            "unet": unet,
+            family.denoiser_folder: unet,
             "scheduler": scheduler_cls.from_config(self.models.noise_scheduler.config),
             "requires_safety_checker": False,
         }

@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from bench.models import build_random_model, vae_config
+from bench.models import FLOW_SIZES, SIZES, build_random_model, text_shapes, vae_config
 from build import make_optimizer
 from config import TrainConfig
 from data.cache import CachedLatentEncoder
@@ -87,12 +87,14 @@ def randomise_norms(unet: torch.nn.Module, seed: int = 0) -> None:
         if isinstance(module, FP32_NORMS) and module.weight is not None:
             shape = module.weight.shape
             module.weight.copy_(1 + 0.3 * torch.randn(shape, generator=generator))
-            module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
+            if module.bias is not None:  # RMSNorm has none
+                module.bias.copy_(0.1 * torch.randn(shape, generator=generator))
 
 
 def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, int]:
     cached = args.cache == "on"
-    model = build_random_model(args.size, with_vae_and_text=not cached)
+    base_dtype = dtype if args.mode == "lora" else torch.float32  # LoRA's frozen base
+    model = build_random_model(args.size, with_vae_and_text=not cached, dtype=base_dtype)
     policy = model.unet
     if args.randomise_norms:
         randomise_norms(policy)
@@ -115,15 +117,23 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
     family_cls = family_for(policy.config)
     pairs, latent = args.pairs, args.resolution // 8
     captions = [CAPTION] * pairs
+    flow = args.size in FLOW_SIZES
+    run_config = TrainConfig(resolution=args.resolution)
+    process = family_cls.noise_process(model.scheduler, run_config, args.resolution)
     if cached:
         encoder = CachedLatentEncoder(vae_config(args.size), device)
-        mean = torch.randn(2 * pairs, 4, latent, latent)
+        mean = torch.randn(2 * pairs, 16 if flow else 4, latent, latent)
         images = torch.cat([mean, torch.rand_like(mean) * 0.1], dim=1)  # [2B, 2C, h, w]
-        hidden = policy.config.cross_attention_dim
-        features = {"encoder_hidden_states": torch.randn(pairs, 77, hidden, device=device)}
+        if flow:
+            features = {name: torch.randn(pairs, *shape, device=device)
+                        for name, shape in text_shapes(args.size).items()}  # fmt: skip
+        else:
+            hidden = policy.config.cross_attention_dim
+            features = {"encoder_hidden_states": torch.randn(pairs, 77, hidden, device=device)}
         if "text_embeds" in family_cls.text_feature_names:
             features["text_embeds"] = torch.randn(pairs, 1280, device=device)
         family = family_cls([], [], args.resolution, "constant", text_source=lambda _: features)
+        family.configure(policy.config, run_config)  # Flux: the guidance value
     else:
         encoder = VaeEncoder(model.vae.to(device, dtype).requires_grad_(False).eval())
         encoders = [e.to(device, dtype).requires_grad_(False).eval() for e in model.text_encoders]
@@ -140,9 +150,9 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
     def step() -> float:
         condition = family.condition(captions, sizes, sizes)
         policy_err, ref_err = batch_errors(
-            policy, reference, encoder, model.scheduler, condition, images.to(device), 2,
+            policy, reference, encoder, process, condition, images.to(device), 2,
             first_group=next(counter) * pairs, seed=0,
-            autocast=lambda: autocast(device, dtype),
+            autocast=lambda: autocast(device, dtype), forward=family.forward,
         )  # fmt: skip
         loss, _ = loss_fn(policy_err, ref_err)
         if scaler is None:
@@ -235,7 +245,7 @@ def peak_memory_gib(device: torch.device) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", choices=["tiny", "sd15", "sdxl"], required=True)
+    parser.add_argument("--size", choices=list(SIZES), required=True)
     parser.add_argument("--mode", choices=["baseline", "full", "lora"], required=True)
     parser.add_argument("--cache", choices=["on", "off"], default="off")
     parser.add_argument("--resolution", type=int, default=128)

@@ -1,6 +1,6 @@
 """The GPU paths in one command: speed, memory, precision and launchers, one table.
 
-    python -m bench.device_check            # on a GPU: real SD1.5 / SDXL configs, random init
+    python -m bench.device_check            # on a GPU: real SD1.5 / SDXL / SD3.5 / Flux configs
     python -m bench.device_check --tiny     # anywhere: every case on the tiny model (CPU, CI)
 
 Each case runs in its own process with a timeout (``bench.case`` for training steps,
@@ -16,6 +16,9 @@ machine and versions, to bench/RESULTS.md. Cases:
 - sd15 adamw8bit: the bf16 case with bitsandbytes' 8-bit AdamW;
 - sdxl full: 1024 px, gradient checkpointing, Adafactor: peak memory, fits in 80 GB or not;
 - sdxl lora: 1024 px, rank 64, gradient checkpointing: peak memory, fits in 24 GB or not;
+- sd35m full / flux lora: SD3.5-medium (full fine-tuning, frozen reference) and Flux.1-dev
+  (LoRA rank 16, bf16 base) configs at 1024 px, cached latents and T5 features, gradient
+  checkpointing: s/pair and peak memory (fits in 80 GB or not); SD3.5's step-0 loss is log 2;
 - deepspeed / fsdp: train.py through accelerate launch with configs/deepspeed_zero2.yaml and
   configs/fsdp.yaml (3 steps, checkpoint, resume 1 step, fp32 export loads), one process per
   GPU up to 2; on a machine without CUDA they are skipped and the same checks run through
@@ -44,11 +47,12 @@ LOG2 = math.log(2)
 STEP0_TOLERANCE = 1e-4  # the issue's bar: |step-0 loss - log 2| < 1e-4
 SDXL_FULL_TARGET_GIB = 80
 SDXL_LORA_TARGET_GIB = 24
+FLOW_TARGET_GIB = 80  # SD3.5-medium full and Flux.1-dev LoRA on one 80 GB GPU (a report only)
 MIN_CASE_SECONDS = 20  # a case is not started with less than this left of --budget
 SCOPE = {
-    True: "tiny SD1.5-shaped model at 64 px for every case (names are the GPU cases they stand "
-    "in for; memory targets mean nothing here)",
-    False: "real SD1.5 / SDXL configs, random init",
+    True: "tiny SD1.5-shaped model at 64 px for every case, tiny SD3- and Flux-shaped ones for "
+    "theirs (names are the GPU cases they stand in for; memory targets mean nothing here)",
+    False: "real SD1.5 / SDXL / SD3.5-medium / Flux.1-dev configs, random init",
 }
 
 
@@ -75,6 +79,7 @@ def bench_case(name: str, size: str, resolution: int, pairs: int, steps: int, wa
 def plan(tiny: bool, cuda: bool, gpus: int) -> list[Case]:
     """The cases, on real-size configs (GPU) or all on the tiny model (--tiny)."""
     sd15, sdxl = ("tiny", "tiny") if tiny else ("sd15", "sdxl")
+    sd35m, flux = ("tiny_sd3", "tiny_flux") if tiny else ("sd35m", "flux")
     res, xl_res = (64, 64) if tiny else (512, 1024)
     pairs, steps, warmup = (1, 1, 1) if tiny else (4, 5, 2)
     t = 240 if tiny else 180
@@ -95,6 +100,12 @@ def plan(tiny: bool, cuda: bool, gpus: int) -> list[Case]:
                    "--gradient_checkpointing"),
         bench_case("sd15 full bf16 compile", sd15, res, pairs, steps, warmup + 1, 2 * t,
                    *cached, "--precision", "bf16", "--compile"),
+        # Flow transformers (issue 15), cached latents and T5 features, random init.
+        bench_case("sd35m full 1024 ckpt", sd35m, xl_res, 1, 3, 1, t, *cached,
+                   "--precision", "bf16", "--gradient_checkpointing"),
+        bench_case("flux lora r16 1024 ckpt", flux, xl_res, 1, 3, 1, t, "--mode", "lora",
+                   "--cache", "on", "--lora_rank", "16", "--precision", "bf16",
+                   "--gradient_checkpointing"),
     ]  # fmt: skip
     procs = str(max(1, min(2, gpus)))
     for config in ("deepspeed_zero2", "fsdp"):
@@ -173,7 +184,9 @@ def judge(cases: list[Case]) -> None:
             speedup = r["pairs_per_second"] / eager["pairs_per_second"]
             case.notes.append(f"{speedup:.2f}x eager")
         for prefix, target in (("sdxl full", SDXL_FULL_TARGET_GIB),
-                               ("sdxl lora", SDXL_LORA_TARGET_GIB)):  # fmt: skip
+                               ("sdxl lora", SDXL_LORA_TARGET_GIB),
+                               ("sd35m full", FLOW_TARGET_GIB),
+                               ("flux lora", FLOW_TARGET_GIB)):  # fmt: skip
             if case.name.startswith(prefix):
                 fits = "fits" if r["peak_memory_gib"] < target else "does NOT fit"
                 case.notes.append(f"{fits} in {target} GB")

@@ -1,19 +1,44 @@
-"""Real model configs with random weights (no download) for tiny, SD1.5 and SDXL sizes.
+"""Real model configs with random weights (no download) for tiny, SD1.5, SDXL, SD3.5-medium and
+Flux.1-dev sizes.
 
 SD1.5: UNet 859.5M parameters (diffusers' UNet2DConditionModel defaults with cross-attention
 dim 768), CLIP ViT-L/14 text encoder, the 4-level KL VAE. SDXL: UNet 2.57B (three levels,
 transformer depths 1/2/10, text_time added conditioning), CLIP ViT-L + OpenCLIP ViT-bigG/14.
+SD3.5-medium: the MMDiT-X transformer (24 layers of 24 heads x 64, qk RMSNorm, dual attention in
+layers 0-12); Flux.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding
+(FluxTransformer2DModel's defaults). The flow sizes run cached only (no VAE, CLIP or T5 built):
+their text features are random tensors of the real shapes (``text_shapes``).
 """
 
 from dataclasses import dataclass
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    UNet2DConditionModel,
+)
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-from scripts.build_tiny_model import tiny_text_encoder, tiny_unet, tiny_vae, training_scheduler
+from scripts.build_tiny_model import (
+    T5_HIDDEN,
+    TEXT_HIDDEN,
+    TEXT_PROJECTION,
+    VAE_SCALING,
+    VAE_SHIFT,
+    flow_scheduler,
+    tiny_flux_transformer,
+    tiny_sd3_transformer,
+    tiny_text_encoder,
+    tiny_unet,
+    tiny_vae,
+    training_scheduler,
+)
 
-SIZES = ("tiny", "sd15", "sdxl")
+FLOW_SIZES = ("sd35m", "flux", "tiny_sd3", "tiny_flux")
+SIZES = ("tiny", "sd15", "sdxl", *FLOW_SIZES)
 
 
 @dataclass
@@ -74,22 +99,75 @@ def sdxl_unet() -> UNet2DConditionModel:
     )
 
 
-def build_unet(size: str) -> UNet2DConditionModel:
-    if size == "tiny":
-        return tiny_unet("sd15")
-    return sd15_unet() if size == "sd15" else sdxl_unet()
+def sd35_medium_transformer() -> SD3Transformer2DModel:
+    return SD3Transformer2DModel(
+        sample_size=128,
+        patch_size=2,
+        in_channels=16,
+        num_layers=24,
+        attention_head_dim=64,
+        num_attention_heads=24,
+        joint_attention_dim=4096,
+        caption_projection_dim=1536,
+        pooled_projection_dim=2048,
+        out_channels=16,
+        pos_embed_max_size=384,
+        dual_attention_layers=tuple(range(13)),
+        qk_norm="rms_norm",
+    )
 
 
-def build_random_model(size: str, with_vae_and_text: bool = True) -> RandomModel:
-    """Random-init model of ``size``; the VAE and text encoders only when asked (a cached run
-    never builds them)."""
+def build_unet(size: str) -> torch.nn.Module:
+    builders = {
+        "tiny": lambda: tiny_unet("sd15"),
+        "sd15": sd15_unet,
+        "sdxl": sdxl_unet,
+        "sd35m": sd35_medium_transformer,
+        "flux": lambda: FluxTransformer2DModel(guidance_embeds=True),
+        "tiny_sd3": tiny_sd3_transformer,
+        "tiny_flux": tiny_flux_transformer,
+    }
+    return builders[size]()
+
+
+def _family(size: str) -> str:
+    return "flux" if "flux" in size else "sd3"
+
+
+def build_random_model(
+    size: str, with_vae_and_text: bool = True, dtype: torch.dtype = torch.float32
+) -> RandomModel:
+    """Random-init model of ``size`` in ``dtype`` (a frozen LoRA base need never exist in fp32:
+    Flux's would take 48 GB); the VAE and text encoders only when asked (a cached run never
+    builds them; the flow sizes are always cached)."""
     if size not in SIZES:
         raise ValueError(f"size must be one of {SIZES}")
-    # Random init on the GPU when there is one: seconds for SDXL instead of a minute on the CPU.
-    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
-        unet = build_unet(size)
-        vae, encoders = _vae_and_text(size) if with_vae_and_text else (None, [])
-    return RandomModel(unet, vae, encoders, training_scheduler("epsilon"))
+    if size in FLOW_SIZES and with_vae_and_text:
+        raise ValueError(f"{size}: the flow sizes run cached only (--cache on)")
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        # Random init on the GPU when there is one: seconds for SDXL instead of a minute on CPU.
+        with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+            unet = build_unet(size)
+            vae, encoders = _vae_and_text(size) if with_vae_and_text else (None, [])
+    finally:
+        torch.set_default_dtype(previous)
+    scheduler = flow_scheduler(_family(size)) if size in FLOW_SIZES else None
+    return RandomModel(unet, vae, encoders, scheduler or training_scheduler("epsilon"))
+
+
+def text_shapes(size: str) -> dict[str, tuple[int, ...]]:
+    """Per-caption text feature shapes of a cached flow run (the family's text_feature_names):
+    SD3: 77 CLIP + 256 T5 tokens of T5-XXL's 4096, pooled CLIP-L + CLIP-G (768 + 1280);
+    Flux: 512 T5 tokens, pooled CLIP-L (768)."""
+    tiny = size.startswith("tiny")
+    width = T5_HIDDEN if tiny else 4096
+    if _family(size) == "sd3":
+        pooled = 2 * TEXT_PROJECTION if tiny else 2048
+        return {"encoder_hidden_states": (77 + 256, width), "pooled_projections": (pooled,)}
+    pooled = TEXT_HIDDEN if tiny else 768
+    return {"encoder_hidden_states": (512, width), "pooled_projections": (pooled,)}
 
 
 def _vae_and_text(size: str) -> tuple[AutoencoderKL, list[torch.nn.Module]]:
@@ -103,6 +181,9 @@ def _vae_and_text(size: str) -> tuple[AutoencoderKL, list[torch.nn.Module]]:
 
 def vae_config(size: str) -> dict:
     """The VAE's config without building it (what a cached run needs: the scaling factor)."""
+    if size in FLOW_SIZES:  # the 16-channel VAEs' shift and scale (tiny ones use the real values)
+        family = _family(size)
+        return {"scaling_factor": VAE_SCALING[family], "shift_factor": VAE_SHIFT[family]}
     if size == "tiny":
         return dict(tiny_vae("sd15").config)
     return {"scaling_factor": 0.18215 if size == "sd15" else 0.13025, "shift_factor": None}

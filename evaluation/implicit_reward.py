@@ -81,6 +81,7 @@ def implicit_margins(
                 first_group=d * num + start,
                 seed=seed,
                 autocast=contextlib.nullcontext,
+                forward=family.forward,
             )
             reward += (ref_err - policy_err).cpu()
         reward /= draws

@@ -122,5 +122,9 @@ PROTOCOLS = {
         Protocol("toy", "ddim", 20, TOY_GUIDANCE, None, 8, False, "fp32", "the toy task (CPU)"),
         Protocol("sd15", "ddim", 50, 7.5, 512, 1, True, "fp16", "SD1.5 at 512 px"),
         Protocol("sdxl", "ddim", 50, 5.0, 1024, 1, True, "fp16", "SDXL at 1024 px"),
+        # The diffusers pipelines' own defaults (StableDiffusion3Pipeline, FluxPipeline: 28
+        # steps, guidance 7.0 and 3.5), with their flow sampler.
+        Protocol("sd3", "flow_euler", 28, 7.0, 1024, 1, True, "bf16", "SD3 / SD3.5 at 1024 px"),
+        Protocol("flux", "flow_euler", 28, 3.5, 1024, 1, True, "bf16", "Flux.1 at 1024 px"),
     )
 }

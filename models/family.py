@@ -1,8 +1,10 @@
-"""Model-family adapters: everything that differs between SD-family models lives here.
+"""Model-family adapters: everything that differs between model families lives here.
 
-A family turns captions, image sizes and crops into the UNet's conditioning keyword arguments,
-and knows the diffusers pipeline class its weights plug into. It is chosen from the UNet's own
-config, never by an ``if`` in the training loop.
+A family turns captions, image sizes and crops into the denoiser's conditioning keyword
+arguments, calls the denoiser (``forward``), and knows its noise process, its folders and the
+diffusers pipeline class its weights plug into. It is chosen from the denoiser's own config
+(``unet/`` for SD1.5 / SDXL, ``transformer/`` for SD3 / SD3.5 and Flux.1), never by an ``if`` in
+the training loop.
 
 Text features come either from the frozen encoders or from a text cache (``data/cache.py``);
 both give the same flat dict of per-caption tensors, which ``condition`` turns into UNet kwargs.
@@ -10,11 +12,25 @@ both give the same flat dict of per-caption tensors, which ``condition`` turns i
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from pathlib import Path
+from typing import Any, ClassVar
 
 import torch
-from diffusers import DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from diffusers import (
+    DDPMScheduler,
+    DiffusionPipeline,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from peft.utils import get_peft_model_state_dict
+from transformers import (
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from config import TIME_IDS_MODES
 
@@ -38,19 +54,47 @@ class ModelFamily:
 
     name: ClassVar[str] = "sd15"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
-    # diffusers subfolders of the text stack, in order.
+    # The denoiser: its diffusers subfolder (also the export's folder name) and class.
+    denoiser_folder: ClassVar[str] = "unet"
+    denoiser_class: ClassVar[type] = UNet2DConditionModel
+    scheduler_class: ClassVar[type] = DDPMScheduler
+    # diffusers subfolders of the text stack, in order, and the encoders' classes.
     text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
+    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (CLIPTextModel,)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
+    # generate.SCHEDULERS names that can sample this family; the first is its default.
+    samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
 
     @staticmethod
     def matches(unet_config: dict) -> bool:
         return unet_config.get("addition_embed_type") is None
 
-    def _tokenize(self, tokenizer: PreTrainedTokenizerBase, captions: list[str]) -> torch.Tensor:
+    def configure(self, denoiser_config: Any, train_config: Any) -> None:
+        """Settings read from the denoiser's config and the run's (none for the UNets)."""
+
+    @staticmethod
+    def noise_process(scheduler: Any, train_config: Any, resolution: int) -> Any:
+        """What ``diffusion.denoise`` noises with: the DDPM scheduler itself for the UNets."""
+        return scheduler
+
+    def forward(
+        self, model: torch.nn.Module, noisy: torch.Tensor, timesteps: torch.Tensor, cond: dict
+    ) -> torch.Tensor:
+        """The denoiser's output [N, C, h, w] for noisy latents [N, C, h, w]."""
+        return model(noisy, timesteps, **cond).sample
+
+    @staticmethod
+    def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """The adapter tensors in the layout the pipeline's ``load_lora_weights`` reads."""
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    def _tokenize(
+        self, tokenizer: PreTrainedTokenizerBase, captions: list[str], max_length: int | None = None
+    ) -> torch.Tensor:
         return tokenizer(
             captions,
             padding="max_length",
-            max_length=tokenizer.model_max_length,
+            max_length=max_length or tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids
@@ -111,6 +155,10 @@ class SDXLFamily(ModelFamily):
         ("tokenizer", "text_encoder"),
         ("tokenizer_2", "text_encoder_2"),
     )
+    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+    )
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "text_embeds")
 
     @staticmethod
@@ -170,11 +218,30 @@ def zero_empty_captions(text: TextFeatures, captions: list[str]) -> TextFeatures
     }
 
 
-FAMILIES: tuple[type[ModelFamily], ...] = (SDXLFamily, ModelFamily)
+from models.flow_families import FluxFamily, SD3Family  # noqa: E402  (they subclass ModelFamily)
+
+# Checked in order: the flow transformers first (their configs have no addition_embed_type).
+FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, FluxFamily, SDXLFamily, ModelFamily)
+
+# The denoiser subfolders a diffusers model directory may have, in the order they are tried
+# (unet/ first: the UNet families were there first).
+DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser_folder for f in reversed(FAMILIES)))
+
+
+def denoiser_config(source: str | Path, revision: str | None = None) -> dict:
+    """The config.json of a model's denoiser (``unet/`` or ``transformer/``), no weights read."""
+    errors = []
+    for folder in DENOISER_FOLDERS:
+        try:
+            return dict(UNet2DConditionModel.load_config(source, subfolder=folder,
+                                                         revision=revision))  # fmt: skip
+        except (OSError, ValueError) as exc:
+            errors.append(f"{folder}/: {str(exc).splitlines()[0]}")
+    raise OSError(f"{source}: no denoiser config ({'; '.join(errors)})")
 
 
 def family_for(unet_config: dict) -> type[ModelFamily]:
-    """The family whose conditioning the UNet was built for."""
+    """The family whose conditioning the denoiser (UNet or transformer) was built for."""
     for family in FAMILIES:
         if family.matches(unet_config):
             return family

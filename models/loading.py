@@ -10,19 +10,15 @@ from dataclasses import dataclass
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-from transformers import AutoTokenizer, CLIPTextModel, CLIPTextModelWithProjection
+from diffusers.models.normalization import RMSNorm
+from transformers import AutoTokenizer
 
 from config import TrainConfig
 from data.cache import CachedLatentEncoder, TextCache
-from diffusion import LatentEncoder, VaeEncoder
-from models.family import ModelFamily, family_for
+from diffusion import LatentEncoder, NoiseProcess, VaeEncoder
+from models.family import ModelFamily, denoiser_config, family_for
 from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
 from models.speed import apply_attention, compile_unet
-
-TEXT_ENCODER_CLASSES = {
-    "text_encoder": CLIPTextModel,
-    "text_encoder_2": CLIPTextModelWithProjection,
-}
 
 
 @dataclass
@@ -33,7 +29,9 @@ class Components:
     reference: torch.nn.Module | None
     latent_encoder: LatentEncoder  # the VAE, or the latent cache
     family: ModelFamily
-    noise_scheduler: DDPMScheduler
+    # DDPMScheduler (SD1.5, SDXL), or flow_matching.FlowMatching (SD3, Flux): what denoise noises
+    # with; both carry the diffusers scheduler's ``config``.
+    noise_scheduler: NoiseProcess | DDPMScheduler
     policy_io: FullUNetIO | LoraIO  # how checkpoints and the export save the policy
 
 
@@ -44,13 +42,17 @@ def _hub_args(config: TrainConfig) -> dict:
 def load_unet(
     source: str, config: TrainConfig, dtype: torch.dtype = torch.float32
 ) -> UNet2DConditionModel:
-    return UNet2DConditionModel.from_pretrained(
-        source, subfolder="unet", dtype=dtype, **_hub_args(config)
+    """The model's denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
+    family_cls = family_for(denoiser_config(source, config.revision))
+    return family_cls.denoiser_class.from_pretrained(
+        source, subfolder=family_cls.denoiser_folder, dtype=dtype, **_hub_args(config)
     )
 
 
-# Layers that autocast runs in fp32 with the module's own weights (torch's fp32 op list).
-FP32_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+# Layers that autocast runs in fp32 with the module's own weights (torch's fp32 op list), and
+# diffusers' RMSNorm (SD3.5's and Flux's qk norms), which computes in fp32 unless its weight is
+# half precision, when it rounds its output to the weight's dtype first.
+FP32_NORMS = (torch.nn.GroupNorm, torch.nn.LayerNorm, RMSNorm)
 
 
 def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -61,13 +63,20 @@ def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> No
     layer norms run with each model's own weights: the policy's exact fp32 ones against the
     reference's rounded ones, enough to move the step-0 DPO margin off zero at beta 5000.
     Keeping the reference's norms at their fp32 values makes the two models compute the same
-    thing at step 0 (loss exactly log 2) in fp16 and bf16, for a few KB of memory."""
+    thing at step 0 (loss exactly log 2) in fp16 and bf16, for a few KB of memory.
+
+    Floating buffers (SD3's positional embedding table) stay fp32 for the same reason: they
+    are added, not multiplied, so autocast never rounds the policy's."""
     norms = [m for m in unet.modules() if isinstance(m, FP32_NORMS)]
     kept = [[p.detach().clone() for p in m.parameters()] for m in norms]
+    buffers = [(m, n, b) for m in unet.modules() for n, b in m._buffers.items()
+               if b is not None and b.is_floating_point()]  # fmt: skip
     unet.to(dtype)
     for module, params in zip(norms, kept, strict=True):
         for param, value in zip(module.parameters(), params, strict=True):
             param.data = value
+    for module, name, value in buffers:
+        module._buffers[name] = value
 
 
 def vae_source(config: TrainConfig) -> tuple[str, dict]:
@@ -88,13 +97,15 @@ def load_family(
 ) -> ModelFamily:
     """The family with its frozen tokenizers and text encoders."""
     tokenizers, encoders = [], []
-    for tokenizer_folder, encoder_folder in family_cls.text_subfolders:
+    for (tokenizer_folder, encoder_folder), encoder_cls in zip(
+        family_cls.text_subfolders, family_cls.text_encoder_classes, strict=True
+    ):
         tokenizers.append(
             AutoTokenizer.from_pretrained(
                 config.pretrained_model, subfolder=tokenizer_folder, revision=config.revision
             )
         )
-        encoder = TEXT_ENCODER_CLASSES[encoder_folder].from_pretrained(
+        encoder = encoder_cls.from_pretrained(
             config.pretrained_model, subfolder=encoder_folder, dtype=dtype, **_hub_args(config)
         )
         encoders.append(encoder.requires_grad_(False).eval().to(device))
@@ -156,8 +167,10 @@ def load_components(
         latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))
         family = load_family(config, family_cls, weight_dtype, device)
 
-    scheduler = DDPMScheduler.from_pretrained(
+    family.configure(policy.config, config)
+    scheduler = family_cls.scheduler_class.from_pretrained(
         source, subfolder="scheduler", revision=config.revision
     )
-    policy_io = LoraIO(family_cls) if lora else FullUNetIO()
-    return Components(policy, reference, latent_encoder, family, scheduler, policy_io)
+    process = family_cls.noise_process(scheduler, config, config.resolution)
+    policy_io = LoraIO(family_cls) if lora else FullUNetIO(family_cls.denoiser_folder)
+    return Components(policy, reference, latent_encoder, family, process, policy_io)

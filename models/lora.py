@@ -10,9 +10,7 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from diffusers.utils import convert_state_dict_to_diffusers
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
 from models.family import ModelFamily
@@ -72,15 +70,17 @@ def trainable_state(unet: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 class FullUNetIO:
-    """Full fine-tuning: the policy is saved as a diffusers ``unet/`` folder."""
+    """Full fine-tuning: the policy is saved as a diffusers ``unet/`` folder (``transformer/``
+    for the flow transformers: the name of the pipeline component it replaces)."""
 
-    subfolder = "unet"
+    def __init__(self, subfolder: str = "unet"):
+        self.subfolder = subfolder
 
     def save(self, unet: UNet2DConditionModel, directory: Path) -> None:
         unet.save_pretrained(directory, safe_serialization=True)
 
     def load(self, unet: UNet2DConditionModel, directory: Path) -> None:
-        saved = UNet2DConditionModel.from_pretrained(directory, use_safetensors=True)
+        saved = type(unet).from_pretrained(directory, use_safetensors=True)
         unet.load_state_dict(saved.state_dict())
 
 
@@ -94,14 +94,16 @@ class LoraIO:
         self.family = family
 
     def save(self, unet: UNet2DConditionModel, directory: Path) -> None:
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+        prefix = self.family.denoiser_folder  # unet_lora_layers / transformer_lora_layers
         # The adapter's config (rank, lora_alpha, targets) goes into the safetensors metadata:
         # without it load_lora_weights assumes alpha = rank, a weaker adapter when alpha != rank.
         self.family.pipeline_class.save_lora_weights(
             directory,
-            unet_lora_layers=layers,
             weight_name=LORA_WEIGHTS,
-            unet_lora_adapter_metadata=unet.peft_config["default"].to_dict(),
+            **{
+                f"{prefix}_lora_layers": self.family.lora_layers(unet),
+                f"{prefix}_lora_adapter_metadata": unet.peft_config["default"].to_dict(),
+            },
         )
         save_file({k: v.contiguous() for k, v in trainable_state(unet).items()},
                   str(directory / TRAINABLE_STATE))  # fmt: skip

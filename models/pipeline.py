@@ -3,16 +3,17 @@
     pipe = load_pipeline("runwayml/stable-diffusion-v1-5", unet_dir="outputs/run/unet")
     pipe = load_pipeline("stabilityai/stable-diffusion-xl-base-1.0", lora_dir="outputs/run/lora")
 
-The pipeline class (StableDiffusionPipeline or StableDiffusionXLPipeline) comes from the model
-family, chosen from the base UNet's config, so callers never branch on the family.
+The pipeline class (StableDiffusionPipeline, StableDiffusionXLPipeline, StableDiffusion3Pipeline
+or FluxPipeline) comes from the model family, chosen from the base denoiser's config, so callers
+never branch on the family. For SD3 and Flux ``unet_dir`` is the run's ``transformer/``.
 """
 
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DiffusionPipeline
 
-from models.family import family_for
+from models.family import denoiser_config, family_for
 
 
 def load_pipeline(
@@ -25,11 +26,11 @@ def load_pipeline(
 ) -> DiffusionPipeline:
     """The base model's pipeline, with a fully fine-tuned ``unet_dir`` (``OUTPUT_DIR/unet``)
     swapped in and/or LoRA adapters from ``lora_dir`` (``OUTPUT_DIR/lora``) loaded."""
-    unet_config = UNet2DConditionModel.load_config(base, subfolder="unet")
-    pipeline_class = family_for(unet_config).pipeline_class
+    family = family_for(denoiser_config(base))
+    pipeline_class = family.pipeline_class
     parts = {}
     if unet_dir is not None:
-        parts["unet"] = UNet2DConditionModel.from_pretrained(
+        parts[family.denoiser_folder] = family.denoiser_class.from_pretrained(
             unet_dir, dtype=dtype, use_safetensors=True
         )
     if pretrained_vae is not None:

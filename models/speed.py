@@ -13,7 +13,14 @@ ATTENTION_PROCESSORS = {"sdpa": AttnProcessor2_0, "eager": AttnProcessor}
 
 
 def apply_attention(unet: torch.nn.Module, mode: str) -> None:
-    unet.set_attn_processor(ATTENTION_PROCESSORS[mode]())
+    """The UNets' attention kernel. The flow transformers' own processors (joint attention,
+    Flux's rotary embeddings) already use sdpa, and have no eager twin here."""
+    from diffusers import UNet2DConditionModel
+
+    if isinstance(unet, UNet2DConditionModel):
+        unet.set_attn_processor(ATTENTION_PROCESSORS[mode]())
+    elif mode != "sdpa":
+        raise ValueError(f"--attention {mode}: only sdpa for {type(unet).__name__}")
 
 
 def allow_tf32(enabled: bool) -> None:

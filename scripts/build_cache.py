@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import UNet2DConditionModel
 
 # Run as a script, the repo root is not on sys.path.
 if __package__ in (None, ""):
@@ -50,7 +49,7 @@ from data.decode import UnreadableImage, load_rgb
 from data.kto_table import parse_split_labels
 from data.parquet_index import local_parquet_files
 from diffusion import posterior_moments
-from models.family import ModelFamily, family_for
+from models.family import ModelFamily, denoiser_config, family_for
 from models.loading import load_family, load_vae
 from startup import check_models
 
@@ -111,10 +110,7 @@ def build_cache(
         config.variant,
         config.resolution,
     )
-    unet_config = UNet2DConditionModel.load_config(
-        config.pretrained_model, subfolder="unet", revision=config.revision
-    )
-    family_cls = family_for(unet_config)
+    family_cls = family_for(denoiser_config(config.pretrained_model, config.revision))
     manifest = {**identity, "family": family_cls.name, "flips": config.random_flip}
     if (out_dir / MANIFEST).is_file():
         previous = read_manifest(out_dir)

@@ -1,9 +1,12 @@
-"""Build tiny, randomly initialised SD1.5- and SDXL-shaped pipelines, offline, in diffusers format.
+"""Build tiny, randomly initialised SD1.5-, SDXL-, SD3.5- and Flux-shaped pipelines, offline, in
+diffusers format.
 
 They have the real architecture families (CLIP text encoders with the real 49408-token vocabulary,
-a 4-level VAE giving 8x downsampling, a cross-attention UNet, SD's training noise schedule) at a
-size that builds, trains and samples in well under a second on a CPU, so tests and examples run
-the same code paths as the real models.
+a 4-level VAE giving 8x downsampling, a cross-attention UNet, SD's training noise schedule; for
+SD3.5 and Flux an MMDiT transformer, a 16-channel VAE with its shift and scale, a T5 encoder and
+a flow-matching scheduler) at a size that builds, trains and samples in about a second on a CPU,
+so tests and examples run the same code paths as the real models. T5's tokenizer is a small
+stand-in the project builds (scripts/t5_tokenizer.py): the real vocabulary cannot be had offline.
 """
 
 from __future__ import annotations
@@ -19,22 +22,36 @@ import torch
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+    T5Config,
+    T5EncoderModel,
+)
 
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from scripts.atomic_dir import atomic_directory
 from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+from scripts.t5_tokenizer import build_t5_tokenizer
 
 logger = logging.getLogger(__name__)
 
-Family = Literal["sd15", "sdxl"]
-FAMILIES: tuple[Family, ...] = ("sd15", "sdxl")
+Family = Literal["sd15", "sdxl", "sd3", "flux"]
+FAMILIES: tuple[Family, ...] = ("sd15", "sdxl", "sd3", "flux")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 IMAGE_SIZE = 64  # pixels; the VAE's 3 downsamplings give 8x8 latents, like SD at 1/8 scale
@@ -42,12 +59,20 @@ TEXT_HIDDEN = 32
 TEXT_PROJECTION = 32  # SDXL's pooled embedding width (1280 in the real model)
 TIME_EMBED = 8  # SDXL's addition_time_embed_dim (256 in the real model)
 NUM_TIME_IDS = 6  # SDXL time_ids: original H, W, crop top, left, target H, W
-# VAE latent scale per family, as in the real VAE configs.
-VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025}
+# VAE latent scale (and shift) per family, as in the real VAE configs (SD3.5's and Flux.1's
+# 16-channel VAEs normalise latents as (z - shift) * scale).
+VAE_SCALING = {"sd15": 0.18215, "sdxl": 0.13025, "sd3": 1.5305, "flux": 0.3611}
+VAE_SHIFT = {"sd3": 0.0609, "flux": 0.1159}
+LATENT_CHANNELS = {"sd15": 4, "sdxl": 4, "sd3": 16, "flux": 16}
+T5_HIDDEN = 48  # wider than SD3's two CLIPs together (2 x 32), so their padding is exercised
+T5_VOCAB = 256  # >= the stand-in tokenizer's 207 pieces
 
 
-def tiny_text_encoder(with_projection: bool) -> CLIPTextModel | CLIPTextModelWithProjection:
-    """A 2-layer CLIP text encoder; SDXL's second encoder adds the pooled projection."""
+def tiny_text_encoder(
+    with_projection: bool, hidden_act: str | None = None
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A 2-layer CLIP text encoder; SDXL's second encoder adds the pooled projection (SD3's
+    CLIP-L too, with its quick_gelu)."""
     config = CLIPTextConfig(
         vocab_size=49408,
         hidden_size=TEXT_HIDDEN,
@@ -57,7 +82,7 @@ def tiny_text_encoder(with_projection: bool) -> CLIPTextModel | CLIPTextModelWit
         max_position_embeddings=77,
         projection_dim=TEXT_PROJECTION,
         # SD1.5's encoder (OpenAI CLIP) uses quick_gelu, SDXL's second (OpenCLIP bigG) plain gelu.
-        hidden_act="gelu" if with_projection else "quick_gelu",
+        hidden_act=hidden_act or ("gelu" if with_projection else "quick_gelu"),
         # The pooled output is read at the first eos_token_id; the legacy default (2) is a real
         # token, so it must be CLIP's <|endoftext|> id.
         bos_token_id=49406,
@@ -97,7 +122,9 @@ def tiny_unet(family: Family) -> UNet2DConditionModel:
 
 
 def tiny_vae(family: Family) -> AutoencoderKL:
-    """A 4-level VAE (3 downsamplings: 64 px -> 8x8 latents) with 4 latent channels."""
+    """A 4-level VAE (3 downsamplings: 64 px -> 8x8 latents) with 4 latent channels (16, with
+    a shift and without the quant convs, for SD3 and Flux, as their real VAEs)."""
+    flow = family in VAE_SHIFT
     return AutoencoderKL(
         in_channels=3,
         out_channels=3,
@@ -105,10 +132,106 @@ def tiny_vae(family: Family) -> AutoencoderKL:
         up_block_types=("UpDecoderBlock2D",) * 4,
         block_out_channels=(32, 32, 64, 64),
         layers_per_block=1,
-        latent_channels=4,
+        latent_channels=LATENT_CHANNELS[family],
         norm_num_groups=32,
         sample_size=IMAGE_SIZE,
         scaling_factor=VAE_SCALING[family],
+        shift_factor=VAE_SHIFT.get(family),
+        use_quant_conv=not flow,
+        use_post_quant_conv=not flow,
+    )
+
+
+def tiny_t5() -> T5EncoderModel:
+    """A 2-layer T5 v1.1-style encoder (gated GELU), the shape of SD3's and Flux's text_encoder_3
+    / text_encoder_2 (T5-XXL, d_model 4096)."""
+    config = T5Config(
+        vocab_size=T5_VOCAB,
+        d_model=T5_HIDDEN,
+        d_kv=8,
+        d_ff=2 * T5_HIDDEN,
+        num_layers=2,
+        num_heads=4,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+    )
+    return T5EncoderModel(config)
+
+
+def tiny_sd3_transformer() -> SD3Transformer2DModel:
+    """An SD3.5-medium-shaped MMDiT (qk RMSNorm, one dual-attention layer) on 8x8x16 latents."""
+    return SD3Transformer2DModel(
+        sample_size=IMAGE_SIZE // 8,
+        patch_size=2,
+        in_channels=16,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,
+        caption_projection_dim=16,  # = heads x head dim, as in the real configs
+        pooled_projection_dim=2 * TEXT_PROJECTION,  # CLIP-L and CLIG-G pooled, concatenated
+        out_channels=16,
+        pos_embed_max_size=16,
+        dual_attention_layers=(0,),
+        qk_norm="rms_norm",
+    )
+
+
+def tiny_flux_transformer() -> FluxTransformer2DModel:
+    """A Flux.1-dev-shaped transformer (one double and one single block, guidance embedding) on
+    packed 2x2 patches of 16-channel latents (64 inputs per token)."""
+    return FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=64,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=T5_HIDDEN,
+        pooled_projection_dim=TEXT_HIDDEN,  # CLIP-L's pooled output (not projected)
+        guidance_embeds=True,
+        axes_dims_rope=(4, 6, 6),  # sums to the head dim, as (16, 56, 56) does to 128
+    )
+
+
+def flow_scheduler(family: Family) -> FlowMatchEulerDiscreteScheduler:
+    """The real schedulers' settings: SD3.5 shift 3.0; Flux.1-dev resolution-dependent shift."""
+    if family == "sd3":
+        return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    return FlowMatchEulerDiscreteScheduler(
+        num_train_timesteps=1000,
+        shift=3.0,
+        use_dynamic_shifting=True,
+        base_shift=0.5,
+        max_shift=1.15,
+        base_image_seq_len=256,
+        max_image_seq_len=4096,
+    )
+
+
+def build_flow_pipeline(family: Family, tokenizer_dir: Path) -> DiffusionPipeline:
+    """SD3.5 (two CLIPs with projection + T5) or Flux.1 (CLIP-L + T5). Call under a seed."""
+    common = {
+        "vae": tiny_vae(family),
+        "scheduler": flow_scheduler(family),
+        "tokenizer": CLIPTokenizer.from_pretrained(tokenizer_dir),
+    }
+    if family == "sd3":
+        return StableDiffusion3Pipeline(
+            **common,
+            transformer=tiny_sd3_transformer(),
+            text_encoder=tiny_text_encoder(with_projection=True, hidden_act="quick_gelu"),
+            text_encoder_2=tiny_text_encoder(with_projection=True),
+            tokenizer_2=CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!"),
+            text_encoder_3=tiny_t5(),
+            tokenizer_3=build_t5_tokenizer(),
+        )
+    return FluxPipeline(
+        **common,
+        transformer=tiny_flux_transformer(),
+        text_encoder=tiny_text_encoder(with_projection=False),
+        text_encoder_2=tiny_t5(),
+        tokenizer_2=build_t5_tokenizer(),
     )
 
 
@@ -131,8 +254,9 @@ def build_tiny_pipeline(
     seed: int = 0,
     prediction_type: str = "epsilon",
     tokenizer_cache: Path | None = None,
-) -> StableDiffusionPipeline | StableDiffusionXLPipeline:
-    """Build (not save) a tiny pipeline of the given family; same seed, same weights."""
+) -> DiffusionPipeline:
+    """Build (not save) a tiny pipeline of the given family; same seed, same weights.
+    (``prediction_type`` applies to the UNet families; the flow ones predict velocity.)"""
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if prediction_type not in PREDICTION_TYPES:
@@ -141,6 +265,8 @@ def build_tiny_pipeline(
     # fork_rng: seeding must not disturb the caller's global RNG stream.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if family in ("sd3", "flux"):
+            return build_flow_pipeline(family, tokenizer_dir)
         parts = {
             "unet": tiny_unet(family),
             "vae": tiny_vae(family),

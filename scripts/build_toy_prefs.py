@@ -155,7 +155,7 @@ def build_toy_prefs(
     toy_reward(rule)  # unknown rule: fail before generating
     settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **(settings or {})}
     train_prompts, heldout_prompts = toy_prompt_split()
-    pipe = load_pipeline(model, scheduler="ddim")
+    pipe = load_pipeline(model)  # its family's default sampler: ddim (SD), flow_euler (SD3)
     # One call for both splits, so no held-out image shares its noise with a training image.
     images = labelled_generations(
         pipe, train_prompts + heldout_prompts, images_per_prompt, settings, rule

@@ -132,25 +132,29 @@ def train_argv(args: argparse.Namespace, job: Job, data: Path, out: Path) -> lis
 
 
 def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) -> float:
-    """DPO implicit reward accuracy of a trained UNet against the base, on held-out pairs."""
+    """DPO implicit reward accuracy of a trained denoiser (UNet, or SD3 / Flux transformer)
+    against the base, on held-out pairs."""
     import torch
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from diffusers import AutoencoderKL
 
+    from config import TrainConfig
     from evaluation.implicit_reward import accuracy, implicit_margins, read_pairs
-    from models.family import ModelFamily
+    from models.family import denoiser_config, family_for
+    from models.loading import load_family
 
     pixels, captions = read_pairs(pairs, resolution)
     load = {"dtype": torch.float32}
-    family = ModelFamily(
-        [CLIPTokenizer.from_pretrained(model, subfolder="tokenizer")],
-        [CLIPTextModel.from_pretrained(model, subfolder="text_encoder", **load)],
-    )
+    config = TrainConfig(pretrained_model=model, resolution=resolution)
+    family_cls = family_for(denoiser_config(model))
+    family = load_family(config, family_cls, torch.float32, torch.device("cpu"))
+    scheduler = family_cls.scheduler_class.from_pretrained(model, subfolder="scheduler")
     margins = implicit_margins(
-        UNet2DConditionModel.from_pretrained(unet_dir, **load),
-        UNet2DConditionModel.from_pretrained(model, subfolder="unet", **load),
+        family_cls.denoiser_class.from_pretrained(unet_dir, **load),
+        family_cls.denoiser_class.from_pretrained(
+            model, subfolder=family_cls.denoiser_folder, **load
+        ),
         AutoencoderKL.from_pretrained(model, subfolder="vae", **load),
-        DDPMScheduler.from_pretrained(model, subfolder="scheduler"),
+        family_cls.noise_process(scheduler, config, resolution),
         family,
         pixels,
         captions,
@@ -164,7 +168,7 @@ def generate_heldout(args: argparse.Namespace, unet_dir: Path | None, out_dir: P
     from scripts.build_toy_prefs import HELDOUT_PROMPTS
 
     weights = {} if unet_dir is None else {"unet": unet_dir}
-    pipe = generate.load_pipeline(args.model, scheduler="ddim", **weights)
+    pipe = generate.load_pipeline(args.model, **weights)  # the family's sampler: DDIM, flow Euler
     images = generate.generate(
         pipe,
         generate.read_prompts(HELDOUT_PROMPTS),
@@ -324,7 +328,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--images_per_prompt", type=int, default=16, help="on-policy images/prompt")
     p.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per training prompt")
     p.add_argument("--eval_seeds", type=int, default=20, help="images per held-out prompt")
-    p.add_argument("--sample_steps", type=int, default=20, help="DDIM steps")
+    p.add_argument("--sample_steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance_scale", type=float, default=TOY_GUIDANCE, help="CFG scale")
     p.add_argument("--resolution", type=int, default=32, help="pixels")
     p.add_argument("--batch", type=int, default=8, help="pairs (pairwise, sft) or images (kto)")

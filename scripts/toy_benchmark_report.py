@@ -244,9 +244,10 @@ def write_report(result: dict, results_dir: Path) -> str:
         f"`bash exps/toy_benchmark.sh` on the {MACHINE}: total {timings['total_s'] / 60:.1f} min "
         f"({settings['parallel']} training processes at a time, one thread each). Model: "
         f"`{settings['model']}`. Held-out prompts never in the preference data, "
-        f"{settings['eval_seeds']} images each, every image from its own seed; DDIM "
-        f"{settings['sample_steps']} steps, guidance {settings['guidance_scale']}, "
-        f"{settings['resolution']} px. Training seeds: {settings['train_seeds']} "
+        f"{settings['eval_seeds']} images each, every image from its own seed; the base's "
+        f"sampler (DDIM; flow Euler for SD3 / Flux) {settings['sample_steps']} steps, "
+        f"guidance {settings['guidance_scale']}, {settings['resolution']} px. "
+        f"Training seeds: {settings['train_seeds']} "
         f"({', '.join(settings['wide'])}: {settings['wide_seeds']}).",
         "",
         "Columns: reward rate = share of held-out images the task's rule accepts, mean over "

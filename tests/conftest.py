@@ -33,6 +33,22 @@ def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random SD3.5-shaped pipeline (MMDiT, CLIP-L/G + T5, 16-channel VAE), seed 0."""
+    from scripts.build_tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-sd3") / "model", "sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random Flux.1-dev-shaped pipeline (guidance-distilled, CLIP-L + T5), seed 0."""
+    from scripts.build_tiny_model import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny-flux") / "model", "flux")
+
+
+@pytest.fixture(scope="session")
 def toy_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Toy Pick-a-Pic data: pickapic/train-*.parquet and kto/train_processed_v3.csv + images."""
     from scripts.build_toy_data import build_toy_data

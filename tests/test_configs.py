@@ -42,3 +42,22 @@ def test_fsdp_wraps_blocks_that_exist_in_the_unet(tiny_sd15_dir):
     wrapped = set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","))
     assert wrapped <= present, wrapped - present
     assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpointing.full_model needs it
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_fsdp_configs_wrap_blocks_that_exist_in_the_transformer(family, request):
+    from models.family import family_for
+
+    model_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    config = load_config_from_file(str(CONFIGS / f"fsdp_{family}.yaml"))
+    assert config.distributed_type == "FSDP"
+    fsdp = config.fsdp_config
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    cls = SD3Transformer2DModel if family == "sd3" else FluxTransformer2DModel
+    transformer = cls.from_pretrained(model_dir, subfolder="transformer")
+    assert family_for(transformer.config).name == family
+    present = {type(m).__name__ for m in transformer.modules()}
+    wrapped = set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(","))
+    assert wrapped <= present, wrapped - present
+    assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"

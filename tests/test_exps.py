@@ -15,6 +15,8 @@ SCRIPTS = sorted((REPO / "exps").glob("*.sh"))
 # The toy benchmark and iterated DPO are pipelines, not one training run: tested on their own
 # (iterative_dpo.sh in test_make_pairs.py).
 TRAINING_SCRIPTS = [p for p in SCRIPTS if p.name not in ("toy_benchmark.sh", "iterative_dpo.sh")]
+# The tiny model a script runs on, by a family name in the script's name (else SD1.5).
+FIXTURES = {"sdxl": "tiny_sdxl_dir", "sd35": "tiny_sd3_dir", "flux": "tiny_flux_dir"}
 
 
 def test_the_published_scripts_exist():
@@ -25,7 +27,8 @@ def test_the_published_scripts_exist():
 
 def run_script(script: Path, request, toy_data_dir: Path, out: Path, **extra: str):
     """Run ``script`` on the tiny model and toy data; returns (process, saved config)."""
-    model = request.getfixturevalue("tiny_sdxl_dir" if "sdxl" in script.name else "tiny_sd15_dir")
+    family = next((f for key, f in FIXTURES.items() if key in script.name), "tiny_sd15_dir")
+    model = request.getfixturevalue(family)
     overrides = {
         "MODEL": str(model),
         "VAE": "none",  # the SDXL scripts' fp16-fix VAE is a hub download
@@ -49,12 +52,18 @@ def run_script(script: Path, request, toy_data_dir: Path, out: Path, **extra: st
         ["bash", str(script)], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
     config = json.loads((out / "train_config.json").read_text())["config"]
     # The environment won over the script's defaults ...
     assert config["max_train_steps"] == 2 and config["resolution"] == 64
     assert config["pretrained_model"] == str(model)
-    assert f"UNet: {out / 'unet'}" in done.stdout  # train.py's results block
+    if config["lora_rank"]:  # flux_dpo.sh: LoRA by default
+        assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
+        assert f"LoRA adapters: {out / 'lora'}" in done.stdout
+        return done, config
+    folder = "transformer" if family in ("tiny_sd3_dir", "tiny_flux_dir") else "unet"
+    assert (out / folder / "diffusion_pytorch_model.safetensors").is_file()
+    what = "UNet" if folder == "unet" else "transformer"
+    assert f"{what}: {out / folder}" in done.stdout  # train.py's results block
     if script.name == "example.sh":  # ends with where the model and its evaluation are
         last = done.stdout.strip().splitlines()[-1]
         assert f"model: {out / 'unet'}" in last and str(out / "eval" / "summary.png") in last
@@ -65,10 +74,13 @@ def run_script(script: Path, request, toy_data_dir: Path, out: Path, **extra: st
 def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
     _, config = run_script(script, request, toy_data_dir, tmp_path / "out")
     # ... and what was not overridden kept the script's default: the toy-tuned beta of
-    # example.sh, else the released value of the script's loss.
-    toy_beta = re.search(r"DPO_TOY_BETA=([0-9.]+)", script.read_text())
+    # example.sh, a beta the script sets (the flow models'), else the loss's released value.
+    text = script.read_text()
+    toy_beta = re.search(r"DPO_TOY_BETA=([0-9.]+)", text)
+    own_beta = re.search(r"BETA=\$\{BETA:?-([0-9.]+)\}", text)
     released = get_spec(config["loss"]).hyperparameters["beta"]
-    assert config["beta"] == (float(toy_beta.group(1)) if toy_beta else released)
+    expected = toy_beta or own_beta
+    assert config["beta"] == (float(expected.group(1)) if expected else released)
 
 
 @pytest.mark.parametrize(

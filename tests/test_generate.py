@@ -12,6 +12,7 @@ from PIL import Image
 
 import generate
 from cli import UsageError
+from models.family import ModelFamily
 from tests.support import reset_accelerate
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
@@ -54,11 +55,22 @@ def test_distinct_seeds_shift_each_prompt_past_the_last_and_keep_the_grid_column
     assert grid.size == (240 + 2 * 96, 16 + 3 * 96)
 
 
-@pytest.mark.parametrize("name", sorted(generate.SCHEDULERS))
+@pytest.mark.parametrize("name", ModelFamily.samplers)
 def test_every_scheduler_samples(tiny_sd15_dir, name):
     pipe = generate.load_pipeline(str(tiny_sd15_dir), scheduler=name)
     out = generate.generate(pipe, PROMPTS[:1], [0, 1], steps=3, resolution=32, progress=False)
     assert len(out) == 2 and all(np.isfinite(pixels(g)).all() for g in out)
+
+
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_flow_models_sample_with_their_flow_sampler_only(family, request, tmp_path):
+    model = str(request.getfixturevalue(f"tiny_{family}_dir"))
+    pipe = generate.load_pipeline(model)  # the family's default sampler: flow_euler
+    assert isinstance(pipe.scheduler, generate.SCHEDULERS["flow_euler"])
+    out = generate.generate(pipe, PROMPTS[:1], [0], steps=2, resolution=32, progress=False)
+    assert out[0].image.size == (32, 32) and np.isfinite(pixels(out[0])).all()
+    with pytest.raises(UsageError, match="flow_euler"):
+        generate.load_pipeline(model, scheduler="ddim")
 
 
 def test_cli_writes_images_csv_and_grid(tiny_sd15_dir, tmp_path):
@@ -108,7 +120,7 @@ def test_a_trained_unet_is_swapped_in(tiny_sd15_dir, tmp_path, pipe):
     base = generate.generate(pipe, PROMPTS[:1], [0], **kwargs)[0]
     new = generate.generate(swapped, PROMPTS[:1], [0], **kwargs)[0]
     assert not np.array_equal(pixels(base), pixels(new))
-    with pytest.raises(UsageError, match="no diffusers UNet"):
+    with pytest.raises(UsageError, match="no diffusers UNet2DConditionModel"):
         generate.load_pipeline(str(tiny_sd15_dir), unet=tmp_path)
 
 
