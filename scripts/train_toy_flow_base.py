@@ -42,13 +42,15 @@ from scripts.train_toy_base import (
     CAPTION_DROPOUT,
     RESOLUTION,
     VAE_BATCH,
-    WRONG_COLOUR_CAPTIONS,
     batches,
     latent_moments,
     toy_scenes,
     train_vae,
 )
 
+# The shipped toy-sd3's share of wrong-colour captions (the first SD1.5 toy base's recipe; the
+# SD1.5 base now uses 0.3 on square canvases: README, "The toy task").
+FLOW_WRONG_COLOUR_CAPTIONS = 0.6
 logger = logging.getLogger(__name__)
 
 LATENT_CHANNELS = 16  # SD3's VAE width
@@ -168,14 +170,15 @@ def train_toy_flow_base(
     steps: int = 1500,
     batch_size: int = 32,
     tokenizer_cache: Path | None = None,
-    wrong_colour_share: float = WRONG_COLOUR_CAPTIONS,
+    wrong_colour_share: float = FLOW_WRONG_COLOUR_CAPTIONS,
     train_t5: bool = False,
 ) -> Path:
     """Train the toy flow base and save it to out_dir (transformer and VAE in fp16)."""
     tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
     torch.manual_seed(seed)
     start = time.perf_counter()
-    scenes = toy_scenes(num_images, seed, wrong_colour_share)
+    # The first SD1.5 base's scenes (cropped canvases), on which assets/toy-sd3 was trained.
+    scenes = toy_scenes(num_images, seed, wrong_colour_share, square_canvas=False)
     tokenizers = [
         CLIPTokenizer.from_pretrained(tokenizer_dir),
         CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!"),
@@ -238,7 +241,7 @@ def main() -> None:
     parser.add_argument(
         "--wrong_colour_share",
         type=float,
-        default=WRONG_COLOUR_CAPTIONS,
+        default=FLOW_WRONG_COLOUR_CAPTIONS,
         help="share of training captions naming another colour than the one drawn",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
