@@ -9,7 +9,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from models.flow_families import SD3Family
 from scripts.train_toy_base import toy_scenes
-from scripts.train_toy_flow_base import train_toy_flow_base
+from scripts.train_toy_flow_base import FLOW_WRONG_COLOUR_CAPTIONS, train_toy_flow_base
 
 
 def test_a_few_steps_give_a_small_sd3_pipeline_that_draws(tmp_path):
@@ -22,7 +22,7 @@ def test_a_few_steps_give_a_small_sd3_pipeline_that_draws(tmp_path):
     assert vae.latent_channels == 16 and vae.shift_factor is not None
     # (z - shift) * scale: zero mean, unit std on the training scenes (SD3's convention; the
     # VAE is stored in fp16, so to rounding).
-    pixels = toy_scenes(64, 0, 0.6).pixels
+    pixels = toy_scenes(64, 0, FLOW_WRONG_COLOUR_CAPTIONS, square_canvas=False).pixels
     with torch.no_grad():
         z = pipe.vae.float().encode(pixels).latent_dist.mean
     normalised = (z - vae.shift_factor) * vae.scaling_factor
