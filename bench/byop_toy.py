@@ -21,11 +21,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
 from evaluation.stats import wilson_interval
+from scripts.toy_benchmark import flip_pair_labels
 
 REPO = Path(__file__).resolve().parents[1]
 PY = str(REPO / ".venv" / "bin" / "python")
@@ -46,16 +46,10 @@ def sh(*cmd: str, env: dict | None = None) -> float:
 
 
 def flip(source: Path, target: Path) -> int:
-    table = pq.read_table(source)
-    rng = np.random.default_rng(0)
-    rows = rng.choice(table.num_rows, round(FLIP_SHARE * table.num_rows), replace=False)
-    l0, l1 = table.column("label_0").to_numpy().copy(), table.column("label_1").to_numpy().copy()
-    l0[rows], l1[rows] = l1[rows], l0[rows].copy()
-    table = table.set_column(table.column_names.index("label_0"), "label_0", [l0])
-    table = table.set_column(table.column_names.index("label_1"), "label_1", [l1])
+    table, flipped = flip_pair_labels(pq.read_table(source), FLIP_SHARE, seed=0)
     target.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, target / "train.parquet", row_group_size=16)
-    return len(rows)
+    return flipped
 
 
 def rate(values: pd.Series) -> str:

@@ -221,25 +221,34 @@ def run_job(args: argparse.Namespace, job: Job) -> dict:
     return record
 
 
+def flip_pair_labels(table, share: float, seed: int):
+    """(pyarrow pairs table with label_0 / label_1 swapped on a seeded random `share` of its
+    rows, the number swapped)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    rows = rng.choice(table.num_rows, round(share * table.num_rows), replace=False)
+    l0, l1 = table.column("label_0").to_numpy().copy(), table.column("label_1").to_numpy().copy()
+    l0[rows], l1[rows] = l1[rows], l0[rows].copy()
+    table = table.set_column(table.column_names.index("label_0"), "label_0", [l0])
+    table = table.set_column(table.column_names.index("label_1"), "label_1", [l1])
+    return table, len(rows)
+
+
 def flip_labels(source: Path, target: Path, share: float, seed: int) -> int:
     """A copy of the pairs data with `share` of the training pairs' labels swapped (a fixed
     random subset); held-out pairs and the KTO CSV stay clean. Returns the pairs flipped."""
     import shutil
 
-    import numpy as np
-    import pandas as pd
+    import pyarrow.parquet as pq
 
     shutil.copytree(source, target, dirs_exist_ok=True)
     flipped = 0
     for path in sorted((target / "pickapic").glob("*.parquet")):
-        table = pd.read_parquet(path)
-        rng = np.random.default_rng(seed)
-        chosen = rng.permutation(len(table))[: round(share * len(table))]
-        table.loc[chosen, ["label_0", "label_1"]] = table.loc[
-            chosen, ["label_1", "label_0"]
-        ].to_numpy()
-        table.to_parquet(path, index=False)
-        flipped += len(chosen)
+        rows_per_group = pq.ParquetFile(path).metadata.row_group(0).num_rows
+        table, count = flip_pair_labels(pq.read_table(path), share, seed)
+        pq.write_table(table, path, row_group_size=rows_per_group)  # the trainer reads by group
+        flipped += count
     return flipped
 
 
