@@ -30,6 +30,7 @@ from pathlib import Path
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from config import CAPTION_DROPOUT
 from evaluation.suites import TOY_GUIDANCE
 
 logger = logging.getLogger(__name__)
@@ -122,7 +123,7 @@ def train_argv(args: argparse.Namespace, job: Job, data: Path, out: Path) -> lis
         "--pretrained_model", args.model, *source, "--output_dir", str(out),
         "--loss", job.variant.loss, "--train_batch_size", str(args.batch),
         "--resolution", str(args.resolution), "--lr_warmup_steps", str(args.warmup),
-        "--caption_dropout", "0", "--dataloader_num_workers", "0",
+        "--caption_dropout", str(args.caption_dropout), "--dataloader_num_workers", "0",
         "--checkpointing_steps", steps, "--checkpoints_total_limit", "1", "--report_to", "none",
         "--seed", str(job.seed), "--overwrite_output_dir", "true",  # re-runs replace
     ]  # fmt: skip
@@ -190,14 +191,55 @@ def init_worker() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
 
 
+# What a run's result depends on besides its variant, seed and task (--resume compares them).
+RUN_SETTINGS = (
+    "model", "batch", "warmup", "caption_dropout", "resolution", "eval_seeds", "sample_steps",
+    "guidance_scale", "images_per_prompt", "pairs_per_prompt",
+)  # fmt: skip
+DATA_SETTINGS = ("model", "images_per_prompt", "pairs_per_prompt", "sample_steps",
+                 "guidance_scale")  # fmt: skip
+RECORD = "record.json"  # a finished run's record, beside its held-out images
+
+
+def run_key(args: argparse.Namespace, job: Job) -> dict:
+    """Everything that decides a run's result: a stored record with another key is stale."""
+    key = {name: str(getattr(args, name)) for name in RUN_SETTINGS}
+    if job.task == NOISY_TASK:
+        key["noise"] = str(args.noise)
+    variant = None if job.variant is None else asdict(job.variant)
+    key |= {"task": job.task, "seed": job.seed, "variant": variant, "overrides": job.overrides}
+    return json.loads(json.dumps(key))  # as stored: tuples become lists
+
+
+def stored_record(args: argparse.Namespace, job: Job) -> dict | None:
+    """The record a finished run left, if its settings are this run's (--resume)."""
+    path = args.out / "eval" / job.task / job.name / RECORD
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    return stored["record"] if stored.get("key") == run_key(args, job) else None
+
+
+def store_record(args: argparse.Namespace, job: Job, record: dict) -> None:
+    path = args.out / "eval" / job.task / job.name / RECORD
+    partial = path.with_suffix(".partial")
+    partial.write_text(json.dumps({"key": run_key(args, job), "record": record}) + "\n")
+    partial.replace(path)  # atomic: a killed run leaves no record
+
+
 def run_job(args: argparse.Namespace, job: Job) -> dict:
     """Train (unless the base), generate the held-out images, measure the implicit accuracy
-    (pairwise losses: a pairwise margin is what they optimise)."""
+    (pairwise losses: a pairwise margin is what they optimise). With --resume, a run that
+    finished with the same settings is not run again."""
     import train
     from losses import get_spec
 
+    if args.resume and (stored := stored_record(args, job)) is not None:
+        logger.warning("reused %s/%s", job.task, job.name)
+        return stored
     record: dict = {"task": job.task, "name": job.name, "seed": job.seed, "history": []}
     eval_dir = args.out / "eval" / job.task / job.name
+    (eval_dir / RECORD).unlink(missing_ok=True)
     unet_dir = None
     if job.variant is not None:
         run_dir = args.out / "runs" / job.task / job.name
@@ -217,6 +259,7 @@ def run_job(args: argparse.Namespace, job: Job) -> dict:
             args.model, unet_dir, pairs, args.resolution
         )
         record["implicit_s"] = time.perf_counter() - start
+    store_record(args, job, record)
     logger.warning("done %s/%s", job.task, job.name)
     return record
 
@@ -257,18 +300,20 @@ def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
     from scripts.build_toy_prefs import build_toy_prefs
 
     settings = {"steps": args.sample_steps, "guidance_scale": args.guidance_scale}
+    key = {name: str(getattr(args, name)) for name in DATA_SETTINGS}
     stats = {}
     for task in tasks:
         if task == NOISY_TASK:
             continue
+        data, key_file = args.out / "data" / task, args.out / "data" / f"{task}.key.json"
+        if args.resume and key_file.is_file() and json.loads(key_file.read_text()) == key:
+            stats[task] = json.loads((data / "stats.json").read_text())
+            continue
+        key_file.unlink(missing_ok=True)
         stats[task] = build_toy_prefs(
-            args.model,
-            args.out / "data" / task,
-            args.images_per_prompt,
-            args.pairs_per_prompt,
-            settings,
-            rule=task,
+            args.model, data, args.images_per_prompt, args.pairs_per_prompt, settings, rule=task
         )
+        key_file.write_text(json.dumps(key) + "\n")
     if NOISY_TASK in tasks:
         flipped = flip_labels(
             args.out / "data" / "colour", args.out / "data" / NOISY_TASK, args.noise, seed=0
@@ -342,7 +387,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--resolution", type=int, default=32, help="pixels")
     p.add_argument("--batch", type=int, default=8, help="pairs (pairwise, sft) or images (kto)")
     p.add_argument("--warmup", type=int, default=10, help="warm-up steps")
+    p.add_argument(
+        "--caption_dropout", type=float, default=CAPTION_DROPOUT,
+        help="share of training captions replaced by '' (the released trainers' 0.2)",
+    )  # fmt: skip
     p.add_argument("--parallel", type=int, default=2, help="training processes at a time")
+    p.add_argument(
+        "--resume", action="store_true",
+        help="keep the data and every run that finished with the same settings (OUT's record.json)",
+    )  # fmt: skip
     return p.parse_args(argv)
 
 

@@ -330,6 +330,7 @@ def write_report(result: dict, results_dir: Path) -> str:
         "## Settings",
         "",
         f"Common: batch {settings['batch']}, warm-up {settings['warmup']} steps, "
+        f"caption dropout {settings.get('caption_dropout', 0.0)}, "
         f"{settings['images_per_prompt']} on-policy images and up to "
         f"{settings['pairs_per_prompt']} pairs per training prompt. Per variant:",
         "",

@@ -8,12 +8,19 @@ import argparse
 import pandas as pd
 import pytest
 
+from config import CAPTION_DROPOUT
 from scripts.toy_benchmark import (
     NOISY_TASK,
+    Job,
     check_every_loss,
     flip_labels,
+    parse_args,
     parse_variants,
     plan_jobs,
+    run_job,
+    store_record,
+    stored_record,
+    train_argv,
 )
 from scripts.toy_benchmark_report import RunMetrics, loss_row
 
@@ -105,6 +112,42 @@ def test_the_plan_holds_every_table_once():
     assert {("colour-noisy", "dpo-s0"), ("colour-noisy", "dpo_smoothed-s1")} <= names
     assert ("colour", "dpo_smoothed-s0") in names  # its clean runs, for the drop noise causes
     assert NOISY_TASK == "colour-noisy"
+
+
+def test_runs_drop_captions_as_the_released_trainers_unless_told():
+    """Without dropped captions, DPO never trains the unconditional branch that guidance
+    subtracts (README, "Toy benchmark"); a variant's own flag still wins (argparse: last)."""
+    variants = parse_variants(SETTINGS + "dpo_cd0 loss=dpo max_train_steps=3 caption_dropout=0\n")
+
+    def dropout(argv_extra, variant):
+        args = parse_args(["--variants", "v.txt", *argv_extra])
+        argv = train_argv(args, Job("colour", "x", variants[variant]), args.out, args.out)
+        return [argv[i + 1] for i, flag in enumerate(argv) if flag == "--caption_dropout"]
+
+    assert CAPTION_DROPOUT == 0.2
+    assert dropout([], "dpo") == ["0.2"]
+    assert dropout(["--caption_dropout", "0.1"], "dpo") == ["0.1"]
+    assert dropout([], "dpo_cd0") == ["0.2", "0"]
+
+
+def test_resume_keeps_a_finished_run_only_while_its_settings_hold(tmp_path):
+    variants = parse_variants(SETTINGS)
+    args = parse_args(["--variants", "v.txt", "--out", str(tmp_path), "--resume"])
+    job = Job("warm", "dpo-s0", variants["dpo"], 0)
+    (tmp_path / "eval" / "warm" / "dpo-s0").mkdir(parents=True)
+    assert stored_record(args, job) is None  # never finished
+    record = {"task": "warm", "name": "dpo-s0", "seed": 0, "history": [], "train_s": 1.0}
+    store_record(args, job, record)
+    assert stored_record(args, job) == record
+    assert run_job(args, job) == record  # reused: no training (there is no data to train on)
+    changed = [
+        Job("warm", "dpo-s0", variants["dpo"], 1),  # another seed
+        Job("warm", "dpo-s0", variants["dpo"], 0, {"beta": "300"}),  # the frontier's override
+        Job("warm", "dpo-s0", parse_variants("dpo beta=5 max_train_steps=300")["dpo"], 0),
+    ]
+    assert all(stored_record(args, other) is None for other in changed)
+    args.caption_dropout = 0.0  # a common setting
+    assert stored_record(args, job) is None
 
 
 def test_a_loss_row_by_hand():
