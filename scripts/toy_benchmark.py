@@ -236,7 +236,7 @@ def run_job(args: argparse.Namespace, job: Job) -> dict:
 
     if args.resume and (stored := stored_record(args, job)) is not None:
         logger.warning("reused %s/%s", job.task, job.name)
-        return stored
+        return {**stored, "reused": True}
     record: dict = {"task": job.task, "name": job.name, "seed": job.seed, "history": []}
     eval_dir = args.out / "eval" / job.task / job.name
     (eval_dir / RECORD).unlink(missing_ok=True)

@@ -231,6 +231,18 @@ def settings_rows(result: dict) -> list[str]:
     return rows
 
 
+def reused_note(result: dict) -> str:
+    """Runs --resume took from an earlier invocation: their timings are not this one's."""
+    reused = [r["name"] for r in result["records"] if r.get("reused")]
+    if not reused:
+        return ""
+    return (
+        f" {len(reused)} of {len(result['records'])} runs (the base included) were kept from an "
+        "earlier invocation with the same settings (`RESUME=1`), so the total counts only the "
+        f"others; reused: {', '.join(reused)}."
+    )
+
+
 def write_report(result: dict, results_dir: Path) -> str:
     settings = result["settings"]
     metrics = run_metrics(result)
@@ -248,7 +260,7 @@ def write_report(result: dict, results_dir: Path) -> str:
         f"sampler (DDIM; flow Euler for SD3 / Flux) {settings['sample_steps']} steps, "
         f"guidance {settings['guidance_scale']}, {settings['resolution']} px. "
         f"Training seeds: {settings['train_seeds']} "
-        f"({', '.join(settings['wide'])}: {settings['wide_seeds']}).",
+        f"({', '.join(settings['wide'])}: {settings['wide_seeds']}).{reused_note(result)}",
         "",
         "Columns: reward rate = share of held-out images the task's rule accepts, mean over "
         "training seeds, and the worst seed; the 95% Wilson interval pools all the loss's images "

@@ -139,7 +139,8 @@ def test_resume_keeps_a_finished_run_only_while_its_settings_hold(tmp_path):
     record = {"task": "warm", "name": "dpo-s0", "seed": 0, "history": [], "train_s": 1.0}
     store_record(args, job, record)
     assert stored_record(args, job) == record
-    assert run_job(args, job) == record  # reused: no training (there is no data to train on)
+    # Reused: no training (there is no data to train on), and marked so for the report.
+    assert run_job(args, job) == {**record, "reused": True}
     changed = [
         Job("warm", "dpo-s0", variants["dpo"], 1),  # another seed
         Job("warm", "dpo-s0", variants["dpo"], 0, {"beta": "300"}),  # the frontier's override
