@@ -7,7 +7,7 @@
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: an
 # estimated 70-90 min on the 2-core machine (not yet run in full); QUICK=1 (dpo, kto, sft; one
-# seed; colour task; no frontier or noisy column) 6.7 min measured on a shared machine.
+# seed; colour task; no frontier or noisy column) 3.7 min measured on an idle machine.
 #
 # DPO's and KTO's settings were tuned on the first toy base's warm task (tiny model, minutes of
 # CPU), not taken from the papers: learning rates large enough for a 1M-parameter UNet to move in
