@@ -44,8 +44,9 @@ TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
 WIDE=${WIDE-dpo kto kto_batch16}    # these get WIDE_SEEDS (their seed spread is the question)
 WIDE_SEEDS=${WIDE_SEEDS:-0 1 2 3 4}
-FRONTIER=${FRONTIER-dpo:300,1000,3000 kto:300,1000,3000}  # VARIANT:betas, on FRONTIER_TASK
-FRONTIER_TASK=${FRONTIER_TASK:-colour}
+# VARIANT:betas, on FRONTIER_TASK: the warm task, where DPO trades shapes for reward (README)
+FRONTIER=${FRONTIER-dpo:1000,3000,10000 kto:1000,3000,10000}
+FRONTIER_TASK=${FRONTIER_TASK:-warm}
 FRONTIER_SEEDS=${FRONTIER_SEEDS:-0 1}
 NOISY=${NOISY-dpo dpo_smoothed ipo dpo_safeguard}
 NOISE=${NOISE:-0.3}                 # share of the colour task's training pair labels flipped
