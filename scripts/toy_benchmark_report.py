@@ -3,11 +3,15 @@ per-task score folders that evaluate.py wrote (scores.csv, distribution.csv)."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
 
+# Run as a script, the repo root is not on sys.path, and `evaluation` needs it.
+if not __package__:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.stats import wilson_interval
 
 MACHINE = "2-core CPU dev machine, no GPU"
@@ -18,6 +22,10 @@ TASK_TEXT = {
     "warm": "`warm` (a global taste: mean red - mean blue >= 20 on the 0-255 scale)",
     "colour-noisy": "`colour` with a share of the training pairs' labels flipped",
 }
+# A step whose gradient norm is below this share of the run's largest moves nothing: Adam's
+# second moment still remembers the large gradients. Per-image sigmoid losses (KTO at a large
+# beta) saturate this way and stop learning (README, "Toy benchmark").
+STALL_RATIO = 1e-6
 
 
 @dataclass
@@ -34,6 +42,15 @@ class RunMetrics:
     drift: float
     implicit: float | None
     seconds_per_step: float | None
+    stalled: float | None = None  # share of steps without gradient (stalled_share)
+
+
+def stalled_share(history: list[dict]) -> float | None:
+    """Share of training steps whose gradient norm is below STALL_RATIO of the run's largest."""
+    norms = [h["grad_norm"] for h in history if "grad_norm" in h]
+    if not norms or max(norms) <= 0:
+        return None
+    return sum(n < STALL_RATIO * max(norms) for n in norms) / len(norms)
 
 
 def variant_of(name: str) -> str:
@@ -65,6 +82,7 @@ def run_metrics(result: dict) -> list[RunMetrics]:
                     drift=float(spread.loc[model, "drift"]),
                     implicit=record.get("implicit_accuracy"),
                     seconds_per_step=record["train_s"] / steps if steps else None,
+                    stalled=stalled_share(record.get("history", [])),
                 )
             )
     return rows
@@ -86,21 +104,22 @@ def loss_row(variant: str, runs: list[RunMetrics], base: RunMetrics) -> str:
     low, high = wilson_interval(hits / n, n)
     implicit = [r.implicit for r in runs if r.implicit is not None]
     seconds = [r.seconds_per_step for r in runs if r.seconds_per_step]
+    stalled = [r.stalled for r in runs if r.stalled is not None]
     return (
         f"| {variant} | {len(runs)} | {pct(mean(rates))} | {pct(min(rates))} | "
         f"[{100 * low:.1f}, {100 * high:.1f}] | {mean(gains):+.1f} (worst {min(gains):+.1f}) | "
         f"{pct(mean([r.shape for r in runs]))} | {mean([r.diversity for r in runs]):.2f} | "
         f"{mean([r.drift for r in runs]):.2f} | "
         f"{pct(mean(implicit)) if implicit else ''} | "
-        f"{mean(seconds):.2f} |"
+        f"{pct(mean(stalled)) if stalled else ''} | {mean(seconds):.2f} |"
     )
 
 
 TABLE_HEAD = [
     "| loss | seeds | reward rate (mean) | worst seed | 95% interval (all images) | "
     "points over base (mean, worst) | shape agreement | diversity vs base | drift | "
-    "implicit accuracy (held-out pairs) | s / step |",
-    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "implicit accuracy (held-out pairs) | stalled steps | s / step |",
+    "|---|---|---|---|---|---|---|---|---|---|---|---|",
 ]
 
 
@@ -114,7 +133,7 @@ def task_table(task: str, metrics: list[RunMetrics], base: RunMetrics, order: li
         f"| base | - | {pct(base.reward)} | - | "
         f"[{100 * wilson_interval(base.reward, base.images)[0]:.1f}, "
         f"{100 * wilson_interval(base.reward, base.images)[1]:.1f}] | - | {pct(base.shape)} | "
-        "1.00 | 0 | - | - |"
+        "1.00 | 0 | - | - | - |"
     )
     return [*TABLE_HEAD, base_row, *(loss_row(v, by_variant[v], base) for v in names)]
 
@@ -268,7 +287,9 @@ def write_report(result: dict, results_dir: Path) -> str:
         "= the `shape` rule (the drawn shape is the caption's); diversity = per-prompt spread "
         "across seeds relative to the base's; drift = Frechet distance to the base's images for "
         "the same prompts and seeds (noise floor ~0.5: two halves of the base's own images); "
-        "implicit accuracy = held-out pairs with a positive DPO margin against the base; s / step "
+        "implicit accuracy = held-out pairs with a positive DPO margin against the base; stalled "
+        f"steps = training steps whose gradient norm is below {STALL_RATIO:g} of the run's "
+        "largest (a saturated loss: those steps move nothing); s / step "
         "= training wall time over steps (one thread, another run beside it).",
         "",
     ]
@@ -297,20 +318,22 @@ def write_report(result: dict, results_dir: Path) -> str:
             f"## Reward vs drift over beta ({settings['frontier_task']} task)",
             "",
             "| variant | beta | seeds | reward rate (mean) | worst seed | drift (mean) | "
-            "shape agreement | diversity |",
-            "|---|---|---|---|---|---|---|---|",
+            "shape agreement | diversity | stalled steps |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for spec in settings["frontier"]:
             name, betas = spec.split(":")
             for beta in betas.split(","):
                 runs = frontier_runs(result, metrics, name, beta)
                 if runs:
+                    stalled = [r.stalled for r in runs if r.stalled is not None]
                     lines.append(
                         f"| {name} | {beta} | {len(runs)} | {pct(mean([r.reward for r in runs]))}"
                         f" | {pct(min(r.reward for r in runs))} | "
                         f"{mean([r.drift for r in runs]):.2f} | "
                         f"{pct(mean([r.shape for r in runs]))} | "
-                        f"{mean([r.diversity for r in runs]):.2f} |"
+                        f"{mean([r.diversity for r in runs]):.2f} | "
+                        f"{pct(mean(stalled)) if stalled else ''} |"
                     )
         lines += ["", "![reward vs drift](toy_frontier.png)", ""]
     plot_rewards(metrics, [t for t in tasks if t != "colour-noisy"], order,
@@ -326,8 +349,8 @@ def write_report(result: dict, results_dir: Path) -> str:
         "## Every run",
         "",
         "| task | run | images | reward rate | 95% interval | shape | diversity | drift | "
-        "implicit accuracy | s / step |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "implicit accuracy | stalled steps | s / step |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for m in metrics:
         low, high = wilson_interval(m.reward, m.images)
@@ -335,6 +358,7 @@ def write_report(result: dict, results_dir: Path) -> str:
             f"| {m.task} | {m.name} | {m.images} | {pct(m.reward)} | "
             f"[{100 * low:.1f}, {100 * high:.1f}] | {pct(m.shape)} | {m.diversity:.2f} | "
             f"{m.drift:.2f} | {'' if m.implicit is None else pct(m.implicit)} | "
+            f"{'' if m.stalled is None else pct(m.stalled)} | "
             f"{'' if m.seconds_per_step is None else f'{m.seconds_per_step:.2f}'} |"
         )
     lines += [
@@ -355,3 +379,21 @@ def write_report(result: dict, results_dir: Path) -> str:
     text = "\n".join(lines)
     (results_dir / "toy_results.md").write_text(text, encoding="utf-8")
     return text
+
+
+def main() -> None:
+    """Re-write the report of a finished benchmark (its benchmark.json) into a results folder."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("benchmark_json", type=Path, help="OUT/benchmark.json")
+    parser.add_argument("results", type=Path, help="folder for toy_results.md and the plots")
+    args = parser.parse_args()
+    result = json.loads(args.benchmark_json.read_text(encoding="utf-8"))
+    write_report(result, args.results)
+    print(f"wrote {args.results / 'toy_results.md'}")
+
+
+if __name__ == "__main__":
+    main()

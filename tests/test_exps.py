@@ -117,6 +117,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
         "WIDE": "dpo",
         "WIDE_SEEDS": "0 3",
         "FRONTIER": "dpo:1000,3000",
+        "FRONTIER_TASK": "colour",  # the default, warm, would build a second task's data
         "FRONTIER_SEEDS": "0",
         "NOISY": "dpo",
         "NOISY_SEEDS": "0",
@@ -145,6 +146,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
             assert (tmp_path / "work" / "runs" / task / name / "unet").is_dir()
     assert "| dpo | 2 |" in results and "| kto | 1 |" in results  # seeds per loss
     assert "caption dropout 0.2" in results  # the released trainers' share
+    assert "| stalled steps | s / step |" in results
     config = json.loads((tmp_path / "work" / "runs" / "colour" / "kto-s0" / "train_config.json")
                         .read_text())  # fmt: skip
     assert config["config"]["caption_dropout"] == 0.2

@@ -22,7 +22,7 @@ from scripts.toy_benchmark import (
     stored_record,
     train_argv,
 )
-from scripts.toy_benchmark_report import RunMetrics, loss_row
+from scripts.toy_benchmark_report import RunMetrics, loss_row, stalled_share
 
 SETTINGS = """
 dpo  beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000
@@ -154,7 +154,7 @@ def test_resume_keeps_a_finished_run_only_while_its_settings_hold(tmp_path):
 def test_a_loss_row_by_hand():
     def run(seed, hits, shape, drift, implicit):
         return RunMetrics("colour", f"dpo-s{seed}", "dpo", seed, 100, hits / 100, hits, shape,
-                          0.9, drift, implicit, 0.5)  # fmt: skip
+                          0.9, drift, implicit, 0.5, stalled=0.1 * seed)  # fmt: skip
 
     base = RunMetrics("colour", "base", "base", 0, 100, 0.3, 30, 0.7, 1.0, 0.0, None, None)
     row = loss_row("dpo", [run(0, 50, 0.6, 1.0, 0.8), run(1, 70, 0.8, 3.0, 0.9)], base)
@@ -163,4 +163,12 @@ def test_a_loss_row_by_hand():
     assert cells[:4] == ["dpo", "2", "60.0%", "50.0%"]
     assert cells[4] == "[53.1, 66.5]"
     assert cells[5] == "+30.0 (worst +20.0)"
-    assert cells[6:] == ["70.0%", "0.90", "2.00", "85.0%", "0.50"]
+    assert cells[6:] == ["70.0%", "0.90", "2.00", "85.0%", "5.0%", "0.50"]
+
+
+def test_stalled_steps_are_those_without_gradient_relative_to_the_largest():
+    history = [{"grad_norm": g} for g in (100.0, 5.0, 1e-3, 1e-5, 0.0)] + [{"loss": 1.0}]
+    # threshold 1e-6 x 100 = 1e-4: 1e-5 and 0 stall, 1e-3 still moves; rows without a norm skip.
+    assert stalled_share(history) == 2 / 5
+    assert stalled_share([{"loss": 1.0}]) is None
+    assert stalled_share([{"grad_norm": 0.0}]) is None  # never any gradient: not a ratio
