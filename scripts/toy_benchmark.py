@@ -322,6 +322,14 @@ def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
     return stats
 
 
+def full_benchmark_variants(
+    registered: list[str], wide: list[str], variants: dict[str, Variant]
+) -> list[str]:
+    """The full command's main table: every registered loss, then each WIDE variant that is not
+    a loss itself (kto_batch16: the KTO spread study), so WIDE never names a run it skips."""
+    return [*registered, *(w for w in wide if w in variants and w not in registered)]
+
+
 def plan_jobs(args: argparse.Namespace, variants: dict[str, Variant]) -> list[Job]:
     """The main table, the beta frontier and the noisy-label column; the base first."""
     jobs = [Job(BASE, BASE, None)]
@@ -408,9 +416,9 @@ def main(argv: list[str] | None = None) -> None:
     start = time.perf_counter()
     variants = parse_variants(Path(args.variants).read_text(encoding="utf-8"))
     registered = losses.loss_names()
-    if args.main is None:  # the full benchmark: every registered loss
+    if args.main is None:  # the full benchmark: every registered loss, and the wide variants
         check_every_loss(variants, registered)
-        args.main = registered
+        args.main = full_benchmark_variants(registered, args.wide, variants)
     unknown = [v for v in [*args.main, *args.noisy] if v not in variants]
     unknown += [s for s in args.frontier if s.split(":")[0] not in variants]
     if unknown:

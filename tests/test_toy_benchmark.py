@@ -14,6 +14,7 @@ from scripts.toy_benchmark import (
     Job,
     check_every_loss,
     flip_labels,
+    full_benchmark_variants,
     parse_args,
     parse_variants,
     plan_jobs,
@@ -112,6 +113,15 @@ def test_the_plan_holds_every_table_once():
     assert {("colour-noisy", "dpo-s0"), ("colour-noisy", "dpo_smoothed-s1")} <= names
     assert ("colour", "dpo_smoothed-s0") in names  # its clean runs, for the drop noise causes
     assert NOISY_TASK == "colour-noisy"
+
+
+def test_the_full_command_runs_every_loss_and_the_wide_variants():
+    variants = parse_variants(SETTINGS)
+    registered = ["dpo", "kto", "sft"]
+    main = full_benchmark_variants(registered, ["dpo", "kto_b16", "absent"], variants)
+    # kto_b16 is a WIDE variant, not a loss: the full command runs it too (it was skipped
+    # before: the plan runs only the main table's names); a name without a line is not added.
+    assert main == ["dpo", "kto", "sft", "kto_b16"]
 
 
 def test_runs_drop_captions_as_the_released_trainers_unless_told():
