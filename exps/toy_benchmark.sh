@@ -5,9 +5,9 @@
 # run is scored on held-out prompts for reward, shape agreement, diversity and drift (README, "Toy
 # benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
-# An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: an
-# estimated 70-90 min on the 2-core machine (not yet run in full); QUICK=1 (dpo, kto, sft; one
-# seed; colour task; no frontier or noisy column) 3.7 min measured on an idle machine.
+# An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 82 runs
+# took 55.1 min on the idle 2-core machine; today's 91 an estimated ~62 (README, "Toy benchmark");
+# QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.7 min.
 #
 # DPO's and KTO's settings were tuned on the first toy base's warm task (tiny model, minutes of
 # CPU), not taken from the papers: learning rates large enough for a 1M-parameter UNet to move in
