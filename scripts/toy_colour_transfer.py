@@ -24,6 +24,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import generate
+from config import CAPTION_DROPOUT
 from evaluation.suites import TOY_GUIDANCE
 from evaluation.toy_reward import colour_reward
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
@@ -36,7 +37,6 @@ from scripts.train_toy_base import (
 )
 
 SCENE_SEED = 123  # not the base's scene seed (0): new drawings of the same captions
-DROPOUT = 0.2  # the benchmark's caption dropout
 
 
 def training_only(scenes: ToyScenes, heldout: set[str]) -> ToyScenes:
@@ -75,7 +75,7 @@ def continue_training(
         noise = torch.randn(latents.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
         cond = caption_ids[idx].clone()
-        cond[torch.rand(len(idx), generator=gen) < DROPOUT] = index[""]
+        cond[torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT] = index[""]
         prediction = unet(scheduler.add_noise(latents, noise, t), t, text[cond]).sample
         per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
         if min_snr_gamma:
