@@ -31,8 +31,9 @@ from scripts.build_toy_prefs import HELDOUT_PROMPTS
 from scripts.train_toy_base import (
     ToyScenes,
     batches,
+    caption_token_ids,
+    denoising_loss,
     latent_moments,
-    min_snr_weights,
     toy_scenes,
 )
 
@@ -55,32 +56,21 @@ def continue_training(
     seed: int = 0,
 ) -> list[float]:
     """Epsilon MSE on the scenes' latents (the base's objective), UNet only; the losses."""
-    unet, vae, tokenizer = pipe.unet, pipe.vae, pipe.tokenizer
+    unet, vae = pipe.unet, pipe.vae
     scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
-    snr = scheduler.alphas_cumprod / (1 - scheduler.alphas_cumprod)
     mean, std = latent_moments(vae, scenes.pixels)
-    unique = [*sorted(set(scenes.captions)), ""]
-    ids = tokenizer(unique, padding="max_length", max_length=77, return_tensors="pt").input_ids
-    with torch.no_grad():
-        text = pipe.text_encoder(ids)[0]
-    index = {caption: i for i, caption in enumerate(unique)}
-    caption_ids = torch.tensor([index[c] for c in scenes.captions])
+    token_ids, caption_ids, empty_id = caption_token_ids(pipe.tokenizer, scenes.captions)
+    with torch.no_grad():  # frozen, as train.py keeps it
+        text = pipe.text_encoder(token_ids)[0]
     optimizer = torch.optim.AdamW(unet.parameters(), lr=lr, weight_decay=1e-2)
     gen = torch.Generator().manual_seed(seed)
     losses = []
     unet.train()
     for idx in batches(len(mean), batch_size, steps, gen):
-        noise_z = torch.randn(mean[idx].shape, generator=gen)
-        latents = (mean[idx] + std[idx] * noise_z) * vae.config.scaling_factor
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        cond = caption_ids[idx].clone()
-        cond[torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT] = index[""]
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, text[cond]).sample
-        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-        if min_snr_gamma:
-            per_sample = per_sample * min_snr_weights(snr[t], min_snr_gamma)
-        loss = per_sample.mean()
+        loss = denoising_loss(
+            unet, scheduler, (mean[idx], std[idx], vae.config.scaling_factor), text,
+            caption_ids[idx], empty_id, gen, CAPTION_DROPOUT, min_snr_gamma,
+        )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -173,6 +173,45 @@ def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     return snr.clamp(max=gamma) / snr
 
 
+def caption_token_ids(
+    tokenizer: CLIPTokenizer, captions: list[str]
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Each unique caption (and the empty one) tokenized once: token ids [U, 77], each scene's
+    row in them [N], and the empty caption's row (for caption dropout)."""
+    unique = [*sorted(set(captions)), ""]
+    token_ids = tokenizer(unique, padding="max_length", max_length=77, return_tensors="pt")
+    index = {caption: i for i, caption in enumerate(unique)}
+    return token_ids.input_ids, torch.tensor([index[c] for c in captions]), index[""]
+
+
+def denoising_loss(
+    unet: UNet2DConditionModel,
+    scheduler: DDPMScheduler,
+    latent_dist: tuple[torch.Tensor, torch.Tensor, float],
+    text: torch.Tensor,
+    caption_ids: torch.Tensor,
+    empty_id: int,
+    gen: torch.Generator,
+    caption_dropout: float,
+    min_snr_gamma: float | None,
+) -> torch.Tensor:
+    """The base's objective on one batch: epsilon MSE on latents sampled from the VAE posterior
+    (latent_dist: mean, std [B, 4, 8, 8] and the scaling factor), a share of captions replaced by
+    the empty one, Min-SNR-gamma weights if given. text: [U, L, D] for the unique captions."""
+    mean, std, scaling = latent_dist
+    latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.randint(0, scheduler.config.num_train_timesteps, (len(mean),), generator=gen)
+    ids = caption_ids.clone()
+    ids[torch.rand(len(mean), generator=gen) < caption_dropout] = empty_id
+    prediction = unet(scheduler.add_noise(latents, noise, t), t, text[ids]).sample
+    per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
+    if min_snr_gamma:
+        snr = scheduler.alphas_cumprod[t] / (1 - scheduler.alphas_cumprod[t])
+        per_sample = per_sample * min_snr_weights(snr, min_snr_gamma)
+    return per_sample.mean()
+
+
 def ema_decay_at(step: int, decay: float) -> float:
     """The moving average's decay at an optimizer step (0-based), warmed up so the first steps'
     weights are not averaged with the random init for long."""
@@ -199,8 +238,6 @@ def train_unet(
     text encoder (token_ids: [unique captions, 77]) trains with the UNet. With ema_decay, both
     models end holding their weights' moving average."""
     scheduler = training_scheduler("epsilon")
-    alphas = scheduler.alphas_cumprod
-    snr = alphas / (1 - alphas)
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(
         [
@@ -219,16 +256,10 @@ def train_unet(
     ema = [p.detach().clone() for p in params] if ema_decay else None
     for step, idx in enumerate(batches(len(mean), batch_size, steps, gen)):
         text = text_encoder(token_ids)[0]  # every unique caption once per step
-        latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling
-        noise = torch.randn(latents.shape, generator=gen)
-        t = torch.randint(0, scheduler.config.num_train_timesteps, (len(idx),), generator=gen)
-        ids = caption_ids[idx].clone()
-        ids[torch.rand(len(idx), generator=gen) < CAPTION_DROPOUT] = empty_id
-        prediction = unet(scheduler.add_noise(latents, noise, t), t, text[ids]).sample
-        per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
-        if min_snr_gamma:
-            per_sample = per_sample * min_snr_weights(snr[t], min_snr_gamma)
-        loss = per_sample.mean()
+        loss = denoising_loss(
+            unet, scheduler, (mean[idx], std[idx], scaling), text, caption_ids[idx], empty_id,
+            gen, CAPTION_DROPOUT, min_snr_gamma,
+        )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -285,19 +316,16 @@ def train_toy_base(
     vae.register_to_config(scaling_factor=scaling)
     logger.info("vae done at %.0f s, scaling_factor %.4f", time.perf_counter() - start, scaling)
 
-    unique = [*sorted(set(scenes.captions)), ""]
-    token_ids = tokenizer(unique, padding="max_length", max_length=77, return_tensors="pt")
-    index = {caption: i for i, caption in enumerate(unique)}
-    caption_ids = torch.tensor([index[c] for c in scenes.captions])
+    token_ids, caption_ids, empty_id = caption_token_ids(tokenizer, scenes.captions)
     train_unet(
         unet,
         text_encoder,
         mean,
         std,
         scaling,
-        token_ids.input_ids,
+        token_ids,
         caption_ids,
-        index[""],
+        empty_id,
         unet_steps,
         batch_size,
         1e-3,

@@ -4,9 +4,8 @@ batch: disjoint data, identical parameters on both ranks, the same loss trajecto
 The equivalence uses DPO (on SD1.5 and on the tiny SD3: flow matching draws each pair's sigma
 from the same per-group generator), and DSPO with the Diffusion-SDPO safeguard (per-pixel
 predictions and a per-micro-batch lambda, which with batch 1 sees the same pair in both
-layouts): the KTO
-reference point is a mean over each micro-batch (across processes), so 2 processes x 1 image and
-1 process x 2 accumulated images of 1 differ by design.
+layouts): the KTO reference point is a mean over each micro-batch (across processes), so 2
+processes x 1 image and 1 process x 2 accumulated images of 1 differ by design.
 """
 
 import json
