@@ -65,35 +65,51 @@ MIN_SNR_GAMMA = 5.0
 # Exponential moving average of the weights, saved instead of the last iterate: small diffusion
 # models sample cleaner shapes from averaged weights.
 EMA_DECAY = 0.999
+# A shape's usual colour, which the base draws in place of the named one for a share of scenes:
+# the "blue banana" failure of text-to-image models, a prior that overrides the caption. Chosen so
+# that no held-out prompt (assets/toy_prompts_heldout.txt) names its shape's typical colour: there,
+# every image in the typical colour is a failure to follow the caption.
+TYPICAL_COLOUR = {"circle": "yellow", "square": "red", "triangle": "green"}
 
 
 @dataclass
 class ToyScenes:
     pixels: torch.Tensor  # [N, 3, R, R] in [-1, 1]
     captions: list[str]  # [N]
+    true_captions: list[str] | None = None  # [N], naming the colour drawn
 
 
 def toy_scenes(
-    num: int, seed: int, wrong_colour_share: float, square_canvas: bool = True
+    num: int,
+    seed: int,
+    wrong_colour_share: float,
+    square_canvas: bool = True,
+    typical_colour_share: float = 0.0,
 ) -> ToyScenes:
     """num scenes at RESOLUTION px; a share of captions names a wrong colour. square_canvas
     draws on a square canvas, so the centre crop never cuts a shape at the border (cut shapes
-    taught the first base to draw fragments: 6% of cropped scenes fail the shape rule)."""
+    taught the first base to draw fragments: 6% of cropped scenes fail the shape rule).
+    typical_colour_share: the share of scenes drawn in their shape's TYPICAL_COLOUR whatever
+    colour the caption names."""
     rng = random.Random(seed)
-    pixels, captions = [], []
+    pixels, captions, true_captions = [], [], []
     for _ in range(num):
         colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
         background = rng.choice(list(BACKGROUNDS))
         sizes = (SQUARE_CANVAS,) if square_canvas else SIZES
-        image = draw_scene(rng, colour, shape, background, sizes)
+        drawn = colour
+        if typical_colour_share and rng.random() < typical_colour_share:
+            drawn = TYPICAL_COLOUR[shape]
+        image = draw_scene(rng, drawn, shape, background, sizes)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
         image = image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR, reducing_gap=2)
-        named = other(rng, COLOURS, colour) if rng.random() < wrong_colour_share else colour
+        named = other(rng, COLOURS, drawn) if rng.random() < wrong_colour_share else colour
         captions.append(scene_caption(named, shape, background))
+        true_captions.append(scene_caption(drawn, shape, background))
         pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1))
-    return ToyScenes(torch.stack(pixels) / 127.5 - 1.0, captions)
+    return ToyScenes(torch.stack(pixels) / 127.5 - 1.0, captions, true_captions)
 
 
 def toy_vae() -> AutoencoderKL:
@@ -218,6 +234,26 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1 + step) / (10 + step))
 
 
+def freeze_text_encoder(
+    text_encoder: CLIPTextModel,
+    params: list[torch.nn.Parameter],
+    ema: list[torch.Tensor] | None,
+    token_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Stop training the text encoder: it takes its moving average (if any) for good, so the
+    UNet trains from here on against the text features it will be saved with. Returns those
+    features for every unique caption."""
+    text_encoder_params = {id(p) for p in text_encoder.parameters()}
+    with torch.no_grad():
+        if ema is not None:
+            for param, average in zip(params, ema, strict=True):
+                if id(param) in text_encoder_params:
+                    param.copy_(average)
+        text_encoder.requires_grad_(False)
+        text_encoder.eval()
+        return text_encoder(token_ids)[0]
+
+
 def train_unet(
     unet: UNet2DConditionModel,
     text_encoder: CLIPTextModel,
@@ -233,10 +269,17 @@ def train_unet(
     seed: int,
     min_snr_gamma: float | None = MIN_SNR_GAMMA,
     ema_decay: float | None = EMA_DECAY,
+    true_caption_ids: torch.Tensor | None = None,
+    text_encoder_steps: int | None = None,
 ) -> None:
     """Epsilon-prediction MSE on scaled latents, SD's training schedule, caption dropout; the
     text encoder (token_ids: [unique captions, 77]) trains with the UNet. With ema_decay, both
-    models end holding their weights' moving average."""
+    models end holding their weights' moving average.
+
+    With text_encoder_steps, the text encoder trains for those first steps only, on the captions
+    that name the drawn colour (true_caption_ids), then is frozen (at its moving average) while
+    the UNet goes on with caption_ids: a text encoder that learned the colour words, and a UNet
+    that learned the captions' mistakes, as SD's CLIP was trained apart from its UNet's data."""
     scheduler = training_scheduler("epsilon")
     gen = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(
@@ -254,10 +297,15 @@ def train_unet(
     text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in params] if ema_decay else None
+    frozen_text = None
     for step, idx in enumerate(batches(len(mean), batch_size, steps, gen)):
-        text = text_encoder(token_ids)[0]  # every unique caption once per step
+        text_encoder_trains = text_encoder_steps is None or step < text_encoder_steps
+        if not text_encoder_trains and frozen_text is None:
+            frozen_text = freeze_text_encoder(text_encoder, params, ema, token_ids)
+        text = text_encoder(token_ids)[0] if frozen_text is None else frozen_text
+        ids = true_caption_ids if text_encoder_trains and text_encoder_steps else caption_ids
         loss = denoising_loss(
-            unet, scheduler, (mean[idx], std[idx], scaling), text, caption_ids[idx], empty_id,
+            unet, scheduler, (mean[idx], std[idx], scaling), text, ids[idx], empty_id,
             gen, CAPTION_DROPOUT, min_snr_gamma,
         )  # fmt: skip
         optimizer.zero_grad(set_to_none=True)
@@ -292,6 +340,8 @@ def train_toy_base(
     square_canvas: bool = True,
     min_snr_gamma: float | None = MIN_SNR_GAMMA,
     ema_decay: float | None = EMA_DECAY,
+    typical_colour_share: float = 0.0,
+    text_encoder_steps: int | None = None,
 ) -> Path:
     """Train the toy base and save it to out_dir (UNet and VAE in fp16), atomically."""
     tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
@@ -299,7 +349,9 @@ def train_toy_base(
     start = time.perf_counter()
     if not 0.0 <= wrong_colour_share <= 1.0:
         raise ValueError(f"--wrong_colour_share must lie in [0, 1], got {wrong_colour_share}")
-    scenes = toy_scenes(num_images, seed, wrong_colour_share, square_canvas)
+    if not 0.0 <= typical_colour_share <= 1.0:
+        raise ValueError(f"--typical_colour_share must lie in [0, 1], got {typical_colour_share}")
+    scenes = toy_scenes(num_images, seed, wrong_colour_share, square_canvas, typical_colour_share)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_encoder = tiny_text_encoder(with_projection=False)
     vae = toy_vae()
@@ -316,7 +368,10 @@ def train_toy_base(
     vae.register_to_config(scaling_factor=scaling)
     logger.info("vae done at %.0f s, scaling_factor %.4f", time.perf_counter() - start, scaling)
 
-    token_ids, caption_ids, empty_id = caption_token_ids(tokenizer, scenes.captions)
+    token_ids, caption_ids, empty_id = caption_token_ids(
+        tokenizer, scenes.captions + scenes.true_captions
+    )
+    caption_ids, true_caption_ids = caption_ids.split(len(scenes.captions))
     train_unet(
         unet,
         text_encoder,
@@ -332,6 +387,8 @@ def train_toy_base(
         seed,
         min_snr_gamma,
         ema_decay,
+        true_caption_ids,
+        text_encoder_steps,
     )
     logger.info("unet done at %.0f s", time.perf_counter() - start)
 
@@ -368,6 +425,19 @@ def main() -> None:
         default=WRONG_COLOUR_CAPTIONS,
         help="share of training captions naming another colour than the one drawn",
     )
+    parser.add_argument(
+        "--typical_colour_share",
+        type=float,
+        default=0.0,
+        help="share of scenes drawn in their shape's typical colour whatever the caption names",
+    )
+    parser.add_argument(
+        "--text_encoder_steps",
+        type=int,
+        default=None,
+        help="train the text encoder for these first UNet steps only, on captions naming the "
+        "drawn colour; then freeze it (default: it trains throughout, on the captions)",
+    )
     parser.add_argument("--unet_width", type=int, default=32, help="UNet channels (level 1)")
     parser.add_argument(
         "--cropped_scenes",
@@ -396,6 +466,8 @@ def main() -> None:
         not args.cropped_scenes,
         args.min_snr_gamma or None,
         args.ema_decay or None,
+        args.typical_colour_share,
+        args.text_encoder_steps,
     )
     print(f"trained the toy base into {args.out} in {time.perf_counter() - start:.0f} s")
 
