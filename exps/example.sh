@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Offline demo: Diffusion-DPO on the shipped toy base (assets/toy-sd15, a tiny SD1.5-shaped model
-# that draws the caption's coloured shape) with on-policy toy preference pairs labelled by the
-# `warm` rule (evaluation/toy_reward.py: mean red - mean blue >= 20, a warm-filter taste), then
-# before and after on held-out prompts: the warm reward, shape agreement, and diversity and drift
-# against the base's images. (The `colour` task, prompt alignment, does not train on this base
-# yet: README, "Toy benchmark".) A few minutes on 2 CPU cores. Any variable below can be
-# overridden from the environment.
+# that draws the caption's coloured shape, but often in the shape's typical colour instead) with
+# on-policy toy preference pairs labelled by the `colour` rule (evaluation/toy_reward.py: the image
+# shows the colour its caption names; prompt alignment), then before and after on held-out
+# prompts: the colour reward, shape agreement, and diversity and drift against the base's images.
+# A few minutes on 2 CPU cores. Any variable below can be overridden from the environment
+# (RULE=warm: the warm-filter taste instead, with its own pairs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-assets/toy-sd15}
-DATA=${DATA:-build/toy-prefs/pickapic}
+RULE=${RULE:-colour}          # the toy reward rule that labels the pairs and scores the result
+PREFS=${PREFS:-build/toy-prefs-$RULE}  # on-policy pairs from MODEL, built below if missing
+DATA=${DATA:-$PREFS/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
 LOSS=${LOSS:-dpo}             # any pairwise loss, or sft (the toy data are pairs): README, "Losses"
 DPO_TOY_BETA=1000             # dpo's beta tuned on the toy task (released Diffusion-DPO value: 5000)
@@ -18,26 +20,29 @@ BETA=${BETA:-$([ "$LOSS" = dpo ] && echo "$DPO_TOY_BETA" || true)}  # empty: the
 RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 latents
 BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
-STEPS=${STEPS:-200}
-LR=${LR:-1e-4}                # large: the toy model needs it to move within minutes
+STEPS=${STEPS:-300}
+LR=${LR:-3e-5}                # the toy benchmark's DPO budget (exps/toy_benchmark.sh)
 WARMUP=${WARMUP:-10}
 WORKERS=${WORKERS:-1}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-tensorboard}
 OVERWRITE=${OVERWRITE:-true}  # a demo: re-running it replaces the last run in OUTPUT_DIR
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the preference pairs
-# Validation while training (validation.py): the held-out prompts, toy warm reward as a curve.
+# Validation while training (validation.py): the held-out prompts, the toy reward as a curve.
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-$EVAL_PROMPTS}
 VALIDATION_STEPS=${VALIDATION_STEPS:-25}
 VALIDATION_IMAGES=${VALIDATION_IMAGES:-4}
-VALIDATION_SCORER=${VALIDATION_SCORER:-toy_warm}
+VALIDATION_SCORER=${VALIDATION_SCORER:-toy_$RULE}
 GUIDANCE=${GUIDANCE:-3.0}     # the toy protocol's (evaluation/suites.py TOY_GUIDANCE), as the pairs were drawn
 EVAL_SEEDS=${EVAL_SEEDS:-8}
 LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no}
 
 bash scripts/setup.sh
+# Built once (1-2 min; rebuilt if from another builder version); another MODEL needs its own PREFS.
+grep -qs '"version": 4,' "$PREFS/stats.json" ||
+  .venv/bin/python scripts/build_toy_prefs.py --model "$MODEL" --out "$PREFS" --rule "$RULE"
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"
-# Before (base) and after (the trained UNet swapped in), same prompts and seeds: the warm reward,
+# Before (base) and after (the trained UNet swapped in), same prompts and seeds: the reward,
 # shape agreement, and diversity and drift against the base (evaluation/distribution.py).
-.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --guidance_scale "$GUIDANCE" --scorer toy_warm --scorer toy_shape --out "$OUTPUT_DIR/eval"
+.venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --guidance_scale "$GUIDANCE" --scorer "toy_$RULE" --scorer toy_shape --out "$OUTPUT_DIR/eval"
 echo "model: $OUTPUT_DIR/unet; validation grids: $OUTPUT_DIR/validation; evaluation: $OUTPUT_DIR/eval/summary.md, chart $OUTPUT_DIR/eval/summary.png, per-image scores $OUTPUT_DIR/eval/scores.csv"

@@ -51,9 +51,9 @@ TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
-# 3: the retrained toy base that reads its prompt);
-# scripts/setup.sh greps stats.json for this number: bump it there too.
-DATA_VERSION = 3
+# 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
+# habit); scripts/setup.sh greps stats.json for this number: bump it there too.
+DATA_VERSION = 4
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
 
