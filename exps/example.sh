@@ -11,7 +11,8 @@ cd "$(dirname "$0")/.."
 
 MODEL=${MODEL:-assets/toy-sd15}
 RULE=${RULE:-colour}          # the toy reward rule that labels the pairs and scores the result
-PREFS=${PREFS:-build/toy-prefs-$RULE}  # on-policy pairs from MODEL, built below if missing
+PREFS=${PREFS:-build/toy-prefs-$RULE}  # on-policy pairs from MODEL, built below unless DATA is given
+GIVEN_DATA=${DATA:-}
 DATA=${DATA:-$PREFS/pickapic}
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/example}
 LOSS=${LOSS:-dpo}             # any pairwise loss, or sft (the toy data are pairs): README, "Losses"
@@ -39,8 +40,9 @@ LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 
 
 bash scripts/setup.sh
 # Built once (1-2 min; rebuilt if from another builder version); another MODEL needs its own PREFS.
-grep -qs '"version": 4,' "$PREFS/stats.json" ||
+if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 4,' "$PREFS/stats.json"; then
   .venv/bin/python scripts/build_toy_prefs.py --model "$MODEL" --out "$PREFS" --rule "$RULE"
+fi
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"
 # Before (base) and after (the trained UNet swapped in), same prompts and seeds: the reward,
 # shape agreement, and diversity and drift against the base (evaluation/distribution.py).
