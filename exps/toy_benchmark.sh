@@ -5,9 +5,9 @@
 # run is scored on held-out prompts for reward, shape agreement, diversity and drift (README, "Toy
 # benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
-# An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 82 runs
-# took 55.1 min on the idle 2-core machine; today's 91 an estimated ~62 (README, "Toy benchmark");
-# QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.7 min.
+# An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
+# took 63.6 min on the 2-core machine, the example beside it for half of that (README, "Toy benchmark");
+# QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.5 min.
 #
 # DPO's and KTO's betas were tuned on the earlier toy bases' warm task, their learning rate x
 # steps on this base's colour task (seed 0, one run per trial; README, "Toy benchmark"): the
