@@ -65,7 +65,7 @@ TYPICAL_COLOUR_SCENES = 0.6
 # trained throughout on the mistaken captions, it separated colours 4x less than shapes, and
 # tuning the UNet could not raise colour following on held-out prompts (README, "Toy benchmark").
 TEXT_ENCODER_STEPS = 1600
-UNET_STEPS = 3200  # ~25 CPU-minutes with --threads 1 (the budget: 30)
+UNET_STEPS = 3200  # ~22 CPU-minutes with --threads 1 (the budget: 30)
 CAPTION_DROPOUT = 0.1  # empty captions, so classifier-free guidance works
 VAE_BATCH = 32
 KL_WEIGHT = 1e-6  # SD's VAE: a tiny KL term, latents rescaled afterwards by scaling_factor
