@@ -19,9 +19,10 @@ Toy scenes (scripts/build_toy_data.py) are one coloured shape on a plain backgro
   red channel exceeds the mean blue channel by at least WARM_MARGIN (0-255 scale). It ignores
   the caption.
 
-The toy benchmark's preference labels and its reward rate both use ``warm``: the shipped toy base
-ignores colour words, so ``colour`` sits at chance for it and gives fine-tuning nothing to
-sharpen, while its warmth varies with the seed (README, "The toy task").
+The toy benchmark runs two tasks (README, "Toy benchmark"): ``colour`` (prompt alignment: the
+shipped toy base draws the named colour in about a quarter of held-out images, held back by a
+typical-colour habit) and ``warm`` (a global taste the base meets about 60% of the time); ``shape``
+measures what fine-tuning costs in fidelity.
 """
 
 from __future__ import annotations

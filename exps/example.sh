@@ -40,7 +40,7 @@ LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 
 
 bash scripts/setup.sh
 # Built once (1-2 min; rebuilt if from another builder version); another MODEL needs its own PREFS.
-if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 4,' "$PREFS/stats.json"; then
+if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 5,' "$PREFS/stats.json"; then
   .venv/bin/python scripts/build_toy_prefs.py --model "$MODEL" --out "$PREFS" --rule "$RULE"
 fi
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"

@@ -23,7 +23,7 @@ import logging
 import random
 import sys
 import uuid
-from itertools import product
+from itertools import product, zip_longest
 from pathlib import Path
 
 from PIL import Image
@@ -32,7 +32,7 @@ from PIL import Image
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.suites import TOY_GUIDANCE
-from evaluation.toy_reward import toy_reward
+from evaluation.toy_reward import shape_reward, toy_reward
 from scripts.atomic_dir import atomic_directory
 from scripts.build_toy_data import (
     BACKGROUNDS,
@@ -52,8 +52,9 @@ HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
 # 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
-# habit); scripts/setup.sh greps stats.json for this number: bump it there too.
-DATA_VERSION = 4
+# habit; 5: shape-matched pairs); scripts/setup.sh greps stats.json for this number: bump it
+# there too.
+DATA_VERSION = 5
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
 
@@ -77,8 +78,8 @@ def write_prompt_files() -> None:
     HELDOUT_PROMPTS.write_text("\n".join(heldout) + "\n", encoding="utf-8")
 
 
-# The toy benchmark's taste: a "warm filter" preference that the base meets only part of the
-# time (about 30% of its images), unlike ``colour``, which the toy base cannot learn (README).
+# The default taste: a "warm filter" preference that the base meets only part of the time; the toy
+# benchmark builds both this and ``colour`` (prompt alignment) data (README, "Toy benchmark").
 DEFAULT_RULE = "warm"
 
 
@@ -105,25 +106,40 @@ def labelled_generations(
                 "jpeg": jpeg,
                 "uid": str(uuid.UUID(int=rng.getrandbits(128), version=4)),
                 "reward": reward(stored, g.prompt),
+                "shape_ok": shape_reward(stored, g.prompt) == 1.0,
             }
         )
     return out
 
 
-def preference_pairs(images: list[dict], pairs_per_prompt: int, seed: int) -> list[dict]:
+def preference_pairs(
+    images: list[dict], pairs_per_prompt: int, seed: int, match_shape: bool = True
+) -> list[dict]:
     """Up to pairs_per_prompt (rewarded, unrewarded) pairs per prompt, each image in at most one
-    pair where possible; sides shuffled so the winner is not always image 0."""
+    pair where possible; sides shuffled so the winner is not always image 0.
+
+    match_shape pairs a rewarded image only with an unrewarded one that agrees with it on the
+    ``shape`` rule (both draw the caption's shape, or both do not), so a pair differs in the
+    task's reward and not in shape. Unmatched, the colour task's pairs teach blobs: the base's
+    right-colour images, drawn against its typical-colour habit, miss the shape about twice as
+    often as its wrong-colour ones (README, "Toy benchmark"). Strata take turns until the prompt
+    has its pairs."""
     rng = random.Random(seed)
     rows = []
     for caption in dict.fromkeys(i["caption"] for i in images):
         mine = [i for i in images if i["caption"] == caption]
-        good = [i for i in mine if i["reward"] == 1.0]
-        bad = [i for i in mine if i["reward"] == 0.0]
-        rng.shuffle(good)
-        rng.shuffle(bad)
-        n = min(pairs_per_prompt, max(len(good), len(bad)) if good and bad else 0)
-        for j in range(n):
-            w, lose = good[j % len(good)], bad[j % len(bad)]
+        strata = sorted({i["shape_ok"] for i in mine}) if match_shape else [None]
+        runs = []  # per stratum, its pairs in order
+        for stratum in strata:
+            group = [i for i in mine if stratum is None or i["shape_ok"] == stratum]
+            good = [i for i in group if i["reward"] == 1.0]
+            bad = [i for i in group if i["reward"] == 0.0]
+            rng.shuffle(good)
+            rng.shuffle(bad)
+            n = max(len(good), len(bad)) if good and bad else 0
+            runs.append([(good[j % len(good)], bad[j % len(bad)]) for j in range(n)])
+        chosen = [pair for turn in zip_longest(*runs) for pair in turn if pair is not None]
+        for w, lose in chosen[:pairs_per_prompt]:
             a, b, label_0 = (w, lose, 1.0) if rng.random() < 0.5 else (lose, w, 0.0)
             rows.append(
                 {
@@ -148,6 +164,7 @@ def build_toy_prefs(
     settings: dict | None = None,
     seed: int = 0,
     rule: str = DEFAULT_RULE,
+    match_shape: bool = True,
 ) -> dict:
     """Generate, label and write the dataset (atomically); returns the stats it writes."""
     from generate import load_pipeline
@@ -163,13 +180,14 @@ def build_toy_prefs(
     heldout = set(heldout_prompts)
     train_images = [i for i in images if i["caption"] not in heldout]
     heldout_images = [i for i in images if i["caption"] in heldout]
-    train_rows = preference_pairs(train_images, pairs_per_prompt, seed)
-    heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1)
+    train_rows = preference_pairs(train_images, pairs_per_prompt, seed, match_shape)
+    heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1, match_shape)
     stats = {
         "version": DATA_VERSION,
         "model": model,
         "rule": rule,
         "images_per_prompt": images_per_prompt,
+        "match_shape": match_shape,
         "settings": settings,
         "train_prompts": len(train_prompts),
         "heldout_prompts": len(heldout_prompts),
@@ -198,6 +216,11 @@ def main() -> None:
     parser.add_argument(
         "--rule", default=DEFAULT_RULE, choices=["colour", "warm"], help="toy reward rule"
     )
+    parser.add_argument(
+        "--no_shape_match",
+        action="store_true",
+        help="pair any rewarded with any unrewarded image, whatever their shapes",
+    )
     parser.add_argument("--write_prompts", action="store_true", help="(re)write assets prompts")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -211,6 +234,7 @@ def main() -> None:
         args.pairs_per_prompt,
         settings,
         rule=args.rule,
+        match_shape=not args.no_shape_match,
     )
     print(json.dumps(stats))
 

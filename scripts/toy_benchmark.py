@@ -194,10 +194,10 @@ def init_worker() -> None:
 # What a run's result depends on besides its variant, seed and task (--resume compares them).
 RUN_SETTINGS = (
     "model", "batch", "warmup", "caption_dropout", "resolution", "eval_seeds", "sample_steps",
-    "guidance_scale", "images_per_prompt", "pairs_per_prompt",
+    "guidance_scale", "images_per_prompt", "pairs_per_prompt", "no_shape_match",
 )  # fmt: skip
 DATA_SETTINGS = ("model", "images_per_prompt", "pairs_per_prompt", "sample_steps",
-                 "guidance_scale")  # fmt: skip
+                 "guidance_scale", "no_shape_match")  # fmt: skip
 RECORD = "record.json"  # a finished run's record, beside its held-out images
 
 
@@ -311,7 +311,13 @@ def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
             continue
         key_file.unlink(missing_ok=True)
         stats[task] = build_toy_prefs(
-            args.model, data, args.images_per_prompt, args.pairs_per_prompt, settings, rule=task
+            args.model,
+            data,
+            args.images_per_prompt,
+            args.pairs_per_prompt,
+            settings,
+            rule=task,
+            match_shape=not args.no_shape_match,
         )
         key_file.write_text(json.dumps(key) + "\n")
     if NOISY_TASK in tasks:
@@ -389,6 +395,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--noisy_seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds")
     p.add_argument("--images_per_prompt", type=int, default=16, help="on-policy images/prompt")
     p.add_argument("--pairs_per_prompt", type=int, default=8, help="pairs per training prompt")
+    p.add_argument(
+        "--no_shape_match",
+        action="store_true",
+        help="pair images whatever their shapes (default: a pair agrees on the shape rule)",
+    )
     p.add_argument("--eval_seeds", type=int, default=20, help="images per held-out prompt")
     p.add_argument("--sample_steps", type=int, default=20, help="sampler steps")
     p.add_argument("--guidance_scale", type=float, default=TOY_GUIDANCE, help="CFG scale")

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 
 import generate
-from evaluation.toy_reward import warm_reward
+from evaluation.toy_reward import shape_reward, warm_reward
 from scripts.build_toy_prefs import toy_prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -59,11 +59,13 @@ def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
 
     from PIL import Image
 
-    # Every chosen image satisfies the rule, every rejected one does not.
+    # Every chosen image satisfies the rule, every rejected one does not; both agree on shape.
     for row in pairs.itertuples():
         win, lose = (row.jpg_0, row.jpg_1) if row.label_0 == 1.0 else (row.jpg_1, row.jpg_0)
-        assert warm_reward(Image.open(io.BytesIO(win))) == 1.0
-        assert warm_reward(Image.open(io.BytesIO(lose))) == 0.0
+        win, lose = Image.open(io.BytesIO(win)), Image.open(io.BytesIO(lose))
+        assert warm_reward(win) == 1.0
+        assert warm_reward(lose) == 0.0
+        assert shape_reward(win, row.caption) == shape_reward(lose, row.caption)
 
 
 def test_every_on_policy_image_has_its_own_noise(toy_pipe):
