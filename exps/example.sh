@@ -22,7 +22,8 @@ RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 l
 BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
 STEPS=${STEPS:-300}
-LR=${LR:-3e-5}                # the toy benchmark's DPO budget (exps/toy_benchmark.sh)
+LR=${LR:-4e-5}                # the toy benchmark's DPO budget (exps/toy_benchmark.sh)
+CAPTION_DROPOUT=${CAPTION_DROPOUT:-0}  # as the toy benchmark (the released trainers drop 0.2)
 WARMUP=${WARMUP:-10}
 WORKERS=${WORKERS:-1}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
@@ -43,7 +44,7 @@ bash scripts/setup.sh
 if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 5,' "$PREFS/stats.json"; then
   .venv/bin/python scripts/build_toy_prefs.py --model "$MODEL" --out "$PREFS" --rule "$RULE"
 fi
-$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"
+$LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --caption_dropout "$CAPTION_DROPOUT" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"
 # Before (base) and after (the trained UNet swapped in), same prompts and seeds: the reward,
 # shape agreement, and diversity and drift against the base (evaluation/distribution.py).
 .venv/bin/python evaluate.py --model "$MODEL" --generate base --generate "$LOSS=$OUTPUT_DIR" --prompts "$EVAL_PROMPTS" --num_seeds "$EVAL_SEEDS" --distinct_seeds --resolution "$RESOLUTION" --guidance_scale "$GUIDANCE" --scorer "toy_$RULE" --scorer toy_shape --out "$OUTPUT_DIR/eval"

@@ -145,11 +145,11 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
         for name in names:
             assert (tmp_path / "work" / "runs" / task / name / "unet").is_dir()
     assert "| dpo | 2 |" in results and "| kto | 1 |" in results  # seeds per loss
-    assert "caption dropout 0.2" in results  # the released trainers' share
+    assert "caption dropout 0.0" in results  # the script's CAPTION_DROPOUT (released trainers: 0.2)
     assert "| stalled steps | s / step |" in results
     config = json.loads((tmp_path / "work" / "runs" / "colour" / "kto-s0" / "train_config.json")
                         .read_text())  # fmt: skip
-    assert config["config"]["caption_dropout"] == 0.2
+    assert config["config"]["caption_dropout"] == 0.0
     assert "| dpo | 3000 | 1 |" in results and "| dpo | 1000 | 1 |" in results  # frontier
     for plot in ("toy_frontier.png", "toy_reward_by_loss.png", "toy_before_after.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000
