@@ -6,12 +6,13 @@
 # benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
-# took 63.6 min on the 2-core machine, the example beside it for half of that (README, "Toy benchmark");
-# QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.5 min.
+# took 59.6 min on the quiet 2-core machine (README, "Toy benchmark"); QUICK=1 (dpo, kto, sft;
+# one seed; colour task; no frontier or noisy column) 3.2 min.
 #
 # DPO's and KTO's betas were tuned on the earlier toy bases' warm task, their learning rate x
-# steps on this base's colour task (seed 0, one run per trial; README, "Toy benchmark"): the
-# largest gain in colour following that keeps shape agreement near the base's. Not the papers'
+# steps and caption dropout on this base's colour task (2-5 seeds per setting; README, "Toy
+# benchmark"; assets/toy_results_base3_trials.md): the largest gain in colour following that
+# keeps shape agreement near the base's. Not the papers'
 # values: learning rates large enough for a 1M-parameter UNet to move in a few hundred steps, and
 # betas in our convention (u = beta/2 (g_chosen - g_rejected), README "Losses") rescaled for 8x8
 # latents of a tiny UNet, where the per-image error gaps are not SD1.5's at 512 px. The other
