@@ -65,9 +65,9 @@ RESOLUTION=${RESOLUTION:-32}
 BATCH=${BATCH:-8}
 WARMUP=${WARMUP:-10}
 # The released DPO and KTO trainers drop 20% of captions. On the second toy base the colour task
-# needed it; on the third, dropping none gained ~4 more points of colour in 5 of 6 paired trials
-# (assets/toy_results_base3_trials.md), so no caption is dropped here, except by KTO, which keeps
-# the released 0.2: without it its weakest warm seed fell under +25 (+23.5).
+# needed it; on the third, dropping none gained more colour in 5 of 6 paired trials (+3.6 points on
+# average; assets/toy_results_base3_trials.md), so no caption is dropped here, except by KTO,
+# which keeps the released 0.2: without it its weakest warm seed fell under +25 (+23.5).
 CAPTION_DROPOUT=${CAPTION_DROPOUT:-0}
 PARALLEL=${PARALLEL:-2}
 RESUME=${RESUME:-0}                 # 1: keep OUT's data and finished runs whose settings match

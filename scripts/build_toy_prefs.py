@@ -52,8 +52,8 @@ HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
 # 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
-# habit; 5: shape-matched pairs); scripts/setup.sh greps stats.json for this number: bump it
-# there too.
+# habit; 5: shape-matched pairs); scripts/setup.sh and exps/example.sh grep stats.json for this
+# number: bump it there too (tests/test_toy_pairs.py checks).
 DATA_VERSION = 5
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
@@ -126,12 +126,12 @@ def preference_pairs(
     has its pairs."""
     rng = random.Random(seed)
     rows = []
+    stratum_of = (lambda i: i["shape_ok"]) if match_shape else (lambda i: True)
     for caption in dict.fromkeys(i["caption"] for i in images):
         mine = [i for i in images if i["caption"] == caption]
-        strata = sorted({i["shape_ok"] for i in mine}) if match_shape else [None]
         runs = []  # per stratum, its pairs in order
-        for stratum in strata:
-            group = [i for i in mine if stratum is None or i["shape_ok"] == stratum]
+        for stratum in sorted({stratum_of(i) for i in mine}):
+            group = [i for i in mine if stratum_of(i) == stratum]
             good = [i for i in group if i["reward"] == 1.0]
             bad = [i for i in group if i["reward"] == 0.0]
             rng.shuffle(good)

@@ -57,3 +57,14 @@ def test_a_stratum_without_a_rewarded_image_gives_no_pairs():
     images = [image("good-blob", 1.0, False), image("bad-shape", 0.0, True)]
     assert preference_pairs(images, pairs_per_prompt=8, seed=0) == []
     assert len(preference_pairs(images, pairs_per_prompt=8, seed=0, match_shape=False)) == 1
+
+
+def test_the_shell_scripts_rebuild_at_the_current_data_version():
+    """setup.sh and the example grep stats.json for the builder's version: bumps reach both."""
+    from pathlib import Path
+
+    from scripts.build_toy_prefs import DATA_VERSION
+
+    repo = Path(__file__).resolve().parents[1]
+    for script in ("scripts/setup.sh", "exps/example.sh"):
+        assert f'"version": {DATA_VERSION},' in (repo / script).read_text(), script
