@@ -21,7 +21,7 @@ BETA=${BETA:-$([ "$LOSS" = dpo ] && echo "$DPO_TOY_BETA" || true)}  # empty: the
 RESOLUTION=${RESOLUTION:-32}  # the toy base's size: its VAE maps 32 px to 8x8 latents
 BATCH=${BATCH:-8}
 ACCUM=${ACCUM:-1}
-STEPS=${STEPS:-300}
+STEPS=${STEPS:-400}
 LR=${LR:-4e-5}                # the toy benchmark's DPO budget (exps/toy_benchmark.sh)
 CAPTION_DROPOUT=${CAPTION_DROPOUT:-0}  # as the toy benchmark (the released trainers drop 0.2)
 WARMUP=${WARMUP:-10}
@@ -41,7 +41,7 @@ LAUNCH=${LAUNCH:-.venv/bin/accelerate launch --num_processes 1 --num_machines 1 
 
 bash scripts/setup.sh
 # Built once (1-2 min; rebuilt if from another builder version); another MODEL needs its own PREFS.
-if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 5,' "$PREFS/stats.json"; then
+if [ -z "$GIVEN_DATA" ] && ! grep -qs '"version": 6,' "$PREFS/stats.json"; then
   .venv/bin/python scripts/build_toy_prefs.py --model "$MODEL" --out "$PREFS" --rule "$RULE"
 fi
 $LAUNCH train.py --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --loss "$LOSS" ${BETA:+--beta "$BETA"} --resolution "$RESOLUTION" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --max_train_steps "$STEPS" --learning_rate "$LR" --caption_dropout "$CAPTION_DROPOUT" --lr_warmup_steps "$WARMUP" --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --checkpoints_total_limit 2 --report_to "$REPORT_TO" --overwrite_output_dir "$OVERWRITE" --validation_prompts "$VALIDATION_PROMPTS" --validation_steps "$VALIDATION_STEPS" --validation_images "$VALIDATION_IMAGES" --validation_scorer "$VALIDATION_SCORER" --validation_guidance_scale "$GUIDANCE"

@@ -16,7 +16,7 @@
 # values: learning rates large enough for a 1M-parameter UNet to move in a few hundred steps, and
 # betas in our convention (u = beta/2 (g_chosen - g_rejected), README "Losses") rescaled for 8x8
 # latents of a tiny UNet, where the per-image error gaps are not SD1.5's at 512 px. The other
-# losses take their released beta or DPO's toy beta and DPO's budget (lr 4e-5 x 300 steps), not
+# losses take their released beta or DPO's toy beta and DPO's budget (lr 4e-5 x 400 steps), not
 # tuned further. Any variable can be overridden from the environment.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -33,21 +33,21 @@ KTO_BETA=${KTO_BETA:-300}
 # One line per setting: NAME [loss=LOSS] train.py-flag=value ... (NAME is the loss unless loss=).
 # Every registered loss needs a line; extra lines are variants (the noisy-label column's).
 VARIANTS=${VARIANTS:-"
-dpo           beta=1000 learning_rate=4e-5 max_train_steps=300   # released 5000
-kto           beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2  # paper 5000, gamma 0.8; released dropout
-sft           learning_rate=4e-5 max_train_steps=300
-ipo           beta=1000 learning_rate=4e-5 max_train_steps=300   # released 5000
-hinge         beta=1000 learning_rate=4e-5 max_train_steps=300   # released 5000
-dmpo          beta=1000 learning_rate=4e-5 max_train_steps=300 dmpo_alpha=0.01  # released 2000
-dspo          beta=0.001 learning_rate=4e-5 max_train_steps=300  # released 0.001 (SD1.5)
-mapo          beta=0.1 learning_rate=4e-5 max_train_steps=300 snr_value=0.5  # released 0.1, 0.5
-dpo_smoothed  loss=dpo beta=1000 label_smoothing=0.3 learning_rate=4e-5 max_train_steps=300  # cDPO, eps = the flip rate
-dpo_safeguard loss=dpo beta=1000 winner_preserving_mu=0.9 learning_rate=4e-5 max_train_steps=300  # released mu 0.9
-kto_batch16   loss=kto tasks=warm beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=16  # KTO's spread (README)
+dpo           beta=1000 learning_rate=4e-5 max_train_steps=400   # released 5000
+kto           beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=16  # paper 5000, gamma 0.8; released dropout; batch 16: a steadier reference point
+sft           learning_rate=4e-5 max_train_steps=400
+ipo           beta=1000 learning_rate=4e-5 max_train_steps=400   # released 5000
+hinge         beta=1000 learning_rate=4e-5 max_train_steps=400   # released 5000
+dmpo          beta=1000 learning_rate=4e-5 max_train_steps=400 dmpo_alpha=0.01  # released 2000
+dspo          beta=0.001 learning_rate=4e-5 max_train_steps=400  # released 0.001 (SD1.5)
+mapo          beta=0.1 learning_rate=4e-5 max_train_steps=400 snr_value=0.5  # released 0.1, 0.5
+dpo_smoothed  loss=dpo beta=1000 label_smoothing=0.3 learning_rate=4e-5 max_train_steps=400  # cDPO, eps = the flip rate
+dpo_safeguard loss=dpo beta=1000 winner_preserving_mu=0.9 learning_rate=4e-5 max_train_steps=400  # released mu 0.9
+kto_batch8    loss=kto tasks=warm beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=8  # KTO's spread (README): the third base's batch
 "}
 TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
-WIDE=${WIDE-dpo kto kto_batch16}    # these get WIDE_SEEDS (their seed spread is the question)
+WIDE=${WIDE-dpo kto kto_batch8}    # these get WIDE_SEEDS (their seed spread is the question)
 WIDE_SEEDS=${WIDE_SEEDS:-0 1 2 3 4}
 # VARIANT:betas, on FRONTIER_TASK: the warm task, where DPO trades shapes for reward (README)
 FRONTIER=${FRONTIER-dpo:1000,3000,10000,30000,100000 kto:100,300,1000}

@@ -52,9 +52,9 @@ HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
 # 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
-# habit; 5: shape-matched pairs); scripts/setup.sh and exps/example.sh grep stats.json for this
-# number: bump it there too (tests/test_toy_pairs.py checks).
-DATA_VERSION = 5
+# habit; 5: shape-matched pairs; 6: the fourth base); scripts/setup.sh and exps/example.sh grep
+# stats.json for this number: bump it there too (tests/test_toy_pairs.py checks).
+DATA_VERSION = 6
 # Generation seeds start here, so evaluation seeds (0..k-1) never share noise with the data.
 FIRST_SEED = 10_000
 

@@ -37,5 +37,5 @@ fi
 [ -f build/tiny-sd15/model_index.json ] || "$py" scripts/build_tiny_model.py --out build/tiny-sd15
 [ -f build/toy-data/kto/train_processed_v3.csv ] || "$py" scripts/build_toy_data.py --out build/toy-data
 # Rebuilt when missing, built for another rule, or from an older builder or base (DATA_VERSION).
-{ grep -qs '"version": 5,' build/toy-prefs/stats.json && grep -qs '"rule": "warm"' build/toy-prefs/stats.json; } ||
+{ grep -qs '"version": 6,' build/toy-prefs/stats.json && grep -qs '"rule": "warm"' build/toy-prefs/stats.json; } ||
   "$py" scripts/build_toy_prefs.py --out build/toy-prefs --rule warm

@@ -332,7 +332,7 @@ def full_benchmark_variants(
     registered: list[str], wide: list[str], variants: dict[str, Variant]
 ) -> list[str]:
     """The full command's main table: every registered loss, then each WIDE variant that is not
-    a loss itself (kto_batch16: the KTO spread study), so WIDE never names a run it skips."""
+    a loss itself (kto_batch8: the KTO spread study), so WIDE never names a run it skips."""
     return [*registered, *(w for w in wide if w in variants and w not in registered)]
 
 

@@ -130,3 +130,37 @@ def test_text_encoder_steps_freeze_the_text_encoder_after_them():
     assert same(seen[2], final)  # and not after them
     final_trained_on, seen_trained_on = train(5, None)
     assert len(seen_trained_on) == 5 and not same(seen_trained_on[0], final_trained_on)
+
+
+def test_faithful_rows_feed_the_unet_while_the_text_encoder_trains_then_the_habit_rows():
+    from scripts.build_tiny_model import tiny_text_encoder
+    from scripts.train_toy_base import toy_unet, train_unet
+
+    torch.manual_seed(0)
+    text_encoder = tiny_text_encoder(with_projection=False)
+    unet = toy_unet(text_encoder.config.hidden_size, width=16)
+    features, captions_read = [], []
+    text_encoder.register_forward_hook(lambda module, args, out: features.append(out[0].detach()))
+
+    def which_captions(module, args, kwargs):
+        text = (args[2] if len(args) > 2 else kwargs["encoder_hidden_states"]).detach()
+        latest = features[-1]  # [3 unique captions, 77, D]
+        captions_read.append({int((latest - row).abs().sum((1, 2)).argmin()) for row in text})
+
+    unet.register_forward_pre_hook(which_captions, with_kwargs=True)
+    latents = torch.randn(8, 4, 8, 8)
+    caption_ids = torch.tensor([0] * 4 + [1] * 4)  # rows 0-3 the habit's scenes, 4-7 faithful
+    train_unet(
+        unet, text_encoder, latents, torch.full_like(latents, 0.1), 1.0,
+        torch.randint(0, 1000, (3, 77)), caption_ids, 2, 6, 4, 1e-3, 0, ema_decay=None,
+        true_caption_ids=caption_ids, text_encoder_steps=3, faithful_rows=4,
+    )  # fmt: skip
+    empty = {2}  # caption dropout's empty caption may appear in either phase
+    assert all(read - empty == {1} for read in captions_read[:3])  # faithful rows only
+    assert all(read - empty == {0} for read in captions_read[3:])  # then the habit's rows
+    with pytest.raises(ValueError, match="faithful_rows"):
+        train_unet(
+            unet, text_encoder, latents, torch.full_like(latents, 0.1), 1.0,
+            torch.randint(0, 1000, (3, 77)), caption_ids, 2, 2, 4, 1e-3, 0, ema_decay=None,
+            faithful_rows=3,
+        )  # fmt: skip
