@@ -66,8 +66,8 @@ TYPICAL_COLOUR_SCENES = 0.5
 # The UNet's first phase (while the text encoder trains) on scenes drawn in the named colour, the
 # habit's scenes only after it: pretraining on faithful data, then fine-tuning on biased data.
 # The third base (False, share 0.6) learned the habit from the start: it drew the caption's shape
-# in 78% of held-out images but only 68% of those in the caption's colour, and tuning it toward
-# the colour cost 6-19 points of shape agreement (README, "The toy task").
+# in 78% of held-out images, but in only 68% of its images in the caption's colour, and tuning it
+# toward the colour cost 6-19 points of shape agreement (README, "The toy task").
 FAITHFUL_FIRST = True
 # The text encoder trains (jointly, on captions naming the colour drawn) for the first half of
 # the UNet's steps, then stays frozen: it learns the colour words as a separately trained
