@@ -6,8 +6,8 @@
 # benchmark"). Plus a reward-vs-drift frontier over beta for DPO and KTO, and a noisy-label column
 # (the colour task with NOISE of the pair labels flipped). Writes assets/toy_results.md and plots.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
-# took 73.6 min on the quiet 2-core machine (README, "Toy benchmark"); QUICK=1 (dpo, kto, sft;
-# one seed; colour task; no frontier or noisy column) 3.8 min.
+# took 73.6 min on the quiet 2-core machine, IPO then at beta 1000 (README, "Toy benchmark");
+# QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.8 min.
 #
 # DPO's and KTO's betas were tuned on the earlier toy bases' warm task, their learning rate x
 # steps, KTO's batch and the caption dropout on this base's colour task (seeds 0 and 4; KTO's
