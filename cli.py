@@ -77,10 +77,12 @@ def run(main: Callable[..., Any], argv: Sequence[str] | None = None, prog: str |
 
 # Messages of third-party loggers and warnings that carry no information for a user of this
 # project: transformers falls back to PIL image processors without torchvision (we never need
-# it); bitsandbytes' optional CPU kernels package; a deprecated argument diffusers passes.
+# it); bitsandbytes' optional CPU kernels package, whose loader (kernels >= 0.19) also notes on
+# every offline run that it skips the hub's publisher check; a deprecated argument diffusers passes.
 _NOISE = {
     "transformers.utils.import_utils": "requires torchvision (not installed); falling back",
     "bitsandbytes.backends.cpu.ops": "gemm_4bit_forward from kernels-community",
+    "kernels._internals.hf_hub": "Skipping publisher trust check",
 }
 _NOISY_WARNINGS = (r".*local_dir_use_symlinks.*",)
 
