@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-import cli
+from common import cli
 
 cli.quiet_third_party()
 
@@ -71,7 +71,7 @@ PROTOCOL_FLAGS = {
 
 def read_generations(name: str, folder: Path) -> pd.DataFrame:
     """A generate.py folder's generations.csv (file_name, prompt[, seed]) with paths resolved."""
-    from generate import METADATA_CSV
+    from models.generation import METADATA_CSV
 
     path = folder / METADATA_CSV
     if not path.is_file():
@@ -186,15 +186,6 @@ def bar_chart(table: pd.DataFrame, rates: Sequence[WinRate], path: Path) -> None
     plt.close(fig)
 
 
-def parse_named(values: Sequence[str], flag: str) -> list[tuple[str, str | None]]:
-    """NAME or NAME=VALUE entries, names unique."""
-    pairs = [(v.split("=", 1)[0], v.split("=", 1)[1] if "=" in v else None) for v in values]
-    names = [n for n, _ in pairs]
-    if len(set(names)) != len(names):
-        raise cli.UsageError(f"{flag}: names must be unique, got {names}")
-    return pairs
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -269,29 +260,29 @@ def run_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     if args.suite:
         suite = load_suite(args.suite, args.limit)
         return suite.prompts, suite.styles
-    import generate
+    from models import generation
 
-    prompts = generate.read_prompts(args.prompts)[: args.limit]
+    prompts = generation.read_prompts(args.prompts)[: args.limit]
     return prompts, [""] * len(prompts)
 
 
 def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     if not args.generate:
         return []
-    import generate
+    from models import generation  # diffusers loads only when there is something to generate
 
     prompts, styles = run_prompts(args)
     runs = []
-    for name, run in parse_named(args.generate, "--generate"):
-        weights = generate.trained_weights(run, "--generate") if run else {}
-        pipe = generate.load_pipeline(args.model, scheduler=args.scheduler,
+    for name, run in cli.parse_named(args.generate, "--generate"):
+        weights = generation.trained_weights(run, "--generate") if run else {}
+        pipe = generation.load_pipeline(args.model, scheduler=args.scheduler,
                                       strict=args.scheduler_given,
-                                      dtype=generate.DTYPES[args.dtype], device=args.device,
+                                      dtype=generation.DTYPES[args.dtype], device=args.device,
                                       **weights)  # fmt: skip
         # What actually sampled (a preset's DDIM becomes flow_euler for SD3 / Flux): recorded.
-        args.scheduler = next(n for n, c in generate.SCHEDULERS.items()
+        args.scheduler = next(n for n, c in generation.SCHEDULERS.items()
                               if type(pipe.scheduler) is c)  # fmt: skip
-        images = generate.generate(
+        images = generation.generate(
             pipe,
             prompts,
             list(range(args.num_seeds)),
@@ -301,7 +292,7 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
             args.batch_size,
             distinct_seeds=args.distinct_seeds,
         )
-        path = generate.save_generations(args.out / name, images)
+        path = generation.save_generations(args.out / name, images)
         table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
         table["style"] = [styles[g.prompt_index] for g in images]
         table.to_csv(path, index=False)
@@ -330,10 +321,10 @@ def scorer_version(name: str, path: str | None) -> dict:
 
 def protocol_record(args: argparse.Namespace, runs: Sequence[tuple[str, Path]]) -> dict:
     """Every choice that moves the numbers, for the summary and protocol.json."""
-    from config import git_sha
+    from training.config import git_sha
 
     record: dict = {
-        "scorers": [scorer_version(n, p) for n, p in parse_named(args.scorer, "--scorer")],
+        "scorers": [scorer_version(n, p) for n, p in cli.parse_named(args.scorer, "--scorer")],
         "runs": {name: str(folder) for name, folder in runs},
         "versions": {lib: metadata.version(lib) for lib in ("torch", "diffusers", "transformers")},
         "git_sha": git_sha(),
@@ -353,7 +344,7 @@ def protocol_record(args: argparse.Namespace, runs: Sequence[tuple[str, Path]]) 
     record["generation"] = {
         "protocol": args.protocol,
         "model": args.model,
-        "unets": dict(parse_named(args.generate, "--generate")),
+        "unets": dict(cli.parse_named(args.generate, "--generate")),
         "scheduler": args.scheduler,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -454,8 +445,8 @@ def protocol_markdown(record: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[WinRate]]:
-    runs = [(n, Path(d)) for n, d in parse_named(args.run, "--run") if d] + generate_runs(args)
-    scorers = [build_scorer(n, p, args.device) for n, p in parse_named(args.scorer, "--scorer")]
+    runs = [(n, Path(d)) for n, d in cli.parse_named(args.run, "--run") if d] + generate_runs(args)
+    scorers = [build_scorer(n, p, args.device) for n, p in cli.parse_named(args.scorer, "--scorer")]
     names = [s.name for s in scorers]
     generations = pd.concat([read_generations(n, d) for n, d in runs])
     warning = shared_seeds(generations)
@@ -492,7 +483,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
     result = evaluate(args)
     print((args.out / SUMMARY_MD).read_text(encoding="utf-8"), end="")
     written = [args.out / name for name in (SCORES_CSV, SUMMARY_MD, PROTOCOL_JSON, SUMMARY_PNG)]
-    generated = [str(args.out / name) for name, _ in parse_named(args.generate, "--generate")]
+    generated = [str(args.out / name) for name, _ in cli.parse_named(args.generate, "--generate")]
     if generated:
         print(f"generated images: {', '.join(generated)}")
     print(f"wrote {', '.join(str(p) for p in written)}")

@@ -10,9 +10,9 @@ What a loss needs (a reference model, per-pixel predictions) comes from its regi
 """
 
 # ruff: noqa: E402  (--help and flag mistakes are answered before torch and diffusers load)
-import cli
+from training.startup import answer_help_early
 
-cli.answer_help_early(__name__)
+answer_help_early(__name__)
 
 import json
 import math
@@ -26,21 +26,20 @@ from accelerate.logging import get_logger
 from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
 from tqdm.auto import tqdm
 
-import checkpointing
-import hub
-import startup
-from build import build_dataloader, build_dataset, build_optimizer, dataset_size
-from config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from common import cli
 from data import LabeledImages, PickapicPairs
-from diffusion import denoise, first_group_index
-from distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
+from diffusion.denoising import denoise, first_group_index
 from losses import Requirements, build_loss, get_spec, requirements
 from losses.health import health_metrics
 from losses.registry import LossFn
-from model_card import write_model_card
-from models import Components, load_components
+from models.loading import Components, load_components
 from models.speed import allow_tf32
-from validation import ValidationResult, Validator
+from training import checkpointing, hub, startup
+from training.build import build_dataloader, build_dataset, build_optimizer, dataset_size
+from training.config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from training.distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
+from training.model_card import write_model_card
+from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
 

@@ -34,17 +34,17 @@ import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
 from bench.models import FLOW_SIZES, SIZES, build_random_model, text_shapes, vae_config
-from build import make_optimizer
-from config import TrainConfig
 from data.cache import CachedLatentEncoder
-from diffusion import VaeEncoder, batch_errors
+from diffusion.denoising import VaeEncoder, batch_errors
 from losses import build_loss
 from losses.dpo import DPO_BETA
-from models.family import family_for
+from models.families import family_for
 from models.loading import FP32_NORMS, to_dtype_keeping_norms_fp32
 from models.lora import DEFAULT_LORA_TARGETS, AdaptersDisabled, add_lora
 from models.speed import compile_unet
 from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+from training.build import make_optimizer
+from training.config import TrainConfig
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed, 8k"

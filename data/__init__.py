@@ -4,7 +4,8 @@
   ``winners_only``).
 - ``LabeledImages``: the per-image CSV with desirable/undesirable labels (Diffusion-KTO).
 - ``TablePairs`` (data/table_pairs.py): your own pairs, a manifest or two folders
-  (data/pair_table.py), chosen first; ``python -m data.relabel`` relabels any pairs with scorers.
+  (data/pair_table.py), chosen first; ``python -m evaluation.relabel`` relabels any pairs
+  with scorers.
 - ``collate_pairs`` / ``collate_images``: examples -> ``PairBatch`` / ``ImageBatch``.
 
 Both datasets are infinite and exactly resumable: every example carries its stream's ``role``

@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-import cli
+from common import cli
 from data.columns import PROB, columns_flag, parse_columns
 from data.errors import DataError
 from data.hub_chunks import UID_COLUMNS, HubChunks, pair_chunk

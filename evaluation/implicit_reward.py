@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from data.transforms import ImageTransform
-from diffusion import VaeEncoder, batch_errors
+from diffusion.denoising import VaeEncoder, batch_errors
 from models.family import ModelFamily
 
 

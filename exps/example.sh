@@ -30,7 +30,7 @@ CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-tensorboard}
 OVERWRITE=${OVERWRITE:-true}  # a demo: re-running it replaces the last run in OUTPUT_DIR
 EVAL_PROMPTS=${EVAL_PROMPTS:-assets/toy_prompts_heldout.txt}  # never in the preference pairs
-# Validation while training (validation.py): the held-out prompts, the toy reward as a curve.
+# Validation while training (training/validation.py): the held-out prompts, the toy reward as a curve.
 VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-$EVAL_PROMPTS}
 VALIDATION_STEPS=${VALIDATION_STEPS:-25}
 VALIDATION_IMAGES=${VALIDATION_IMAGES:-4}

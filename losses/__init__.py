@@ -4,8 +4,8 @@ Every loss maps ``(policy_err, ref_err, labels, policy_pred, ref_pred, target)``
 ``(loss, metrics)`` (the table in the README, "Losses"):
 
 - ``policy_err`` / ``ref_err``: float32 tensors of per-sample mean-squared denoising errors
-  (see ``diffusion.py``). Pairwise losses take ``[2B]`` with the B chosen samples first and the
-  B rejected samples second; per-image losses take ``[B]``.
+  (see ``diffusion/denoising.py``). Pairwise losses take ``[2B]`` with the B chosen samples
+  first and the B rejected samples second; per-image losses take ``[B]``.
   ``ref_err`` is None for losses without a reference (``mapo``, ``sft``).
 - ``labels``: ``[B]`` in {0, 1} (1 = desirable) for per-image losses; for pairwise ``dpo``, an
   optional soft preference p in [0, 1] per pair (None: 1).

@@ -5,7 +5,8 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from losses.registry import LossFn
+# A configured loss: per-sample errors (and labels, predictions) -> (loss, metrics).
+LossFn = Callable[..., tuple[torch.Tensor, dict[str, float]]]
 
 
 def split_pairs(errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

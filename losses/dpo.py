@@ -15,8 +15,8 @@ log-sigmoid (one term per pair).
 import torch
 import torch.nn.functional as F
 
-from losses.common import pair_metrics, pair_rewards, require
-from losses.registry import LossFn, register
+from losses.common import LossFn, pair_metrics, pair_rewards, require
+from losses.registry import Option, register
 
 # Released Diffusion-DPO code, SD1.5 and SDXL: --beta_dpo 5000.
 DPO_BETA = 5000.0
@@ -46,6 +46,14 @@ def preference_targets(
     soft_labels=True,
     help="Diffusion-DPO on chosen/rejected pairs (beta/2 convention of the released code; "
     "--label_smoothing: conservative DPO; soft labels p per pair)",
+    options={
+        "label_smoothing": Option(
+            "dpo: conservative-DPO label smoothing eps in [0, 0.5) "
+            "(cDPO, Mitchell 2023; 0: plain DPO)",
+            lambda eps: 0.0 <= eps < 0.5,
+            "in [0, 0.5)",
+        )
+    },
 )
 def dpo_loss(beta: float = DPO_BETA, label_smoothing: float = DPO_LABEL_SMOOTHING) -> LossFn:
     if not 0.0 <= label_smoothing < 0.5:

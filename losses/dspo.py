@@ -14,8 +14,8 @@ gap); only the SD1.5 form is implemented here.
 
 import torch
 
-from losses.common import no_labels, pair_metrics, pair_rewards, require
-from losses.registry import LossFn, register
+from losses.common import LossFn, no_labels, pair_metrics, pair_rewards, require
+from losses.registry import register
 
 DSPO_BETA = 0.001  # released SD1.5 launcher (AIDC-AI/Diffusion-SDPO scripts/train/sd15_dspo.sh)
 

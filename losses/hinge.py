@@ -9,9 +9,9 @@ relu(1 - beta' dg) with beta' = beta/2: identical.
 
 import torch
 
-from losses.common import margin_loss
+from losses.common import LossFn, margin_loss
 from losses.dpo import DPO_BETA
-from losses.registry import LossFn, register
+from losses.registry import register
 
 # The hinge's margin: pairs with u >= 1 contribute no gradient.
 HINGE_MARGIN = 1.0

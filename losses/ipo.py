@@ -10,9 +10,9 @@ example (examples/research_projects/diffusion_dpo) writes (dg - 1/(2 beta'))^2 w
 the same optimum u = 1/2, scaled by 1/beta'^2.
 """
 
-from losses.common import margin_loss
+from losses.common import LossFn, margin_loss
 from losses.dpo import DPO_BETA
-from losses.registry import LossFn, register
+from losses.registry import register
 
 # IPO's target margin in our units: h = 1/(2 tau) in the paper's (Azar et al. 2023, eq. 17).
 IPO_TARGET_MARGIN = 0.5

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from losses.common import global_mean, masked_mean, require, win_rate
-from losses.registry import LossFn, register
+from losses.common import LossFn, global_mean, masked_mean, require, win_rate
+from losses.registry import Option, register
 
 # Diffusion-KTO paper: beta = 5000 (the released code's default is 1000).
 KTO_BETA = 5000.0
@@ -46,6 +46,11 @@ KTO_UTILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     pairwise=False,
     needs_reference=True,
     help="Diffusion-KTO on per-image desirable/undesirable labels",
+    options={
+        "kto_utility": Option("KTO utility function", choices=tuple(sorted(KTO_UTILITIES))),
+        "lambda_desirable": Option("KTO weight of desirable samples"),
+        "lambda_undesirable": Option("KTO weight of undesirable samples"),
+    },
 )
 def kto_loss(
     beta: float = KTO_BETA,

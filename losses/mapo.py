@@ -14,8 +14,8 @@ reference.
 import torch
 import torch.nn.functional as F
 
-from losses.common import no_labels, split_pairs, win_rate
-from losses.registry import LossFn, register
+from losses.common import LossFn, no_labels, split_pairs, win_rate
+from losses.registry import Option, positive_finite, register
 
 MAPO_BETA = 0.1  # released args.py: --beta_mapo 0.1
 MAPO_SNR_VALUE = 0.5  # released args.py: --snr_value 0.5
@@ -36,6 +36,13 @@ def error_score(errors: torch.Tensor, gamma: float) -> torch.Tensor:
     pairwise=True,
     needs_reference=False,
     help="MaPO: chosen denoising loss + beta * log-odds margin; no reference model",
+    options={
+        "snr_value": Option(
+            "mapo: gamma of the error score gamma e / (exp(gamma e) - 1) (released 0.5)",
+            positive_finite,
+            "finite and > 0",
+        )
+    },
 )
 def mapo_loss(
     beta: float = MAPO_BETA,

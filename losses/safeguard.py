@@ -17,8 +17,7 @@ min(1, |gA|^2 / gB . gA); "off" is not applying the wrapper.
 
 import torch
 
-from losses.common import require, split_pairs
-from losses.registry import LossFn
+from losses.common import LossFn, require, split_pairs
 
 # Released code: the denominator's epsilon and the cap on lambda.
 SAFEGUARD_EPS = 1e-9
@@ -26,6 +25,11 @@ SAFEGUARD_MAX_LAMBDA = 1.0
 # Released launchers' mu: 0.9 for Diffusion-DPO and DMPO, 0.2 for DSPO (SD1.5).
 SAFEGUARD_MU_DPO = 0.9
 SAFEGUARD_MU_DSPO = 0.2
+SAFEGUARD_MU_HELP = (
+    "the Diffusion-SDPO safeguard on any pairwise loss with a reference: mu in [0, 1] "
+    f"(released launchers: {SAFEGUARD_MU_DPO} for dpo and dmpo, {SAFEGUARD_MU_DSPO} for dspo); "
+    "none: off"
+)
 
 
 @torch.no_grad()

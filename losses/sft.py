@@ -6,8 +6,8 @@ labels the errors are a pair batch and only the chosen half counts.
 
 import torch
 
-from losses.common import split_pairs
-from losses.registry import LossFn, register
+from losses.common import LossFn, split_pairs
+from losses.registry import register
 
 
 @register(

@@ -12,7 +12,6 @@ both give the same flat dict of per-caption tensors, which ``condition`` turns i
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,7 +31,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from config import TIME_IDS_MODES
+from models.modes import TIME_IDS_MODES
 
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
 
@@ -44,10 +43,10 @@ class ModelFamily:
     tokenizers: list[PreTrainedTokenizerBase]
     text_encoders: list[PreTrainedModel]
     resolution: int = 512
-    time_ids_mode: str = "constant"  # SDXL only: see config.TIME_IDS_MODES
+    time_ids_mode: str = "constant"  # SDXL only: see models/modes.py
     # How a dropped ("") caption conditions the UNet: "encode" runs the text encoders on "" (both
     # released trainers); "zeros" uses all-zero features, as StableDiffusionXLPipeline's
-    # unconditional branch does (force_zeros_for_empty_prompt). See config.EMPTY_PROMPT_MODES.
+    # unconditional branch does (force_zeros_for_empty_prompt). See models/modes.py.
     empty_prompt: str = "encode"
     # Replaces the encoders when set (a text cache): captions [B] -> the same features.
     text_source: Callable[[list[str]], TextFeatures] | None = None
@@ -216,36 +215,3 @@ def zero_empty_captions(text: TextFeatures, captions: list[str]) -> TextFeatures
         name: value * keep.to(value.device, value.dtype).view(-1, *[1] * (value.ndim - 1))
         for name, value in text.items()
     }
-
-
-from models.flow_families import FluxFamily, SD3Family  # noqa: E402  (they subclass ModelFamily)
-
-# Checked in order: the flow transformers first (their configs have no addition_embed_type).
-FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, FluxFamily, SDXLFamily, ModelFamily)
-
-# The denoiser subfolders a diffusers model directory may have, in the order they are tried
-# (unet/ first: the UNet families were there first).
-DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser_folder for f in reversed(FAMILIES)))
-
-
-def denoiser_config(source: str | Path, revision: str | None = None) -> dict:
-    """The config.json of a model's denoiser (``unet/`` or ``transformer/``), no weights read."""
-    errors = []
-    for folder in DENOISER_FOLDERS:
-        try:
-            return dict(UNet2DConditionModel.load_config(source, subfolder=folder,
-                                                         revision=revision))  # fmt: skip
-        except (OSError, ValueError) as exc:
-            errors.append(f"{folder}/: {str(exc).splitlines()[0]}")
-    raise OSError(f"{source}: no denoiser config ({'; '.join(errors)})")
-
-
-def family_for(unet_config: dict) -> type[ModelFamily]:
-    """The family whose conditioning the denoiser (UNet or transformer) was built for."""
-    for family in FAMILIES:
-        if family.matches(unet_config):
-            return family
-    raise ValueError(
-        f"no model family for a UNet with addition_embed_type="
-        f"{unet_config.get('addition_embed_type')!r}; supported: {[f.name for f in FAMILIES]}"
-    )

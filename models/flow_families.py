@@ -21,8 +21,8 @@ from diffusers import (
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
 
-from cli import UsageError
-from flow_matching import FlowMatching, resolution_shift
+from common.cli import UsageError
+from diffusion.flow_matching import FlowMatching, resolution_shift
 from models.family import ModelFamily, TextFeatures
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per

@@ -7,18 +7,42 @@ Weights are read from safetensors only.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.normalization import RMSNorm
 from transformers import AutoTokenizer
 
-from config import TrainConfig
 from data.cache import CachedLatentEncoder, TextCache
-from diffusion import LatentEncoder, NoiseProcess, VaeEncoder
-from models.family import ModelFamily, denoiser_config, family_for
+from diffusion.denoising import LatentEncoder, NoiseProcess, VaeEncoder
+from models.families import denoiser_config, family_for
+from models.family import ModelFamily
 from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
 from models.speed import apply_attention, compile_unet
+
+
+class LoadSettings(Protocol):
+    """The run settings loading reads (``training.config.TrainConfig`` has them all)."""
+
+    pretrained_model: str
+    revision: str | None
+    variant: str | None
+    reference_model: str | None
+    pretrained_vae: str | None
+    time_ids: str
+    empty_prompt_embeddings: str
+    resolution: int | None
+    cache: str | None
+    seed: int
+    lora_rank: int
+    lora_alpha: float | None
+    lora_target_modules: str
+    lora_dropout: float
+    attention: str
+    gradient_checkpointing: bool
+    torch_compile: bool
+    compile_backend: str
 
 
 @dataclass
@@ -35,12 +59,12 @@ class Components:
     policy_io: FullUNetIO | LoraIO  # how checkpoints and the export save the policy
 
 
-def _hub_args(config: TrainConfig) -> dict:
+def _hub_args(config: LoadSettings) -> dict:
     return {"revision": config.revision, "variant": config.variant, "use_safetensors": True}
 
 
 def load_unet(
-    source: str, config: TrainConfig, dtype: torch.dtype = torch.float32
+    source: str, config: LoadSettings, dtype: torch.dtype = torch.float32
 ) -> UNet2DConditionModel:
     """The model's denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
     family_cls = family_for(denoiser_config(source, config.revision))
@@ -79,21 +103,21 @@ def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> No
         module._buffers[name] = value
 
 
-def vae_source(config: TrainConfig) -> tuple[str, dict]:
+def vae_source(config: LoadSettings) -> tuple[str, dict]:
     """(path, from_pretrained kwargs) of the VAE: --pretrained_vae, else the model's vae/."""
     if config.pretrained_vae:
         return config.pretrained_vae, {"use_safetensors": True}
     return config.pretrained_model, {"subfolder": "vae", **_hub_args(config)}
 
 
-def load_vae(config: TrainConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
+def load_vae(config: LoadSettings, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
     source, kwargs = vae_source(config)
     vae = AutoencoderKL.from_pretrained(source, dtype=dtype, **kwargs)
     return vae.requires_grad_(False).eval().to(device)
 
 
 def load_family(
-    config: TrainConfig, family_cls: type[ModelFamily], dtype: torch.dtype, device: torch.device
+    config: LoadSettings, family_cls: type[ModelFamily], dtype: torch.dtype, device: torch.device
 ) -> ModelFamily:
     """The family with its frozen tokenizers and text encoders."""
     tokenizers, encoders = [], []
@@ -114,7 +138,7 @@ def load_family(
 
 
 def load_components(
-    config: TrainConfig,
+    config: LoadSettings,
     needs_reference: bool,
     weight_dtype: torch.dtype,
     device: torch.device,

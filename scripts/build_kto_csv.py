@@ -48,7 +48,7 @@ from PIL import Image
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli
+from common import cli
 from data.columns import columns_flag, parse_columns
 from data.errors import DataError
 from data.hub_chunks import HubChunks, pair_chunk

@@ -89,7 +89,7 @@ def labelled_generations(
     """prompt, seed, jpeg, uid and reward of k generations per prompt, every image from its own
     seed (FIRST_SEED...): the toy base's colour is mostly decided by the noise, so seeds shared
     across prompts would repeat k colour draws rather than give prompts x k."""
-    from generate import generate
+    from models.generation import generate
 
     reward = toy_reward(rule)
     rng = random.Random(0)
@@ -167,7 +167,7 @@ def build_toy_prefs(
     match_shape: bool = True,
 ) -> dict:
     """Generate, label and write the dataset (atomically); returns the stats it writes."""
-    from generate import load_pipeline
+    from models.generation import load_pipeline
 
     toy_reward(rule)  # unknown rule: fail before generating
     settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **(settings or {})}

@@ -30,8 +30,8 @@ from pathlib import Path
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from config import CAPTION_DROPOUT
 from evaluation.suites import TOY_GUIDANCE
+from training.config import CAPTION_DROPOUT
 
 logger = logging.getLogger(__name__)
 
@@ -138,10 +138,10 @@ def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) 
     import torch
     from diffusers import AutoencoderKL
 
-    from config import TrainConfig
     from evaluation.implicit_reward import accuracy, implicit_margins, read_pairs
-    from models.family import denoiser_config, family_for
+    from models.families import denoiser_config, family_for
     from models.loading import load_family
+    from training.config import TrainConfig
 
     pixels, captions = read_pairs(pairs, resolution)
     load = {"dtype": torch.float32}
@@ -165,14 +165,14 @@ def implicit_accuracy(model: str, unet_dir: Path, pairs: Path, resolution: int) 
 
 def generate_heldout(args: argparse.Namespace, unet_dir: Path | None, out_dir: Path) -> None:
     """The held-out prompts x eval_seeds images, every image from its own seed."""
-    import generate
+    from models import generation
     from scripts.build_toy_prefs import HELDOUT_PROMPTS
 
     weights = {} if unet_dir is None else {"unet": unet_dir}
-    pipe = generate.load_pipeline(args.model, **weights)  # the family's sampler: DDIM, flow Euler
-    images = generate.generate(
+    pipe = generation.load_pipeline(args.model, **weights)  # the family's sampler: DDIM, flow Euler
+    images = generation.generate(
         pipe,
-        generate.read_prompts(HELDOUT_PROMPTS),
+        generation.read_prompts(HELDOUT_PROMPTS),
         list(range(args.eval_seeds)),
         args.sample_steps,
         args.guidance_scale,
@@ -181,7 +181,7 @@ def generate_heldout(args: argparse.Namespace, unet_dir: Path | None, out_dir: P
         progress=False,
         distinct_seeds=True,
     )
-    generate.save_generations(out_dir, images)
+    generation.save_generations(out_dir, images)
 
 
 def init_worker() -> None:

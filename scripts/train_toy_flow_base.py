@@ -4,8 +4,8 @@ The SD3 counterpart of scripts/train_toy_base.py (same scenes at 32 px, same wro
 captions and caption dropout, same VAE recipe): a 16-channel VAE (2 downsamplings: 32 px ->
 8x8x16 latents, shift and scale set so the latents have zero mean and unit variance), then an
 MMDiT (``SD3Transformer2DModel``) trained by rectified flow on those latents (x = (1 - s) x0 +
-s eps, target eps - x0, s = sigmoid(N(0, 1)): flow_matching.py), jointly with its CLIP-L and
-CLIP-G shaped tiny CLIPs (the real CLIP tokenizer). The tiny T5 (the project's stand-in
+s eps, target eps - x0, s = sigmoid(N(0, 1)): diffusion/flow_matching.py), jointly with its
+CLIP-L and CLIP-G shaped tiny CLIPs (the real CLIP tokenizer). The tiny T5 (the project's stand-in
 tokenizer, scripts/build_tiny_model.py) stays at its random init unless --train_t5: its 256
 padded tokens per caption cost more CPU than the budget allows (measured at batch 64: 0.7 of
 2.1 CPU-s per step; the transformer, over 16 image + 333 text tokens, most of the rest). The text
@@ -32,7 +32,7 @@ from transformers import CLIPTokenizer
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from flow_matching import FlowMatching
+from diffusion.flow_matching import FlowMatching
 from models.flow_families import SD3Family
 from scripts.atomic_dir import atomic_directory
 from scripts.build_tiny_model import T5_HIDDEN, TEXT_PROJECTION, tiny_t5, tiny_text_encoder

@@ -6,8 +6,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from config import parse_config
-from diffusion import (
+from diffusion.denoising import (
     batch_errors,
     denoise,
     denoising_errors,
@@ -16,7 +15,8 @@ from diffusion import (
     noisy_inputs_and_target,
 )
 from losses import build_loss, get_spec, loss_names, requirements
-from models import load_components
+from models.loading import load_components
+from training.config import parse_config
 
 SHAPE = (4, 8, 8)
 

@@ -122,7 +122,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 
 
 def train_base_params(model: Path) -> list[torch.Tensor]:
-    from models.family import denoiser_config, family_for
+    from models.families import denoiser_config, family_for
 
     family = family_for(denoiser_config(str(model)))
     denoiser = family.denoiser_class.from_pretrained(model, subfolder=family.denoiser_folder)

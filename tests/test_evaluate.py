@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import evaluate
-from cli import UsageError
+from common.cli import UsageError
 from evaluation.scorers import (
     AESTHETIC_HEAD,
     IMAGEREWARD_HEAD,

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-import startup
-from cli import UsageError, one_line, run
-from config import HELP_GROUPS, TrainConfig, build_parser, field_groups, parse_config
+from common.cli import UsageError, one_line, run
 from data import DataError
 from tests.support import reset_accelerate
+from training import startup
+from training.config import HELP_GROUPS, TrainConfig, build_parser, field_groups, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_MODEL = REPO / "assets" / "toy-sd15"

@@ -16,14 +16,15 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
-from config import parse_config
-from diffusion import draw_groups, group_generator, noisy_inputs_and_target
-from flow_matching import FlowMatching, resolution_shift, sample_u, shifted
+from diffusion.denoising import draw_groups, group_generator, noisy_inputs_and_target
+from diffusion.flow_matching import FlowMatching, resolution_shift, sample_u, shifted
 from losses import get_spec
-from models import load_components, load_pipeline
 from models.flow_families import FluxFamily, SD3Family, image_ids, pack_latents, unpack_latents
+from models.loading import load_components
+from models.pipeline import load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
+from training.config import parse_config
 
 FAMILIES = {"sd3": (SD3Transformer2DModel, StableDiffusion3Pipeline),
             "flux": (FluxTransformer2DModel, FluxPipeline)}  # fmt: skip
@@ -129,7 +130,7 @@ def test_families_chosen_from_the_transformer_config(sd3, flux):
 
 
 def test_a_resolution_the_patches_do_not_divide_is_refused(tiny_flux_dir):
-    from cli import UsageError
+    from common.cli import UsageError
 
     config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72"])
     with pytest.raises(UsageError, match="multiple of 16"):

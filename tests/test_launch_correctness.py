@@ -11,11 +11,12 @@ import torch
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 from diffusers import UNet2DConditionModel
 
-from config import TrainConfig, parse_config
-from distributed import LaunchConfigError, check_backend, configure_deepspeed
-from models import load_components, load_pipeline
+from models.loading import load_components
+from models.pipeline import load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
+from training.config import TrainConfig, parse_config
+from training.distributed import LaunchConfigError, check_backend, configure_deepspeed
 
 LOG2 = math.log(2)
 

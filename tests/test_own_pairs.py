@@ -17,12 +17,12 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-from config import parse_config
 from data import DataError, ImageTransform, PickapicPairs, collate_pairs
 from data.pair_table import load_manifest, load_pair_dirs
 from data.table_pairs import TablePairs
 from losses import build_loss, dpo
 from tests.support import end_wandb_session
+from training.config import parse_config
 
 RES = 8
 N = 7

@@ -1,6 +1,6 @@
-"""python -m data.relabel: scores for every image, standardised combination, labels, ties, soft
-labels, per-image labels, resume and flat memory, on tiny generated data with the toy rule and a
-tiny random-init scorer."""
+"""python -m evaluation.relabel: scores for every image, standardised combination, labels, ties,
+soft labels, per-image labels, resume and flat memory, on tiny generated data with the toy rule
+and a tiny random-init scorer."""
 
 import io
 import itertools
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 
 from data import ImageTransform, PickapicPairs, collate_pairs
-from data.relabel import main as relabel_main
-from data.relabel import run as relabel
+from evaluation.relabel import main as relabel_main
+from evaluation.relabel import run as relabel
 from evaluation.scorers import ToyRewardScorer
 
 

@@ -6,12 +6,13 @@ import pytest
 import torch
 from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
-from config import parse_config
-from diffusion import denoising_errors
+from diffusion.denoising import denoising_errors
 from losses import get_spec, loss_names
-from models import load_components, load_pipeline
 from models.family import SDXLFamily
+from models.loading import load_components
+from models.pipeline import load_pipeline
 from tests.test_train import run
+from training.config import parse_config
 
 
 def test_time_ids_constant_is_the_released_codes():

@@ -8,7 +8,6 @@ import argparse
 import pandas as pd
 import pytest
 
-from config import CAPTION_DROPOUT
 from scripts.toy_benchmark import (
     NOISY_TASK,
     Job,
@@ -24,6 +23,7 @@ from scripts.toy_benchmark import (
     train_argv,
 )
 from scripts.toy_benchmark_report import RunMetrics, loss_row, stalled_share
+from training.config import CAPTION_DROPOUT
 
 SETTINGS = """
 dpo  beta=1000 learning_rate=1e-4 max_train_steps=300   # released 5000

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import generate
 from evaluation.toy_reward import shape_reward, warm_reward
+from models import generation
 from scripts.build_toy_prefs import toy_prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ MAX_ASSET_BYTES = 25 * 2**20
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    return generate.load_pipeline(str(TOY))
+    return generation.load_pipeline(str(TOY))
 
 
 def test_the_shipped_weights_are_small_safetensors():
@@ -33,7 +33,7 @@ def test_the_shipped_weights_are_small_safetensors():
 
 def test_the_toy_base_draws_scenes_that_are_warm_only_part_of_the_time(toy_pipe):
     _, heldout = toy_prompt_split()
-    out = generate.generate(toy_pipe, heldout, [0, 1, 2], steps=10, progress=False)
+    out = generation.generate(toy_pipe, heldout, [0, 1, 2], steps=10, progress=False)
     assert {g.image.size for g in out} == {(32, 32)}
     assert all(np.asarray(g.image).std() > 10 for g in out)  # a scene, not a flat image
     # The preference task needs room both ways: some warm images to prefer, some not.
@@ -118,7 +118,7 @@ def test_the_base_reads_shapes_and_misses_colours_at_the_measured_rates(toy_pipe
     from scripts.train_toy_base import TYPICAL_COLOUR
 
     _, heldout = toy_prompt_split()
-    out = generate.generate(
+    out = generation.generate(
         toy_pipe, heldout, list(range(4)), 20, TOY_GUIDANCE, 32, progress=False, distinct_seeds=True
     )
     assert len(out) == 48

@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import train
-from checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 from losses import get_spec, loss_names
 from tests.support import end_wandb_session, reset_accelerate
+from training.checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 
 
 def data_args(loss: str, toy: Path) -> list[str]:
@@ -284,7 +284,7 @@ def test_invalid_config_fails_at_startup():
 
 
 def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named():
-    from config import given_flags, parse_config, unused_flag_notes
+    from training.config import given_flags, parse_config, unused_flag_notes
 
     assert parse_config(["--loss", "mapo"]).beta == 0.1
     assert parse_config(["--loss", "dmpo"]).beta == 2000.0
@@ -308,7 +308,7 @@ def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named()
 def test_every_config_field_is_a_flag_with_help():
     import dataclasses
 
-    from config import TrainConfig, build_parser
+    from training.config import TrainConfig, build_parser
 
     help_text = build_parser().format_help()
     for f in dataclasses.fields(TrainConfig):

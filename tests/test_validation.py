@@ -15,12 +15,12 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-import generate
-import hub
 import train
-from checkpointing import MANIFEST_FILE
-from config import TrainConfig
+from models import generation
 from tests.support import end_wandb_session, reset_accelerate
+from training import hub
+from training.checkpointing import MANIFEST_FILE
+from training.config import TrainConfig, build_parser
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 VALIDATION = [
@@ -82,11 +82,11 @@ def test_images_at_the_right_steps_with_fixed_seeds_identical_across_runs(runs):
 
 def test_final_grid_is_the_exported_models_images_at_those_seeds(runs, tiny_sd15_dir):
     out, _ = runs
-    pipe = generate.load_pipeline(str(tiny_sd15_dir), unet=out["a"])
-    images = generate.generate(pipe, PROMPTS, [0, 1], steps=2, resolution=64,
+    pipe = generation.load_pipeline(str(tiny_sd15_dir), unet=out["a"])
+    images = generation.generate(pipe, PROMPTS, [0, 1], steps=2, resolution=64,
                                progress=False, distinct_seeds=True)  # fmt: skip
     assert [g.seed for g in images] == [0, 1, 2, 3]
-    expected = np.asarray(generate.labelled_grid(images, cell=64).convert("RGB"))
+    expected = np.asarray(generation.labelled_grid(images, cell=64).convert("RGB"))
     assert np.array_equal(expected, pixels(out["a"] / "validation" / "step-3.png"))
 
 
@@ -156,7 +156,7 @@ def test_model_card_parses_and_names_the_settings(runs, tiny_sd15_dir):
 
 
 def test_model_card_lists_hub_datasets(tmp_path):
-    from model_card import card_datasets
+    from training.model_card import card_datasets
 
     config = TrainConfig().to_dict()
     assert card_datasets({**config, "data": "yuvalkirstain/pickapic_v2"}) == [
@@ -202,7 +202,7 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
 
 def config_error(*args: str) -> str:
     with pytest.raises(ValueError) as info:
-        TrainConfig(**vars(__import__("config").build_parser().parse_args(list(args)))).validate()
+        TrainConfig(**vars(build_parser().parse_args(list(args)))).validate()
     return str(info.value)
 
 
@@ -219,7 +219,7 @@ def test_hub_arguments_are_checked_at_start_up(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_placeholder")
     args = ["--push_to_hub", "true", "--hub_model_id", "someone/toy-dpo"]
-    config = TrainConfig(**vars(__import__("config").build_parser().parse_args(args)))
+    config = TrainConfig(**vars(build_parser().parse_args(args)))
     config.validate()  # valid id, hub reachable in principle, a token: accepted
 
 
@@ -283,7 +283,7 @@ def test_validation_scheduler_choices_are_generate_pys():
     import dataclasses
 
     (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "validation_scheduler"]
-    assert sorted(field.metadata["choices"]) == sorted(generate.SCHEDULERS)
+    assert sorted(field.metadata["choices"]) == sorted(generation.SCHEDULERS)
 
 
 def test_grids_reach_wandb(tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch):

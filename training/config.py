@@ -20,14 +20,14 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cli import Parser, UsageError
+from common.cli import Parser, UsageError
+from diffusion.flow_matching import TIMESTEP_SAMPLINGS
 from losses import get_spec, loss_names, unused_options
-from losses.dmpo import DMPO_ALPHA
-from losses.dpo import DPO_LABEL_SMOOTHING
-from losses.kto import KTO_UTILITIES
-from losses.mapo import MAPO_SNR_VALUE
+from losses.registry import BETA_OPTION, OptionField, option_fields
+from models.modes import EMPTY_PROMPT_MODES, TIME_IDS_MODES
+from training.hub import hub_problems
 
-REPO_ROOT = Path(__file__).resolve().parent
+REPO_ROOT = Path(__file__).resolve().parents[1]
 # The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
 # (scripts/build_toy_prefs.py, built by scripts/setup.sh).
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "toy-sd15"
@@ -40,15 +40,7 @@ KTO_DESIRABLE_PROB = 0.8
 # Both released trainers replace the caption by "" with probability 0.2 (classifier-free guidance).
 CAPTION_DROPOUT = 0.2
 
-# How SDXL's micro-conditioning time_ids are filled (models/family.py, SDXLFamily.time_ids):
-# constant: (R, R, 0, 0, R, R) for every image, as the released Diffusion-DPO SDXL trainer did;
-# original: the image's true (H, W) before resizing and its crop (top, left), then (R, R).
-TIME_IDS_MODES = ("constant", "original")
-# What a dropped caption conditions on (models/family.py, ModelFamily.empty_prompt).
-EMPTY_PROMPT_MODES = ("encode", "zeros")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-# Flow-matching models (SD3, Flux): how sigma is drawn (flow_matching.py; Esser et al. 2024, 3.1).
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
 LIBRARIES = (
     "torch",
@@ -68,7 +60,9 @@ def arg(default: Any, help: str, **extra: Any) -> Any:
 
 
 @dataclass
-class TrainConfig:
+class _Settings:
+    """The run's settings except the losses' own options (added from the registry below)."""
+
     # Model
     pretrained_model: str = arg(
         str(EMBEDDED_MODEL), "diffusers-format model: local directory or hub name"
@@ -105,30 +99,16 @@ class TrainConfig:
     )
     beta: float | None = arg(
         None,
-        "strength beta, in our convention u = beta/2 (g_chosen - g_rejected) for pairwise losses "
-        "(default: the loss's released value: dpo, ipo, hinge 5000 (Diffusion-DPO); dmpo 2000 "
-        "(DMPO launcher); dspo 0.001 (DSPO SD1.5 launcher); mapo 0.1 (MaPO); kto 5000 (paper))",
+        f"{BETA_OPTION.help} (default: the loss's released value: "
+        + ", ".join(
+            f"{name} {get_spec(name).hyperparameters['beta']:g}"
+            for name in loss_names()
+            if "beta" in get_spec(name).hyperparameters
+        )
+        + ")",
     )
-    label_smoothing: float = arg(
-        DPO_LABEL_SMOOTHING,
-        "dpo: conservative-DPO label smoothing eps in [0, 0.5) (cDPO, Mitchell 2023; 0: plain DPO)",
-    )
-    dmpo_alpha: float = arg(
-        DMPO_ALPHA, "dmpo: the target preference probability is 1 - alpha; in (0, 1), released 0.01"
-    )
-    snr_value: float = arg(
-        MAPO_SNR_VALUE, "mapo: gamma of the error score gamma e / (exp(gamma e) - 1) (released 0.5)"
-    )
-    winner_preserving_mu: float | None = arg(
-        None,
-        "the Diffusion-SDPO safeguard on any pairwise loss with a reference: mu in [0, 1] "
-        "(released launchers: 0.9 for dpo and dmpo, 0.2 for dspo); none: off",
-    )
-    kto_utility: str = arg(
-        "kahneman_tversky", "KTO utility function", choices=sorted(KTO_UTILITIES)
-    )
-    lambda_desirable: float = arg(1.0, "KTO weight of desirable samples")
-    lambda_undesirable: float = arg(1.0, "KTO weight of undesirable samples")
+    # Each loss's own options (losses/: its registry entry) join here, after --beta: see
+    # ``_with_loss_options`` below.
 
     # Data
     data: str = arg(
@@ -183,7 +163,7 @@ class TrainConfig:
         "branch, force_zeros_for_empty_prompt)",
         choices=list(EMPTY_PROMPT_MODES),
     )
-    # Flow-matching models only (SD3 / SD3.5, Flux.1): see flow_matching.py and the README.
+    # Flow-matching models only (SD3 / SD3.5, Flux.1): see diffusion/flow_matching.py.
     timestep_sampling: str = arg(
         "logit_normal",
         "flow models: how sigma is drawn, before the scheduler's shift (SD3 paper: logit_normal)",
@@ -260,7 +240,7 @@ class TrainConfig:
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
     tracker_project: str = arg("prefdiff", "tracker project name")
 
-    # Validation during training (validation.py) and sharing (model_card.py, hub.py)
+    # Validation during training (training/validation.py), sharing (model_card.py, hub.py)
     validation_prompts: str | None = arg(None, "file of validation prompts, one per line")
     validation_prompt: list[str] = field(  # repeat=True: one flag per value
         default_factory=list,
@@ -328,9 +308,6 @@ class TrainConfig:
             problems.append(
                 "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
             )
-        from hub import hub_problems  # imported here: validation.py imports models -> config
-        from validation import validation_problems
-
         problems += validation_problems(self) + hub_problems(self)
         if problems:
             raise UsageError("invalid config:\n  " + "\n  ".join(problems))
@@ -356,17 +333,12 @@ class TrainConfig:
     def loss_problems(self) -> list[str]:
         """The loss hyperparameters' ranges (each loss checks its own again when built)."""
         problems = []
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
-            problems.append("--beta must be finite and > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            problems.append("--label_smoothing must be in [0, 0.5)")
-        if not 0.0 < self.dmpo_alpha < 1.0:
-            problems.append("--dmpo_alpha must be in (0, 1)")
-        if not (math.isfinite(self.snr_value) and self.snr_value > 0):
-            problems.append("--snr_value must be finite and > 0")
-        mu = self.winner_preserving_mu
-        if mu is not None and not 0.0 <= mu <= 1.0:
-            problems.append("--winner_preserving_mu must be in [0, 1]")
+        if self.beta is not None and not BETA_OPTION.valid(self.beta):
+            problems.append(f"--beta must be {BETA_OPTION.rule}")
+        for option in option_fields():
+            problem = option.problem(getattr(self, option.name))
+            if problem:
+                problems.append(problem)
         return problems
 
     def resolve_loss_defaults(self) -> None:
@@ -377,6 +349,42 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def validation_problems(config: Any) -> list[str]:
+    """Start-up checks of the validation flags (``TrainConfig.validate``)."""
+    problems = []
+    if config.validation_prompts and not Path(config.validation_prompts).is_file():
+        problems.append(f"--validation_prompts {config.validation_prompts}: no such file")
+    has_prompts = bool(config.validation_prompts or config.validation_prompt)
+    for name in ("validation_steps", "validation_images", "validation_inference_steps"):
+        if getattr(config, name) < 1:
+            problems.append(f"--{name} must be >= 1")
+    if config.validation_scorer:
+        from evaluation.scorers import SCORERS
+
+        name = config.validation_scorer.split("=", 1)[0]
+        if name not in SCORERS:
+            problems.append(f"--validation_scorer {name!r}: choose from {sorted(SCORERS)}")
+        if not has_prompts:
+            problems.append("--validation_scorer needs --validation_prompts or --validation_prompt")
+    return problems
+
+
+def _loss_option_field(option: OptionField) -> tuple[str, Any, Any]:
+    extra = {"choices": list(option.option.choices)} if option.option.choices else {}
+    kind = option.type if option.default is not None else option.type | None
+    return option.name, kind, arg(option.default, option.option.help, **extra)
+
+
+# The config: ``_Settings`` plus one field per option that a registered loss declares.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [_loss_option_field(option) for option in option_fields()],
+    bases=(_Settings,),
+)
+TrainConfig.__module__ = __name__  # make_dataclass names its own module otherwise (pickling)
+LOSS_OPTIONS = tuple(option.name for option in option_fields())
 
 
 def _field_type(annotation: Any) -> type:
@@ -431,7 +439,10 @@ HELP_ORDER = (
 
 def field_groups() -> dict[str, list[str]]:
     """HELP_GROUPS' name -> the names of its fields, in TrainConfig's order."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    # The losses' own options are shown with --loss and --beta, though declared last.
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in LOSS_OPTIONS]
+    after_beta = names.index("beta") + 1
+    names[after_beta:after_beta] = LOSS_OPTIONS
     starts = sorted((names.index(first), group) for group, first in HELP_GROUPS.items())
     groups: dict[str, list[str]] = {group: [] for group in HELP_ORDER}
     for position, name in enumerate(names):

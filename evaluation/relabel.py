@@ -1,12 +1,13 @@
 """Relabel preference data with scorers (AI feedback): scores, combined labels, soft labels.
 
-    python -m data.relabel --data /data/pickapic_v2 --scorer pickscore=/models/PickScore_v1 \\
+    python -m evaluation.relabel --data /data/pickapic_v2 --scorer pickscore=/models/PickScore_v1 \\
         --scorer hpsv2=/models/hpsv2 --weights 0.5,0.5 --out /data/pickapic_ai
-    python -m data.relabel --data owner/name --columns caption=prompt,jpg_0=a,jpg_1=b,... \\
+    python -m evaluation.relabel --data owner/name --columns caption=prompt,jpg_0=a,jpg_1=b,... \\
         --scorer toy_warm --out OUT                                    # a hub dataset, streamed
-    python -m data.relabel --pairs my_pairs.jsonl --images /data/mine --scorer toy_warm --out OUT
-    python -m data.relabel --csv kto.csv --images /data/kto --scorer toy_warm --quantile 0.5 \\
+    python -m evaluation.relabel --pairs my_pairs.jsonl --images /data/mine --scorer toy_warm \\
         --out OUT
+    python -m evaluation.relabel --csv kto.csv --images /data/kto --scorer toy_warm \\
+        --quantile 0.5 --out OUT
 
 Pairs (parquet shards or a hub dataset, with ``--columns`` for another schema, or your own
 pairs) become parquet shards ``OUT/train-*.parquet`` in the Pick-a-Pic schema: every original
@@ -58,7 +59,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import cli
+from common import cli
 from data.columns import PROB, STANDARD, columns_flag
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
@@ -446,7 +447,7 @@ def _write_csv(files, options: Options, stats, target: Path, summary: Summary) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.Parser(prog="python -m data.relabel", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m evaluation.relabel", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="parquet pairs: directory, glob or file, or a hub dataset")
     source.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (with --images)")
@@ -568,4 +569,4 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="python -m data.relabel"))
+    sys.exit(cli.run(main, prog="python -m evaluation.relabel"))

@@ -4,7 +4,6 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, IterableDataset
 
-from config import TrainConfig
 from data import (
     ImageTransform,
     LabeledImages,
@@ -18,6 +17,7 @@ from data.columns import parse_columns
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
 from data.table_pairs import TablePairs
 from losses import LossSpec
+from training.config import TrainConfig
 
 Dataset = PickapicPairs | TablePairs | LabeledImages
 

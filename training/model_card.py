@@ -16,8 +16,8 @@ from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 
-from hub import CARD_FILE
 from losses import get_spec
+from training.hub import CARD_FILE
 
 # The licence is the user's call (it follows the base model's and the data's): a placeholder.
 LICENSE_PLACEHOLDER = "other"

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from flow_matching import FlowMatching
+from diffusion.flow_matching import FlowMatching
 
 # How the denoiser is called: (model, noisy, timesteps, condition) -> model output [N, C, h, w].
 # None: a UNet, model(noisy, timesteps, **condition).sample; families with another calling

@@ -27,9 +27,9 @@ from typing import Any
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
-from cli import UsageError
-from distributed import fp32_state_dict
+from common.cli import UsageError
 from models.lora import FullUNetIO, LoraIO
+from training.distributed import fp32_state_dict
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-from config import TrainConfig
+from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 

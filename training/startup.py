@@ -12,13 +12,15 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
-from cli import UsageError
-from config import TrainConfig
+from common import cli
+from common.cli import UsageError
+from models.configs import check_local_path, denoiser_model_config, model_config, native_resolution
+from training.config import TrainConfig, parse_config
 
 logger = logging.getLogger("prefdiff")
 
@@ -32,7 +34,6 @@ RUN_FILES = (*EXPORT_DIRS, METRICS_FILE, "train_config.json")
 # cost of a step grows with the square of the side, and a model trained at one size draws
 # poorly at a very different one.
 FAR_FROM_NATIVE = 2.0
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclasses.dataclass
@@ -42,15 +43,6 @@ class Startup:
     native_resolution: int
     notes: list[str] = dataclasses.field(default_factory=list)  # shown in the start-up block
     warnings: list[str] = dataclasses.field(default_factory=list)  # logged as warnings too
-
-
-def _looks_local(source: str) -> bool:
-    """A hub name is exactly ``owner/name`` whose owner is not a local directory; anything
-    else that does not exist (``./x``, ``/x``, ``a/b/c``, ``assets/typo``, ``name``) is a
-    local path that is missing."""
-    if not _HUB_NAME.match(source):
-        return True
-    return Path(source.split("/", 1)[0]).is_dir()
 
 
 def model_flags(config: TrainConfig) -> list[tuple[str, str]]:
@@ -67,61 +59,6 @@ def check_local_paths(config: TrainConfig) -> None:
     """A model flag naming a local path that does not exist: UsageError at once (no imports)."""
     for flag, source in model_flags(config):
         check_local_path(source, flag)
-
-
-def check_local_path(source: str, flag: str) -> None:
-    path = Path(source).expanduser()
-    if not path.exists() and _looks_local(source):
-        raise UsageError(f"{flag} {source}: no such directory (a hub name has the form owner/name)")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {source}: not a directory (give a diffusers model directory)")
-
-
-def model_config(source: str, subfolder: str | None, flag: str, revision: str | None) -> dict:
-    """The config.json of a model part, read without any weights; UsageError naming ``flag``
-    when ``source`` is a missing local path, not a diffusers model, or a hub name that cannot be
-    reached (with ``HF_HUB_OFFLINE=1`` only the local cache is looked at, with no retries)."""
-    check_local_path(source, flag)
-    path = Path(source).expanduser()
-    from diffusers import ConfigMixin
-    from huggingface_hub import constants
-
-    class _Config(ConfigMixin):
-        config_name = "config.json"
-
-    where = f"{subfolder}/config.json" if subfolder else "config.json"
-    try:
-        return dict(_Config.load_config(source, subfolder=subfolder, revision=revision))
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            reason = f"no {where} there: not a diffusers model directory"
-        elif constants.HF_HUB_OFFLINE:
-            reason = "not in the local hub cache, and HF_HUB_OFFLINE=1 (nothing is downloaded)"
-        else:
-            reason = f"could not be read from the hub ({str(exc).splitlines()[0]})"
-        raise UsageError(f"{flag} {source}: {reason}") from exc
-
-
-# Flux's transformer config has no sample_size: FluxPipeline's default_sample_size (1024 px).
-FLUX_LATENT_SIZE = 128
-
-
-def native_resolution(unet: dict, vae: dict) -> int:
-    """The pixel size the model was trained at: the UNet's latent ``sample_size`` times the
-    VAE's downsampling factor, 2 per down block after the first (SD1.5: 64 x 8 = 512)."""
-    latent = unet.get("sample_size", FLUX_LATENT_SIZE)
-    return int(latent) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def denoiser_model_config(source: str, flag: str, revision: str | None) -> dict:
-    """``model_config`` of the denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
-    try:
-        return model_config(source, "unet", flag, revision)
-    except UsageError as missing_unet:
-        try:
-            return model_config(source, "transformer", flag, revision)
-        except UsageError:
-            raise missing_unet from None
 
 
 def check_models(config: TrainConfig) -> int:
@@ -188,7 +125,7 @@ def check_output_dir(config: TrainConfig) -> None:
 def clear_previous_run(output_dir: Path) -> list[str]:
     """--overwrite_output_dir: remove what an earlier run wrote (checkpoints, export, metrics),
     so no checkpoint of it is resumed later and its metrics do not mix with the new ones."""
-    from checkpointing import CHECKPOINT_PREFIX
+    from training.checkpointing import CHECKPOINT_PREFIX
 
     removed = []
     for path in [*output_dir.glob(f"{CHECKPOINT_PREFIX}*"), *(output_dir / n for n in RUN_FILES)]:
@@ -262,7 +199,7 @@ def results(config: TrainConfig, model_dir: Path) -> str:
     what = "LoRA adapters" if config.lora_rank else denoiser
     load = "lora_dir" if config.lora_rank else "unet_dir"
     lines = [
-        f"{what}: {model_dir} (models.load_pipeline({config.pretrained_model!r}, "
+        f"{what}: {model_dir} (models.pipeline.load_pipeline({config.pretrained_model!r}, "
         f"{load}={str(model_dir)!r}); generate.py --{'lora' if config.lora_rank else 'unet'} "
         f"{out})",
         f"config, versions, git SHA: {out / 'train_config.json'}",
@@ -275,9 +212,19 @@ def results(config: TrainConfig, model_dir: Path) -> str:
         lines.append(f"TensorBoard logs: {out / 'logs'}")
     elif config.report_to == "wandb":
         lines.append("wandb run: see wandb's lines above (offline runs: wandb sync)")
-    from checkpointing import checkpoint_dirs
+    from training.checkpointing import checkpoint_dirs
 
     checkpoints = checkpoint_dirs(out)
     if checkpoints:
         lines.append(f"checkpoints: {', '.join(str(p) for p in checkpoints)}")
     return "results:\n  " + "\n  ".join(lines)
+
+
+def answer_help_early(module_name: str) -> None:
+    """``train.py --help``, flag mistakes and missing local model paths, answered before the
+    heavy imports that follow this call in ``train.py`` (only when it runs as a script)."""
+    if module_name != "__main__":
+        return
+    cli.quiet_third_party()
+    config = cli.run(parse_config, sys.argv[1:])
+    cli.run(lambda _: check_local_paths(config))
