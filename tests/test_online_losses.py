@@ -538,6 +538,15 @@ def test_nft_gradient_direction():
     assert bool(((moved - target).abs() < (v_old - target).abs()).all())
 
 
+def test_nft_gradient_by_hand_with_the_weight_detached():
+    # beta 1, r 1: L = 5 mean_D e^2 / sg(w), e = sigma (v - target). v = [1, 2], target [0, 0],
+    # sigma .5: e = [.5, 1], w = .75; dL/dv = 5 * 2 e sigma / (w D) = 5 [.5, 1] / 1.5.
+    # (Differentiating through w would add -5 mean(e^2) / w^2 * sigma sign(e) / D.)
+    v = row(1.0, 2.0).requires_grad_(True)
+    nft_loss(v, row(1.0, 2.0), row(0.0, 0.0), t(1.0), 1.0, 0.5)[0].backward()
+    assert v.grad.tolist()[0] == pytest.approx([5 / 3, 10 / 3], rel=1e-6)
+
+
 def test_nft_gradient_skips_v_old_and_v_ref():
     v = torch.randn(2, 3, 2, 2, generator=seeded(1), requires_grad=True)
     v_old = torch.randn(2, 3, 2, 2, generator=seeded(2), requires_grad=True)
