@@ -17,11 +17,9 @@ from losses.registry import register
 HINGE_MARGIN = 1.0
 
 
-@register(
-    "hinge",
-    pairwise=True,
-    needs_reference=True,
-    help="hinge (SLiC): max(0, 1 - u) on the DPO margin u (beta/2 convention)",
-)
+HINGE_HELP = "hinge (SLiC): max(0, 1 - u) on the DPO margin u (beta/2 convention)"
+
+
+@register("hinge", pairwise=True, needs_reference=True, help=HINGE_HELP)
 def hinge_loss(beta: float = DPO_BETA) -> LossFn:
     return margin_loss("hinge", beta, lambda margin: torch.relu(HINGE_MARGIN - margin))

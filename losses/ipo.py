@@ -18,11 +18,9 @@ from losses.registry import register
 IPO_TARGET_MARGIN = 0.5
 
 
-@register(
-    "ipo",
-    pairwise=True,
-    needs_reference=True,
-    help="IPO: regresses the DPO margin u to 1/2 (beta/2 convention)",
-)
+IPO_HELP = "IPO: regresses the DPO margin u to 1/2 (beta/2 convention)"
+
+
+@register("ipo", pairwise=True, needs_reference=True, help=IPO_HELP)
 def ipo_loss(beta: float = DPO_BETA) -> LossFn:
     return margin_loss("ipo", beta, lambda margin: (margin - IPO_TARGET_MARGIN).pow(2))

@@ -14,7 +14,15 @@ reference.
 import torch
 import torch.nn.functional as F
 
-from losses.common import LossFn, no_labels, split_pairs, win_rate
+from losses.common import (
+    LossFn,
+    LossInputs,
+    LossResult,
+    loss_function,
+    no_labels,
+    split_pairs,
+    win_rate,
+)
 from losses.registry import Option, positive_finite, register
 
 MAPO_BETA = 0.1  # released args.py: --beta_mapo 0.1
@@ -49,15 +57,10 @@ def mapo_loss(
     snr_value: float = MAPO_SNR_VALUE,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err: [2B] chosen first; ref_err is not used (None)."""
+        policy_err, labels = inputs.policy_err, inputs.labels
         no_labels(labels, "mapo")
         err_w, err_l = split_pairs(policy_err)
         margin = error_score(err_w, snr_value) - error_score(err_l, snr_value)  # [B]

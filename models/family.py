@@ -34,6 +34,7 @@ from transformers import (
 from models.modes import TIME_IDS_MODES
 
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
+Sizes = Sequence[tuple[int, int]]  # per image: (height, width) or (top, left)
 
 
 @dataclass
@@ -109,21 +110,11 @@ class ModelFamily:
         source = self.text_source or self.encode_text
         return source(captions)
 
-    def unet_kwargs(
-        self,
-        text: TextFeatures,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def unet_kwargs(self, text: TextFeatures, original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         """Per-sample text features [N, ...] (and image geometry) -> UNet keyword arguments."""
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
-    def condition(
-        self,
-        captions: list[str],
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def condition(self, captions: list[str], original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         """UNet keyword arguments for N = k * B samples whose captions are ``captions`` [B]
         repeated k times (a pair batch: k = 2, chosen then rejected, sharing their caption).
 
@@ -174,11 +165,7 @@ class SDXLFamily(ModelFamily):
             pooled = out[0]  # the last encoder (with projection): pooled text_embeds [B, D2]
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def time_ids(
-        self,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> torch.Tensor:
+    def time_ids(self, original_sizes: Sizes, crop_top_lefts: Sizes) -> torch.Tensor:
         """[N, 6]: (original H, W, crop top, left, target H, W) per image (``time_ids_mode``)."""
         res = self.resolution
         if self.time_ids_mode == "constant":
@@ -194,12 +181,7 @@ class SDXLFamily(ModelFamily):
             )
         return torch.tensor(rows, dtype=torch.float32)
 
-    def unet_kwargs(
-        self,
-        text: TextFeatures,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def unet_kwargs(self, text: TextFeatures, original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         hidden = text["encoder_hidden_states"]
         time_ids = self.time_ids(original_sizes, crop_top_lefts).to(hidden.device)
         return {

@@ -10,14 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.pipelines import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
 

@@ -6,18 +6,10 @@ import math
 import pytest
 import torch
 
-from losses import (
-    build_loss,
-    get_loss,
-    get_spec,
-    loss_names,
-    requirements,
-    unused_options,
-    winner_preserving,
-)
+from losses import build_loss, get_loss, get_spec, loss_names, requirements, unused_options
 from losses.dmpo import dmpo_target_margin
 from losses.ipo import IPO_TARGET_MARGIN
-from losses.safeguard import winner_preserving_lambda
+from losses.safeguard import winner_preserving, winner_preserving_lambda
 
 LOG2 = math.log(2.0)
 E = math.e

@@ -4,18 +4,14 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, IterableDataset
 
-from data import (
-    ImageTransform,
-    LabeledImages,
-    PickapicPairs,
-    collate_images,
-    collate_pairs,
-    parse_split_labels,
-)
+from data.batches import collate_images, collate_pairs
 from data.cache import CachedImageTransform, cache_identity, check_manifest
 from data.columns import parse_columns
+from data.kto_csv import LabeledImages, parse_split_labels
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
+from data.pickapic import PickapicPairs
 from data.table_pairs import TablePairs
+from data.transforms import ImageTransform
 from losses import LossSpec
 from training.config import TrainConfig
 
