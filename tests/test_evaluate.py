@@ -22,7 +22,13 @@ from evaluation.scorers import (
     PreferenceMLP,
     build_scorer,
 )
-from evaluation.stats import mean_interval, median_image_scores, summary, win_rate
+from evaluation.stats import (
+    mean_interval,
+    median_image_scores,
+    summary,
+    wilson_interval,
+    win_rate,
+)
 from scripts.build_toy_data import BACKGROUNDS, COLOURS
 
 
@@ -55,6 +61,18 @@ def test_rates_get_the_wilson_interval_inside_zero_and_one():
     # All 12 rewarded: the normal interval would have no width; Wilson's is [12 / (12 + z^2), 1].
     _, low, high = mean_interval([1.0] * 12)
     assert low == pytest.approx(12 / (12 + 3.841459), abs=1e-6) and high == pytest.approx(1.0)
+
+
+def test_wilson_bounds_are_exactly_0_and_1_at_none_and_all():
+    # 0 of 2 gave a lower bound of -5.551e-17, which evaluate.py's table printed.
+    assert wilson_interval(0.0, 2) == (0.0, pytest.approx(3.841459 / (2 + 3.841459), abs=1e-6))
+    for n in range(1, 60):
+        assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0
+        for k in range(n + 1):
+            low, high = wilson_interval(k / n, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0
+    _, low, _ = mean_interval([0.0, 0.0])
+    assert low == 0.0 and f"{low:.4g}" == "0"
 
 
 def test_summary_per_model_and_scorer():
