@@ -29,7 +29,7 @@ from collections.abc import Sequence
 import torch
 from PIL import Image
 
-from cli import UsageError, one_line
+from common.cli import UsageError, one_line
 from evaluation.rewards import (
     RewardScores,
     check_lengths,

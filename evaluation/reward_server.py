@@ -32,7 +32,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from PIL import Image, UnidentifiedImageError
 
-import cli
+from common import cli
 from evaluation.rewards import (
     ScorerReward,
     add_reward_arguments,

@@ -27,7 +27,7 @@ from typing import Protocol
 import torch
 from PIL import Image
 
-from cli import UsageError
+from common.cli import UsageError
 from evaluation.scorers import NEEDS_NO_MODEL, SCORERS, Scorer, build_scorer
 
 REWARD_NAMES = tuple(sorted(SCORERS))

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-import cli
+from common import cli
 from evaluation import reward_server
 from evaluation.reward_client import RemoteReward, RewardServerError
 from evaluation.rewards import (
