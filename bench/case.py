@@ -369,6 +369,8 @@ def arguments() -> argparse.ArgumentParser:
 def main() -> None:
     parser = arguments()
     args = parser.parse_args()
+    if args.sweep and min(args.sweep) < 1:
+        parser.error("--sweep: pairs per step must be positive")
     if args.profile and args.mode == "baseline":
         parser.error("--profile: the baseline's step has no phases (use --mode full or lora)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -210,8 +210,12 @@ def judge(cases: list[Case]) -> None:
                 case.notes.append(f"{fits} in {target} GB")
 
 
+def pairs_text(count: int) -> str:
+    return f"{count} pair{'s' * (count != 1)}"
+
+
 def judge_sweep(case: Case) -> None:
-    """Fails on a non-finite loss or when no point fits; notes the fastest point per pair."""
+    """Fails on a non-finite loss or when no point fits; notes the point of least s/pair."""
     points = case.result["sweep"]
     fit = [p for p in points if p["fits"]]
     if not fit:
@@ -223,8 +227,9 @@ def judge_sweep(case: Case) -> None:
         case.notes.append("non-finite loss")
     best = min(fit, key=lambda p: p["seconds_per_pair"])
     mfu = f", MFU {100 * best['mfu']:.1f}%" if "mfu" in best else ""
-    case.notes.append(f"fastest: {best['pairs']} pairs, {best['seconds_per_pair']:.3f} s/pair{mfu}")
-    case.notes += [f"{p['pairs']} pairs: does not fit" for p in points if not p["fits"]]
+    fastest = f"{best['seconds_per_pair']:.3f} s/pair"
+    case.notes.append(f"fastest: {pairs_text(best['pairs'])}, {fastest}{mfu}")
+    case.notes += [f"{pairs_text(p['pairs'])}: does not fit" for p in points if not p["fits"]]
     case.notes.append("tables below")
 
 
@@ -282,8 +287,7 @@ def sweep_section(case: Case, cuda: bool) -> list[str]:
              *sweep_table(case)]  # fmt: skip
     for point in r["sweep"]:
         if point["fits"] and "breakdown" in point:
-            pairs = f"{point['pairs']} pair{'s' * (point['pairs'] != 1)}"
-            title = f"### {case.name}, {pairs} per step: where the time goes"
+            title = f"### {case.name}, {pairs_text(point['pairs'])} per step: where the time goes"
             lines += ["", title, "", *breakdown_table(point)]
     return lines
 
@@ -322,6 +326,8 @@ def main() -> None:
                         f"{SWEEP_PAIRS[False]}, with --tiny {SWEEP_PAIRS[True]})")  # fmt: skip
     parser.add_argument("--no_write", action="store_true", help="print only")
     args = parser.parse_args()
+    if args.sweep and min(args.sweep) < 1:
+        parser.error("--sweep: pairs per GPU must be positive")
     deadline = time.monotonic() + args.budget
     cuda = torch.cuda.is_available()
     if not cuda and not args.tiny:
@@ -344,11 +350,11 @@ def main() -> None:
     for case in cases:
         print(f"{case.name}: {case.outcome} {json.dumps(case.result)} {case.notes}", flush=True)
     judge(cases)
-    now, command = datetime.datetime.now(datetime.UTC), " ".join(sys.argv[1:])
+    now, command, host = datetime.datetime.now(datetime.UTC), " ".join(sys.argv[1:]), machine()
     header = [
         f"## Device check {now:%Y-%m-%d %H:%M} UTC",
         "",
-        f"- machine: {machine()}",
+        f"- machine: {host}",
         f"- versions: {versions()}",
         f"- command: `python -m bench.device_check {command}`",
         f"- {SCOPE[args.tiny]}; each case in its own process",
@@ -361,7 +367,7 @@ def main() -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         with args.results.open("a") as handle:
             handle.write(text)
-        record = {"date": f"{now:%Y-%m-%d %H:%M} UTC", "machine": machine(),
+        record = {"date": f"{now:%Y-%m-%d %H:%M} UTC", "machine": host,
                   "versions": versions(), "command": f"python -m bench.device_check {command}",
                   "scope": SCOPE[args.tiny],
                   "cases": [{"name": c.name, "kind": c.kind, "outcome": c.outcome,
