@@ -7,9 +7,10 @@ Modes:
   encode every step, a second full reference UNet, torch's default AdamW; on GPU the SDXL
   reference is moved to the GPU and back to the CPU every micro-step, as the released SDXL code
   did.
-- ``full`` / ``lora``: this project's step (``diffusion/denoising.batch_errors``, the model family, the DPO
-  loss, ``training/build.make_optimizer``), full fine-tuning with a frozen reference UNet, or LoRA with
-  the reference = the same UNet with adapters disabled. ``--cache on`` replaces the VAE and
+- ``full`` / ``lora``: this project's step (``diffusion/denoising.batch_errors``, the model
+  family, the DPO loss, ``training/build.make_optimizer``), full fine-tuning with a frozen
+  reference UNet, or LoRA with the reference = the same UNet with adapters disabled.
+  ``--cache on`` replaces the VAE and
   text encoders by precomputed posterior moments and text features (random tensors of the
   cache's shapes; the VAE and text encoders are never built).
 
@@ -26,7 +27,8 @@ MFU per phase under ``--flops``; ``--sweep 1 4 16`` measures each pairs-per-step
 (one JSON line holding ``sweep``: a list of points), a size that runs out of memory reported
 as ``"fits": false`` instead of ending the run. The phases are marked here, in the benchmark's
 own step, not in train.py: the benchmark builds its step from the same pieces
-(``diffusion/denoising.batch_errors``, the family, the loss, ``training/build.make_optimizer``) but does not call
+(``diffusion/denoising.batch_errors``, the family, the loss,
+``training/build.make_optimizer``) but does not call
 train.py's loop, so the trainer's hot loop stays free of profiling code.
 """
 
