@@ -370,12 +370,12 @@ def test_validation_samples_a_flow_policy_at_its_training_guidance(
         result = run(tiny_flux_dir, toy_data_dir, out, "dpo", "--validation_prompt",
                      "a red circle", "--validation_steps", "2", "--validation_images", "1",
                      "--validation_inference_steps", "2", "--flux_guidance", "4.5")  # fmt: skip
-    assert "validation: every 2 steps, guidance 4.5" in caplog.text
     assert [v.step for v in result.validation] == [0, 2]
     assert all((out / "validation" / f"step-{s}.png").is_file() for s in (0, 2))
     saved = json.loads((out / "train_config.json").read_text())["config"]
     assert saved["validation_guidance_scale"] == 4.5
     assert "2 steps, guidance 4.5, 64 px" in (out / "README.md").read_text()
+    assert "validation: every 2 steps, guidance 4.5" in caplog.text
 
     # Step 0's grid is the base model's images at guidance 4.5, not at 1.
     def grid(guidance: float) -> np.ndarray:
