@@ -38,7 +38,7 @@ from training import checkpointing, hub, startup
 from training.build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from training.config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
 from training.distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
-from training.model_card import write_model_card
+from training.model_card import data_source, label_text, write_model_card
 from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
@@ -122,9 +122,12 @@ def log_startup(
 ) -> None:
     unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    labels = label_text(config.to_dict(), code=str)
     lines = [
         f"loss: {describe_loss(config)}",
         f"model: {config.pretrained_model}",
+        f"data: {data_source(config.to_dict(), code=str)}",
+        *([f"labels: {labels}"] if labels else []),
         f"dataset: {size}",
         f"batch: {config.train_batch_size} {unit} per device x {config.gradient_accumulation_steps}"
         f" accumulation x {accelerator.num_processes} processes = {total} {unit} per step",
@@ -138,6 +141,11 @@ def log_startup(
         f"output: {config.output_dir}",
         *notes,
     ]
+    if config.validation_prompts or config.validation_prompt:
+        lines.append(
+            f"validation: every {config.validation_steps} steps, guidance "
+            f"{config.validation_guidance_scale}"
+        )
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
 
@@ -198,6 +206,8 @@ def setup(argv: list[str] | None) -> Run:
     needs = requirements(config.loss, config.to_dict())
     models = load_components(config, needs.reference, weight_dtype, accelerator.device,
                              autocast=runs_under_autocast(accelerator))  # fmt: skip
+    config.resolve_family_defaults(models.family.default_guidance)
+    run_info["config"] = config.to_dict()  # saved and carded with the resolved values
     # The scheduler's timestep count is a fact some losses read (MaPO's T).
     timesteps = models.noise_scheduler.config.num_train_timesteps
     loss_fn = build_loss(config.loss, {**config.to_dict(), "num_train_timesteps": timesteps})
@@ -366,6 +376,7 @@ def write_card(run: Run, directory: Path) -> None:
     last = run.validations[-1] if run.validations else None
     write_model_card(directory, last and last.grid, provenance=run.run_info,
                      step=run.state.global_step, family=run.models.family.name,
+                     denoiser_folder=run.models.family.denoiser_folder,
                      processes=run.accelerator.num_processes,
                      metrics=run.history[-1] if run.history else None, validation=last)  # fmt: skip
 
@@ -381,7 +392,7 @@ def finish(run: Run) -> TrainResult:
         if config.push_to_hub:
             last = run.validations[-1] if run.validations else None
             grid = last.grid.relative_to(run.output_dir) if last else None
-            hub.push(run.output_dir, config.hub_model_id, grid)
+            hub.push(run.output_dir, config.hub_model_id, unet_dir.name, grid)
     if state.skipped_rows:
         logger.warning(
             "skipped %d rows whose images did not decode",

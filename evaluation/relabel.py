@@ -681,6 +681,15 @@ def check_resume(out: Path, identity: dict, args_file: str = ARGS_FILE) -> None:
     path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
+def relabelling_record(out: Path) -> dict | None:
+    """The arguments a finished relabelling in ``out`` was made with (what read, which scorers,
+    weights), or None when ``out`` holds none: what a model trained on it cites on its card."""
+    args, summary = Path(out) / ARGS_FILE, Path(out) / SUMMARY_FILE
+    if not (args.is_file() and summary.is_file()):
+        return None
+    return json.loads(args.read_text())
+
+
 def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None,
         free_bytes: int | None = None) -> Summary:  # fmt: skip
     """Parse, relabel, return the summary; ``scorers`` replaces --scorer's built ones and

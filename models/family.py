@@ -35,6 +35,7 @@ from models.modes import TIME_IDS_MODES
 
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
 Sizes = Sequence[tuple[int, int]]  # per image: (height, width) or (top, left)
+NO_GUIDANCE = 1.0  # a pipeline guidance scale of 1: no classifier-free guidance
 
 
 @dataclass
@@ -71,6 +72,13 @@ class ModelFamily:
 
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
         """Settings read from the denoiser's config and the run's (none for the UNets)."""
+
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale this family's pipeline samples with when none is given (validation):
+        the value it trains with. The UNets and SD3 train without guidance: 1, classifier-free
+        guidance off (diffusers' pipelines apply it only above 1)."""
+        return NO_GUIDANCE
 
     @staticmethod
     def noise_process(scheduler: Any, train_config: Any, resolution: int) -> Any:

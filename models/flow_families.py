@@ -18,7 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedM
 
 from common.cli import UsageError
 from diffusion.flow_matching import FlowMatching, resolution_shift
-from models.family import ModelFamily, TextFeatures
+from models.family import NO_GUIDANCE, ModelFamily, TextFeatures
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
 # 16 x 16 pixels (SD3's patch embedding, Flux's packing).
@@ -183,6 +183,12 @@ class FluxFamily(FlowFamily):
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
         if denoiser_config.get("guidance_embeds", False):
             self.guidance = train_config.flux_guidance
+
+    @property
+    def default_guidance(self) -> float:
+        # FluxPipeline feeds guidance_scale to a guidance-distilled transformer's guidance
+        # embedding (it is not CFG there): sample at the value trained with, not at 1.
+        return NO_GUIDANCE if self.guidance is None else self.guidance
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> TextFeatures:

@@ -6,6 +6,7 @@ the pixels; PNG keeps the levels exact.
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -306,6 +307,43 @@ def test_train_on_a_manifest_with_soft_labels(tiny_sd15_dir, tmp_path, monkeypat
     assert len(seen) == 2 and all(len(s) == 2 for s in seen)
     assert all(min(abs(x - q) for q in probs) < 1e-6 for s in seen for x in s)
     assert np.isfinite([h["loss"] for h in result.history]).all()
+
+
+def test_card_and_start_up_name_own_pairs_soft_labels_and_the_safeguard(
+    tiny_sd15_dir, tmp_path, caplog
+):
+    """Everything that changed the result is on the card: the data actually used (not the
+    default --data), soft labels, the Diffusion-SDPO safeguard (and its tag), the settings not at
+    their defaults; the start-up block names the same data."""
+    from huggingface_hub import ModelCard
+
+    from training.model_card import OTHERS_ROW
+
+    images = tmp_path / "img"
+    write_images(images)
+    manifest = write_jsonl(tmp_path / "m.jsonl", manifest_rows())
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="prefdiff"):
+        run_train(tiny_sd15_dir, out, "--pairs", manifest, "--images", str(images),
+                  "--soft_labels", "true", "--winner_preserving_mu", "0.9",
+                  "--max_train_steps", "1", "--random_flip", "false")  # fmt: skip
+    card = ModelCard.load(out / "README.md")
+    assert "prefdiff-sdpo-safeguard" in card.data.tags
+    rows = [
+        f"| data | `--pairs {manifest}` with images under `{images}` |",
+        "| labels | soft: each pair's preference probability (`--soft_labels`) |",
+        "| Diffusion-SDPO safeguard | `--winner_preserving_mu 0.9` |",
+        "| `--beta` | 500 |",
+    ]
+    for row in rows:
+        assert row in card.text, row
+    (others,) = [line for line in card.text.splitlines() if line.startswith(f"| {OTHERS_ROW} |")]
+    for setting in ("--random_flip False", "--caption_dropout 0.0", "--dataloader_num_workers 0"):
+        assert f"`{setting}`" in others
+    assert "`--data " not in card.text and "toy-prefs" not in card.text
+    assert "--output_dir" not in others  # where files go changes no weight
+    assert f"data: --pairs {manifest} with images under {images}\n" in caplog.text
+    assert "labels: soft: each pair's preference probability (--soft_labels)" in caplog.text
 
 
 def test_data_check_reads_own_pairs(tmp_path):

@@ -201,7 +201,9 @@ def test_per_image_csv_gets_scores_and_labels(tmp_path):
     assert frame["label"].tolist() == (z(raw) >= 0.5).astype(int).tolist()
 
 
-def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, capsys):
+def warm_and_cool_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """4 own pairs (manifest, image root): warm then cool image on odd rows, cool then warm on
+    even ones."""
     root = tmp_path / "img"
     root.mkdir()
     warm, cool = Image.new("RGB", (8, 8), (230, 90, 40)), Image.new("RGB", (8, 8), (40, 90, 230))
@@ -212,7 +214,12 @@ def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, c
         second.save(root / f"{i}b.png")
         rows.append({"caption": f"c{i}", "chosen": f"{i}a.png", "rejected": f"{i}b.png"})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert relabel_main(["--pairs", str(tmp_path / "m.jsonl"), "--images", str(root),
+    return tmp_path / "m.jsonl", root
+
+
+def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, capsys):
+    manifest, root = warm_and_cool_pairs(tmp_path)
+    assert relabel_main(["--pairs", str(manifest), "--images", str(root),
                          "--scorer", "toy_warm", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     frame = read_out(tmp_path / "out")
     # The rule prefers the warm image: the human "chosen" side only on odd rows.
@@ -309,6 +316,25 @@ def test_input_changed_between_the_passes_is_named(tmp_path):
     pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=3)
     with pytest.raises(DataError, match=r"a\.parquet, row group 1: the input changed .*row 1"):
         relabel(args, scorers=[ToyRewardScorer("warm")])
+
+
+def test_the_model_card_names_the_relabelling_it_trained_on(tmp_path):
+    """--data OUT of a relabelling: the card's data row says what was relabelled, and how."""
+    from training.config import TrainConfig
+    from training.model_card import data_source
+
+    manifest, root = warm_and_cool_pairs(tmp_path)
+    out = tmp_path / "out"
+    relabel(["--pairs", str(manifest), "--images", str(root), "--scorer", "toy_warm",
+             "--weights", "1", "--out", str(out)])  # fmt: skip
+    config = TrainConfig(data=str(out), soft_labels=True).to_dict()
+    assert data_source(config) == (
+        f"`--data {out}`; labels from `python -m evaluation.relabel` on `--pairs {manifest}` with "
+        "`toy_warm`, weights 1"
+    )
+    shard = str(sorted(out.glob("train-*.parquet"))[0])  # a file of the folder names it too
+    assert "`--pairs " in data_source({**config, "data": shard})
+    assert data_source(TrainConfig(data=str(root)).to_dict()) == f"`--data {root}`"  # not one
 
 
 # ---------------------------------------------------------------- a hub dataset, offline

@@ -99,6 +99,7 @@ def test_mapo_loads_and_runs_no_reference_unet(tiny_sd15_dir, toy_data_dir, tmp_
     assert result.models.reference is None
     assert len(forwards) == 2 * 2  # 2 steps x 2 micro-batches, policy only
     assert {"mapo/margins", "rewards/accuracies", "err/chosen"} <= set(result.history[0])
+    assert not [k for k in result.history[0] if k.startswith("health/")]  # no implicit reward
     assert "--winner_preserving_mu is not used by --loss mapo" in caplog.text
 
 

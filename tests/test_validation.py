@@ -5,6 +5,7 @@ Three 3-step DPO runs share a module fixture: two with validation (every 2 steps
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -164,6 +165,8 @@ def test_model_card_lists_hub_datasets(tmp_path):
     ]
     assert card_datasets({**config, "data": str(tmp_path)}) == []  # a local directory
     assert card_datasets({**config, "model_card_datasets": "a/b, c/d"}) == ["a/b", "c/d"]
+    own = {**config, "data": "yuvalkirstain/pickapic_v2", "pairs": "m.jsonl", "images": "i"}
+    assert card_datasets(own) == []  # trained on own pairs: --data was not used
 
 
 class RecordingApi:
@@ -187,9 +190,9 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
     grid = Path("validation/step-3.png")
     expected = sorted(["README.md", "train_config.json", str(grid),
                        "unet/config.json", "unet/diffusion_pytorch_model.safetensors"])  # fmt: skip
-    assert hub.upload_files(folder, grid) == expected
+    assert hub.upload_files(folder, "unet", grid) == expected
     api = RecordingApi()
-    assert hub.push(folder, "someone/toy-dpo", grid, api=api) == "commit-url"
+    assert hub.push(folder, "someone/toy-dpo", "unet", grid, api=api) == "commit-url"
     (create, upload) = api.calls
     assert create[:2] == ("create_repo", "someone/toy-dpo") and create[2]["exist_ok"]
     kwargs = upload[2]
@@ -198,6 +201,69 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
     everything = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
     chosen = sorted(filter_repo_objects(everything, allow_patterns=kwargs["allow_patterns"]))
     assert chosen == expected  # no checkpoints, logs, metrics or older grids
+
+
+def test_a_push_without_its_export_is_refused(runs):
+    out, _ = runs
+    with pytest.raises(FileNotFoundError, match="transformer/ not written"):
+        hub.upload_files(out["a"], "transformer")
+
+
+def test_the_run_files_name_every_familys_export_folder():
+    """startup.EXPORT_DIRS (read before torch loads) is what the families export under."""
+    from models.family import FAMILIES
+    from models.lora import LoraIO
+    from training import startup
+
+    exports = {family.denoiser_folder for family in FAMILIES} | {LoraIO.subfolder}
+    assert set(startup.EXPORT_DIRS) == exports
+
+
+class FolderHub(RecordingApi):
+    """A hub in a local folder: ``upload_folder`` stores what huggingface_hub's own pattern
+    filter selects from the folder, under ``root/<repo_id>/``, as the hub would."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        everything = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(everything, allow_patterns=kwargs["allow_patterns"]):
+            target = self.root / kwargs["repo_id"] / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, target)
+        return super().upload_folder(**kwargs)
+
+
+def test_push_of_a_full_sd3_fine_tune_uploads_its_transformer(
+    tiny_sd3_dir, toy_data_dir, tmp_path, monkeypatch
+):
+    """train.py --push_to_hub on a flow model: the repo holds the trained transformer/, which
+    loads back equal to the policy (before: a card and a config, no weights)."""
+    import huggingface_hub
+    from diffusers import SD3Transformer2DModel
+
+    hub_root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: FolderHub(hub_root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the start-up check reads it; nothing is fetched
+    monkeypatch.setenv("HF_TOKEN", "hf_placeholder")
+    push = ("--push_to_hub", "true", "--hub_model_id", "someone/toy-sd3")
+    result = run(*argv(tiny_sd3_dir, toy_data_dir, tmp_path / "out", "--max_train_steps", "1",
+                       *push))  # fmt: skip
+    repo = hub_root / "someone" / "toy-sd3"
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
+        "README.md", "train_config.json", "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    pushed = SD3Transformer2DModel.from_pretrained(repo, subfolder="transformer")
+    for (name, a), b in zip(
+        pushed.named_parameters(), result.models.policy.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    card = ModelCard.load(repo / "README.md")
+    assert "A fully fine-tuned transformer" in card.text and 'unet_dir="transformer"' in card.text
 
 
 def config_error(*args: str) -> str:

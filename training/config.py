@@ -249,7 +249,12 @@ class _Settings:
     validation_steps: int = arg(100, "validate at step 0, every N optimizer steps and at the end")
     validation_images: int = arg(2, "images per validation prompt, each from its own fixed seed")
     validation_inference_steps: int = arg(20, "sampler steps of the validation pipeline")
-    validation_guidance_scale: float = arg(1.0, "CFG scale of validation images (<= 1: off)")
+    validation_guidance_scale: float | None = arg(
+        None,
+        "guidance scale of validation images: CFG (<= 1: off), or the guidance embedding's value "
+        "of guidance-distilled Flux (default: what the family trains with: --flux_guidance for "
+        "guidance-distilled Flux, else 1)",
+    )
     validation_scheduler: str = arg(
         "ddim",
         "validation sampler (SD3 / Flux sample with flow_euler whatever this names)",
@@ -346,6 +351,13 @@ class _Settings:
         which beta a run used."""
         if self.beta is None:
             self.beta = get_spec(self.loss).hyperparameters.get("beta")
+
+    def resolve_family_defaults(self, default_guidance: float) -> None:
+        """An unset --validation_guidance_scale takes the model family's default (models/
+        family.py ``default_guidance``), so the saved config, the card and the start-up block
+        say what validation sampled with. Called once the family is known (train.setup)."""
+        if self.validation_guidance_scale is None:
+            self.validation_guidance_scale = default_guidance
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
