@@ -211,7 +211,7 @@ def test_a_push_without_its_export_is_refused(runs):
 
 def test_the_run_files_name_every_familys_export_folder():
     """startup.EXPORT_DIRS (read before torch loads) is what the families export under."""
-    from models.family import FAMILIES
+    from models.families import FAMILIES
     from models.lora import LoraIO
     from training import startup
 
