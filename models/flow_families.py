@@ -24,6 +24,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedM
 from cli import UsageError
 from flow_matching import FlowMatching, resolution_shift
 from models.family import ModelFamily, TextFeatures
+from sampling import FlowSchedule, Schedule
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
 # 16 x 16 pixels (SD3's patch embedding, Flux's packing).
@@ -60,6 +61,13 @@ class FlowFamily(ModelFamily):
             mode_scale=train_config.mode_scale,
             shift=resolution_shift(scheduler.config, tokens) if shift is None else shift,
         )
+
+    @staticmethod
+    def sampling_schedule(noise_process: Any, num_steps: int, sde_type: str = "sde") -> Schedule:
+        """The stochastic sampler of online training: the scheduler's inference sigmas at the
+        run's shift, with the Flow-GRPO SDE (``sde_type``: sde, dance or cps)."""
+        return FlowSchedule.from_config(noise_process.config, num_steps, noise_process.shift,
+                                        sde_type)  # fmt: skip
 
     @staticmethod
     def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
