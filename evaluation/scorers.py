@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from evaluation.toy_reward import toy_reward
+from evaluation.toy_reward import CAPTION_READERS, toy_reward
 
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
@@ -38,6 +38,9 @@ CLIP_SCORE_WEIGHT = 100.0
 
 
 class Scorer(Protocol):
+    """A scorer that reads structure from the caption (a toy rule's colour word) also has
+    ``check_prompt(prompt)``, raising ValueError on a caption it cannot read."""
+
     name: str
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
@@ -51,9 +54,15 @@ class ToyRewardScorer:
     def __init__(self, rule: str):
         self.name = f"toy_{rule}"
         self.rule = toy_reward(rule)
+        self.read_caption = CAPTION_READERS[rule]
 
     def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
         return [self.rule(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+
+    def check_prompt(self, prompt: str) -> None:
+        """ValueError if the rule cannot read what it needs from the prompt (a colour word)."""
+        if self.read_caption is not None:
+            self.read_caption(prompt)
 
 
 class PreferenceMLP(nn.Module):

@@ -219,6 +219,15 @@ RULES: dict[str, RewardRule] = {
 }
 
 
+# What each rule reads from the caption (None: it ignores the caption), so a prompt set can be
+# checked before any image is drawn; each raises ValueError on a caption it cannot read.
+CAPTION_READERS: dict[str, Callable[[str], str] | None] = {
+    "colour": named_colour,
+    "shape": named_shape,
+    "warm": None,
+}
+
+
 def toy_reward(rule: str) -> RewardRule:
     """The rule registered under this name."""
     if rule not in RULES:
