@@ -25,6 +25,7 @@ import train
 from evaluation.rewards import RewardScores
 from sampling import sample_generator, sample_rollout, step_log_prob
 from tests.support import reset_accelerate
+from tests.test_rewards import TOY_REWARDS, server_url  # noqa: F401  (its fixture: a server)
 from training.online import OLD_POLICY_FILE, STATE_DIR, build_sampler
 
 PROMPTS = [
@@ -359,3 +360,18 @@ def warm_rate(run) -> float:
     with torch.no_grad():
         images = decode_images(run.models.latent_encoder.vae, rollout.final)
     return float(online.reward.score(images, prompts * run.config.group_size).total.mean())
+
+
+# --------------------------------------------------------------------------- a reward server
+
+
+def test_grpo_scores_through_a_reward_server(tiny_sd15_dir, prompt_file, server_url,  # noqa: F811
+                                             tmp_path):  # fmt: skip
+    """--reward_url: the rewards of a real server process (tests/test_rewards.py's fixture:
+    three toy rules, weighted), every component logged, the prompts checked at start-up."""
+    args = online_args(tiny_sd15_dir, prompt_file, tmp_path / "out", "grpo",
+                       "--max_train_steps", "1")  # fmt: skip
+    args[args.index("--reward") : args.index("--reward") + 2] = ["--reward_url", server_url]
+    (step,) = train.main(args).history
+    assert {f"reward/{name}" for name in TOY_REWARDS} <= set(step)
+    assert step["online/images_scored"] == 6 and step["online/ratio_at_first_step"] == 1.0

@@ -51,6 +51,8 @@ from safetensors.torch import load_file, save_file
 from cli import UsageError
 from config import TrainConfig
 from data.prompts import PromptBatch
+from evaluation.reward_client import RemoteReward
+from evaluation.rewards import Reward, RewardScores, ScorerReward, reward_stats
 from losses import get_spec
 from losses.online import group_advantages, nft_old_decay
 from losses.registry import LossFn
@@ -184,18 +186,14 @@ class OldPolicy:
             old.mul_(decay).add_(param.detach().to(old.dtype), alpha=1 - decay)
 
 
-def build_reward(config: TrainConfig, device: torch.device, prompts: list[str]) -> Any:
+def build_reward(config: TrainConfig, device: torch.device, prompts: list[str]) -> Reward:
     """The run's reward (``evaluation.rewards.Reward``): the --reward scorers in this process, or
     the server at --reward_url (unreachable: one line at start-up); every prompt is checked
     against what the rewards read from it."""
     if config.reward_url:
-        from evaluation.reward_client import RemoteReward
-
         reward = RemoteReward(config.reward_url, config.reward, config.reward_weights)
         reward.check()
     else:
-        from evaluation.rewards import ScorerReward
-
         where = config.reward_device or str(device)
         reward = ScorerReward.from_flags(config.reward, config.reward_weights, where)
     reward.check_prompts(prompts)
@@ -227,7 +225,7 @@ class OnlineTrainer:
         models: Any,  # models.Components
         policy: torch.nn.Module,  # as prepared by accelerate
         loss_fn: LossFn,
-        reward: Any,  # evaluation.rewards.Reward
+        reward: Reward,
     ):
         self.config, self.accelerator, self.models = config, accelerator, models
         self.policy, self.loss_fn, self.reward = policy, loss_fn, reward
@@ -275,9 +273,9 @@ class OnlineTrainer:
         sde = [sample_generator(seed, SDE_NOISE, d, g) for g in members for d in draws]
         return draw_noise(starts, self.latent_shape), sde
 
-    def sample(self, batch: PromptBatch, sampler: Sampler) -> tuple[Collected, Any]:
-        """One prompt batch -> its images' rollouts and rewards, and the reward's scores
-        (``evaluation.rewards.RewardScores``: total and components)."""
+    def sample(self, batch: PromptBatch, sampler: Sampler) -> tuple[Collected, RewardScores]:
+        """One prompt batch -> its images' rollouts and rewards, and the reward's scores (total
+        and components)."""
         device = self.accelerator.device
         group = self.config.group_size
         cond, uncond = self.condition(batch.prompts, group)
@@ -316,11 +314,9 @@ class OnlineTrainer:
         self.current = Collection(self.collections, records, order, 0, metrics)
         self.collections += 1
 
-    def normalise(self, records: list[Collected], scores: list[Any]) -> dict[str, float]:
+    def normalise(self, records: list[Collected], scores: list[RewardScores]) -> dict[str, float]:
         """Group advantages over the rewards of every process (gathered in rank order) and the
         step's reward statistics."""
-        from evaluation.rewards import RewardScores, reward_stats
-
         accelerator = self.accelerator
         device = accelerator.device
         local = torch.cat([r.rewards for r in records]).to(device)
