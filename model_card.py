@@ -84,6 +84,9 @@ def card_text(
         if config.get("csv")
         else f"`--data {config['data']}`"
     )
+    if get_spec(loss).online is not None:  # online: sampled from prompts, scored by a reward
+        rewards = ", ".join(config.get("reward") or []) or config.get("reward_url")
+        source = f"`--prompts {config['prompts']}`, reward `{rewards}`"
     batch = config["train_batch_size"] * config["gradient_accumulation_steps"] * processes
     lines = [
         f"# {title}",

@@ -440,8 +440,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
         count_nonfinite(run, nonfinite, grad_norm)
         logs = log_step(run, micro_metrics, skipped, grad_norm)
         progress.update(1)
+        shown = ("reward", "reward/mean") if run.online else ("acc", "rewards/accuracies")
         progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
+            loss=f"{logs['loss']:.4f}", **{shown[0]: f"{logs.get(shown[1], math.nan):.3f}"}
         )
 
         stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite

@@ -34,7 +34,7 @@ PROMPTS = [
     "a green triangle on a gray background",
     "a yellow circle on a black background",
 ]
-MODELS = {"sd15": "tiny_sd15_dir", "sd3": "tiny_sd3_dir"}
+MODELS = {f: f"tiny_{f}_dir" for f in ("sd15", "sdxl", "sd3", "flux")}
 
 
 class BrightnessReward:
@@ -154,8 +154,9 @@ def test_grpo_trains_the_policy_with_ratio_one_and_kl_zero_at_the_start(
     model = request.getfixturevalue(MODELS[family])
     extra = ("--lora_rank", "4", "--learning_rate", "1e-2") if lora else ()
     out = tmp_path / "out"
+    validation = ("--validation_prompt", PROMPTS[0], "--validation_inference_steps", "2")
     result = train.main(online_args(model, prompt_file, out, "grpo", "--guidance_scale", "2",
-                                    *extra))  # fmt: skip
+                                    *validation, *extra))  # fmt: skip
     first, second = result.history
     for step in (first, second):  # one collection per optimizer step: on-policy each time
         assert step["online/ratio_at_first_step"] == 1.0
@@ -181,7 +182,10 @@ def test_grpo_trains_the_policy_with_ratio_one_and_kl_zero_at_the_start(
         assert len(moved) > len(base) // 2
         for name, param in result.models.reference.named_parameters():
             assert torch.equal(param, base[name]), f"reference parameter {name} moved"
-    assert "grpo" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert f"`--prompts {prompt_file}`, reward `toy_warm`" in card  # as the flags name it
+    assert [v.step for v in result.validation] == [0, 2]
+    assert all((out / "validation" / f"step-{n}.png").is_file() for n in (0, 2))
 
 
 def test_advantages_are_normalised_within_groups(tiny_sd15_dir, brightness, prompt_file,
