@@ -292,7 +292,9 @@ class TrainConfig:
     dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
 
     # Optimisation
-    train_batch_size: int = arg(1, "per-device batch: pairs (dpo) or images (kto, sft)")
+    train_batch_size: int = arg(
+        1, "per-device batch: pairs (dpo), images (kto, sft) or prompts (grpo, nft; x --group_size)"
+    )
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_train_steps: int = arg(2000, "optimizer steps")
     learning_rate: float = arg(2.048e-5, "peak learning rate (no hidden batch scaling)")
@@ -475,6 +477,11 @@ class TrainConfig:
         problems += [message for ok, message in checks if not ok]
         if self.sde_window_range:
             problems += self.window_problems()
+        elif self.sde_window_size >= steps:
+            problems.append(
+                f"--sde_window_size {self.sde_window_size}: at most --sampling_steps - 1 (the "
+                "default --sde_window_range 0,steps-1 keeps the last step deterministic)"
+            )
         batches = self.collect_batches or self.gradient_accumulation_steps
         if batches < 1 or (batches * self.inner_epochs) % self.gradient_accumulation_steps:
             problems.append(

@@ -230,7 +230,8 @@ def setup(argv: list[str] | None) -> Run:
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
-    log_startup(config, accelerator, dataset_size(dataset), trainable, checks.notes)
+    notes = checks.notes + (online.describe() if online is not None else [])
+    log_startup(config, accelerator, dataset_size(dataset), trainable, notes)
     if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
         startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
     validator = Validator.build(config, models, accelerator, weight_dtype)

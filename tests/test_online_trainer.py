@@ -90,6 +90,32 @@ def flat(params) -> torch.Tensor:
 # --------------------------------------------------------------------------- sampling
 
 
+def test_sampler_noise_windows_and_trained_steps():
+    """Flow-GRPO: noise a = 0.7 at every step, the first int(10 x 0.99) = 9 trained; the Fast
+    window: noise and training only at 3 steps starting in 0 .. 2, drawn per collection; cps
+    never trains its last step (no noise); NFT samples deterministically and keeps no step."""
+    from config import TrainConfig
+    from sampling import FlowSchedule
+
+    sigmas = torch.linspace(1, 0, 11)
+    plain = build_sampler(TrainConfig(sampling_steps=10), FlowSchedule(sigmas), "trajectory", 0)
+    assert plain.noise_levels == (0.7,) * 10 and plain.trained_steps == tuple(range(9))
+    fast = TrainConfig(sampling_steps=10, sde_window_size=3, sde_window_range="0,5")
+    starts = set()
+    for collection in range(20):
+        sampler = build_sampler(fast, FlowSchedule(sigmas), "trajectory", collection)
+        k = sampler.trained_steps[0]
+        assert sampler.trained_steps == (k, k + 1, k + 2)
+        assert [i for i, a in enumerate(sampler.noise_levels) if a > 0] == [k, k + 1, k + 2]
+        starts.add(k)
+    assert starts == {0, 1, 2}
+    every = TrainConfig(sampling_steps=10, trained_steps_fraction=1.0)
+    cps = build_sampler(every, FlowSchedule(sigmas, sde_type="cps"), "trajectory", 0)
+    assert cps.trained_steps == tuple(range(9))
+    nft = build_sampler(TrainConfig(sampling_steps=10), FlowSchedule(sigmas), "endpoint", 0)
+    assert nft.noise_levels == (0.0,) * 10 and nft.trained_steps == ()
+
+
 @pytest.mark.parametrize("family", list(MODELS))
 def test_stored_log_probs_recompute_exactly_in_fp32(family, request, brightness, prompt_file,
                                                     tmp_path):  # fmt: skip

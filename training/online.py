@@ -111,7 +111,7 @@ def build_sampler(config: TrainConfig, schedule: Any, kind: str, collection: int
         candidates = list(range(trained_count(steps, config.trained_steps_fraction)))
     trained = tuple(i for i in candidates if schedule.has_noise(i, levels[i]))
     if kind == TRAJECTORY and not trained:
-        raise ValueError(
+        raise UsageError(
             f"no stochastic step to train (noise level {level}, steps {candidates}): raise "
             "--noise_level or --trained_steps_fraction"
         )
@@ -243,11 +243,32 @@ class OnlineTrainer:
         self.current: Collection | None = None
         trainable = [p for p in models.policy.parameters() if p.requires_grad]
         self.old = OldPolicy(trainable) if self.kind == ENDPOINT else None
-        self.images_per_collection = (
-            self.batches_per_collection * config.train_batch_size * config.group_size
-            * accelerator.num_processes
-        )  # fmt: skip
         self.register_checkpoint_hooks()
+
+    def describe(self) -> list[str]:
+        """The start-up block's lines on collection and updates."""
+        config = self.config
+        sampler = build_sampler(config, self.schedule, self.kind, 0)
+        noisy = [i for i, level in enumerate(sampler.noise_levels) if level > 0]
+        images = config.train_batch_size * config.group_size
+        batches = self.batches_per_collection
+        steps = batches * config.inner_epochs // config.gradient_accumulation_steps
+        window = ""
+        if config.sde_window_size:
+            window = f" (a window of {config.sde_window_size}, drawn per collection)"
+        trained = (
+            f"trained steps {list(sampler.trained_steps)}{window}"
+            if self.kind == TRAJECTORY
+            else f"{trained_count(self.schedule.num_steps, config.trained_steps_fraction)} "
+            "re-noised timesteps per image trained"
+        )
+        return [
+            f"online: {config.group_size} images per prompt, {self.schedule.num_steps} sampler "
+            f"steps (noise {max(sampler.noise_levels)} at steps {noisy}), guidance "
+            f"{config.guidance_scale}; {trained}",
+            f"collection: {batches} batches x {images} images per process, {config.inner_epochs} "
+            f"inner epoch(s) = {steps} optimizer step(s) per collection",
+        ]
 
     # ------------------------------------------------------------------ collection
     def condition(self, prompts: list[str], repeats: int) -> tuple[dict, dict | None]:
