@@ -30,8 +30,8 @@ from common import cli
 from data import LabeledImages, PickapicPairs
 from diffusion.denoising import denoise, first_group_index
 from losses import Requirements, build_loss, get_spec, requirements
+from losses.common import LossFn
 from losses.health import health_metrics
-from losses.registry import LossFn
 from models.loading import Components, load_components
 from models.speed import allow_tf32
 from training import checkpointing, hub, startup
@@ -39,6 +39,7 @@ from training.build import build_dataloader, build_dataset, build_optimizer, dat
 from training.config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
 from training.distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
 from training.model_card import data_source, label_text, write_model_card
+from training.online import OnlineTrainer, build_reward
 from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
@@ -120,7 +121,10 @@ def describe_loss(config: TrainConfig) -> str:
 def log_startup(
     config: TrainConfig, accelerator: Accelerator, size: str, trainable: int, notes: list[str]
 ) -> None:
-    unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
+    spec = get_spec(config.loss)
+    unit = "pairs" if spec.pairwise and not config.csv else "images"
+    if spec.online is not None:
+        unit = f"prompts (x {config.group_size} images)"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
     labels = label_text(config.to_dict(), code=str)
     lines = [
@@ -170,6 +174,7 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     validations: list[ValidationResult | None] = field(default_factory=list)
     consecutive_nonfinite: int = 0
+    online: OnlineTrainer | None = None  # online losses: collection and updates
 
 
 def setup(argv: list[str] | None) -> Run:
@@ -217,6 +222,10 @@ def setup(argv: list[str] | None) -> Run:
     policy, optimizer = accelerator.prepare(models.policy, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     checkpointing.register_unet_hooks(accelerator, models.policy_io)
+    online = None
+    if spec.online is not None:  # before resuming: it saves and loads its own state
+        reward = build_reward(config, accelerator.device, dataset.table.prompts)
+        online = OnlineTrainer(config, accelerator, models, policy, loss_fn, reward)
 
     state = checkpointing.TrainerState()
     resume_dir = checkpointing.resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -230,12 +239,13 @@ def setup(argv: list[str] | None) -> Run:
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
-    log_startup(config, accelerator, dataset_size(dataset), trainable, checks.notes)
+    notes = checks.notes + (online.describe() if online is not None else [])
+    log_startup(config, accelerator, dataset_size(dataset), trainable, notes)
     if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
         startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
+    validator = Validator.build(config, models, accelerator, weight_dtype)
     run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
-              dataset, batches, state, run_info, output_dir,
-              Validator.build(config, models, accelerator, weight_dtype))  # fmt: skip
+              dataset, batches, state, run_info, output_dir, validator, online=online)  # fmt: skip
     if run.validator is not None and state.global_step == 0:
         run.validations.append(run.validator.run(0, policy))
     return run
@@ -293,6 +303,13 @@ def accumulate_gradients(run: Run) -> tuple[list[dict[str, float]], int, float]:
         skipped += batch.skipped
         state.positions.update({str(k): v for k, v in batch.positions.items()})
     return micro_metrics, skipped, grad_norm
+
+
+def online_gradients(run: Run) -> tuple[list[dict[str, float]], int, float]:
+    """``accumulate_gradients`` for the online losses: collect when due, then the step's
+    micro-batches of updates (training/online.py)."""
+    micro_metrics = run.online.accumulate(run.batches, run.state)
+    return micro_metrics, 0, gradient_norm(run.accelerator, run.policy, run.config.max_grad_norm)
 
 
 def optimizer_step(
@@ -425,7 +442,8 @@ def main(argv: list[str] | None = None) -> TrainResult:
         disable=not run.accelerator.is_local_main_process,
     )
     while state.global_step < config.max_train_steps:
-        micro_metrics, skipped, grad_norm = accumulate_gradients(run)
+        gradients = online_gradients if run.online is not None else accumulate_gradients
+        micro_metrics, skipped, grad_norm = gradients(run)
         losses = [m["loss"] for m in micro_metrics]
         nonfinite = optimizer_step(run.accelerator, run.optimizer, run.lr_scheduler, losses,
                                    grad_norm)  # fmt: skip
@@ -433,8 +451,9 @@ def main(argv: list[str] | None = None) -> TrainResult:
         count_nonfinite(run, nonfinite, grad_norm)
         logs = log_step(run, micro_metrics, skipped, grad_norm)
         progress.update(1)
+        shown = ("reward", "reward/mean") if run.online else ("acc", "rewards/accuracies")
         progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
+            loss=f"{logs['loss']:.4f}", **{shown[0]: f"{logs.get(shown[1], math.nan):.3f}"}
         )
 
         stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite

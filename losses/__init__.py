@@ -31,7 +31,7 @@ from losses.registry import (
 from losses.safeguard import winner_preserving
 
 # Importing the modules registers their losses.
-from losses import dmpo, dpo, dspo, hinge, ipo, kto, mapo, sft  # noqa: F401  isort: skip
+from losses import dmpo, dpo, dspo, grpo, hinge, ipo, kto, mapo, nft, sft  # noqa: F401  isort: skip
 
 __all__ = [
     "LossSpec",

@@ -17,6 +17,28 @@ from losses.safeguard import SAFEGUARD_MU_HELP, with_winner_preserving
 
 # The Diffusion-SDPO safeguard's option name (losses/safeguard.py); None = not applied.
 SAFEGUARD_OPTION = "winner_preserving_mu"
+# What an online method's collection reads (training/online.py): every online loss uses them,
+# no offline loss does.
+ONLINE_OPTIONS = (
+    "prompts",
+    "reward",
+    "reward_weights",
+    "reward_url",
+    "group_size",
+    "sampling_steps",
+    "noise_level",
+    "sde_type",
+    "guidance_scale",
+    "trained_steps_fraction",
+    "sde_window_size",
+    "sde_window_range",
+    "share_initial_noise",
+    "advantage_std",
+    "collect_batches",
+    "inner_epochs",
+)
+# An online loss's KL option: with it at 0 no reference model is loaded.
+KL_OPTION = "kl_coef"
 
 
 @dataclass(frozen=True)
@@ -79,6 +101,10 @@ class LossSpec:
     # True: the loss reads per-pair preference probabilities (``labels`` [B]) for --soft_labels.
     soft_labels: bool = False
     options: Mapping[str, Option] = field(default_factory=dict)
+    # Online methods train on prompts and a reward instead of data: what a collection keeps,
+    # "trajectory" (the trained steps' latents and log-probs: GRPO) or "endpoint" (the clean
+    # latents: NFT); None for the offline losses.
+    online: str | None = None
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -114,6 +140,7 @@ def register(
     needs_predictions: bool = False,
     soft_labels: bool = False,
     options: Mapping[str, Option] | None = None,
+    online: str | None = None,
 ) -> Callable[[Callable[..., LossFn]], Callable[..., LossFn]]:
     """Decorator registering a loss builder (hyperparameters -> loss function). ``options``
     declares the builder's user-facing keyword arguments besides ``beta`` (others, like MaPO's
@@ -124,7 +151,7 @@ def register(
             raise ValueError(f"loss {name!r} is registered twice")
         spec = LossSpec(
             name, builder, pairwise, needs_reference, help, needs_predictions, soft_labels,
-            dict(options or {}),
+            dict(options or {}), online,
         )  # fmt: skip
         for option in _option_fields(spec):
             _check_same_declaration(option)
@@ -134,8 +161,11 @@ def register(
     return wrap
 
 
-def loss_names() -> list[str]:
-    return sorted(_LOSSES)
+def loss_names(online: bool | None = None) -> list[str]:
+    """Every registered loss, or only the online (``True``) or offline (``False``) ones."""
+    if online is None:
+        return sorted(_LOSSES)
+    return sorted(n for n, spec in _LOSSES.items() if (spec.online is not None) == online)
 
 
 def get_spec(name: str) -> LossSpec:
@@ -174,12 +204,16 @@ def requirements(name: str, options: Mapping[str, Any]) -> Requirements:
     """What loss ``name`` under ``options`` needs computed each step."""
     spec = get_spec(name)
     predictions = spec.needs_predictions or safeguard_mu(name, options) is not None
-    return Requirements(spec.needs_reference, predictions, spec.pairwise)
+    reference = spec.needs_reference
+    if spec.online is not None and KL_OPTION in spec.hyperparameters:
+        kl = options.get(KL_OPTION)
+        reference = (spec.hyperparameters[KL_OPTION] if kl is None else kl) > 0
+    return Requirements(reference, predictions, spec.pairwise)
 
 
 def loss_options() -> set[str]:
     """Every option some registered loss (or the safeguard) reads."""
-    names = {SAFEGUARD_OPTION}
+    names = {SAFEGUARD_OPTION, *ONLINE_OPTIONS}
     for spec in _LOSSES.values():
         names |= set(spec.hyperparameters)
     return names
@@ -189,6 +223,8 @@ def unused_options(name: str, given: set[str]) -> list[str]:
     """Loss options in ``given`` (set explicitly by the user) that loss ``name`` ignores."""
     spec = get_spec(name)
     used = set(spec.hyperparameters) | ({SAFEGUARD_OPTION} if spec.takes_safeguard else set())
+    if spec.online is not None:
+        used |= set(ONLINE_OPTIONS)
     return sorted((given & loss_options()) - used)
 
 

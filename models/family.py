@@ -31,6 +31,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from common.cli import UsageError
+from diffusion.sampling import DDIMSchedule, Schedule
 from models.modes import TIME_IDS_MODES
 
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
@@ -90,6 +92,16 @@ class ModelFamily:
     ) -> torch.Tensor:
         """The denoiser's output [N, C, h, w] for noisy latents [N, C, h, w]."""
         return model(noisy, timesteps, **cond).sample
+
+    @staticmethod
+    def sampling_schedule(noise_process: Any, num_steps: int, sde_type: str = "sde") -> Schedule:
+        """The stochastic sampler of online training: DDIM with eta (DDPO) for the UNets."""
+        if sde_type != "sde":
+            raise UsageError(
+                f"--sde_type {sde_type}: a flow-model sampler; SD1.5 / SDXL sample with DDIM "
+                "(its noise is --noise_level, DDPO's eta)"
+            )
+        return DDIMSchedule.from_scheduler(noise_process, num_steps)
 
     @staticmethod
     def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -18,6 +18,7 @@ from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedM
 
 from common.cli import UsageError
 from diffusion.flow_matching import FlowMatching, resolution_shift
+from diffusion.sampling import FlowSchedule, Schedule
 from models.family import NO_GUIDANCE, ModelFamily, TextFeatures
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
@@ -55,6 +56,13 @@ class FlowFamily(ModelFamily):
             mode_scale=train_config.mode_scale,
             shift=resolution_shift(scheduler.config, tokens) if shift is None else shift,
         )
+
+    @staticmethod
+    def sampling_schedule(noise_process: Any, num_steps: int, sde_type: str = "sde") -> Schedule:
+        """The stochastic sampler of online training: the scheduler's inference sigmas at the
+        run's shift, with the Flow-GRPO SDE (``sde_type``: sde, dance or cps)."""
+        return FlowSchedule.from_config(noise_process.config, num_steps, noise_process.shift,
+                                        sde_type)  # fmt: skip
 
     @staticmethod
     def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -131,7 +131,7 @@ def test_predictions_are_kept_only_when_asked(tiny):
     assert full.target.shape == full.policy_pred.shape == (4, 4, 8, 8)
 
 
-@pytest.mark.parametrize("name", loss_names())
+@pytest.mark.parametrize("name", loss_names(online=False))
 def test_every_loss_sends_gradient_to_the_policy_only(tiny, name):
     """Through the real UNets (with the safeguard where it applies): the policy gets gradient,
     the reference none; losses without a reference get no reference forward."""

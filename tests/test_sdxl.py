@@ -65,7 +65,7 @@ def test_half_precision_unet_casts_the_nested_condition(sdxl, tiny_sdxl_dir):
     assert errors.dtype == torch.float32 and math.isfinite(errors.item())
 
 
-@pytest.mark.parametrize("loss", loss_names())
+@pytest.mark.parametrize("loss", loss_names(online=False))
 def test_sdxl_end_to_end(loss, tiny_sdxl_dir, toy_data_dir, tmp_path):
     out = tmp_path / "out"
     result = run(tiny_sdxl_dir, toy_data_dir, out, loss, "--time_ids", "original")

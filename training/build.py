@@ -10,18 +10,25 @@ from data.columns import parse_columns
 from data.kto_csv import LabeledImages, parse_split_labels
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
 from data.pickapic import PickapicPairs
+from data.prompts import PromptStream, collate_prompts, load_prompts, report_bad_lines
 from data.table_pairs import TablePairs
 from data.transforms import ImageTransform
 from losses import LossSpec
 from training.config import TrainConfig
 
-Dataset = PickapicPairs | TablePairs | LabeledImages
+Dataset = PickapicPairs | TablePairs | LabeledImages | PromptStream
 
 
 def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: int) -> Dataset:
     """Pairs for pairwise losses; labelled images (the CSV, or the chosen half of pairs) otherwise.
 
-    Validates the data at start-up: a bad path, column or label stops the run here."""
+    Validates the data at start-up: a bad path, column or label stops the run here. Online
+    losses read prompts (``--prompts``) instead."""
+    if spec.online is not None:
+        table = load_prompts(config.prompts)
+        if rank == 0:
+            report_bad_lines(table)
+        return PromptStream(table, config.seed, rank, world_size, config.dataloader_num_workers)
     if config.cache:  # cached posterior moments stand in for pixels (data/cache.py)
         identity = cache_identity(config.pretrained_model, config.pretrained_vae,
                                   config.revision, config.variant, config.resolution)  # fmt: skip
@@ -82,6 +89,10 @@ def dataset_size(dataset: Dataset) -> str:
         )
     if isinstance(dataset, TablePairs):
         return f"{dataset.num_pairs} pairs from {dataset.table.source}"
+    if isinstance(dataset, PromptStream):
+        bad = dataset.table.bad_lines
+        skipped = f" ({len(bad)} bad lines skipped, see the warnings)" if bad else ""
+        return f"{dataset.num_prompts} prompts from {dataset.table.source}{skipped}"
     if dataset.num_pairs is None:
         return "streaming (size unknown)"
     size = f"{dataset.num_pairs} pairs after dropping ties, {dataset.num_row_groups} row groups"
@@ -92,11 +103,12 @@ def dataset_size(dataset: Dataset) -> str:
 
 def build_dataloader(config: TrainConfig, dataset: IterableDataset) -> DataLoader:
     pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.winners_only
+    collate = collate_pairs if pairs else collate_images
     workers = config.dataloader_num_workers
     return DataLoader(
         dataset,
         batch_size=config.train_batch_size,
-        collate_fn=collate_pairs if pairs else collate_images,
+        collate_fn=collate_prompts if isinstance(dataset, PromptStream) else collate,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

@@ -23,6 +23,7 @@ from typing import Any
 from common.cli import Parser, UsageError
 from diffusion.flow_matching import TIMESTEP_SAMPLINGS
 from losses import get_spec, loss_names, unused_options
+from losses.online import SDE_TYPES
 from losses.registry import BETA_OPTION, OptionField, option_fields
 from models.modes import EMPTY_PROMPT_MODES, TIME_IDS_MODES
 from training.hub import hub_problems
@@ -41,6 +42,9 @@ KTO_DESIRABLE_PROB = 0.8
 CAPTION_DROPOUT = 0.2
 
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
+# Online methods: advantages normalised by the std of the whole collection (Flow-GRPO's and
+# DiffusionNFT's global_std) or of each prompt's group (DDPO's per-prompt tracker).
+ADVANTAGE_STDS = ("global", "group")
 
 LIBRARIES = (
     "torch",
@@ -109,6 +113,81 @@ class _Settings:
     )
     # Each loss's own options (losses/: its registry entry) join here, after --beta: see
     # ``_with_loss_options`` below.
+
+    # Online methods (--loss grpo, nft): prompts and a reward instead of data (training/online.py)
+    prompts: str | None = arg(
+        None,
+        'online losses: prompt file, one prompt per line, or JSONL (.jsonl) with a "prompt" '
+        "key and any metadata a reward reads",
+    )
+    reward: list[str] = field(  # repeat=True: one flag per value
+        default_factory=list,
+        metadata={
+            "help": "online losses: a reward, NAME or NAME=PATH of evaluation/scorers.py "
+            "(repeatable; summed with --reward_weights)",
+            "repeat": True,
+        },
+    )
+    reward_weights: str | None = arg(None, "weights of the --reward flags, comma-separated")
+    reward_url: str | None = arg(
+        None, "online losses: a reward server's URL, instead of scoring in this process"
+    )
+    reward_device: str | None = arg(
+        None, "device of in-process reward models (default: the training device)"
+    )
+    group_size: int = arg(8, "online: images sampled per prompt (advantages are per group)")
+    sampling_steps: int = arg(10, "online: sampler steps per image (Flow-GRPO: 10)")
+    noise_level: float | None = arg(
+        None,
+        "online: sampler noise, flow models' a (Flow-GRPO 0.7) or SD1.5 / SDXL's DDIM eta (DDPO "
+        "1.0); default: those for grpo, 0 (deterministic sampling) for nft",
+    )
+    sde_type: str = arg(
+        "sde",
+        "online, flow models: the stochastic step: sde (Flow-GRPO), dance (DanceGRPO, s = a), "
+        "cps (coefficients-preserving)",
+        choices=list(SDE_TYPES),
+    )
+    guidance_scale: float = arg(
+        1.0,
+        "online: classifier-free guidance while sampling (grpo also trains the guided output); "
+        "1: conditional only",
+    )
+    trained_steps_fraction: float = arg(
+        0.99,
+        "online: grpo trains the first int(steps x this) sampler steps (Flow-GRPO 0.99, DDPO "
+        "1.0); nft trains as many of each image's shuffled timesteps",
+    )
+    sde_window_size: int = arg(
+        0,
+        "grpo: noise and training only in a window of this many steps, deterministic elsewhere "
+        "(Flow-GRPO-Fast 3, MixGRPO 4); 0: every step",
+    )
+    sde_window_range: str | None = arg(
+        None, "grpo: LO,HI: the window starts in LO .. HI - size, drawn per collection "
+        "(default: 0,sampling_steps-1)"
+    )  # fmt: skip
+    share_initial_noise: bool = arg(
+        False, "online: a prompt's images share their initial noise (SDE noise stays per image)"
+    )
+    advantage_std: str = arg(
+        "global",
+        "online: advantages are (r - group mean) / std, the std of the whole collection "
+        "(Flow-GRPO, DiffusionNFT) or of each group (DDPO)",
+        choices=list(ADVANTAGE_STDS),
+    )
+    collect_batches: int | None = arg(
+        None,
+        "online: prompt batches (--train_batch_size prompts x --group_size images each) sampled "
+        "per process per collection (default: --gradient_accumulation_steps: one optimizer step "
+        "per collection)",
+    )
+    inner_epochs: int = arg(1, "online: passes over each collection (Flow-GRPO: 1)")
+    kl_coef: float | None = arg(
+        None,
+        "online: weight of the KL to the reference (default: grpo 0.04 (Flow-GRPO), nft 1e-4 "
+        "(DiffusionNFT)); 0: no reference model is loaded",
+    )
 
     # Data
     data: str = arg(
@@ -182,7 +261,9 @@ class _Settings:
     dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
 
     # Optimisation
-    train_batch_size: int = arg(1, "per-device batch: pairs (dpo) or images (kto, sft)")
+    train_batch_size: int = arg(
+        1, "per-device batch: pairs (dpo), images (kto, sft) or prompts (grpo, nft; x --group_size)"
+    )
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_train_steps: int = arg(2000, "optimizer steps")
     learning_rate: float = arg(2.048e-5, "peak learning rate (no hidden batch scaling)")
@@ -280,6 +361,7 @@ class _Settings:
         if self.csv and not self.images:
             problems.append("--csv needs --images (the image root of its file_name entries)")
         problems += self.pair_source_problems(spec)
+        problems += self.online_problems(spec)
         positive = (
             "train_batch_size",
             "gradient_accumulation_steps",
@@ -335,6 +417,64 @@ class _Settings:
             problems.append(f"--soft_labels: --loss {self.loss} does not train on soft labels")
         return problems
 
+    def online_problems(self, spec: Any) -> list[str]:
+        """Online losses read prompts and a reward; their sampler settings' ranges."""
+        if spec.online is None:
+            return ["--prompts is for the online losses (grpo, nft)"] if self.prompts else []
+        name = f"--loss {self.loss}"
+        problems = []
+        if not self.prompts:
+            problems.append(f"{name} samples from prompts: give --prompts FILE")
+        elif not Path(self.prompts).is_file():
+            problems.append(f"--prompts {self.prompts}: no such file")
+        if not (self.reward or self.reward_url):
+            problems.append(f"{name} needs --reward NAME[=PATH] (repeatable) or --reward_url")
+        for flag in ("csv", "pairs", "pairs_dirs", "cache"):
+            if getattr(self, flag):
+                problems.append(f"{name} samples its own images: drop --{flag}")
+        steps = self.sampling_steps
+        checks = [
+            (self.group_size >= 2, "--group_size must be >= 2 (advantages compare a group)"),
+            (steps >= 1, "--sampling_steps must be >= 1"),
+            (self.noise_level is None or self.noise_level >= 0, "--noise_level must be >= 0"),
+            (0 < self.trained_steps_fraction <= 1, "--trained_steps_fraction must be in (0, 1]"),
+            (0 <= self.sde_window_size <= steps, "--sde_window_size must be in [0, steps]"),
+            (self.guidance_scale >= 1, "--guidance_scale must be >= 1 (1: no guidance)"),
+            (self.inner_epochs >= 1, "--inner_epochs must be >= 1"),
+            (self.kl_coef is None or self.kl_coef >= 0, "--kl_coef must be >= 0"),
+        ]
+        problems += [message for ok, message in checks if not ok]
+        if self.sde_window_range:
+            problems += self.window_problems()
+        elif self.sde_window_size >= steps:
+            problems.append(
+                f"--sde_window_size {self.sde_window_size}: at most --sampling_steps - 1 (the "
+                "default --sde_window_range 0,steps-1 keeps the last step deterministic)"
+            )
+        batches = self.collect_batches or self.gradient_accumulation_steps
+        if batches < 1 or (batches * self.inner_epochs) % self.gradient_accumulation_steps:
+            problems.append(
+                f"--collect_batches {batches} x --inner_epochs {self.inner_epochs} must be a "
+                f"positive multiple of --gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} (whole optimizer steps per collection)"
+            )
+        return problems
+
+    def window_problems(self) -> list[str]:
+        flag = f"--sde_window_range {self.sde_window_range}"
+        try:
+            low, high = (int(v) for v in self.sde_window_range.split(","))
+        except ValueError:
+            return [f"{flag}: expected LO,HI (two integers)"]
+        if not 0 <= low < high <= self.sampling_steps or high - low < self.sde_window_size:
+            return [
+                f"{flag}: need 0 <= LO < HI <= --sampling_steps {self.sampling_steps} and room "
+                f"for --sde_window_size {self.sde_window_size}"
+            ]
+        if not self.sde_window_size:
+            return [f"{flag} needs --sde_window_size > 0"]
+        return []
+
     def loss_problems(self) -> list[str]:
         """The loss hyperparameters' ranges (each loss checks its own again when built)."""
         problems = []
@@ -347,10 +487,13 @@ class _Settings:
         return problems
 
     def resolve_loss_defaults(self) -> None:
-        """An unset --beta takes the chosen loss's released value, so the saved config says
-        which beta a run used."""
+        """An unset --beta (--kl_coef) takes the chosen loss's released value, so the saved
+        config says which value a run used."""
+        defaults = get_spec(self.loss).hyperparameters
         if self.beta is None:
-            self.beta = get_spec(self.loss).hyperparameters.get("beta")
+            self.beta = defaults.get("beta")
+        if self.kl_coef is None:
+            self.kl_coef = defaults.get("kl_coef")
 
     def resolve_family_defaults(self, default_guidance: float) -> None:
         """An unset --validation_guidance_scale takes the model family's default (models/
@@ -429,6 +572,7 @@ def _optional(scalar: type) -> Any:
 HELP_GROUPS = {
     "model": "pretrained_model",
     "loss": "loss",
+    "online (grpo, nft)": "prompts",
     "data": "data",
     "optimisation": "train_batch_size",
     "precision and speed": "mixed_precision",
@@ -441,6 +585,7 @@ HELP_ORDER = (
     "model",
     "data",
     "loss",
+    "online (grpo, nft)",
     "optimisation",
     "precision and speed",
     "checkpoints and output",

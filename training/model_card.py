@@ -79,7 +79,11 @@ def _code(text: Any) -> str:
 def data_source(config: Mapping[str, Any], code: Callable[[Any], str] = _code) -> str:
     """The data the run trained on, as the flags that name it (``code`` formats a flag and its
     value: markdown code on the card, plain text in the start-up block), with the relabelling
-    that wrote it when its folder holds one (``python -m evaluation.relabel``)."""
+    that wrote it when its folder holds one (``python -m evaluation.relabel``). An online run
+    trains on images it samples from its prompts, scored by its reward."""
+    if get_spec(config["loss"]).online is not None:
+        rewards = ", ".join(config.get("reward") or []) or config.get("reward_url")
+        return f"{code('--prompts ' + str(config['prompts']))}, reward {code(rewards)}"
     flag = _source_flag(config)
     value = config.get(flag)
     text = code(f"--{flag} {value}")
