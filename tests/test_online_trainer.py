@@ -1,6 +1,6 @@
 """The online trainer (training/online.py, diffusion/sampling.py) on the tiny SD1.5 and SD3
-models: stored log-probabilities recompute exactly (ratio 1 before the first update), advantages normalised
-within groups, the KL 0 at the start, GRPO and NFT update the policy and never the reference,
+models: stored log-probabilities recompute exactly (ratio 1 before the first update), advantages
+normalised within groups, the KL 0 at the start, GRPO and NFT update the policy and never the reference,
 NFT's old policy follows its decay, a run resumed mid-collection equals an uninterrupted one, two
 processes equal one process reading the same prompts, and on the shipped toy base the reward
 rises within a few updates.
