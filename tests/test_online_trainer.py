@@ -1,15 +1,13 @@
-"""The online trainer (training/online.py, diffusion/sampling.py) on the tiny SD1.5 and SD3
-models: stored log-probabilities recompute exactly (ratio 1 before the first update), advantages
-normalised within groups, the KL 0 at the start, GRPO and NFT update the policy and never the reference,
-NFT's old policy follows its decay, a run resumed mid-collection equals an uninterrupted one, two
-processes equal one process reading the same prompts, and on the shipped toy base the reward
-rises within a few updates.
-
-A tiny random model draws near-uniform noise, on which the toy rules score every image 0 (no
-group has spread, so nothing is learned): the mechanics tests score mean brightness instead, a
-real model-free scorer (``BrightnessReward``) put in place of ``--reward``'s through
-``train.build_reward``. The reward test uses the real ``--reward toy_warm`` on the toy base.
-"""
+"""The online trainer (training/online.py, diffusion/sampling.py) on the tiny SD1.5 and SD3 models:
+stored log-probabilities recompute exactly (ratio 1 before the first update), advantages
+normalised within groups, the KL 0 at the start, GRPO and NFT update the policy and never the
+reference, NFT's old policy follows its decay, a run resumed mid-collection equals an
+uninterrupted one, two processes equal one process reading the same prompts, and on the shipped
+toy base the reward rises within a few updates. A tiny random model draws near-uniform noise, on
+which the toy rules score every image 0 (no group has spread, so nothing is learned): the
+mechanics tests score mean brightness instead, a real model-free scorer (``BrightnessReward``)
+put in place of ``--reward``'s through ``train.build_reward``. The reward test uses the real
+``--reward toy_warm`` on the toy base."""
 
 import json
 import math
