@@ -118,6 +118,17 @@ def source_flags() -> dict[str, frozenset[str]]:
     return found
 
 
+@cache
+def imported_flags(file: str) -> frozenset[str]:
+    """Flags declared by the project modules ``file`` imports (a parser often takes a group of
+    flags from a helper, e.g. ``evaluation.rewards.add_reward_arguments``)."""
+    flags: set[str] = set()
+    for node in ast.walk(ast.parse((ROOT / file).read_text(), file)):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            flags |= source_flags().get(node.module.replace(".", "/") + ".py", frozenset())
+    return frozenset(flags)
+
+
 def parser_flags(parser) -> frozenset[str]:
     return frozenset(o for a in parser._actions for o in a.option_strings if o.startswith("--"))
 
@@ -166,7 +177,7 @@ def command_flags(
         return None
     if file not in source_flags():
         return None
-    flags = source_flags()[file]
+    flags = source_flags()[file] | imported_flags(file)
     if file == "scripts/build_cache.py":  # takes train.py's flags besides its own
         flags = flags | train_flags()
     return file, flags
