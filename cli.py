@@ -139,8 +139,9 @@ def answer_help_early(module_name: str) -> None:
     if module_name != "__main__":
         return
     quiet_third_party()
-    from config import parse_config  # imports torch (the loss registry), not diffusers
+    from config import parse_args, parse_config  # imports torch (the loss registry), not diffusers
     from startup import check_local_paths
 
-    config = run(parse_config, sys.argv[1:])
-    run(lambda _: check_local_paths(config))
+    # A missing local model first: validating the rest may read files (prompts, data paths).
+    run(lambda argv: check_local_paths(parse_args(argv)), sys.argv[1:])
+    run(parse_config, sys.argv[1:])

@@ -1,8 +1,8 @@
 """The one training config: defaults, help text, validation and the command line.
 
-Every field is a ``--flag`` of ``train.py`` with the field's help text. Defaults point at the
-embedded tiny model and toy data that ``scripts/setup.sh`` builds, so ``python train.py`` runs
-offline; the ``exps/*.sh`` scripts override them with published settings.
+Every field is a ``--flag`` of ``train.py`` with the field's help text. The model defaults to
+the shipped toy base; the data has no default (a run names what it trains on: ``--data``,
+``--csv``, ``--pairs`` or ``--pairs_dirs``); the ``exps/*.sh`` scripts set published settings.
 """
 
 import argparse
@@ -28,10 +28,8 @@ from losses.kto import KTO_UTILITIES
 from losses.mapo import MAPO_SNR_VALUE
 
 REPO_ROOT = Path(__file__).resolve().parent
-# The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
-# (scripts/build_toy_prefs.py, built by scripts/setup.sh).
+# The shipped toy base (scripts/train_toy_base.py).
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "toy-sd15"
-EMBEDDED_DATA = REPO_ROOT / "build" / "toy-prefs"
 
 # Released Diffusion-KTO trainer: images labelled by their Pick-a-Pic comparison record.
 DEFAULT_SPLIT_LABELS = "exclusive_win=1,intersections=1,exclusive_lose=0"
@@ -131,9 +129,10 @@ class TrainConfig:
     lambda_undesirable: float = arg(1.0, "KTO weight of undesirable samples")
 
     # Data
-    data: str = arg(
-        str(EMBEDDED_DATA / "pickapic"),
-        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name",
+    data: str | None = arg(
+        None,
+        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name (a run names "
+        "its data: this, --csv, --pairs or --pairs_dirs)",
     )
     csv: str | None = arg(
         None, "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
@@ -255,6 +254,11 @@ class TrainConfig:
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    check_only: bool = arg(
+        False,
+        "run the start-up checks (flags, model configs, output directory, launcher, tracker, "
+        "data) and exit: no weights load, nothing is written (exps/*.sh run it before launching)",
+    )
 
     # Logging
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
@@ -328,8 +332,8 @@ class TrainConfig:
             problems.append(
                 "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
             )
-        from hub import hub_problems  # imported here: validation.py imports models -> config
-        from validation import validation_problems
+        from hub import hub_problems
+        from training.validation_checks import validation_problems
 
         problems += validation_problems(self) + hub_problems(self)
         if problems:
@@ -341,6 +345,11 @@ class TrainConfig:
 
         sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
         problems = column_problems(self.columns, sources)
+        if not (self.data or sources):
+            problems.append(
+                "no training data: give --data (Pick-a-Pic parquet or a hub dataset), "
+                "--csv and --images (per-image labels), --pairs and --images, or --pairs_dirs W,L"
+            )
         if len(sources) > 1:
             problems.append(f"give one data source, not {' and '.join(sources)}")
         if self.pairs and not self.images:
@@ -501,9 +510,14 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return joined
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The command line as a config, not yet validated."""
     argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
-    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    config = parse_args(argv)
     config.validate()
     config.resolve_loss_defaults()
     return config

@@ -27,36 +27,11 @@ from accelerate import Accelerator
 
 import generate
 from checkpointing import full_model
+from training.validation_checks import validation_prompts
 
 VALIDATION_DIR = "validation"
 GRID_CELL = (64, 256)  # grid tile size: the training resolution, clipped to this range
 BATCH_SIZE = 8  # images per pipeline call (an image does not depend on its batch)
-
-
-def validation_problems(config: Any) -> list[str]:
-    """Start-up checks of the validation flags (config.TrainConfig.validate calls this)."""
-    problems = []
-    if config.validation_prompts and not Path(config.validation_prompts).is_file():
-        problems.append(f"--validation_prompts {config.validation_prompts}: no such file")
-    has_prompts = bool(config.validation_prompts or config.validation_prompt)
-    for name in ("validation_steps", "validation_images", "validation_inference_steps"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if config.validation_scorer:
-        from evaluation.scorers import SCORERS
-
-        name = config.validation_scorer.split("=", 1)[0]
-        if name not in SCORERS:
-            problems.append(f"--validation_scorer {name!r}: choose from {sorted(SCORERS)}")
-        if not has_prompts:
-            problems.append("--validation_scorer needs --validation_prompts or --validation_prompt")
-    return problems
-
-
-def validation_prompts(config: Any) -> list[str]:
-    """The file's prompts, then the repeated flags'."""
-    path = config.validation_prompts
-    return (generate.read_prompts(path) if path else []) + list(config.validation_prompt)
 
 
 @dataclass

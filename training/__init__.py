@@ -1,0 +1,1 @@
+"""Training: config and start-up checks, building a run, the loop's phases, checkpoints."""
