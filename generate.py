@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from common import cli
+from evaluation.suites import read_prompts
 from models.generation import (
     DTYPES,
     GRID_PNG,
@@ -35,7 +36,6 @@ from models.generation import (
     generate,
     labelled_grid,
     load_pipeline,
-    read_prompts,
     save_generations,
 )
 

@@ -118,8 +118,19 @@ def describe_loss(config: TrainConfig) -> str:
     return f"{config.loss} ({', '.join(used)})" if used else config.loss
 
 
+def describe_policy(config: TrainConfig, denoiser: type) -> str:
+    """'full UNet2DConditionModel', 'LoRA rank 16 on FluxTransformer2DModel': what trains."""
+    name = denoiser.__name__
+    return f"LoRA rank {config.lora_rank} on {name}" if config.lora_rank else f"full {name}"
+
+
 def log_startup(
-    config: TrainConfig, accelerator: Accelerator, size: str, trainable: int, notes: list[str]
+    config: TrainConfig,
+    accelerator: Accelerator,
+    size: str,
+    trainable: int,
+    notes: list[str],
+    denoiser: type,
 ) -> None:
     spec = get_spec(config.loss)
     unit = "pairs" if spec.pairwise and not config.csv else "images"
@@ -138,7 +149,7 @@ def log_startup(
         f"steps: {config.max_train_steps}, learning rate {config.learning_rate}"
         f" ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
         f"precision: {config.mixed_precision} compute, trainable weights fp32",
-        f"policy: {f'LoRA rank {config.lora_rank}' if config.lora_rank else 'full UNet'}, "
+        f"policy: {describe_policy(config, denoiser)}, "
         f"optimizer {config.optimizer}, latents and text from "
         f"{config.cache or 'the VAE and text encoders'}",
         f"trainable parameters: {trainable:,}",
@@ -177,10 +188,18 @@ class Run:
     online: OnlineTrainer | None = None  # online losses: collection and updates
 
 
-def setup(argv: list[str] | None) -> Run:
+def check_only(config: TrainConfig) -> None:
+    """--check_only: the data's start-up check too, then say so; nothing loads or is written."""
+    dataset = build_dataset(config, get_spec(config.loss), 0, 1)
+    print(
+        f"train.py --check_only: the flags, models' configs, output directory, launcher, "
+        f"tracker and data ({dataset_size(dataset)}) pass their start-up checks",
+        flush=True,
+    )
+
+
+def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) -> Run:
     """Config -> accelerator, data, models, loss, optimizer; resume if asked."""
-    cli.setup_logging()
-    config, checks = startup.prepare(parse_config(argv))
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
     accelerator = Accelerator(
@@ -195,7 +214,11 @@ def setup(argv: list[str] | None) -> Run:
     # The global RNG drives only dropout (LoRA's included); noise and data draw from their own
     # generators. Seeded per rank, and saved/restored with every checkpoint by accelerate.
     set_seed(config.seed, device_specific=True)
+    # Data first: a bad path, column or label must stop the run before any model loads, an old
+    # run is removed or the config is logged.
+    dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
+        checks.notes += [note for note in [startup.overwrite(config)] if note]
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
     logger.info(startup.describe_config(run_info), main_process_only=True)
@@ -204,8 +227,6 @@ def setup(argv: list[str] | None) -> Run:
     for note in unused_flag_notes(config, given_flags(argv)):
         logger.warning(note, main_process_only=True)
 
-    # Data first: a bad path, column or label must stop the run before any model loads.
-    dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
     needs = requirements(config.loss, config.to_dict())
@@ -240,15 +261,28 @@ def setup(argv: list[str] | None) -> Run:
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
     notes = checks.notes + (online.describe() if online is not None else [])
-    log_startup(config, accelerator, dataset_size(dataset), trainable, notes)
+    log_startup(config, accelerator, dataset_size(dataset), trainable, notes,
+                models.family.denoiser_class)  # fmt: skip
     if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
         startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
     validator = Validator.build(config, models, accelerator, weight_dtype)
     run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
               dataset, batches, state, run_info, output_dir, validator, online=online)  # fmt: skip
     if run.validator is not None and state.global_step == 0:
-        run.validations.append(run.validator.run(0, policy))
+        scores = validate(run)
+        if scores and accelerator.is_main_process:  # step 0 has no other metrics
+            append_metrics(output_dir / METRICS_FILE, 0, scores)
     return run
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Validation images (and scores) at the current step; the score for metrics.jsonl (main
+    process; validation.py has already sent it to the trackers)."""
+    result = run.validator.run(run.state.global_step, run.policy)
+    run.validations.append(result)
+    if result is None or result.mean_score is None:
+        return {}
+    return {f"validation/{result.scorer}": result.mean_score}
 
 
 def micro_batch_loss(run: Run, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -352,10 +386,14 @@ def count_nonfinite(run: Run, nonfinite: bool, grad_norm: float) -> None:
 
 
 def log_step(
-    run: Run, micro_metrics: list[dict[str, float]], skipped: int, grad_norm: float
+    run: Run,
+    micro_metrics: list[dict[str, float]],
+    skipped: int,
+    grad_norm: float,
+    validation: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Reduce the step's metrics over micro-batches and ranks; send them to the trackers and
-    the plain-text record."""
+    the plain-text record (with the step's validation score, which the trackers already have)."""
     accelerator, state = run.accelerator, run.state
     logs = reduce_metrics(accelerator, micro_metrics)
     state.skipped_rows += int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
@@ -369,7 +407,8 @@ def log_step(
     )
     accelerator.log(logs, step=state.global_step)
     if accelerator.is_main_process:
-        append_metrics(run.output_dir / METRICS_FILE, state.global_step, logs)
+        append_metrics(run.output_dir / METRICS_FILE, state.global_step,
+                       {**logs, **(validation or {})})  # fmt: skip
     run.history.append(logs)
     return logs
 
@@ -432,9 +471,14 @@ def finish(run: Run) -> TrainResult:
                        [v for v in run.validations if v is not None])  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    run = setup(argv)
-    config, state = run.config, run.state
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    cli.setup_logging()
+    config, checks = startup.prepare(parse_config(argv))
+    if config.check_only:
+        check_only(config)
+        return None
+    run = setup(config, checks, argv)
+    state = run.state
     progress = tqdm(
         total=config.max_train_steps,
         initial=state.global_step,
@@ -449,17 +493,16 @@ def main(argv: list[str] | None = None) -> TrainResult:
                                    grad_norm)  # fmt: skip
         state.global_step += 1
         count_nonfinite(run, nonfinite, grad_norm)
-        logs = log_step(run, micro_metrics, skipped, grad_norm)
+        stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite
+        final = state.global_step == config.max_train_steps
+        due = run.validator is not None and run.validator.due(state.global_step, final)
+        logs = log_step(run, micro_metrics, skipped, grad_norm, validate(run) if due else None)
         progress.update(1)
         shown = ("reward", "reward/mean") if run.online else ("acc", "rewards/accuracies")
         progress.set_postfix(
             loss=f"{logs['loss']:.4f}", **{shown[0]: f"{logs.get(shown[1], math.nan):.3f}"}
         )
 
-        stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite
-        final = state.global_step == config.max_train_steps
-        if run.validator is not None and run.validator.due(state.global_step, final):
-            run.validations.append(run.validator.run(state.global_step, run.policy))
         if checkpoint_due(state.global_step, config, stop):
             save_checkpoint(run)
         if stop:

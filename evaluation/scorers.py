@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from evaluation.toy_reward import CAPTION_READERS, toy_reward
+from evaluation.toy_reward import CAPTION_READERS, toy_reward, unreadable_caption
 
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
@@ -228,6 +228,39 @@ SCORERS: dict[str, tuple[Callable[[str | None, str], Scorer], str | None]] = {
     "imagereward": (lambda path, device: ImageRewardScorer(path, device), None),
 }
 NEEDS_NO_MODEL = ("toy_colour", "toy_shape", "toy_warm")
+
+
+# The files a learned scorer's directory needs beside the transformers model.
+HEADS = {"aesthetic": AESTHETIC_HEAD, "imagereward": IMAGEREWARD_HEAD}
+
+
+def scorer_problem(name: str, path: str | None) -> str | None:
+    """What stops ``build_scorer(name, path)`` that can be told without loading a model: an
+    unknown name, no model path where the weights need a conversion, a local path that is not
+    there (``owner/name`` counts as a hub name), a missing head file; None when none of these."""
+    if name not in SCORERS:
+        return f"unknown scorer {name!r}; choose from {sorted(SCORERS)}"
+    if name in NEEDS_NO_MODEL:
+        return None
+    path = path or SCORERS[name][1]
+    if path is None:
+        return f"{name} needs a model path: {name}=DIR (see README: Evaluation)"
+    local = Path(path).expanduser()
+    if not local.exists():
+        hub_name = path.count("/") == 1 and not Path(path.split("/")[0]).is_dir()
+        return None if hub_name else f"{name}={path}: no such directory"
+    head = HEADS.get(name)
+    if head and not (local / head).is_file():
+        return f"{name}={path}: no {head} in that directory (see README: Evaluation)"
+    return None
+
+
+def unreadable_prompt(name: str, prompts: Sequence[str]) -> tuple[int, str] | None:
+    """(index, reason) of the first prompt scorer ``name`` cannot score, or None. Only the toy
+    rules read the caption (its colour or shape word); the learned scorers take any text."""
+    if name not in NEEDS_NO_MODEL:
+        return None
+    return unreadable_caption(name.removeprefix("toy_"), prompts)
 
 
 def build_scorer(name: str, path: str | None = None, device: str = "cpu") -> Scorer:

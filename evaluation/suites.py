@@ -52,6 +52,15 @@ SUITES = {
 }
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompt file: one prompt per non-empty line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
 @dataclass(frozen=True)
 class SuitePrompts:
     suite: str

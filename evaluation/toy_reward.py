@@ -28,7 +28,7 @@ measures what fine-tuning costs in fidelity.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -226,6 +226,18 @@ CAPTION_READERS: dict[str, Callable[[str], str] | None] = {
     "shape": named_shape,
     "warm": None,
 }
+
+
+def unreadable_caption(rule: str, captions: Sequence[str]) -> tuple[int, str] | None:
+    """(index, reason) of the first caption ``rule`` cannot read, or None when it reads them
+    all; checked before any image is drawn, so a wrong prompt list fails at once."""
+    reader = CAPTION_READERS.get(rule)
+    for index, caption in enumerate(captions if reader else []):
+        try:
+            reader(caption)
+        except ValueError as exc:
+            return index, str(exc)
+    return None
 
 
 def toy_reward(rule: str) -> RewardRule:

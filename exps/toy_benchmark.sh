@@ -20,8 +20,7 @@
 # 10 was tuned on the colour task too (seeds 0 and 4; at 1000 it did not move). The other losses
 # take their released beta or DPO's toy beta and DPO's budget (lr 4e-5 x 400 steps), not tuned
 # further. Any variable can be overridden from the environment.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-assets/toy-sd15}
 OUT=${OUT:-outputs/toy_benchmark}
@@ -81,7 +80,7 @@ if [ "$QUICK" = 1 ]; then
 fi
 export OMP_NUM_THREADS=1
 
-bash scripts/setup.sh
+setup_project
 mkdir -p "$OUT"
 printf '%s\n' "$VARIANTS" > "$OUT/variants.txt"
-.venv/bin/python scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --variants "$OUT/variants.txt" --tasks $TASKS ${MAIN:+--main $MAIN} --train_seeds $TRAIN_SEEDS --wide $WIDE --wide_seeds $WIDE_SEEDS --frontier $FRONTIER --frontier_task "$FRONTIER_TASK" --frontier_seeds $FRONTIER_SEEDS --noisy $NOISY --noisy_seeds $NOISY_SEEDS --noise "$NOISE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --caption_dropout "$CAPTION_DROPOUT" --parallel "$PARALLEL" $([ "$RESUME" = 1 ] && echo --resume)
+"$PYTHON" scripts/toy_benchmark.py --model "$MODEL" --out "$OUT" --results "$RESULTS" --variants "$OUT/variants.txt" --tasks $TASKS ${MAIN:+--main $MAIN} --train_seeds $TRAIN_SEEDS --wide $WIDE --wide_seeds $WIDE_SEEDS --frontier $FRONTIER --frontier_task "$FRONTIER_TASK" --frontier_seeds $FRONTIER_SEEDS --noisy $NOISY --noisy_seeds $NOISY_SEEDS --noise "$NOISE" --images_per_prompt "$IMAGES_PER_PROMPT" --pairs_per_prompt "$PAIRS_PER_PROMPT" --eval_seeds "$EVAL_SEEDS" --sample_steps "$SAMPLE_STEPS" --guidance_scale "$GUIDANCE" --resolution "$RESOLUTION" --batch "$BATCH" --warmup "$WARMUP" --caption_dropout "$CAPTION_DROPOUT" --parallel "$PARALLEL" $([ "$RESUME" = 1 ] && echo --resume)

@@ -91,6 +91,24 @@ def trained_weights(path: str | Path, flag: str) -> dict[str, Path]:
     )
 
 
+def choose_sampler(model: str, scheduler: str | None, strict: bool = True) -> tuple[type, str]:
+    """(the model's family, the sampler it samples with): ``scheduler``, or the family's default
+    when None or, not ``strict``, when the family cannot sample with it. Reads configs only, so
+    a wrong --model or --scheduler is answered before any weights load."""
+    if scheduler is not None and scheduler not in SCHEDULERS:
+        raise cli.UsageError(f"--scheduler {scheduler}: choose from {sorted(SCHEDULERS)}")
+    denoiser_model_config(str(model), "--model", None)  # a wrong path: one line, at once
+    family = family_for(denoiser_config(str(model)))
+    scheduler = scheduler or family.samplers[0]
+    if scheduler not in family.samplers and not strict:
+        logger.info("%s samples with %s, not %s", family.name, family.samplers[0], scheduler)
+        scheduler = family.samplers[0]
+    if scheduler not in family.samplers:
+        allowed = ", ".join(family.samplers)
+        raise cli.UsageError(f"--scheduler {scheduler}: {family.name} samples with {allowed}")
+    return family, scheduler
+
+
 def load_pipeline(
     model: str,
     unet: str | Path | None = None,
@@ -107,17 +125,7 @@ def load_pipeline(
     replaced by the family's default.
 
     Weights load from safetensors only and are cast to dtype (shipped fp16 weights upcast)."""
-    if scheduler is not None and scheduler not in SCHEDULERS:
-        raise ValueError(f"unknown scheduler {scheduler!r}; choose from {sorted(SCHEDULERS)}")
-    denoiser_model_config(str(model), "--model", None)  # a wrong path: one line, at once
-    family = family_for(denoiser_config(str(model)))
-    scheduler = scheduler or family.samplers[0]
-    if scheduler not in family.samplers and not strict:
-        logger.info("%s samples with %s, not %s", family.name, family.samplers[0], scheduler)
-        scheduler = family.samplers[0]
-    if scheduler not in family.samplers:
-        allowed = ", ".join(family.samplers)
-        raise cli.UsageError(f"--scheduler {scheduler}: {family.name} samples with {allowed}")
+    family, scheduler = choose_sampler(model, scheduler, strict)
     folder = family.denoiser_folder
     pipe = load_family_pipeline(
         model,
@@ -134,15 +142,6 @@ def load_pipeline(
     pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """One prompt per non-empty line."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    prompts = [line.strip() for line in lines if line.strip()]
-    if not prompts:
-        raise ValueError(f"{path}: no prompts (one per line expected)")
-    return prompts
 
 
 def prompt_seeds(prompt_index: int, seeds: Sequence[int], distinct: bool) -> list[int]:

@@ -210,7 +210,8 @@ def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None) -> d
         raise cli.UsageError("--images_per_prompt must be >= 2 (a pair needs two images)")
     if args.batch_size < 1 or args.prompts_per_unit < 1:
         raise cli.UsageError("--batch_size and --prompts_per_unit must be >= 1")
-    from models.generation import load_pipeline, read_prompts
+    from evaluation.suites import read_prompts
+    from models.generation import load_pipeline
 
     prompts = read_prompts(args.prompts)
     names = [s.partition("=")[0] for s in args.scorer]

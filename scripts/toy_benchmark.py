@@ -30,7 +30,7 @@ from pathlib import Path
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from evaluation.suites import TOY_GUIDANCE
+from evaluation.suites import TOY_GUIDANCE, read_prompts
 from training.config import CAPTION_DROPOUT
 
 logger = logging.getLogger(__name__)
@@ -172,7 +172,7 @@ def generate_heldout(args: argparse.Namespace, unet_dir: Path | None, out_dir: P
     pipe = generation.load_pipeline(args.model, **weights)  # the family's sampler: DDIM, flow Euler
     images = generation.generate(
         pipe,
-        generation.read_prompts(HELDOUT_PROMPTS),
+        read_prompts(HELDOUT_PROMPTS),
         list(range(args.eval_seeds)),
         args.sample_steps,
         args.guidance_scale,

@@ -23,7 +23,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from evaluation.suites import TOY_GUIDANCE
+from evaluation.suites import TOY_GUIDANCE, read_prompts
 from evaluation.toy_reward import colour_reward
 from models import generation
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
@@ -102,7 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     pipe = generation.load_pipeline(args.model)
-    prompts = generation.read_prompts(HELDOUT_PROMPTS)
+    prompts = read_prompts(HELDOUT_PROMPTS)
     base = heldout_colour_rate(pipe, prompts, args.eval_seeds)
     scenes = toy_scenes(args.scenes, SCENE_SEED, wrong_colour_share=0.0)
     if args.train_prompts_only:

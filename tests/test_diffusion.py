@@ -74,7 +74,8 @@ def test_targets_by_hand(prediction_type):
 @pytest.fixture(scope="module")
 def tiny(tiny_sd15_dir):
     return load_components(
-        parse_config(["--pretrained_model", str(tiny_sd15_dir)]), True, torch.float32,
+        parse_config(["--pretrained_model", str(tiny_sd15_dir), "--data", "unread"]), True,
+        torch.float32,
         torch.device("cpu"),
     )  # fmt: skip
 

@@ -300,3 +300,44 @@ def test_a_scorer_without_its_weights_is_a_clear_error(tmp_path, tiny_clip_dir):
             (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(FileNotFoundError, match=AESTHETIC_HEAD):
         build_scorer("aesthetic", str(bare))
+
+
+# --- Every argument checked before the first image (issue 25, item 9) ---
+
+
+def test_every_argument_is_checked_before_the_first_image(tiny_sd15_dir, tmp_path):
+    """A mistake in a later --generate, a scorer that cannot read the prompts, an unknown
+    --baseline: one UsageError naming the flag, and no image generated."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na cat on a sofa\n")  # the second names no toy colour
+    out = tmp_path / "eval"
+    common = ["--model", str(tiny_sd15_dir), "--num_seeds", "1", "--steps", "1",
+              "--resolution", "32", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    cases = [
+        (["--generate", "base", "--generate", f"dpo={tmp_path / 'no-run'}", "--prompts",
+          str(prompts), "--scorer", "toy_warm"], r"^--generate .*no-run: neither a trained"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "toy_colour"],
+         r"^--scorer toy_colour cannot score prompt 2 of --prompts .*'a cat on a sofa'"),
+        (["--generate", "base", "--suite", "partiprompts", "--limit", "2", "--scorer",
+          "toy_shape"], r"^--scorer toy_shape cannot score prompt 1 of --suite partiprompts"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "toy_warm",
+          "--baseline", "nope"], r"^--baseline 'nope' is not one of the runs \['base'\]"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "aesthetic"],
+         r"^--scorer aesthetic needs a model path"),
+        (["--generate", "base", "--prompts", str(tmp_path / "none.txt"), "--scorer",
+          "toy_warm"], r"^--prompts .*none\.txt: no such file"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        with pytest.raises(UsageError, match=expected):
+            evaluate.main([*common, *argv])
+        assert not out.exists(), argv  # nothing generated, nothing written
+
+
+def test_a_run_folder_whose_prompts_a_scorer_cannot_read_is_refused(tmp_path):
+    write_run(tmp_path / "base", ["red"], "red")
+    frame = pd.read_csv(tmp_path / "base" / "generations.csv")
+    frame["prompt"] = ["a plain square"]
+    frame.to_csv(tmp_path / "base" / "generations.csv", index=False)
+    with pytest.raises(UsageError, match=r"--scorer toy_colour cannot score prompt 1 of --run"):
+        evaluate.main(["--run", f"base={tmp_path / 'base'}", "--scorer", "toy_colour",
+                       "--out", str(tmp_path / "eval")])  # fmt: skip

@@ -107,16 +107,18 @@ def test_a_pair_shares_sigma_and_noise_and_draws_do_not_depend_on_batching():
 
 # ---------------------------------------------------------------- family adapters
 
+UNREAD = ("--data", "unread")  # a config names its data; loading models reads none
+
 
 @pytest.fixture(scope="module")
 def sd3(tiny_sd3_dir):
-    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "64"])
+    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "64", *UNREAD])
     return load_components(config, False, torch.float32, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def flux(tiny_flux_dir):
-    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "64"])
+    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "64", *UNREAD])
     return load_components(config, False, torch.float32, torch.device("cpu"))
 
 
@@ -133,7 +135,7 @@ def test_families_chosen_from_the_transformer_config(sd3, flux):
 def test_a_resolution_the_patches_do_not_divide_is_refused(tiny_flux_dir):
     from common.cli import UsageError
 
-    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72"])
+    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72", *UNREAD])
     with pytest.raises(UsageError, match="multiple of 16"):
         load_components(config, False, torch.float32, torch.device("cpu"))
 

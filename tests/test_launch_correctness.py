@@ -138,7 +138,7 @@ def test_exported_lora_keeps_alpha(tiny_sd15_dir, toy_data_dir, tmp_path):
 @pytest.mark.parametrize("mode", ["encode", "zeros"])
 def test_sdxl_dropped_caption_conditioning(tiny_sdxl_dir, mode):
     config = parse_config(["--pretrained_model", str(tiny_sdxl_dir), "--resolution", "64",
-                           "--empty_prompt_embeddings", mode])  # fmt: skip
+                           "--empty_prompt_embeddings", mode, "--data", "unread"])  # fmt: skip
     family = load_components(config, False, torch.float32, torch.device("cpu")).family
     sizes = [(64, 64)] * 4
     kwargs = family.condition(["a red circle", ""], sizes, sizes)  # a pair batch: k = 2

@@ -31,7 +31,7 @@ def test_time_ids_original_are_size_crop_and_target():
 @pytest.fixture(scope="module")
 def sdxl(tiny_sdxl_dir):
     config = parse_config(["--pretrained_model", str(tiny_sdxl_dir), "--resolution", "64",
-                           "--time_ids", "original"])  # fmt: skip
+                           "--time_ids", "original", "--data", "unread"])  # fmt: skip
     return load_components(config, True, torch.float32, torch.device("cpu"))
 
 

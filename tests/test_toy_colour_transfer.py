@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from evaluation.suites import read_prompts
 from models import generation
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
 from scripts.toy_colour_transfer import continue_training, training_only
@@ -11,7 +12,7 @@ from scripts.train_toy_base import toy_scenes
 
 
 def test_training_only_drops_exactly_the_heldout_captions():
-    heldout = set(generation.read_prompts(HELDOUT_PROMPTS))
+    heldout = set(read_prompts(HELDOUT_PROMPTS))
     scenes = toy_scenes(300, seed=5, wrong_colour_share=0.0)
     kept = training_only(scenes, heldout)
     dropped = sum(c in heldout for c in scenes.captions)

@@ -287,9 +287,10 @@ def test_invalid_config_fails_at_startup():
 def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named():
     from training.config import given_flags, parse_config, unused_flag_notes
 
-    assert parse_config(["--loss", "mapo"]).beta == 0.1
-    assert parse_config(["--loss", "dmpo"]).beta == 2000.0
-    assert parse_config(["--loss", "dspo", "--beta", "none"]).beta == 0.001
+    data = ["--data", "unread"]  # a run names its data; parsing reads none
+    assert parse_config(["--loss", "mapo", *data]).beta == 0.1
+    assert parse_config(["--loss", "dmpo", *data]).beta == 2000.0
+    assert parse_config(["--loss", "dspo", "--beta", "none", *data]).beta == 0.001
     argv = [
         "--loss",
         "ipo",
@@ -301,7 +302,7 @@ def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named()
         "9",
     ]
     assert given_flags(argv) == {"loss", "label_smoothing", "beta"}
-    assert unused_flag_notes(parse_config(argv), given_flags(argv)) == [
+    assert unused_flag_notes(parse_config([*argv, *data]), given_flags(argv)) == [
         "--label_smoothing is not used by --loss ipo: ignored"
     ]
 

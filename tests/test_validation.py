@@ -119,6 +119,12 @@ def test_scorer_curve_and_grids_reach_tensorboard(runs):
     assert np.mean(scores) == pytest.approx(means[-1]) and set(np.ravel(scores)) <= {0.0, 1.0}
     (tag,) = acc.Tags()["images"]
     assert [e.step for e in acc.Images(tag)] == [0, 2, 3]
+    # ... and into metrics.jsonl beside the step's other metrics (step 0: a line of its own).
+    lines = [json.loads(line) for line in (out["a"] / train.METRICS_FILE).read_text().splitlines()]
+    name = "validation/toy_warm"
+    scored = {line["step"]: line[name] for line in lines if name in line}
+    assert scored == pytest.approx(dict(zip([0, 2, 3], means, strict=True)))
+    assert [line["step"] for line in lines] == [0, 1, 2, 3] and "loss" in lines[2]
 
 
 def test_health_metrics_are_logged(runs):
@@ -284,7 +290,7 @@ def test_hub_arguments_are_checked_at_start_up(monkeypatch, tmp_path):
     assert "HF_HUB_OFFLINE" in error and "no hub token" in error
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_placeholder")
-    args = ["--push_to_hub", "true", "--hub_model_id", "someone/toy-dpo"]
+    args = ["--push_to_hub", "true", "--hub_model_id", "someone/toy-dpo", "--data", "unread"]
     config = TrainConfig(**vars(build_parser().parse_args(args)))
     config.validate()  # valid id, hub reachable in principle, a token: accepted
 
@@ -294,6 +300,11 @@ def test_validation_flags_are_checked_at_start_up(tmp_path):
     assert "missing.txt: no such file" in error
     assert "needs --validation_prompts" in config_error("--validation_scorer", "toy_warm")
     assert "choose from" in config_error("--validation_prompt", "x", "--validation_scorer", "nope")
+    # A scorer that cannot read a validation prompt: at start-up, not at step 0.
+    error = config_error("--validation_prompt", "a red circle", "--validation_prompt", "a cat",
+                         "--validation_scorer", "toy_colour")  # fmt: skip
+    assert "--validation_scorer toy_colour cannot score validation prompt 2" in error
+    assert "'a cat'" in error
     assert "--validation_images must be >= 1" in config_error("--validation_images", "0")
 
 

@@ -1,8 +1,8 @@
 """The one training config: defaults, help text, validation and the command line.
 
-Every field is a ``--flag`` of ``train.py`` with the field's help text. Defaults point at the
-embedded tiny model and toy data that ``scripts/setup.sh`` builds, so ``python train.py`` runs
-offline; the ``exps/*.sh`` scripts override them with published settings.
+Every field is a ``--flag`` of ``train.py`` with the field's help text. The model defaults to
+the shipped toy base; the data has no default (a run names what it trains on: ``--data``,
+``--csv``, ``--pairs`` or ``--pairs_dirs``); the ``exps/*.sh`` scripts set published settings.
 """
 
 import argparse
@@ -27,12 +27,11 @@ from losses.online import SDE_TYPES
 from losses.registry import BETA_OPTION, OptionField, option_fields
 from models.modes import EMPTY_PROMPT_MODES, TIME_IDS_MODES
 from training.hub import hub_problems
+from training.validation_checks import validation_problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-# The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
-# (scripts/build_toy_prefs.py, built by scripts/setup.sh).
+# The shipped toy base (scripts/train_toy_base.py).
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "toy-sd15"
-EMBEDDED_DATA = REPO_ROOT / "build" / "toy-prefs"
 
 # Released Diffusion-KTO trainer: images labelled by their Pick-a-Pic comparison record.
 DEFAULT_SPLIT_LABELS = "exclusive_win=1,intersections=1,exclusive_lose=0"
@@ -190,9 +189,10 @@ class _Settings:
     )
 
     # Data
-    data: str = arg(
-        str(EMBEDDED_DATA / "pickapic"),
-        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name",
+    data: str | None = arg(
+        None,
+        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name (a run names "
+        "its data: this, --csv, --pairs or --pairs_dirs)",
     )
     csv: str | None = arg(
         None, "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
@@ -316,6 +316,11 @@ class _Settings:
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    check_only: bool = arg(
+        False,
+        "run the start-up checks (flags, model configs, output directory, launcher, tracker, "
+        "data) and exit: no weights load, nothing is written (exps/*.sh run it before launching)",
+    )
 
     # Logging
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
@@ -405,6 +410,11 @@ class _Settings:
 
         sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
         problems = column_problems(self.columns, sources)
+        if not (self.data or sources):
+            problems.append(
+                "no training data: give --data (Pick-a-Pic parquet or a hub dataset), "
+                "--csv and --images (per-image labels), --pairs and --images, or --pairs_dirs W,L"
+            )
         if len(sources) > 1:
             problems.append(f"give one data source, not {' and '.join(sources)}")
         if self.pairs and not self.images:
@@ -504,26 +514,6 @@ class _Settings:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def validation_problems(config: Any) -> list[str]:
-    """Start-up checks of the validation flags (``TrainConfig.validate``)."""
-    problems = []
-    if config.validation_prompts and not Path(config.validation_prompts).is_file():
-        problems.append(f"--validation_prompts {config.validation_prompts}: no such file")
-    has_prompts = bool(config.validation_prompts or config.validation_prompt)
-    for name in ("validation_steps", "validation_images", "validation_inference_steps"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if config.validation_scorer:
-        from evaluation.scorers import SCORERS
-
-        name = config.validation_scorer.split("=", 1)[0]
-        if name not in SCORERS:
-            problems.append(f"--validation_scorer {name!r}: choose from {sorted(SCORERS)}")
-        if not has_prompts:
-            problems.append("--validation_scorer needs --validation_prompts or --validation_prompt")
-    return problems
 
 
 def _loss_option_field(option: OptionField) -> tuple[str, Any, Any]:
@@ -669,9 +659,14 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return joined
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The command line as a config, not yet validated."""
     argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
-    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    config = parse_args(argv)
     config.validate()
     config.resolve_loss_defaults()
     return config

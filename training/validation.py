@@ -28,16 +28,11 @@ from accelerate import Accelerator
 from common import cli
 from models import generation
 from training.checkpointing import full_model
+from training.validation_checks import validation_prompts
 
 VALIDATION_DIR = "validation"
 GRID_CELL = (64, 256)  # grid tile size: the training resolution, clipped to this range
 BATCH_SIZE = 8  # images per pipeline call (an image does not depend on its batch)
-
-
-def validation_prompts(config: Any) -> list[str]:
-    """The file's prompts, then the repeated flags'."""
-    path = config.validation_prompts
-    return (generation.read_prompts(path) if path else []) + list(config.validation_prompt)
 
 
 @dataclass
