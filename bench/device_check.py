@@ -24,6 +24,16 @@ the file beside it (RESULTS.jsonl). Cases:
 - sd35m full / flux lora: SD3.5-medium (full fine-tuning, frozen reference) and Flux.1-dev
   (LoRA rank 16, bf16 base) configs at 1024 px, cached latents and T5 features, gradient
   checkpointing: s/pair and peak memory (fits in 80 GB or not); SD3.5's step-0 loss is log 2;
+- sd35m online grpo / nft: the online trainer (``bench.online_case``) on SD3.5-medium with LoRA
+  r 32, alpha 64 on Flow-GRPO's attention projections, 512 px, fp16, gradient checkpointing, at
+  the released group size (24 images per prompt) and the smallest micro-batch the trainer
+  takes, one prompt's 24 images (the releases train 9 images per GPU, mixing prompts: not
+  expressible); GRPO as flow_grpo's pickscore_sd3 (10 SDE steps, 9 trained, guidance 4.5 in
+  sampling and training, KL 0.01), NFT as DiffusionNFT's sd3_pickscore (10 deterministic steps,
+  guidance 1, KL 1e-4): images sampled per second collecting, seconds per update (one
+  micro-batch: 24 images x every trained step), peak memory of each phase (fits in 80 GB or
+  not), the ratio at the first update; printed as one more table. A stand-in reward (mean
+  pixel value) and random text features: the reward model's and text encoders' time is not in;
 - deepspeed / fsdp: train.py through accelerate launch with configs/deepspeed_zero2.yaml and
   configs/fsdp.yaml (3 steps, checkpoint, resume 1 step, fp32 export loads), one process per
   GPU up to 2; on a machine without CUDA they are skipped and the same checks run through
@@ -57,6 +67,16 @@ MIN_CASE_SECONDS = 20  # a case is not started with less than this left of --bud
 # Pairs per GPU of the sweep (issue 25 item 10: 1, 4, 16, or what fits); the tiny model's
 # points are kept small so the CPU check stays quick.
 SWEEP_PAIRS = {True: [1, 2, 4], False: [1, 4, 16]}
+# Online cases: Flow-GRPO's LoRA targets (flow_grpo scripts/train_sd3.py; DiffusionNFT's too).
+FLOW_GRPO_LORA_TARGETS = ("attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,"
+                          "attn.add_k_proj,attn.add_v_proj,attn.to_add_out")  # fmt: skip
+# Released group size and sampler steps (Flow-GRPO config/grpo.py, DiffusionNFT config/nft.py);
+# the tiny stand-in samples fewer so the CPU check stays quick.
+ONLINE_GROUP = {True: 4, False: 24}
+ONLINE_STEPS = {True: 4, False: 10}
+# |ratio - 1| at the first update after a collection: 0 in fp32, within this in bf16 / fp16
+# (docs/online.md, the healthy run); beyond it sampling and training compute different steps.
+RATIO_TOLERANCE = 1e-3
 SCOPE = {
     True: "tiny SD1.5-shaped model at 64 px for every case, tiny SD3- and Flux-shaped ones for "
     "theirs (names are the GPU cases they stand in for; memory targets mean nothing here)",
@@ -69,7 +89,8 @@ class Case:
     name: str
     command: list[str]
     timeout: float
-    kind: str = "bench"  # "bench" or "sweep" (bench.case), or "launch" (bench.launch_case)
+    # "bench" or "sweep" (bench.case), "launch" (bench.launch_case), "online" (bench.online_case)
+    kind: str = "bench"
     skip: str = ""  # a reason not to run it here
     result: dict = field(default_factory=dict)
     outcome: str = ""  # pass / fail / skip
@@ -119,6 +140,7 @@ def plan(tiny: bool, cuda: bool, gpus: int, sweep: list[int] | None = None) -> l
                    "--cache", "on", "--lora_rank", "16", "--precision", "bf16",
                    "--gradient_checkpointing"),
     ]  # fmt: skip
+    cases += online_cases(tiny, t)
     for case in cases:
         if "--sweep" in case.command:
             case.kind = "sweep"  # its result holds points, not one measurement
@@ -136,6 +158,22 @@ def plan(tiny: bool, cuda: bool, gpus: int, sweep: list[int] | None = None) -> l
                           "--config", "multi_gpu", "--precision", "bf16"],
                           timeout=300, kind="launch"))  # fmt: skip
     return cases
+
+
+def online_cases(tiny: bool, timeout: float) -> list[Case]:
+    """The online trainer on SD3.5-medium (the tiny SD3 on a CPU), LoRA, GRPO and NFT at their
+    released settings (bench.online_case)."""
+    size, resolution, precision = ("tiny_sd3", 64, "fp32") if tiny else ("sd35m", 512, "fp16")
+    common = [sys.executable, "-m", "bench.online_case", "--size", size,
+              "--resolution", str(resolution), "--group_size", str(ONLINE_GROUP[tiny]),
+              "--sampling_steps", str(ONLINE_STEPS[tiny]), "--precision", precision,
+              "--lora_rank", "32", "--lora_alpha", "64", "--lora_targets", FLOW_GRPO_LORA_TARGETS,
+              "--gradient_checkpointing"]  # fmt: skip
+    released = {"grpo": ["--guidance_scale", "4.5", "--kl_coef", "0.01"],
+                "nft": ["--guidance_scale", "1", "--kl_coef", "1e-4"]}  # fmt: skip
+    return [Case(f"sd35m online {loss} lora r32 g{ONLINE_GROUP[tiny]}",
+                 [*common, "--loss", loss, *flags], 2 * timeout, kind="online")
+            for loss, flags in released.items()]  # fmt: skip
 
 
 def run(case: Case, deadline: float = math.inf) -> None:
@@ -178,6 +216,9 @@ def judge(cases: list[Case]) -> None:
             continue
         if case.kind == "sweep":
             judge_sweep(case)
+            continue
+        if case.kind == "online":
+            judge_online(case)
             continue
         if case.kind == "launch":
             if not r["passed"]:
@@ -231,6 +272,59 @@ def judge_sweep(case: Case) -> None:
     case.notes.append(f"fastest: {pairs_text(best['pairs'])}, {fastest}{mfu}")
     case.notes += [f"{pairs_text(p['pairs'])}: does not fit" for p in points if not p["fits"]]
     case.notes.append("tables below")
+
+
+def judge_online(case: Case) -> None:
+    """Fails when it does not fit, a loss is not finite, the adapters did not move or GRPO's
+    ratio at the first update is off 1; notes the speeds and the ratio."""
+    r = case.result
+    if not r["fits"]:
+        case.outcome = "fail"
+        case.notes.append(f"out of memory: {r['error'][:120]}")
+        return
+    if not r["finite"]:
+        case.outcome = "fail"
+        case.notes.append("non-finite loss")
+    if not r["moved"]:
+        case.outcome = "fail"
+        case.notes.append("the updates left the adapters unchanged")
+    case.notes.append(f"{r['images_per_second']:.2f} images/s collecting")
+    case.notes.append(f"{r['seconds_per_update']:.2f} s per update")
+    ratio = r["ratio_at_first_step"]
+    if ratio is not None:
+        case.notes.append(f"ratio at first update {ratio:.6f}")
+        if not abs(ratio - 1) <= RATIO_TOLERANCE:
+            case.outcome = "fail"
+            case.notes.append(f"the ratio is off 1 by more than {RATIO_TOLERANCE:g}")
+    fits = "fits" if r["peak_memory_gib"] < FLOW_TARGET_GIB else "does NOT fit"
+    case.notes.append(f"{fits} in {FLOW_TARGET_GIB} GB")
+    case.notes.append("table below")
+
+
+def online_section(cases: list[Case]) -> list[str]:
+    """One row per online case that ran: the collection's speed, the update's, and memory."""
+    ran = [c for c in cases if c.kind == "online" and c.result.get("fits")]
+    if not ran:
+        return []
+    lines = ["", "### Online training: collect, then update", "",
+             "Collecting: one prompt's images sampled (every sampler step, guidance as the "
+             "release), decoded and scored by a stand-in reward. An update: one optimizer step "
+             "over its micro-batches, each trained at every trained step. Ratio: recomputed over "
+             "stored probability at the first update (GRPO; 1 when sampling and training agree).",
+             "", "| case | images | s collecting | images/s | s per update | images x steps per "
+             "update | peak GiB collecting | peak GiB updating | ratio at first update |",
+             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for case in ran:
+        r = case.result
+        trained = r["micro_batches_per_update"] * r["micro_batch_images"]
+        ratio = r["ratio_at_first_step"]
+        lines.append(
+            f"| {case.name} | {r['images']} | {r['collect_seconds']:.2f} | "
+            f"{r['images_per_second']:.2f} | {r['seconds_per_update']:.2f} | "
+            f"{trained} x {r['trained_steps']} | {r['peak_collect_gib']:.2f} | "
+            f"{r['peak_update_gib']:.2f} | {'-' if ratio is None else f'{ratio:.6f}'} |"
+        )
+    return lines
 
 
 def percent(value: float | None) -> str:
@@ -295,7 +389,7 @@ def sweep_section(case: Case, cuda: bool) -> list[str]:
 def table(cases: list[Case]) -> list[str]:
     lines = ["| case | result | s/pair | MFU | peak GiB | notes |", "|---|---|---|---|---|---|"]
     for case in cases:
-        r = case.result if case.kind == "bench" else {}
+        r = case.result if case.kind in ("bench", "online") else {}
         s_pair = f"{r['seconds_per_pair']:.3f}" if "seconds_per_pair" in r else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
         peak = f"{r['peak_memory_gib']:.2f}" if "peak_memory_gib" in r else "-"
@@ -361,7 +455,7 @@ def main() -> None:
         "",
     ]
     sweeps = [line for c in cases if c.kind == "sweep" for line in sweep_section(c, cuda)]
-    text = "\n".join(header + table(cases) + sweeps) + "\n\n"
+    text = "\n".join(header + table(cases) + sweeps + online_section(cases)) + "\n\n"
     print(text)
     if not args.no_write:
         args.results.parent.mkdir(parents=True, exist_ok=True)

@@ -7,7 +7,8 @@ transformer depths 1/2/10, text_time added conditioning), CLIP ViT-L + OpenCLIP 
 SD3.5-medium: the MMDiT-X transformer (24 layers of 24 heads x 64, qk RMSNorm, dual attention in
 layers 0-12); Flux.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding
 (FluxTransformer2DModel's defaults). The flow sizes run cached only (no VAE, CLIP or T5 built):
-their text features are random tensors of the real shapes (``text_shapes``).
+their text features are random tensors of the real shapes (``text_shapes``). The online cases
+(``bench.online_case``) decode their samples, so they build the VAE alone (``random_vae``).
 """
 
 from dataclasses import dataclass
@@ -172,11 +173,36 @@ def text_shapes(size: str) -> dict[str, tuple[int, ...]]:
 
 def _vae_and_text(size: str) -> tuple[AutoencoderKL, list[torch.nn.Module]]:
     if size == "tiny":
-        return tiny_vae("sd15"), [tiny_text_encoder(with_projection=False)]
+        return random_vae(size), [tiny_text_encoder(with_projection=False)]
     clip_l = _clip(768, 12, 12, "quick_gelu", False)
     if size == "sd15":
-        return _kl_vae(0.18215, 512), [clip_l]
-    return _kl_vae(0.13025, 1024), [clip_l, _clip(1280, 32, 20, "gelu", True)]
+        return random_vae(size), [clip_l]
+    return random_vae(size), [clip_l, _clip(1280, 32, 20, "gelu", True)]
+
+
+def random_vae(size: str) -> AutoencoderKL:
+    """The VAE of ``size`` alone, random init (what online sampling decodes with): the 4-level
+    KL VAE, 4 latent channels for SD1.5 / SDXL; 16 channels with a shift and no quant convs for
+    SD3.5 and Flux (their released vae/ configs)."""
+    if size in FLOW_SIZES:
+        family = _family(size)
+        if size.startswith("tiny"):
+            return tiny_vae(family)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            sample_size=1024,
+            scaling_factor=VAE_SCALING[family],
+            shift_factor=VAE_SHIFT[family],
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    if size == "tiny":
+        return tiny_vae("sd15")
+    return _kl_vae(0.18215, 512) if size == "sd15" else _kl_vae(0.13025, 1024)
 
 
 def vae_config(size: str) -> dict:

@@ -130,3 +130,36 @@ def test_busy_seconds_and_phase_rows_by_hand():
     assert math.isclose(forward["gpu_busy_seconds"], 5e-6)  # 10-15
     assert math.isclose(forward["mfu"], 300 / 30e-6 / 1e9) and data["mfu"] is None
     assert math.isclose(rest["seconds"], 10e-6) and math.isclose(rest["share"], 1 / 6)
+
+
+def test_tiny_online_cases(tmp_path):
+    """The online trainer's cases on the tiny SD3 (GRPO and NFT, LoRA): images per second
+    collecting, seconds per update, peak memory, the adapters moved, and GRPO's stored
+    log-probabilities recomputing exactly (fp32) at the first update."""
+    results = tmp_path / "RESULTS.md"
+    done = subprocess.run(
+        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", "online",
+         "--results", str(results)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    (record,) = [json.loads(line) for line in (tmp_path / "RESULTS.jsonl").read_text().splitlines()]
+    cases = {c["name"]: c for c in record["cases"] if c["kind"] == "online"}
+    assert set(cases) == {"sd35m online grpo lora r32 g4", "sd35m online nft lora r32 g4"}
+    for name, case in cases.items():
+        r = case["result"]
+        assert case["outcome"] == "pass", case["notes"]
+        assert r["fits"] and r["finite"] and r["moved"]
+        assert r["images"] == r["micro_batch_images"] == 4  # one prompt x the tiny group of 4
+        assert r["trained_steps"] == 3  # int(4 sampler steps x 0.99)
+        assert math.isclose(r["images_per_second"] * r["collect_seconds"], r["images"])
+        assert r["seconds_per_update"] > 0 and r["peak_memory_gib"] > 0
+        assert r["peak_memory_gib"] == max(r["peak_collect_gib"], r["peak_update_gib"])
+        assert r["loss"] == ("nft" if "nft" in name else "grpo")
+    assert cases["sd35m online grpo lora r32 g4"]["result"]["ratio_at_first_step"] == 1.0
+    assert cases["sd35m online nft lora r32 g4"]["result"]["ratio_at_first_step"] is None
+    text = results.read_text()
+    assert "### Online training: collect, then update" in text
+    rows = [line for line in text.splitlines() if line.startswith("| sd35m online")]
+    assert len(rows) == 4  # each case in the main table and in the online one
+    assert "| 4 x 3 |" in rows[-1] and "| 1.000000 |" in rows[-2]
