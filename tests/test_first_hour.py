@@ -329,6 +329,11 @@ def test_no_data_flag_is_a_one_line_error(tmp_path):
     assert "\n" not in one_line(info.value)
     for source in (UNREAD, ["--pairs_dirs", "a,b"]):
         parse_config(["--pretrained_model", str(TOY_MODEL), *source])  # each is enough
+    prompts = tmp_path / "prompts.txt"  # the online losses' data is their prompt file
+    prompts.write_text("a red circle on a white background\n")
+    online = ["--prompts", str(prompts), "--reward", "toy_colour"]
+    for loss in ("grpo", "nft"):
+        parse_config(["--pretrained_model", str(TOY_MODEL), "--loss", loss, *online])
 
 
 def test_a_data_error_comes_before_the_config_dump(tmp_path, caplog, monkeypatch):

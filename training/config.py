@@ -410,7 +410,7 @@ class _Settings:
 
         sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
         problems = column_problems(self.columns, sources)
-        if not (self.data or sources):
+        if not (self.data or sources or spec.online):  # the online losses read --prompts
             problems.append(
                 "no training data: give --data (Pick-a-Pic parquet or a hub dataset), "
                 "--csv and --images (per-image labels), --pairs and --images, or --pairs_dirs W,L"
