@@ -20,10 +20,6 @@ from training.config import TrainConfig, build_parser, join_negative_numbers, un
 REPO = Path(__file__).resolve().parents[1]
 ONLINE = sorted(p for p in (REPO / "exps").glob("*.sh")
                 if re.search(r"--loss (grpo|nft)\b", p.read_text()))  # fmt: skip
-# The recipes source the launch plumbing of exps/common.sh (branch first-hours).
-needs_common_sh = pytest.mark.skipif(
-    not (REPO / "exps" / "common.sh").is_file(), reason="exps/common.sh is not merged yet"
-)
 STUB = """set -euo pipefail
 setup_project() { :; }
 launch_train() { printf '%s\\0' "$@"; }
@@ -146,7 +142,6 @@ FIXTURES = {"sd35": "tiny_sd3_dir", "sd15": "tiny_sd15_dir", "sdxl": "tiny_sdxl_
 TOY_PROMPTS = "a red circle on a white background\na blue square on a black background\n"
 
 
-@needs_common_sh
 @pytest.mark.parametrize("script", ONLINE, ids=lambda p: p.name)
 def test_the_recipe_runs_on_a_tiny_model(script, request, tmp_path):
     model = request.getfixturevalue(FIXTURES[script.name.split("_")[0]])
