@@ -30,6 +30,7 @@ from data.roles import check_positions, check_topology, count_roles, current_rol
 logger = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl",)
+JSON_LIST_SUFFIX = ".json"  # one JSON list of prompts (strings or objects)
 PROMPT_KEY = "prompt"
 
 
@@ -50,6 +51,14 @@ def _jsonl_prompt(text: str) -> tuple[str, dict[str, Any]]:
         record = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ValueError(f"not valid JSON ({exc.msg} at column {exc.colno})") from None
+    return _record_prompt(record)
+
+
+def _record_prompt(record: Any) -> tuple[str, dict[str, Any]]:
+    """A JSON entry -> (prompt, metadata): an object with a "prompt" key (other keys are the
+    metadata), or, in a JSON list file, a plain string."""
+    if isinstance(record, str):
+        record = {PROMPT_KEY: record}
     if not isinstance(record, dict):
         raise ValueError(f"a JSON {type(record).__name__}, not an object")
     if PROMPT_KEY not in record:
@@ -67,8 +76,10 @@ def load_prompts(path: str | Path) -> PromptTable:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise DataError(f"--prompts {path}: cannot read ({exc})") from None
-    jsonl = path.suffix.lower() in JSONL_SUFFIXES
     table = PromptTable(str(path), [], [], [])
+    if path.suffix.lower() == JSON_LIST_SUFFIX:
+        return _json_list(path, text, table)
+    jsonl = path.suffix.lower() in JSONL_SUFFIXES
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
             continue
@@ -85,6 +96,30 @@ def load_prompts(path: str | Path) -> PromptTable:
     if not table.prompts:
         why = f"; first problem: {table.bad_lines[0]}" if table.bad_lines else ""
         raise DataError(f'{path}: no prompts (one per line, or JSONL with a "prompt" key){why}')
+    return table
+
+
+def _json_list(path: Path, text: str, table: PromptTable) -> PromptTable:
+    """A .json file holding one list of prompts (strings or objects, as the shipped suites in
+    assets/eval_prompts/); entry N is numbered N in the problems (the "line" of a JSONL)."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as exc:
+        where = f"line {exc.lineno}"
+        raise DataError(f"--prompts {path}: not valid JSON ({exc.msg} at {where})") from None
+    if not isinstance(entries, list):
+        raise DataError(f"--prompts {path}: a .json prompt file holds a list of prompts")
+    for number, entry in enumerate(entries, start=1):
+        try:
+            prompt, metadata = _record_prompt(entry)
+        except ValueError as exc:
+            table.bad_lines.append(f"{path}: entry {number}: {exc}")
+            continue
+        table.prompts.append(prompt)
+        table.metadata.append(metadata)
+        table.lines.append(number)
+    if not table.prompts:
+        raise DataError(f"{path}: no prompts in its list")
     return table
 
 

@@ -24,6 +24,8 @@ from diffusion.sampling import sample_generator, sample_rollout, step_log_prob
 from evaluation.rewards import RewardScores
 from tests.support import reset_accelerate
 from tests.test_rewards import TOY_REWARDS, server_url  # noqa: F401  (its fixture: a server)
+from training import startup
+from training.config import TrainConfig, parse_config
 from training.online import OLD_POLICY_FILE, STATE_DIR, build_sampler
 
 PROMPTS = [
@@ -61,6 +63,12 @@ def prompt_file(tmp_path) -> Path:
     return path
 
 
+def setup_run(argv: list[str]) -> train.Run:
+    """``train.setup`` as ``train.main`` calls it: start-up checks first."""
+    config, checks = startup.prepare(parse_config(argv))
+    return train.setup(config, checks, argv)
+
+
 def online_args(model: Path, prompts: Path, out: Path, loss: str, *extra: str) -> list[str]:
     # 32 px: 4 x 4 latents; 3 sampler steps of which int(3 x 0.99) = 2 are trained.
     return [
@@ -93,7 +101,6 @@ def test_sampler_noise_windows_and_trained_steps():
     window: noise and training only at 3 steps starting in 0 .. 2, drawn per collection; cps
     never trains its last step (no noise); NFT samples deterministically and keeps no step."""
     from diffusion.sampling import FlowSchedule
-    from training.config import TrainConfig
 
     sigmas = torch.linspace(1, 0, 11)
     plain = build_sampler(TrainConfig(sampling_steps=10), FlowSchedule(sigmas), "trajectory", 0)
@@ -120,7 +127,7 @@ def test_stored_log_probs_recompute_exactly_in_fp32(family, request, brightness,
     """Every stored step's log-prob, recomputed through the policy with grad (the training
     path), equals the stored one bit for bit: CFG on, so both branches are exercised."""
     model = request.getfixturevalue(MODELS[family])
-    run = train.setup(online_args(model, prompt_file, tmp_path / "out", "grpo",
+    run = setup_run(online_args(model, prompt_file, tmp_path / "out", "grpo",
                                   "--guidance_scale", "3"))  # fmt: skip
     online = run.online
     online.collect(run.batches, run.state)
@@ -143,7 +150,7 @@ def test_rollouts_are_seeded_per_sample_and_share_initial_noise_on_request(
 ):
     """A sample is the same drawn alone or in a batch (its own generators); with
     --share_initial_noise a group starts from one noise but its SDE noise differs."""
-    run = train.setup(online_args(tiny_sd15_dir, prompt_file, tmp_path / "out", "grpo",
+    run = setup_run(online_args(tiny_sd15_dir, prompt_file, tmp_path / "out", "grpo",
                                   "--share_initial_noise", "true"))  # fmt: skip
     online = run.online
     sampler = build_sampler(run.config, online.schedule, online.kind, 0)
@@ -218,7 +225,7 @@ def test_advantages_are_normalised_within_groups(tiny_sd15_dir, brightness, prom
     (Flow-GRPO's global_std) or of the group (DDPO); member-major layout, group id = draw."""
     for mode in ("global", "group"):
         reset_accelerate()
-        run = train.setup(online_args(tiny_sd15_dir, prompt_file, tmp_path / mode, "grpo",
+        run = setup_run(online_args(tiny_sd15_dir, prompt_file, tmp_path / mode, "grpo",
                                       "--advantage_std", mode))  # fmt: skip
         run.online.collect(run.batches, run.state)
         (record,) = run.online.current.batches
@@ -239,7 +246,7 @@ def test_nft_trains_against_an_old_policy_that_follows_its_decay(
 ):
     model = request.getfixturevalue(MODELS[family])
     extra = ("--lora_rank", "4") if lora else ()
-    run = train.setup(online_args(model, prompt_file, tmp_path / "out", "nft", *extra))
+    run = setup_run(online_args(model, prompt_file, tmp_path / "out", "nft", *extra))
     online = run.online
     trainable = [p for p in run.models.policy.parameters() if p.requires_grad]
     start = flat(trainable).clone()
@@ -361,7 +368,7 @@ def test_grpo_raises_the_warm_reward_of_the_toy_base(tmp_path):
         "--kl_coef", "0", "--dataloader_num_workers", "0", "--checkpointing_steps", "100",
         "--report_to", "none",
     ]  # fmt: skip
-    run = train.setup(args)
+    run = setup_run(args)
     before = warm_rate(run)
     while run.state.global_step < run.config.max_train_steps:
         micro_metrics, _, grad_norm = train.online_gradients(run)

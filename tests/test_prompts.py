@@ -53,6 +53,19 @@ def test_jsonl_keeps_metadata_and_reports_every_bad_line(tmp_path, caplog):
     assert "skipped 4 bad line(s) of 6 prompts read" in caplog.text
 
 
+def test_a_json_list_of_prompts_reads_like_the_shipped_suites(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(["a red circle", {"prompt": "a blue square", "tag": "x"}, 3]))
+    table = load_prompts(path)
+    assert table.prompts == ["a red circle", "a blue square"] and table.lines == [1, 2]
+    assert table.metadata == [{}, {"tag": "x"}]
+    assert table.bad_lines == [f"{path}: entry 3: a JSON int, not an object"]
+    (tmp_path / "d.json").write_text(json.dumps({"prompt": "not a list"}))
+    with pytest.raises(DataError, match="holds a list of prompts"):
+        load_prompts(tmp_path / "d.json")
+    assert len(load_prompts("assets/eval_prompts/partiprompts.json").prompts) == 1632
+
+
 def test_a_file_without_prompts_is_a_data_error_naming_it(tmp_path):
     path = write(tmp_path / "p.jsonl", [json.dumps({"text": "x"})])
     with pytest.raises(DataError, match=rf"{path}: no prompts .*line 1: no \"prompt\" key"):
