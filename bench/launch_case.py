@@ -7,6 +7,9 @@ On the shipped toy base (assets/toy-sd15, SD1.5-shaped, 32 px) and toy pairs bui
 so it needs no download: what it checks is the launch path, not speed. Steps: 3 optimizer steps
 with a checkpoint at step 3, a resume from ``latest`` for 1 more step, then
 - every logged loss finite, the resumed run starts at step 4;
+- the first step's loss (computed before any update: policy == reference) is log 2 to 1e-4,
+  whatever the backend casts (DPO at beta 5000; the toy base's norm weights are trained, so a
+  reference that does not see the policy's casts shows here);
 - ``checkpoint-3`` sealed by its manifest, holding ``unet/``;
 - the exported ``unet/`` loads, is fp32, moved away from the base, and (mixed precision) holds
   values a half-precision copy could not (the fp32 master weights, not rounded copies).
@@ -14,6 +17,7 @@ with a checkpoint at step 3, a resume from ``latest`` for 1 more step, then
 
 import argparse
 import json
+import math
 import socket
 import subprocess
 import sys
@@ -26,6 +30,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 TOY_BASE = REPO / "assets" / "toy-sd15"
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+LOG2 = math.log(2)
+STEP0_TOLERANCE = 1e-4  # bench.device_check's bar for the single-GPU step-0 cases
 
 
 def free_port() -> int:
@@ -43,7 +49,8 @@ def launch_command(args: argparse.Namespace, data: Path, out: Path, steps: int) 
     if args.config == "multi_gpu" and not torch.cuda.is_available():
         launcher.insert(3, "--cpu")
     train = [str(REPO / "train.py"), "--pretrained_model", str(TOY_BASE),
-             "--data", str(data / "pickapic"), "--resolution", "32", "--train_batch_size", "2",
+             "--data", str(data / "pickapic"), "--loss", "dpo", "--beta", "5000",
+             "--resolution", "32", "--train_batch_size", "2",
              "--learning_rate", "1e-4", "--lr_warmup_steps", "0", "--max_train_steps", str(steps),
              "--checkpointing_steps", "3", "--dataloader_num_workers", "0",
              "--report_to", "none", "--mixed_precision", args.precision,
@@ -105,6 +112,8 @@ def main() -> None:
             losses = [m["loss"] for m in logged]
             if not all(map(torch.isfinite, torch.tensor(losses))):
                 problems.append(f"non-finite losses {losses}")
+            if abs(losses[0] - LOG2) > STEP0_TOLERANCE:
+                problems.append(f"step-0 loss {losses[0]:.6f} is not log 2 ({LOG2:.6f})")
             if [m["step"] for m in logged][-1] != 4:
                 problems.append(f"resumed run did not reach step 4: {[m['step'] for m in logged]}")
             checkpoint = out / "checkpoint-3"
