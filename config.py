@@ -255,6 +255,12 @@ class TrainConfig:
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
     resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    process_group_timeout: float = arg(
+        60.0,
+        "minutes the other processes of a multi-GPU run wait for the main one (validating, "
+        "saving a checkpoint) before the job is stopped (NCCL's own limit: 10); raise it for "
+        "long validations",
+    )
 
     # Logging
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
@@ -302,6 +308,7 @@ class TrainConfig:
             "checkpointing_steps",
             "learning_rate",
             "max_consecutive_nonfinite",
+            "process_group_timeout",
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
         problems += self.loss_problems()
