@@ -241,8 +241,8 @@ class TrainConfig:
     )
     torch_compile: bool = arg(
         False,
-        "torch.compile the UNet(s); in fp16/bf16 the compiled policy and reference differ slightly "
-        "at step 0 (loss not exactly log 2: see README, Checking the GPU paths)",
+        "torch.compile the UNet(s); inductor keeps eager's half-precision rounding, so the "
+        "compiled policy and reference agree at step 0 (README, Checking the GPU paths)",
     )
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
