@@ -41,10 +41,12 @@ def randomise_norms(module: torch.nn.Module) -> None:
 def sd3(tiny_sd3_dir, tmp_path_factory):
     """The tiny SD3 (it has a floating buffer: the positional-embedding table), bf16 run."""
     out = tmp_path_factory.mktemp("gathered")
-    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "64",
-                           "--mixed_precision", "bf16", "--output_dir", str(out),
-                           "--validation_prompt", "a red circle", "--validation_prompt", "a cat",
-                           "--validation_images", "2", "--validation_inference_steps", "2"])  # fmt: skip
+    config = parse_config([
+        "--pretrained_model", str(tiny_sd3_dir), "--resolution", "64", "--mixed_precision", "bf16",
+        "--output_dir", str(out), "--validation_prompt", "a red circle",
+        "--validation_prompt", "a cat", "--validation_images", "2",
+        "--validation_inference_steps", "2",
+    ])  # fmt: skip
     models = load_components(config, False, torch.bfloat16, CPU)
     randomise_norms(models.policy)
     return config, models
