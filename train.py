@@ -18,12 +18,19 @@ import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
 from common import cli
@@ -37,7 +44,11 @@ from models.speed import allow_tf32
 from training import checkpointing, hub, startup
 from training.build import build_dataloader, build_dataset, build_optimizer, dataset_size
 from training.config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
-from training.distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
+from training.distributed import (
+    configure_backend,
+    deepspeed_step_outcome,
+    forward_casts,
+)
 from training.model_card import data_source, label_text, write_model_card
 from training.online import OnlineTrainer, build_reward
 from training.validation import ValidationResult, Validator
@@ -164,6 +175,22 @@ def log_startup(
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
 
 
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    output_dir = Path(config.output_dir)
+    # The other ranks wait in a collective while the main one validates or saves; NCCL's
+    # default timeout (10 min) would stop the job during a long 1024 px validation.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout))
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        kwargs_handlers=[timeout],
+    )
+
+
 @dataclass
 class Run:
     """What the loop works with, built once by ``setup``."""
@@ -202,14 +229,7 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
     """Config -> accelerator, data, models, loss, optimizer; resume if asked."""
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-    )
+    accelerator = build_accelerator(config)
     configure_backend(accelerator, config)
     # The global RNG drives only dropout (LoRA's included); noise and data draw from their own
     # generators. Seeded per rank, and saved/restored with every checkpoint by accelerate.
@@ -230,8 +250,11 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
     needs = requirements(config.loss, config.to_dict())
-    models = load_components(config, needs.reference, weight_dtype, accelerator.device,
-                             autocast=runs_under_autocast(accelerator))  # fmt: skip
+    casts = None
+    if needs.reference:  # what the backend casts in the policy's forward, for the reference
+        fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)  # set only under FSDP
+        casts = forward_casts(accelerator.distributed_type, weight_dtype, fsdp_plugin)
+    models = load_components(config, needs.reference, weight_dtype, accelerator.device, casts)
     config.resolve_family_defaults(models.family.default_guidance)
     run_info["config"] = config.to_dict()  # saved and carded with the resolved values
     # The scheduler's timestep count is a fact some losses read (MaPO's T).

@@ -35,8 +35,9 @@ the file beside it (RESULTS.jsonl). Cases:
   not), the ratio at the first update; printed as one more table. A stand-in reward (mean
   pixel value) and random text features: the reward model's and text encoders' time is not in;
 - deepspeed / fsdp: train.py through accelerate launch with configs/deepspeed_zero2.yaml and
-  configs/fsdp.yaml (3 steps, checkpoint, resume 1 step, fp32 export loads), one process per
-  GPU up to 2; on a machine without CUDA they are skipped and the same checks run through
+  configs/fsdp.yaml (3 steps, checkpoint, resume 1 step, fp32 export loads; the step-0 loss is
+  log 2 to 1e-4; the step-0 validation grid equals a plain run's), one process per GPU up
+  to 2; on a machine without CUDA they are skipped and the same checks run through
   configs/multi_gpu.yaml on the CPU instead (the launch path is then still exercised).
 """
 
@@ -149,14 +150,14 @@ def plan(tiny: bool, cuda: bool, gpus: int, sweep: list[int] | None = None) -> l
         case = Case(f"{config} launch x{procs}", [sys.executable, "-m", "bench.launch_case",
                     "--config", config, "--num_processes", procs, "--precision", "bf16",
                     "--timeout", "140"],
-                    timeout=300, kind="launch")  # fmt: skip
+                    timeout=420, kind="launch")  # fmt: skip
         if not cuda:
             case.skip = "needs CUDA"
         cases.append(case)
     if not cuda:
         cases.append(Case("ddp launch x1 (cpu)", [sys.executable, "-m", "bench.launch_case",
                           "--config", "multi_gpu", "--precision", "bf16"],
-                          timeout=300, kind="launch"))  # fmt: skip
+                          timeout=420, kind="launch"))  # fmt: skip
     return cases
 
 
@@ -226,6 +227,7 @@ def judge(cases: list[Case]) -> None:
                 case.notes += r["problems"]
             else:
                 case.notes.append(f"losses {', '.join(f'{x:.3f}' for x in r['losses'])}")
+                case.notes.append(f"step-0 loss - log 2 = {r['losses'][0] - LOG2:+.1e}")
                 case.notes.append(f"{r['nonfinite_steps']} skipped steps; {r['seconds']:.0f} s")
             continue
         if not r.get("finite", True):

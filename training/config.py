@@ -302,8 +302,8 @@ class _Settings:
     )
     torch_compile: bool = arg(
         False,
-        "torch.compile the UNet(s); in fp16/bf16 the compiled policy and reference differ slightly "
-        "at step 0 (loss not exactly log 2: see README, Checking the GPU paths)",
+        "torch.compile the UNet(s); inductor keeps eager's half-precision rounding, so the "
+        "compiled policy and reference agree at step 0 (README, Checking the GPU paths)",
     )
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
@@ -320,6 +320,12 @@ class _Settings:
         False,
         "run the start-up checks (flags, model configs, output directory, launcher, tracker, "
         "data) and exit: no weights load, nothing is written (exps/*.sh run it before launching)",
+    )
+    process_group_timeout: float = arg(
+        60.0,
+        "minutes the other processes of a multi-GPU run wait for the main one (validating, "
+        "saving a checkpoint) before the job is stopped (NCCL's own limit: 10); raise it for "
+        "long validations",
     )
 
     # Logging
@@ -374,6 +380,7 @@ class _Settings:
             "checkpointing_steps",
             "learning_rate",
             "max_consecutive_nonfinite",
+            "process_group_timeout",
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
         problems += self.loss_problems()

@@ -132,9 +132,13 @@ class Validator:
         """The validation images from ``unet``, which is left in the mode it was in."""
         was_training = unet.training
         unet.eval()  # dropout (e.g. LoRA's) off while sampling
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        device = self.accelerator.device
+        devices = [device] if device.type == "cuda" else []
+        # Autocast in the compute dtype on every backend (accelerate's is off under DeepSpeed),
+        # so a gathered copy samples what the fp32 policy of a plain run samples.
+        autocast = torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32)
         try:
-            with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
+            with torch.random.fork_rng(devices=devices), autocast:
                 return generation.generate(
                     self.pipeline(unet),
                     self.prompts,
@@ -151,7 +155,9 @@ class Validator:
 
     def run(self, step: int, policy: torch.nn.Module) -> ValidationResult | None:
         """Validate at ``step``: the result on the main process, None on the others."""
-        unet = full_model(self.accelerator, policy)  # collective under FSDP: every rank calls it
+        # Collective under FSDP and DeepSpeed (every rank calls it); their gathered copy is built
+        # beside the pipeline's other parts, in the compute dtype (norms fp32).
+        unet = full_model(self.accelerator, policy, self.accelerator.device, self.dtype)
         result = None
         if self.accelerator.is_main_process:
             result = self._validate(step, unet)
