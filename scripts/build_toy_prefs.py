@@ -11,7 +11,9 @@ by SD models and judged per prompt), written in both formats the trainer reads:
     OUT/heldout/pairs.parquet                   pairs of the held-out prompts (for evaluation)
     OUT/stats.json                              the base's reward rate per split, pair counts
 
-Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_prompts).
+Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_prompts), and the
+held-out prompts are halved into assets/toy_prompts_{validation,test}.txt (``toy_eval_split``):
+settings are chosen on validation, results reported on test.
 """
 
 from __future__ import annotations
@@ -50,6 +52,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
+VALIDATION_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_validation.txt"
+TEST_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_test.txt"
+EVAL_SPLITS = ("validation", "test")
+# The seed of the validation / test draw (toy_eval_split); changing it re-draws both splits.
+SPLIT_SEED = 27
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
 # 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
 # habit; 5: shape-matched pairs; 6: the fourth base); scripts/setup.sh and exps/example.sh grep
@@ -71,11 +78,44 @@ def toy_prompt_split() -> tuple[list[str], list[str]]:
     return train, heldout
 
 
+def caption_colour(caption: str) -> str:
+    """The colour a toy caption names ("an orange circle on ..." -> "orange")."""
+    return caption.split()[1]
+
+
+def toy_eval_split(heldout: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """The held-out prompts halved into ``validation`` (every choice of settings) and ``test``
+    (reported, never used to choose): of each colour's held-out prompts a seeded shuffle sends
+    half to validation and the rest to test, so both splits name every colour equally often
+    (the base's colour rate differs by colour). Training prompts, and so the preference pairs,
+    are untouched. Both lists keep the held-out file's order."""
+    rng = random.Random(seed)
+    by_colour: dict[str, list[str]] = {}
+    for caption in heldout:
+        by_colour.setdefault(caption_colour(caption), []).append(caption)
+    validation = set()
+    for captions in by_colour.values():
+        drawn = sorted(captions)
+        rng.shuffle(drawn)
+        validation.update(drawn[: len(drawn) // 2])
+    return {
+        "validation": [c for c in heldout if c in validation],
+        "test": [c for c in heldout if c not in validation],
+    }
+
+
+def split_prompt_file(split: str) -> Path:
+    """The prompt file of an evaluation split (EVAL_SPLITS)."""
+    return {"validation": VALIDATION_PROMPTS, "test": TEST_PROMPTS}[split]
+
+
 def write_prompt_files() -> None:
     train, heldout = toy_prompt_split()
     TRAIN_PROMPTS.parent.mkdir(parents=True, exist_ok=True)
     TRAIN_PROMPTS.write_text("\n".join(train) + "\n", encoding="utf-8")
     HELDOUT_PROMPTS.write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    for split, prompts in toy_eval_split(heldout).items():
+        split_prompt_file(split).write_text("\n".join(prompts) + "\n", encoding="utf-8")
 
 
 # The default taste: a "warm filter" preference that the base meets only part of the time; the toy

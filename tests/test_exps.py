@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from losses import get_spec
+from losses import get_spec, loss_names
 
 REPO = Path(__file__).resolve().parents[1]
 # The recipes; exps/common.sh is the plumbing they source.
@@ -110,13 +110,17 @@ def test_loss_picks_its_released_defaults(script, env, expected, request, toy_da
 
 def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     """All stages on the shipped toy base with a few images and steps: every table, the
-    frontier, the noisy-label column, results and plots."""
+    frontier, the noisy-label column, results and plots; with the online losses registered, a
+    GRPO arm and the offline-against-online table and plot."""
     tiny = "learning_rate=1e-4 max_train_steps=2"
+    online = "grpo" in loss_names()  # the online trainer (branch online-trainer), once merged
+    grpo = f"grpo group_size=2 train_batch_size=2 sampling_steps=2 eval_every=1 {tiny}\n"
     overrides = {
         "OUT": str(tmp_path / "work"),
         "RESULTS": str(tmp_path / "results"),
-        "VARIANTS": f"dpo beta=1000 {tiny}\nkto beta=1000 {tiny}\nsft {tiny}\n",
-        "MAIN": "dpo kto sft",
+        "VARIANTS": f"dpo beta=1000 {tiny}\nkto beta=1000 {tiny}\nsft {tiny}\n"
+        + (grpo if online else ""),
+        "MAIN": "dpo kto sft" + (" grpo" if online else ""),
         "TASKS": "colour",
         "TRAIN_SEEDS": "0",
         "WIDE": "dpo",
@@ -146,7 +150,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
             "colour-noisy": ["dpo-s0"]}  # fmt: skip
     for task, names in runs.items():
         for name in ("base", *names):
-            assert f"| {task} | {name} | 12 |" in results  # 12 held-out prompts x 1 image
+            assert f"| {task} | {name} | 6 |" in results  # the 6 test prompts x 1 image
         for name in names:
             assert (tmp_path / "work" / "runs" / task / name / "unet").is_dir()
     assert "| dpo | 2 |" in results and "| kto | 1 |" in results  # seeds per loss
@@ -158,6 +162,9 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     assert "| dpo | 3000 | 1 |" in results and "| dpo | 1000 | 1 |" in results  # frontier
     for plot in ("toy_frontier.png", "toy_reward_by_loss.png", "toy_before_after.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000
+    if online:
+        assert "### Offline against online (colour)" in results and "| grpo-s0 | 6 |" in results
+        assert (tmp_path / "results" / "toy_online_vs_offline.png").stat().st_size > 1000
     # Each seed is its own run: different draws, so different weights.
     first, second = (
         tmp_path / "work" / "runs" / "colour" / f"dpo-s{s}" / "unet"
