@@ -25,7 +25,8 @@ from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
 
 from diffusion.denoising import denoise
 from losses import build_loss
-from models import load_components, load_pipeline
+from models.loading import load_components
+from models.pipeline import load_pipeline
 from models.precision import ForwardCasts
 from training.config import parse_config
 from training.distributed import LaunchConfigError, forward_casts

@@ -13,8 +13,7 @@ from accelerate import Accelerator
 from diffusers.models.normalization import RMSNorm
 
 import train
-from models import load_components
-from models.loading import FP32_NORMS
+from models.loading import FP32_NORMS, load_components
 from training.checkpointing import rebuilt
 from training.config import parse_config
 from training.validation import Validator
