@@ -87,7 +87,10 @@ def parse_reward_specs(
         if name in NEEDS_NO_MODEL and path is not None:
             raise UsageError(f"--reward {value!r}: {name} is a rule and takes no model path")
         if name not in NEEDS_NO_MODEL and path is None and SCORERS[name][1] is None:
-            raise UsageError(f"--reward {name} needs its model: --reward {name}=DIR (see README)")
+            raise UsageError(
+                f"--reward {name} needs its model: --reward {name}=DIR "
+                "(see docs/online.md: Rewards)"
+            )
         pairs.append((name, path))
     names = [name for name, _ in pairs]
     if len(set(names)) != len(names):

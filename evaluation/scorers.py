@@ -89,7 +89,7 @@ class PreferenceMLP(nn.Module):
 def load_head(path: Path, input_size: int, device: str) -> PreferenceMLP:
     """A PreferenceMLP from a safetensors file; a missing file is a clear error."""
     if not path.is_file():
-        raise FileNotFoundError(f"scorer head {path} not found (see README: Evaluation)")
+        raise FileNotFoundError(f"scorer head {path} not found (see docs/evaluation.md: Scorers)")
     head = PreferenceMLP(input_size)
     state = load_file(str(path))
     state = {k.removeprefix("mlp."): v for k, v in state.items()}  # ImageReward prefixes "mlp."
@@ -244,14 +244,14 @@ def scorer_problem(name: str, path: str | None) -> str | None:
         return None
     path = path or SCORERS[name][1]
     if path is None:
-        return f"{name} needs a model path: {name}=DIR (see README: Evaluation)"
+        return f"{name} needs a model path: {name}=DIR (see docs/evaluation.md: Scorers)"
     local = Path(path).expanduser()
     if not local.exists():
         hub_name = path.count("/") == 1 and not Path(path.split("/")[0]).is_dir()
         return None if hub_name else f"{name}={path}: no such directory"
     head = HEADS.get(name)
     if head and not (local / head).is_file():
-        return f"{name}={path}: no {head} in that directory (see README: Evaluation)"
+        return f"{name}={path}: no {head} in that directory (see docs/evaluation.md: Scorers)"
     return None
 
 
@@ -270,5 +270,8 @@ def build_scorer(name: str, path: str | None = None, device: str = "cpu") -> Sco
     builder, default = SCORERS[name]
     path = path or default
     if path is None and name not in NEEDS_NO_MODEL:
-        raise ValueError(f"scorer {name!r} needs a model path: --scorer {name}=DIR (see README)")
+        raise ValueError(
+            f"scorer {name!r} needs a model path: --scorer {name}=DIR "
+            "(see docs/evaluation.md: Scorers)"
+        )
     return builder(path, device)

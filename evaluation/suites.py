@@ -117,9 +117,9 @@ class Protocol:
     note: str
 
 
-# The toy base samples its cleanest shapes with moderate guidance (README, "The toy task":
-# shape agreement peaks near 3 and falls at 7.5), so the toy protocol, its preference data and its
-# benchmark all sample at this scale.
+# The toy base samples its cleanest shapes with moderate guidance (docs/evaluation.md, "Prompt
+# suites and protocols": shape agreement peaks near 3 and falls at 7.5), so the toy protocol, its
+# preference data and its benchmark all sample at this scale.
 TOY_GUIDANCE = 3.0
 
 # The usual protocol of the papers that report on these suites: SD1.5 at 512 px and SDXL at

@@ -60,14 +60,15 @@ LATENT_CHANNELS = 4
 # base uses none: its partial colour following comes from TYPICAL_COLOUR_SCENES.
 WRONG_COLOUR_CAPTIONS = 0.0
 # Share of scenes drawn in their shape's TYPICAL_COLOUR whatever colour the caption names: at
-# 0.5, the base draws the named colour on held-out prompts only part of the time (README,
-# "The toy task").
+# 0.5, the base draws the named colour on held-out prompts only part of the time
+# (docs/toy-benchmark.md, "The toy base").
 TYPICAL_COLOUR_SCENES = 0.5
 # The UNet's first phase (while the text encoder trains) on scenes drawn in the named colour, the
 # habit's scenes only after it: pretraining on faithful data, then fine-tuning on biased data.
 # The third base (False, share 0.6) learned the habit from the start: it drew the caption's shape
 # in 78% of held-out images, but in only 68% of its images in the caption's colour, and tuning it
-# toward the colour cost 6-19 points of shape agreement (README, "The toy task").
+# toward the colour cost 6-19 points of shape agreement (assets/readme_history.md, "How the toy
+# base's prompt following was obtained").
 FAITHFUL_FIRST = True
 # The text encoder trains (jointly, on captions naming the colour drawn) for the first half of
 # the UNet's steps, then stays frozen: it learns the colour words as a separately trained

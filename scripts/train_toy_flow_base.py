@@ -49,7 +49,7 @@ from scripts.train_toy_base import (
 )
 
 # The shipped toy-sd3's share of wrong-colour captions (the first SD1.5 toy base's recipe; the
-# SD1.5 base now uses 0.3 on square canvases: README, "The toy task").
+# SD1.5 base now uses 0.3 on square canvases: docs/toy-benchmark.md, "The toy base").
 FLOW_WRONG_COLOUR_CAPTIONS = 0.6
 logger = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The accelerate configs in configs/ parse, and name what the trainer and models have.
 
 DeepSpeed ZeRO-2 and FSDP cannot run on this CPU-only machine (accelerate's FSDP needs a GPU;
-DeepSpeed is an optional extra): these checks are what can be verified here. See README,
-"Multi-GPU, DeepSpeed and FSDP".
+DeepSpeed is an optional extra): these checks are what can be verified here. See
+docs/multi-gpu.md.
 """
 
 from pathlib import Path

@@ -104,10 +104,10 @@ def test_implicit_margins_are_zero_when_policy_is_the_reference(toy_pipe):
 
 
 def test_the_base_reads_shapes_and_misses_colours_at_the_measured_rates(toy_pipe):
-    """README, "The toy task": on 600 held-out images at guidance 3 the base draws the caption's
-    shape in 90.8%, its colour in 30.7% and the shape's typical colour in 29.5%. A 48-image
-    sample of the same protocol (the first 4 of those 50 seeds per prompt) must land within three
-    binomial standard deviations of each."""
+    """docs/toy-benchmark.md, "The toy base": on 600 held-out images at guidance 3 the base draws
+    the caption's shape in 90.8%, its colour in 30.7% and the shape's typical colour in 29.5%. A
+    48-image sample of the same protocol (the first 4 of those 50 seeds per prompt) must land
+    within three binomial standard deviations of each."""
     from evaluation.suites import TOY_GUIDANCE
     from evaluation.toy_reward import (
         colour_reward,
