@@ -71,7 +71,7 @@ def step0_loss(model_dir: Path, precision: str, backend: str, casts: ForwardCast
     """DPO's step-0 loss with the policy run as ``backend`` runs it, the reference per ``casts``."""
     dtype = HALF[precision]
     config = parse_config(["--pretrained_model", str(model_dir), "--resolution", "64",
-                           "--mixed_precision", precision])  # fmt: skip
+                           "--mixed_precision", precision, "--data", "unread"])  # fmt: skip
     models = load_components(config, True, dtype, CPU, casts)
     policy = models.policy
     autocast = functools.partial(torch.autocast, "cpu", dtype)

@@ -402,7 +402,7 @@ def test_wandb_without_credentials_stops_at_start_up(tmp_path, monkeypatch):
 
 def test_the_start_up_block_names_the_familys_denoiser(tiny_sd3_dir):
     import train
-    from models.family import denoiser_config, family_for
+    from models.families import denoiser_config, family_for
 
     config = parse_config(["--pretrained_model", str(tiny_sd3_dir), *UNREAD])
     denoiser = family_for(denoiser_config(str(tiny_sd3_dir))).denoiser_class

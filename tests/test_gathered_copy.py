@@ -44,7 +44,7 @@ def sd3(tiny_sd3_dir, tmp_path_factory):
         "--pretrained_model", str(tiny_sd3_dir), "--resolution", "64", "--mixed_precision", "bf16",
         "--output_dir", str(out), "--validation_prompt", "a red circle",
         "--validation_prompt", "a cat", "--validation_images", "2",
-        "--validation_inference_steps", "2",
+        "--validation_inference_steps", "2", "--data", "unread",
     ])  # fmt: skip
     models = load_components(config, False, torch.bfloat16, CPU)
     randomise_norms(models.policy)
@@ -90,7 +90,11 @@ def test_the_copy_samples_the_plain_runs_grid(sd3):
 
 
 def test_the_process_group_timeout_reaches_the_accelerator(tmp_path: Path):
-    config = parse_config(["--output_dir", str(tmp_path), "--process_group_timeout", "90"])
+    config = parse_config(["--output_dir", str(tmp_path), "--process_group_timeout", "90",
+                           "--data", "unread"])  # fmt: skip
     accelerator = train.build_accelerator(config)
     assert accelerator.init_handler.to_kwargs() == {"timeout": timedelta(minutes=90)}
-    assert parse_config(["--output_dir", str(tmp_path)]).process_group_timeout == 60
+    assert (
+        parse_config(["--output_dir", str(tmp_path), "--data", "unread"]).process_group_timeout
+        == 60
+    )

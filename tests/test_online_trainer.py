@@ -82,7 +82,7 @@ def online_args(model: Path, prompts: Path, out: Path, loss: str, *extra: str) -
 
 
 def base_params(model: Path) -> dict[str, torch.Tensor]:
-    from models.family import denoiser_config, family_for
+    from models.families import denoiser_config, family_for
 
     family = family_for(denoiser_config(str(model)))
     denoiser = family.denoiser_class.from_pretrained(model, subfolder=family.denoiser_folder)
