@@ -47,6 +47,7 @@ def sd3(tiny_sd3_dir, tmp_path_factory):
         "--validation_inference_steps", "2", "--data", "unread",
     ])  # fmt: skip
     models = load_components(config, False, torch.bfloat16, CPU)
+    config.resolve_family_defaults(models.family.default_guidance)  # as train.setup does
     randomise_norms(models.policy)
     return config, models
 
