@@ -17,6 +17,7 @@ from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
 import train
+from common.cli import UsageError
 from models import generation
 from tests.support import end_wandb_session, reset_accelerate
 from training import hub
@@ -211,7 +212,7 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
 
 def test_a_push_without_its_export_is_refused(runs):
     out, _ = runs
-    with pytest.raises(FileNotFoundError, match="transformer/ not written"):
+    with pytest.raises(UsageError, match="transformer/ not written"):
         hub.upload_files(out["a"], "transformer")
 
 

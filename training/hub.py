@@ -14,6 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.cli import UsageError
+
 CARD_FILE = "README.md"
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
@@ -52,7 +54,8 @@ def upload_files(output_dir: Path, export: str, grid: Path | None = None) -> lis
     if not weights:  # a repo with a card and no model is worse than no push
         missing.append(f"{output_dir / export}/")
     if missing:
-        raise FileNotFoundError(f"cannot push: {', '.join(missing)} not written")
+        # One line for the user (cli.run), not a traceback at the end of a long run.
+        raise UsageError(f"--push_to_hub: cannot push: {', '.join(missing)} not written")
     files = card + weights + ([output_dir / grid] if grid is not None else [])
     return sorted(str(p.relative_to(output_dir)) for p in files)
 
