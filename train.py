@@ -249,6 +249,11 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
 
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
+    # An online run's reward first: a wrong name, an unreachable server or a prompt the reward
+    # cannot read stops the run before any weights load.
+    reward = None
+    if spec.online is not None:
+        reward = build_reward(config, accelerator.device, dataset.table.prompts)
     needs = requirements(config.loss, config.to_dict())
     casts = None
     if needs.reference:  # what the backend casts in the policy's forward, for the reference
@@ -267,8 +272,7 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
     accelerator.register_for_checkpointing(lr_scheduler)
     checkpointing.register_unet_hooks(accelerator, models.policy_io)
     online = None
-    if spec.online is not None:  # before resuming: it saves and loads its own state
-        reward = build_reward(config, accelerator.device, dataset.table.prompts)
+    if reward is not None:  # before resuming: it saves and loads its own state
         online = OnlineTrainer(config, accelerator, models, policy, loss_fn, reward)
 
     state = checkpointing.TrainerState()
