@@ -129,9 +129,9 @@ def test_kto_logs_its_metrics(tiny_sd15_dir, toy_data_dir, tmp_path):
 
 
 def test_v_prediction_model_trains(tmp_path, toy_data_dir):
-    from scripts.build_tiny_model import build_tiny_sd15
+    from scripts.build_tiny_model import build_tiny_model
 
-    model = build_tiny_sd15(tmp_path / "v-model", prediction_type="v_prediction")
+    model = build_tiny_model(tmp_path / "v-model", prediction_type="v_prediction")
     result = run(model, toy_data_dir, tmp_path / "out", "dpo", "--max_train_steps", "1")
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(result.history[0]["err/policy"])
@@ -319,9 +319,9 @@ def test_every_config_field_is_a_flag_with_help():
 
 
 def test_reference_model_can_differ_from_the_policy(tiny_sd15_dir, toy_data_dir, tmp_path):
-    from scripts.build_tiny_model import build_tiny_sd15
+    from scripts.build_tiny_model import build_tiny_model
 
-    other = build_tiny_sd15(tmp_path / "other", seed=1)
+    other = build_tiny_model(tmp_path / "other", seed=1)
     args = ("--max_train_steps", "1", "--reference_model", str(other))
     result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *args)
     reference = dict(base_unet(other).named_parameters())
