@@ -27,14 +27,8 @@ from evaluation.suites import TOY_GUIDANCE, read_prompts
 from evaluation.toy_reward import colour_reward
 from models import generation
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
-from scripts.train_toy_base import (
-    ToyScenes,
-    batches,
-    caption_token_ids,
-    denoising_loss,
-    latent_moments,
-    toy_scenes,
-)
+from scripts.toy_base_training import batches, latent_moments
+from scripts.train_toy_base import ToyScenes, caption_token_ids, denoising_loss, toy_scenes
 from training.config import CAPTION_DROPOUT
 
 SCENE_SEED = 123  # not the base's scene seed (0): new drawings of the same captions
