@@ -9,19 +9,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_tiny_device_check_writes_its_table(tmp_path):
+def run_tiny_check(tmp_path: Path, *cases: str) -> Path:
+    """``bench.device_check --tiny --only CASES`` in a process of its own; its RESULTS.md."""
     results = tmp_path / "RESULTS.md"
     done = subprocess.run(
-        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", "baseline", "fp16",
+        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", *cases,
          "--results", str(results)],
         cwd=REPO, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = {
+    return results
+
+
+def case_rows(results: Path) -> dict[str, list[str]]:
+    """The results table: case name -> its other cells."""
+    return {
         line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
         for line in results.read_text().splitlines()
         if line.startswith("| ") and not line.startswith("| case")
     }
+
+
+def test_tiny_device_check_writes_its_table(tmp_path):
+    rows = case_rows(run_tiny_check(tmp_path, "baseline", "fp16"))
     assert rows["sd15 baseline bf16"][0] == "pass"
     fp16 = rows["sd15 full fp16 (grad scaler)"]
     assert fp16[0] == "pass" and float(fp16[1]) > 0 and float(fp16[3]) > 0  # s/pair, peak GiB
@@ -36,18 +46,7 @@ def test_tiny_device_check_writes_its_table(tmp_path):
 def test_tiny_flow_cases_run(tmp_path):
     """The SD3.5-medium and Flux.1-dev cases, on their tiny stand-ins: s/pair, memory, and the
     SD3 reference agreeing with the policy at step 0 in bf16."""
-    results = tmp_path / "RESULTS.md"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", "sd35m", "flux",
-         "--results", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
-    rows = {
-        line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]]
-        for line in results.read_text().splitlines()
-        if line.startswith("| ") and not line.startswith("| case")
-    }
+    rows = case_rows(run_tiny_check(tmp_path, "sd35m", "flux"))
     for name in ("sd35m full 1024 ckpt", "flux lora r16 1024 ckpt"):
         assert rows[name][0] == "pass" and float(rows[name][1]) > 0 and float(rows[name][3]) > 0
     assert "step-0 loss - log 2" in rows["sd35m full 1024 ckpt"][4]
@@ -58,13 +57,7 @@ def test_tiny_sweep_and_step_breakdown(tmp_path):
     per-phase breakdown of one step, printed in the report and written as a JSON line."""
     from bench.phases import PHASES, UNATTRIBUTED
 
-    results = tmp_path / "RESULTS.md"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", "sweep",
-         "--results", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    results = run_tiny_check(tmp_path, "sweep")
     (record,) = [json.loads(line) for line in (tmp_path / "RESULTS.jsonl").read_text().splitlines()]
     (case,) = [c for c in record["cases"] if c["kind"] == "sweep"]
     assert case["outcome"] == "pass", case["notes"]

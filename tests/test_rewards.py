@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from common import cli
 from evaluation import reward_server
@@ -32,7 +32,7 @@ from evaluation.rewards import (
     parse_reward_specs,
     reward_stats,
 )
-from scripts.build_toy_data import BACKGROUNDS, COLOURS
+from scripts.build_toy_data import BACKGROUNDS, draw_shape
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_REWARDS = ["toy_colour", "toy_shape", "toy_warm"]
@@ -54,16 +54,7 @@ HAND_TOTALS = [3.5, 1.0, 2.5, 1.5]
 def draw(colour: str, shape: str, background: str) -> Image.Image:
     """A toy scene as scripts/build_toy_data.py draws them, at a fixed place and size."""
     image = Image.new("RGB", (32, 32), BACKGROUNDS[background])
-    left, top, side = 6, 6, 20
-    box = (left, top, left + side - 1, top + side - 1)
-    pen, fill = ImageDraw.Draw(image), COLOURS[colour]
-    if shape == "circle":
-        pen.ellipse(box, fill=fill)
-    elif shape == "square":
-        pen.rectangle(box, fill=fill)
-    else:
-        pen.polygon([(left + side // 2, top), (box[2], box[3]), (left, box[3])], fill=fill)
-    return image
+    return draw_shape(image, colour, shape, left=6, top=6, side=20)
 
 
 @pytest.fixture(scope="module")
