@@ -31,12 +31,14 @@ from PIL import Image
 
 from common.cli import UsageError, one_line
 from evaluation.rewards import (
+    Metadata,
     RewardScores,
     check_lengths,
     combine,
     parse_weights,
     split_reward,
 )
+from evaluation.scorers import Images, Prompts
 
 DEFAULT_BATCH_SIZE = 32
 DEFAULT_TIMEOUT_S = 120.0  # one batch of a large reward model on a busy GPU
@@ -154,16 +156,11 @@ class RemoteReward:
             weights = parse_weights(self.raw_weights, len(self.names))
             self.weights = dict(zip(self.names, weights, strict=True))
 
-    def check_prompts(self, prompts: Sequence[str]) -> None:
+    def check_prompts(self, prompts: Prompts) -> None:
         """The server's check of the prompts; its one-line refusal names the first bad one."""
         self._request("/check", {"prompts": list(prompts)})
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        metadata: Sequence[dict] | None = None,
-    ) -> RewardScores:
+    def score(self, images: Images, prompts: Prompts, metadata: Metadata = None) -> RewardScores:
         if not self.names:
             self.check()
         check_lengths(images, prompts, metadata)

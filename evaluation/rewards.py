@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
-from PIL import Image
 
 from common.cli import UsageError
-from evaluation.scorers import NEEDS_NO_MODEL, SCORERS, Scorer, build_scorer
+from evaluation.scorers import NEEDS_NO_MODEL, SCORERS, Images, Prompts, Scorer, build_scorer
+
+Metadata = Sequence[dict] | None  # per-image tags, for rewards that read them
 
 REWARD_NAMES = tuple(sorted(SCORERS))
 
@@ -146,13 +147,10 @@ class Reward(Protocol):
     names: list[str]
 
     def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        metadata: Sequence[dict] | None = None,
+        self, images: Images, prompts: Prompts, metadata: Metadata = None
     ) -> RewardScores: ...
 
-    def check_prompts(self, prompts: Sequence[str]) -> None:
+    def check_prompts(self, prompts: Prompts) -> None:
         """UsageError naming the first prompt a component cannot read."""
         ...
 
@@ -188,7 +186,7 @@ class ScorerReward:
     ) -> ScorerReward:
         return cls(parse_reward_specs(rewards, weights), device)
 
-    def check_prompts(self, prompts: Sequence[str]) -> None:
+    def check_prompts(self, prompts: Prompts) -> None:
         """UsageError naming the first prompt a reward cannot read, and the reward; scorers
         that read no structure from the caption (every learned one) accept any prompt."""
         checks = {
@@ -203,12 +201,7 @@ class ScorerReward:
                 except ValueError as exc:
                     raise UsageError(f"--reward {name}: prompt {index}: {exc}") from None
 
-    def score(
-        self,
-        images: Sequence[Image.Image],
-        prompts: Sequence[str],
-        metadata: Sequence[dict] | None = None,
-    ) -> RewardScores:
+    def score(self, images: Images, prompts: Prompts, metadata: Metadata = None) -> RewardScores:
         check_lengths(images, prompts, metadata)
         images = [image.convert("RGB") for image in images]  # what a PNG on the wire carries
         components = {

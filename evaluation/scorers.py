@@ -36,6 +36,9 @@ IMAGEREWARD_STD = 1.0333394966054072
 # CLIPScore (Hessel et al. 2021) with torchmetrics' weight w = 100.
 CLIP_SCORE_WEIGHT = 100.0
 
+Images = Sequence[Image.Image]
+Prompts = Sequence[str]  # prompts[i]: the caption image i was generated for
+
 
 class Scorer(Protocol):
     """A scorer that reads structure from the caption (a toy rule's colour word) also has
@@ -43,7 +46,7 @@ class Scorer(Protocol):
 
     name: str
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
         """One score per image; prompts[i] is the caption image i was generated for."""
         ...
 
@@ -56,7 +59,7 @@ class ToyRewardScorer:
         self.rule = toy_reward(rule)
         self.read_caption = CAPTION_READERS[rule]
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
         return [self.rule(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
 
     def check_prompt(self, prompt: str) -> None:
@@ -97,9 +100,19 @@ def load_head(path: Path, input_size: int, device: str) -> PreferenceMLP:
     return head.to(device).eval()
 
 
-def batched(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield slice(start, start + batch_size)
+@torch.no_grad()
+def score_in_batches(
+    images: Images,
+    prompts: Prompts,
+    batch_size: int,
+    score_batch: Callable[[Images, Prompts], torch.Tensor],
+) -> list[float]:
+    """score_batch (scores [n]) on consecutive batches of batch_size images and their prompts."""
+    scores: list[float] = []
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        scores += score_batch(images[batch], prompts[batch]).tolist()
+    return scores
 
 
 class ClipScorer:
@@ -120,13 +133,13 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(path)
 
-    def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def image_embeddings(self, images: Images) -> torch.Tensor:
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         features = self.model.get_image_features(**inputs)
         features = getattr(features, "pooler_output", features)
         return nn.functional.normalize(features.float(), dim=-1)
 
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+    def text_embeddings(self, prompts: Prompts) -> torch.Tensor:
         inputs = self.processor(
             text=list(prompts), padding=True, truncation=True, return_tensors="pt"
         ).to(self.device)
@@ -134,13 +147,12 @@ class ClipScorer:
         features = getattr(features, "pooler_output", features)
         return nn.functional.normalize(features.float(), dim=-1)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            cosine = (self.image_embeddings(images[s]) * self.text_embeddings(prompts[s])).sum(-1)
-            scores += self.to_score(cosine, self.model.logit_scale.exp().float()).tolist()
-        return scores
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
+        return score_in_batches(images, prompts, self.batch_size, self.score_batch)
+
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(-1)
+        return self.to_score(cosine, self.model.logit_scale.exp().float())
 
 
 class AestheticScorer(ClipScorer):
@@ -152,12 +164,8 @@ class AestheticScorer(ClipScorer):
         head_path = Path(path) / AESTHETIC_HEAD
         self.head = load_head(head_path, self.model.config.projection_dim, device)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            scores += self.head(self.image_embeddings(images[s])).tolist()
-        return scores
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        return self.head(self.image_embeddings(images))
 
 
 class ImageRewardScorer:
@@ -174,28 +182,27 @@ class ImageRewardScorer:
         head_path = Path(path) / IMAGEREWARD_HEAD
         self.head = load_head(head_path, model.config.text_config.hidden_size, device)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            inputs = self.processor(
-                images=list(images[s]),
-                text=list(prompts[s]),
-                padding="max_length",
-                truncation=True,
-                max_length=35,  # ImageReward's text length
-                return_tensors="pt",
-            ).to(self.device)
-            image_states = self.model.vision_model(pixel_values=inputs.pixel_values)[0]
-            text = self.model.text_encoder(
-                input_ids=inputs.input_ids,
-                attention_mask=inputs.attention_mask,
-                encoder_hidden_states=image_states,
-                encoder_attention_mask=torch.ones(image_states.shape[:-1], dtype=torch.long),
-            ).last_hidden_state[:, 0]
-            raw = self.head(text.float())
-            scores += ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).tolist()
-        return scores
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
+        return score_in_batches(images, prompts, self.batch_size, self.score_batch)
+
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        inputs = self.processor(
+            images=list(images),
+            text=list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=35,  # ImageReward's text length
+            return_tensors="pt",
+        ).to(self.device)
+        image_states = self.model.vision_model(pixel_values=inputs.pixel_values)[0]
+        text = self.model.text_encoder(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            encoder_hidden_states=image_states,
+            encoder_attention_mask=torch.ones(image_states.shape[:-1], dtype=torch.long),
+        ).last_hidden_state[:, 0]
+        raw = self.head(text.float())
+        return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 def _clip_score(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
