@@ -38,6 +38,15 @@ from models.modes import TIME_IDS_MODES
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
 Sizes = Sequence[tuple[int, int]]  # per image: (height, width) or (top, left)
 NO_GUIDANCE = 1.0  # a pipeline guidance scale of 1: no classifier-free guidance
+TextFolders = tuple[tuple[str, str], ...]  # per text encoder: (tokenizer, encoder) subfolders
+EncoderClasses = tuple[type[PreTrainedModel], ...]
+
+
+def text_folders(count: int) -> TextFolders:
+    """diffusers' subfolders of a pipeline's ``count`` text encoders, in order: ("tokenizer",
+    "text_encoder"), ("tokenizer_2", "text_encoder_2"), ..."""
+    suffixes = ["", *(f"_{i}" for i in range(2, count + 1))]
+    return tuple((f"tokenizer{s}", f"text_encoder{s}") for s in suffixes)
 
 
 @dataclass
@@ -62,8 +71,8 @@ class ModelFamily:
     denoiser_class: ClassVar[type] = UNet2DConditionModel
     scheduler_class: ClassVar[type] = DDPMScheduler
     # diffusers subfolders of the text stack, in order, and the encoders' classes.
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (CLIPTextModel,)
+    text_subfolders: ClassVar[TextFolders] = text_folders(1)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel,)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     # generate.SCHEDULERS names that can sample this family; the first is its default.
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
@@ -161,14 +170,8 @@ class SDXLFamily(ModelFamily):
 
     name: ClassVar[str] = "sdxl"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionXLPipeline
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
+    text_subfolders: ClassVar[TextFolders] = text_folders(2)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel, CLIPTextModelWithProjection)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "text_embeds")
 
     @staticmethod

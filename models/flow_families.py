@@ -14,12 +14,19 @@ from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel
 from diffusers.pipelines import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
 from common.cli import UsageError
 from diffusion.flow_matching import FlowMatching, resolution_shift
 from diffusion.sampling import FlowSchedule, Schedule
-from models.family import NO_GUIDANCE, ModelFamily, TextFeatures
+from models.family import (
+    NO_GUIDANCE,
+    EncoderClasses,
+    ModelFamily,
+    TextFeatures,
+    TextFolders,
+    text_folders,
+)
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
 # 16 x 16 pixels (SD3's patch embedding, Flux's packing).
@@ -87,12 +94,8 @@ class SD3Family(FlowFamily):
     name: ClassVar[str] = "sd3"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusion3Pipeline
     denoiser_class: ClassVar[type] = SD3Transformer2DModel
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-        ("tokenizer_3", "text_encoder_3"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
+    text_subfolders: ClassVar[TextFolders] = text_folders(3)
+    text_encoder_classes: ClassVar[EncoderClasses] = (
         CLIPTextModelWithProjection,
         CLIPTextModelWithProjection,
         T5EncoderModel,
@@ -173,14 +176,8 @@ class FluxFamily(FlowFamily):
     name: ClassVar[str] = "flux"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = FluxPipeline
     denoiser_class: ClassVar[type] = FluxTransformer2DModel
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
-        CLIPTextModel,
-        T5EncoderModel,
-    )
+    text_subfolders: ClassVar[TextFolders] = text_folders(2)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel, T5EncoderModel)
     max_sequence_length: ClassVar[int] = 512  # FluxPipeline's default
     guidance: float | None = None  # set by ``configure`` for guidance-distilled transformers
 
