@@ -30,6 +30,7 @@ from evaluation.stats import (
     win_rate,
 )
 from scripts.build_toy_data import BACKGROUNDS, COLOURS
+from tests.support import TINY_TOWER, save_tiny_clip
 
 
 def table(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
@@ -171,42 +172,7 @@ def test_cli_rejects_a_folder_without_generations_csv(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessorPil,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-clip") / "clip"
-    torch.manual_seed(0)
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
-    config = CLIPConfig(
-        text_config={
-            **small,
-            "vocab_size": 49408,
-            "max_position_embeddings": 77,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
-        },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(out)
-    tokenizer = CLIPTokenizer.from_pretrained(ensure_clip_tokenizer(default_tokenizer_cache()))
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    out = save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip", projection_dim=16)
     save_file(PreferenceMLP(16).state_dict(), str(out / AESTHETIC_HEAD))
     return out
 
@@ -225,15 +191,9 @@ def tiny_blip_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "square"]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
     config = BlipConfig(
         text_config={
-            **small,
+            **TINY_TOWER,
             "vocab_size": len(words),
             "encoder_hidden_size": 32,
             "max_position_embeddings": 64,
@@ -241,7 +201,7 @@ def tiny_blip_dir(tmp_path_factory) -> Path:
             "sep_token_id": 3,
             "pad_token_id": 0,
         },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
+        vision_config={**TINY_TOWER, "image_size": 32, "patch_size": 8},
         projection_dim=16,
         image_text_hidden_size=16,
     )

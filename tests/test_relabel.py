@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from common import cli
-from data import ImageTransform, PickapicPairs, collate_pairs
+from data import ImageTransform, PairOptions, PickapicPairs, StreamSettings, collate_pairs
 from data.errors import DataError
 from evaluation.relabel import Source, output_estimate
 from evaluation.relabel import main as relabel_main
@@ -124,8 +124,10 @@ def test_scores_combined_labels_ties_and_soft_labels(tmp_path):
     assert stats["tiny"]["std"] == pytest.approx(both["tiny"].std(), rel=1e-9)
 
     # The output trains as it is: --data OUT [--soft_labels] reads the AI labels and prob_0.
-    data = PickapicPairs(str(tmp_path / "out"), ImageTransform(8, True, False), shuffle=False,
-                         caption_dropout=0.0, soft_labels=True)  # fmt: skip
+    settings = StreamSettings(ImageTransform(8, True, False), caption_dropout=0.0)
+    data = PickapicPairs(
+        str(tmp_path / "out"), settings, PairOptions(shuffle=False, soft_labels=True)
+    )
     assert data.num_pairs == int((~tie).sum())
     batch = collate_pairs(list(itertools.islice(data.iter_role(0), int((~tie).sum()))))
     untied = frame[~tie]

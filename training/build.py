@@ -7,10 +7,12 @@ from torch.utils.data import DataLoader, IterableDataset
 from data.batches import collate_images, collate_pairs
 from data.cache import CachedImageTransform, cache_identity, check_manifest
 from data.columns import parse_columns
+from data.examples import PairOptions
 from data.kto_csv import LabeledImages, parse_split_labels
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
 from data.pickapic import PickapicPairs
 from data.prompts import PromptStream, collate_prompts, load_prompts, report_bad_lines
+from data.roles import StreamSettings
 from data.table_pairs import TablePairs
 from data.transforms import ImageTransform
 from losses import LossSpec
@@ -36,39 +38,34 @@ def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: in
         transform = CachedImageTransform(config.cache, config.resolution, config.random_flip)
     else:
         transform = ImageTransform(config.resolution, not config.random_crop, config.random_flip)
-    common = {
-        "transform": transform,
-        "caption_dropout": config.caption_dropout,
-        "seed": config.seed,
-        "rank": rank,
-        "world_size": world_size,
-        "num_workers": config.dataloader_num_workers,
-    }
+    settings = StreamSettings(
+        transform,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.dataloader_num_workers,
+    )
     if config.csv:
         # A loss without a reference (SFT) learns from desirable images only: draw only those.
         desirable_prob = config.kto_desirable_prob if spec.needs_reference else 1.0
         return LabeledImages(
             config.csv,
             config.images,
+            settings,
             split_labels=parse_split_labels(config.split_labels),
             desirable_prob=desirable_prob,
-            **common,
         )
+    pairs = PairOptions(winners_only=not spec.pairwise, soft_labels=config.soft_labels)
     if config.pairs or config.pairs_dirs:
-        return TablePairs(
-            load_pair_table(config),
-            winners_only=not spec.pairwise,
-            soft_labels=config.soft_labels,
-            **common,
-        )
+        return TablePairs(load_pair_table(config), settings, pairs)
     return PickapicPairs(
         config.data,
-        winners_only=not spec.pairwise,
+        settings,
+        pairs,
         row_groups_per_block=config.row_groups_per_block,
         hub_split=config.hub_split,
         columns=parse_columns(config.columns),
-        soft_labels=config.soft_labels,
-        **common,
     )
 
 
@@ -102,7 +99,7 @@ def dataset_size(dataset: Dataset) -> str:
 
 
 def build_dataloader(config: TrainConfig, dataset: IterableDataset) -> DataLoader:
-    pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.winners_only
+    pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.pairs.winners_only
     collate = collate_pairs if pairs else collate_images
     workers = config.dataloader_num_workers
     return DataLoader(
