@@ -25,6 +25,7 @@ import logging
 import random
 import sys
 import uuid
+from dataclasses import dataclass, field
 from itertools import product, zip_longest
 from pathlib import Path
 
@@ -35,16 +36,8 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.suites import TOY_GUIDANCE
 from evaluation.toy_reward import shape_reward, toy_reward
+from scripts import build_toy_data as toy_data
 from scripts.atomic_dir import atomic_directory
-from scripts.build_toy_data import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    encode_jpeg,
-    scene_caption,
-    write_kto,
-    write_pairs_parquet,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -69,12 +62,14 @@ FIRST_SEED = 10_000
 def toy_prompt_split() -> tuple[list[str], list[str]]:
     """All 54 toy captions split into train and held-out: each colour keeps HELDOUT_PER_COLOUR
     (shape, background) combinations out of training, a different pair for each colour."""
-    scenes = list(product(SHAPES, BACKGROUNDS))
+    scenes = list(product(toy_data.SHAPES, toy_data.BACKGROUNDS))
     train, heldout = [], []
-    for i, colour in enumerate(COLOURS):
+    for i, colour in enumerate(toy_data.COLOURS):
         held = {(HELDOUT_PER_COLOUR * i + j) % len(scenes) for j in range(HELDOUT_PER_COLOUR)}
         for j, (shape, background) in enumerate(scenes):
-            (heldout if j in held else train).append(scene_caption(colour, shape, background))
+            (heldout if j in held else train).append(
+                toy_data.scene_caption(colour, shape, background)
+            )
     return train, heldout
 
 
@@ -136,7 +131,7 @@ def labelled_generations(
     out = []
     seeds = list(range(FIRST_SEED, FIRST_SEED + k))
     for g in generate(pipe, prompts, seeds, distinct_seeds=True, **settings):
-        jpeg = encode_jpeg(g.image)
+        jpeg = toy_data.encode_jpeg(g.image)
         # Label the stored (JPEG) image, not the PNG: compression flips borderline images.
         stored = Image.open(io.BytesIO(jpeg))
         out.append(
@@ -196,37 +191,42 @@ def preference_pairs(
     return rows
 
 
-def build_toy_prefs(
-    model: str,
-    out_dir: Path,
-    images_per_prompt: int = 16,
-    pairs_per_prompt: int = 8,
-    settings: dict | None = None,
-    seed: int = 0,
-    rule: str = DEFAULT_RULE,
-    match_shape: bool = True,
-) -> dict:
+@dataclass(frozen=True)
+class ToyPrefsRecipe:
+    """How build_toy_prefs makes the data from a base (stats.json records it)."""
+
+    images_per_prompt: int = 16  # k generations per prompt, each from its own seed
+    pairs_per_prompt: int = 8
+    # generate()'s settings over the defaults (20 steps, TOY_GUIDANCE, batches of 64)
+    settings: dict = field(default_factory=dict)
+    seed: int = 0  # of the pairing; generation seeds start at FIRST_SEED
+    rule: str = DEFAULT_RULE  # the toy reward rule that labels every image
+    match_shape: bool = True  # see preference_pairs
+
+
+def build_toy_prefs(model: str, out_dir: Path, recipe: ToyPrefsRecipe | None = None) -> dict:
     """Generate, label and write the dataset (atomically); returns the stats it writes."""
     from models.generation import load_pipeline
 
+    recipe = recipe or ToyPrefsRecipe()
+    rule, match_shape, k = recipe.rule, recipe.match_shape, recipe.images_per_prompt
     toy_reward(rule)  # unknown rule: fail before generating
-    settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **(settings or {})}
+    settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **recipe.settings}
     train_prompts, heldout_prompts = toy_prompt_split()
     pipe = load_pipeline(model)  # its family's default sampler: ddim (SD), flow_euler (SD3)
     # One call for both splits, so no held-out image shares its noise with a training image.
-    images = labelled_generations(
-        pipe, train_prompts + heldout_prompts, images_per_prompt, settings, rule
-    )
+    images = labelled_generations(pipe, train_prompts + heldout_prompts, k, settings, rule)
     heldout = set(heldout_prompts)
     train_images = [i for i in images if i["caption"] not in heldout]
     heldout_images = [i for i in images if i["caption"] in heldout]
-    train_rows = preference_pairs(train_images, pairs_per_prompt, seed, match_shape)
-    heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1, match_shape)
+    per_prompt, seed = recipe.pairs_per_prompt, recipe.seed
+    train_rows = preference_pairs(train_images, per_prompt, seed, match_shape)
+    heldout_rows = preference_pairs(heldout_images, per_prompt, seed + 1, match_shape)
     stats = {
         "version": DATA_VERSION,
         "model": model,
         "rule": rule,
-        "images_per_prompt": images_per_prompt,
+        "images_per_prompt": k,
         "match_shape": match_shape,
         "settings": settings,
         "train_prompts": len(train_prompts),
@@ -237,9 +237,11 @@ def build_toy_prefs(
         "heldout_pairs": len(heldout_rows),
     }
     with atomic_directory(out_dir) as tmp:
-        write_pairs_parquet(tmp / "pickapic" / "train-00000-of-00001.parquet", train_rows, 16)
-        write_pairs_parquet(tmp / "heldout" / "pairs.parquet", heldout_rows, 16)
-        write_kto(tmp / "kto", train_rows)
+        toy_data.write_pairs_parquet(
+            tmp / "pickapic" / "train-00000-of-00001.parquet", train_rows, 16
+        )
+        toy_data.write_pairs_parquet(tmp / "heldout" / "pairs.parquet", heldout_rows, 16)
+        toy_data.write_kto(tmp / "kto", train_rows)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     logger.info("toy preferences in %s: %s", out_dir, stats)
     return stats
@@ -266,16 +268,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.write_prompts:
         write_prompt_files()
-    settings = {"steps": args.steps, "guidance_scale": args.guidance_scale}
-    stats = build_toy_prefs(
-        args.model,
-        args.out,
+    recipe = ToyPrefsRecipe(
         args.images_per_prompt,
         args.pairs_per_prompt,
-        settings,
+        {"steps": args.steps, "guidance_scale": args.guidance_scale},
         rule=args.rule,
         match_shape=not args.no_shape_match,
     )
+    stats = build_toy_prefs(args.model, args.out, recipe)
     print(json.dumps(stats))
 
 

@@ -16,6 +16,7 @@ import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline
 
 from scripts.atomic_dir import atomic_directory
 from scripts.build_tiny_model import kl_vae
+from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -175,20 +177,54 @@ def save_toy_pipeline(
     return Path(out_dir)
 
 
+@dataclass(frozen=True)
+class ToyBaseRun:
+    """The settings both trainers take, and take as flags (toy_base_parser); each trainer's
+    DEFAULTS hold its own defaults."""
+
+    out_dir: Path
+    steps: int  # the denoiser's optimizer steps
+    batch_size: int  # scenes per denoiser step
+    wrong_colour_share: float  # share of training captions naming another colour than drawn
+    seed: int = 0  # of the scenes and of training
+    num_images: int = 4096  # training scenes
+    vae_steps: int = 400
+    tokenizer_cache: Path | None = None  # where the CLIP tokenizer is built (default: build/)
+
+    def clip_tokenizer(self) -> Path:
+        """The folder of the real CLIP tokenizer, built there on first use."""
+        return ensure_clip_tokenizer(self.tokenizer_cache or default_tokenizer_cache())
+
+
 def toy_base_parser(
-    doc: str, out: Path, batch_size: int, wrong_colour_share: float
+    doc: str, defaults: ToyBaseRun, steps_flag: str, denoiser: str
 ) -> argparse.ArgumentParser:
-    """The flags both trainers take, with each trainer's defaults."""
+    """The flags of a ToyBaseRun, with a trainer's defaults; the denoiser's steps flag is the
+    trainer's own (``--unet_steps``, ``--steps``)."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=out, help="output dir")
-    parser.add_argument("--seed", type=int, default=0, help="seed for scenes and training")
-    parser.add_argument("--images", type=int, default=4096, help="training scenes")
-    parser.add_argument("--vae_steps", type=int, default=400, help="VAE optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=batch_size, help="images per step")
+    parser.add_argument("--out", type=Path, default=defaults.out_dir, help="output dir")
+    parser.add_argument(
+        "--seed", type=int, default=defaults.seed, help="seed for scenes and training"
+    )
+    parser.add_argument("--images", type=int, default=defaults.num_images, help="training scenes")
+    parser.add_argument(
+        "--vae_steps", type=int, default=defaults.vae_steps, help="VAE optimizer steps"
+    )
+    parser.add_argument(
+        steps_flag,
+        dest="steps",
+        metavar=steps_flag.removeprefix("--").upper(),
+        type=int,
+        default=defaults.steps,
+        help=f"{denoiser} optimizer steps",
+    )
+    parser.add_argument(
+        "--batch_size", type=int, default=defaults.batch_size, help="images per step"
+    )
     parser.add_argument(
         "--wrong_colour_share",
         type=float,
-        default=wrong_colour_share,
+        default=defaults.wrong_colour_share,
         help="share of training captions naming another colour than the one drawn",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -196,11 +232,16 @@ def toy_base_parser(
     return parser
 
 
-def run_trainer(args: argparse.Namespace, what: str, train: Callable[[], Path]) -> None:
-    """Log to stderr, set the CPU threads (--threads), train, and say where the base went."""
+def run_trainer(args: argparse.Namespace, what: str, train: Callable[[ToyBaseRun], Path]) -> None:
+    """Log to stderr, set the CPU threads (--threads), train the run the flags give, and say
+    where the base went."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    out = train()
+    run = ToyBaseRun(
+        args.out, args.steps, args.batch_size, args.wrong_colour_share, args.seed, args.images,
+        args.vae_steps, args.tokenizer_cache,
+    )  # fmt: skip
+    out = train(run)
     print(f"trained the {what} into {out} in {time.perf_counter() - start:.0f} s")

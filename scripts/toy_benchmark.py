@@ -368,7 +368,7 @@ def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
     """On-policy pairs (both trainer formats) per task, from the base; the noisy copy. A task's
     stats gain the user CPU seconds of its build (``build_cpu_s``: generating and scoring every
     image, training and held-out prompts alike; kept beside the key for --resume)."""
-    from scripts.build_toy_prefs import build_toy_prefs
+    from scripts.build_toy_prefs import ToyPrefsRecipe, build_toy_prefs
 
     settings = {"steps": args.sample_steps, "guidance_scale": args.guidance_scale}
     key = {name: str(getattr(args, name)) for name in DATA_SETTINGS}
@@ -385,15 +385,9 @@ def build_data(args: argparse.Namespace, tasks: list[str]) -> dict[str, dict]:
             continue
         key_file.unlink(missing_ok=True)
         user = cpu_seconds()[0]
-        stats[task] = build_toy_prefs(
-            args.model,
-            data,
-            args.images_per_prompt,
-            args.pairs_per_prompt,
-            settings,
-            rule=task,
-            match_shape=not args.no_shape_match,
-        )
+        recipe = ToyPrefsRecipe(args.images_per_prompt, args.pairs_per_prompt, settings,
+                                rule=task, match_shape=not args.no_shape_match)  # fmt: skip
+        stats[task] = build_toy_prefs(args.model, data, recipe)
         stats[task]["build_cpu_s"] = cpu_seconds()[0] - user
         cost_file.write_text(json.dumps({"build_cpu_s": stats[task]["build_cpu_s"]}) + "\n")
         key_file.write_text(json.dumps(key) + "\n")

@@ -35,18 +35,9 @@ from transformers import CLIPTextModel, CLIPTokenizer
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from scripts import build_toy_data as toy_data
 from scripts import toy_base_training as toy
 from scripts.build_tiny_model import tiny_text_encoder, training_scheduler
-from scripts.build_toy_data import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    SIZES,
-    draw_scene,
-    other,
-    scene_caption,
-)
-from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -110,21 +101,22 @@ def toy_scenes(
     rng = random.Random(seed)
     pixels, captions, true_captions = [], [], []
     for _ in range(num):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        background = rng.choice(list(BACKGROUNDS))
-        sizes = (SQUARE_CANVAS,) if square_canvas else SIZES
+        colour, shape = rng.choice(list(toy_data.COLOURS)), rng.choice(toy_data.SHAPES)
+        background = rng.choice(list(toy_data.BACKGROUNDS))
+        sizes = (SQUARE_CANVAS,) if square_canvas else toy_data.SIZES
         drawn = colour
         if typical_colour_share and rng.random() < typical_colour_share:
             drawn = TYPICAL_COLOUR[shape]
-        image = draw_scene(rng, drawn, shape, background, sizes)
+        image = toy_data.draw_scene(rng, drawn, shape, background, sizes)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
         size = (toy.RESOLUTION, toy.RESOLUTION)
         image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2)
-        named = other(rng, COLOURS, drawn) if rng.random() < wrong_colour_share else colour
-        captions.append(scene_caption(named, shape, background))
-        true_captions.append(scene_caption(drawn, shape, background))
+        wrong = rng.random() < wrong_colour_share  # drawn before the wrong colour, if any
+        named = toy_data.other(rng, toy_data.COLOURS, drawn) if wrong else colour
+        captions.append(toy_data.scene_caption(named, shape, background))
+        true_captions.append(toy_data.scene_caption(drawn, shape, background))
         pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1))
     return ToyScenes(torch.stack(pixels) / 127.5 - 1.0, captions, true_captions)
 
@@ -283,15 +275,11 @@ def train_unet(
     text_encoder.eval()
 
 
+DEFAULTS = toy.ToyBaseRun(Path("assets/toy-sd15"), UNET_STEPS, 64, WRONG_COLOUR_CAPTIONS)
+
+
 def train_toy_base(
-    out_dir: Path,
-    seed: int = 0,
-    num_images: int = 4096,
-    vae_steps: int = 400,
-    unet_steps: int = UNET_STEPS,
-    batch_size: int = 64,
-    tokenizer_cache: Path | None = None,
-    wrong_colour_share: float = WRONG_COLOUR_CAPTIONS,
+    run: toy.ToyBaseRun = DEFAULTS,
     unet_width: int = 32,
     square_canvas: bool = True,
     min_snr_gamma: float | None = MIN_SNR_GAMMA,
@@ -300,8 +288,9 @@ def train_toy_base(
     text_encoder_steps: int | None = TEXT_ENCODER_STEPS,
     faithful_first: bool = FAITHFUL_FIRST,
 ) -> Path:
-    """Train the toy base and save it to out_dir (UNet and VAE in fp16), atomically."""
-    tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
+    """Train the toy base and save it to run.out_dir (UNet and VAE in fp16), atomically."""
+    tokenizer_dir = run.clip_tokenizer()
+    seed, num_images, wrong_colour_share = run.seed, run.num_images, run.wrong_colour_share
     torch.manual_seed(seed)
     start = time.perf_counter()
     if not 0.0 <= wrong_colour_share <= 1.0:
@@ -327,7 +316,7 @@ def train_toy_base(
     vae = toy.toy_vae(LATENT_CHANNELS)
     unet = toy_unet(text_encoder.config.hidden_size, unet_width)
     toy.log_sizes(num_images, vae, "unet", unet)
-    mean, std = toy.fit_vae(vae, scenes.pixels, vae_steps, seed)
+    mean, std = toy.fit_vae(vae, scenes.pixels, run.vae_steps, seed)
     scaling = float(1.0 / mean.std())  # unit-variance latents, as SD's scaling_factor does
     vae.register_to_config(scaling_factor=scaling)
     logger.info("vae done at %.0f s, scaling_factor %.4f", time.perf_counter() - start, scaling)
@@ -345,8 +334,8 @@ def train_toy_base(
         token_ids,
         caption_ids,
         empty_id,
-        unet_steps,
-        batch_size,
+        run.steps,
+        run.batch_size,
         1e-3,
         seed,
         min_snr_gamma,
@@ -367,12 +356,11 @@ def train_toy_base(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    return toy.save_toy_pipeline(pipe, out_dir, tokenizer_dir, ("tokenizer",))
+    return toy.save_toy_pipeline(pipe, run.out_dir, tokenizer_dir, ("tokenizer",))
 
 
 def main() -> None:
-    parser = toy.toy_base_parser(__doc__, Path("assets/toy-sd15"), 64, WRONG_COLOUR_CAPTIONS)
-    parser.add_argument("--unet_steps", type=int, default=UNET_STEPS, help="UNet optimizer steps")
+    parser = toy.toy_base_parser(__doc__, DEFAULTS, "--unet_steps", "UNet")
     parser.add_argument(
         "--typical_colour_share",
         type=float,
@@ -404,15 +392,8 @@ def main() -> None:
     toy.run_trainer(
         args,
         "toy base",
-        lambda: train_toy_base(
-            args.out,
-            args.seed,
-            args.images,
-            args.vae_steps,
-            args.unet_steps,
-            args.batch_size,
-            args.tokenizer_cache,
-            args.wrong_colour_share,
+        lambda run: train_toy_base(
+            run,
             args.unet_width,
             not args.cropped_scenes,
             args.min_snr_gamma or None,

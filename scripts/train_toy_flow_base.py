@@ -31,15 +31,8 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.flow_matching import FlowMatching
 from models.flow_families import SD3Family
+from scripts import build_tiny_model as tiny
 from scripts import toy_base_training as toy
-from scripts.build_tiny_model import (
-    T5_HIDDEN,
-    TEXT_PROJECTION,
-    sd3_transformer,
-    tiny_t5,
-    tiny_text_encoder,
-)
-from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
 from scripts.t5_tokenizer import build_t5_tokenizer
 from scripts.train_toy_base import toy_scenes
 
@@ -55,13 +48,13 @@ TOY_SHIFT = 1.0
 
 def toy_transformer() -> SD3Transformer2DModel:
     """A 4-layer MMDiT of 4 heads x 16 on 8x8x16 latents in 2x2 patches (16 image tokens)."""
-    return sd3_transformer(
+    return tiny.sd3_transformer(
         toy.RESOLUTION // 4,
         layers=4,
         heads=4,
         head_dim=16,
-        joint_attention_dim=T5_HIDDEN,
-        pooled_projection_dim=2 * TEXT_PROJECTION,
+        joint_attention_dim=tiny.T5_HIDDEN,
+        pooled_projection_dim=2 * tiny.TEXT_PROJECTION,
         pos_embed_max_size=8,
     )
 
@@ -119,36 +112,29 @@ def train_transformer(
         encoder.eval()
 
 
-def train_toy_flow_base(
-    out_dir: Path,
-    seed: int = 0,
-    num_images: int = 4096,
-    vae_steps: int = 400,
-    steps: int = 1500,
-    batch_size: int = 32,
-    tokenizer_cache: Path | None = None,
-    wrong_colour_share: float = FLOW_WRONG_COLOUR_CAPTIONS,
-    train_t5: bool = False,
-) -> Path:
-    """Train the toy flow base and save it to out_dir (transformer and VAE in fp16)."""
-    tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
-    torch.manual_seed(seed)
+DEFAULTS = toy.ToyBaseRun(Path("assets/toy-sd3"), 1500, 32, FLOW_WRONG_COLOUR_CAPTIONS)
+
+
+def train_toy_flow_base(run: toy.ToyBaseRun = DEFAULTS, train_t5: bool = False) -> Path:
+    """Train the toy flow base and save it to run.out_dir (transformer and VAE in fp16)."""
+    tokenizer_dir = run.clip_tokenizer()
+    torch.manual_seed(run.seed)
     start = time.perf_counter()
     # The first SD1.5 base's scenes (cropped canvases), on which assets/toy-sd3 was trained.
-    scenes = toy_scenes(num_images, seed, wrong_colour_share, square_canvas=False)
+    scenes = toy_scenes(run.num_images, run.seed, run.wrong_colour_share, square_canvas=False)
     tokenizers = [
         CLIPTokenizer.from_pretrained(tokenizer_dir),
         CLIPTokenizer.from_pretrained(tokenizer_dir, pad_token="!"),
         build_t5_tokenizer(),
     ]
     encoders = [
-        tiny_text_encoder(with_projection=True, hidden_act="quick_gelu"),
-        tiny_text_encoder(with_projection=True),
-        tiny_t5(),
+        tiny.tiny_text_encoder(with_projection=True, hidden_act="quick_gelu"),
+        tiny.tiny_text_encoder(with_projection=True),
+        tiny.tiny_t5(),
     ]
     vae, transformer = toy.toy_vae(LATENT_CHANNELS, quant_convs=False), toy_transformer()
-    toy.log_sizes(num_images, vae, "transformer", transformer)
-    mean, std = toy.fit_vae(vae, scenes.pixels, vae_steps, seed)
+    toy.log_sizes(run.num_images, vae, "transformer", transformer)
+    mean, std = toy.fit_vae(vae, scenes.pixels, run.vae_steps, run.seed)
     # SD3's convention, (z - shift) * scale: zero-mean, unit-variance latents.
     shift, scaling = float(mean.mean()), float(1.0 / mean.std())
     vae.register_to_config(shift_factor=shift, scaling_factor=scaling)
@@ -156,8 +142,8 @@ def train_toy_flow_base(
                 shift, scaling)  # fmt: skip
     family = SD3Family(tokenizers, encoders, toy.RESOLUTION)
     latents = ((mean - shift) * scaling, std * scaling)
-    train_transformer(transformer, family, latents, scenes.captions, steps, batch_size, 1e-3, seed,
-                      train_t5)  # fmt: skip
+    train_transformer(transformer, family, latents, scenes.captions, run.steps, run.batch_size,
+                      1e-3, run.seed, train_t5)  # fmt: skip
     logger.info("transformer done at %.0f s", time.perf_counter() - start)
 
     pipe = StableDiffusion3Pipeline(
@@ -171,29 +157,14 @@ def train_toy_flow_base(
         tokenizer_3=tokenizers[2],
         scheduler=toy_scheduler(),
     )
-    return toy.save_toy_pipeline(pipe, out_dir, tokenizer_dir, ("tokenizer", "tokenizer_2"))
+    return toy.save_toy_pipeline(pipe, run.out_dir, tokenizer_dir, ("tokenizer", "tokenizer_2"))
 
 
 def main() -> None:
-    parser = toy.toy_base_parser(__doc__, Path("assets/toy-sd3"), 32, FLOW_WRONG_COLOUR_CAPTIONS)
-    parser.add_argument("--steps", type=int, default=1500, help="transformer optimizer steps")
+    parser = toy.toy_base_parser(__doc__, DEFAULTS, "--steps", "transformer")
     parser.add_argument("--train_t5", action="store_true", help="train T5 too (slower)")
     args = parser.parse_args()
-    toy.run_trainer(
-        args,
-        "toy flow base",
-        lambda: train_toy_flow_base(
-            args.out,
-            args.seed,
-            args.images,
-            args.vae_steps,
-            args.steps,
-            args.batch_size,
-            args.tokenizer_cache,
-            args.wrong_colour_share,
-            args.train_t5,
-        ),
-    )
+    toy.run_trainer(args, "toy flow base", lambda run: train_toy_flow_base(run, args.train_t5))
 
 
 if __name__ == "__main__":

@@ -42,12 +42,11 @@ def test_the_toy_base_draws_scenes_that_are_warm_only_part_of_the_time(toy_pipe)
 
 
 def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
-    from scripts.build_toy_prefs import build_toy_prefs
+    from scripts.build_toy_prefs import ToyPrefsRecipe, build_toy_prefs
 
-    stats = build_toy_prefs(
-        str(TOY), tmp_path / "prefs", images_per_prompt=4, pairs_per_prompt=2,
-        settings={"steps": 10},  # fewer steps leave grey, never-warm images: no pairs
-    )  # fmt: skip
+    # fewer steps leave grey, never-warm images: no pairs
+    recipe = ToyPrefsRecipe(images_per_prompt=4, pairs_per_prompt=2, settings={"steps": 10})
+    stats = build_toy_prefs(str(TOY), tmp_path / "prefs", recipe)
     assert stats["rule"] == "warm"  # the default
     pairs = pd.read_parquet(tmp_path / "prefs" / "pickapic")
     assert len(pairs) == stats["train_pairs"] > 0
@@ -79,10 +78,10 @@ def test_every_on_policy_image_has_its_own_noise(toy_pipe):
 
 
 def test_an_unknown_rule_stops_the_builder_before_generating(tmp_path):
-    from scripts.build_toy_prefs import build_toy_prefs
+    from scripts.build_toy_prefs import ToyPrefsRecipe, build_toy_prefs
 
     with pytest.raises(ValueError, match="unknown toy reward rule 'cool'"):
-        build_toy_prefs(str(TOY), tmp_path / "prefs", rule="cool")
+        build_toy_prefs(str(TOY), tmp_path / "prefs", ToyPrefsRecipe(rule="cool"))
     assert not (tmp_path / "prefs").exists()
 
 
