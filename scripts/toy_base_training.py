@@ -5,8 +5,9 @@ flow).
 Both train the VAE first on the scenes (train_vae, then the latent moments the denoiser samples
 from), then the denoiser jointly with its text encoders under one AdamW with linear warm-up and
 cosine decay (CosineAdamW), with caption dropout on indexed unique captions; both log the same
-progress lines, save the pipeline with the CLIP tokenizer's own files and take the same
-command-line flags. Every random draw comes from the generator passed in, in the trainers' order.
+progress lines, save the pipeline with the CLIP tokenizer's own files and take the same settings
+and flags (ToyBaseRun, toy_base_parser). Every random draw comes from the generator passed in, in
+the trainers' order.
 """
 
 from __future__ import annotations
@@ -228,7 +229,12 @@ def toy_base_parser(
         help="share of training captions naming another colour than the one drawn",
     )
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--tokenizer_cache", type=Path, default=None, help="CLIP tokenizer cache")
+    parser.add_argument(
+        "--tokenizer_cache",
+        type=Path,
+        default=defaults.tokenizer_cache,
+        help="CLIP tokenizer cache",
+    )
     return parser
 
 
