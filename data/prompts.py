@@ -16,7 +16,7 @@ group (the trainer's seeds and group ids derive from it).
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ logger = logging.getLogger(__name__)
 JSONL_SUFFIXES = (".jsonl",)
 JSON_LIST_SUFFIX = ".json"  # one JSON list of prompts (strings or objects)
 PROMPT_KEY = "prompt"
+Prompt = tuple[str, dict[str, Any]]  # a prompt and its metadata (a JSON record's other keys)
 
 
 @dataclass
@@ -44,8 +45,25 @@ class PromptTable:
     lines: list[int]
     bad_lines: list[str] = field(default_factory=list)  # "FILE: line N: why", one per skip
 
+    def add(self, number: int, kind: str, read: Callable[[Any], Prompt], raw: Any) -> None:
+        """The prompt ``read(raw)`` gives for line (``kind``: "line" or "entry") ``number``,
+        appended; or, when it raises ValueError, the reason recorded in ``bad_lines``."""
+        try:
+            prompt, metadata = read(raw)
+        except ValueError as exc:
+            self.bad_lines.append(f"{self.source}: {kind} {number}: {exc}")
+            return
+        self.prompts.append(prompt)
+        self.metadata.append(metadata)
+        self.lines.append(number)
 
-def _jsonl_prompt(text: str) -> tuple[str, dict[str, Any]]:
+
+def _text_prompt(line: str) -> Prompt:
+    """A plain text line: the whole line is the prompt, without metadata."""
+    return line.strip(), {}
+
+
+def _jsonl_prompt(text: str) -> Prompt:
     """One JSONL line -> (prompt, metadata); ValueError saying what is wrong."""
     try:
         record = json.loads(text)
@@ -54,7 +72,7 @@ def _jsonl_prompt(text: str) -> tuple[str, dict[str, Any]]:
     return _record_prompt(record)
 
 
-def _record_prompt(record: Any) -> tuple[str, dict[str, Any]]:
+def _record_prompt(record: Any) -> Prompt:
     """A JSON entry -> (prompt, metadata): an object with a "prompt" key (other keys are the
     metadata), or, in a JSON list file, a plain string."""
     if isinstance(record, str):
@@ -79,20 +97,10 @@ def load_prompts(path: str | Path) -> PromptTable:
     table = PromptTable(str(path), [], [], [])
     if path.suffix.lower() == JSON_LIST_SUFFIX:
         return _json_list(path, text, table)
-    jsonl = path.suffix.lower() in JSONL_SUFFIXES
+    read = _jsonl_prompt if path.suffix.lower() in JSONL_SUFFIXES else _text_prompt
     for number, line in enumerate(text.splitlines(), start=1):
-        if not line.strip():
-            continue
-        prompt, metadata = line.strip(), {}
-        if jsonl:
-            try:
-                prompt, metadata = _jsonl_prompt(line)
-            except ValueError as exc:
-                table.bad_lines.append(f"{path}: line {number}: {exc}")
-                continue
-        table.prompts.append(prompt)
-        table.metadata.append(metadata)
-        table.lines.append(number)
+        if line.strip():
+            table.add(number, "line", read, line)
     if not table.prompts:
         why = f"; first problem: {table.bad_lines[0]}" if table.bad_lines else ""
         raise DataError(f'{path}: no prompts (one per line, or JSONL with a "prompt" key){why}')
@@ -110,14 +118,7 @@ def _json_list(path: Path, text: str, table: PromptTable) -> PromptTable:
     if not isinstance(entries, list):
         raise DataError(f"--prompts {path}: a .json prompt file holds a list of prompts")
     for number, entry in enumerate(entries, start=1):
-        try:
-            prompt, metadata = _record_prompt(entry)
-        except ValueError as exc:
-            table.bad_lines.append(f"{path}: entry {number}: {exc}")
-            continue
-        table.prompts.append(prompt)
-        table.metadata.append(metadata)
-        table.lines.append(number)
+        table.add(number, "entry", _record_prompt, entry)
     if not table.prompts:
         raise DataError(f"{path}: no prompts in its list")
     return table
