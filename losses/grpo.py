@@ -25,6 +25,18 @@ ADV_CLIP_OPTION = Option(
 )
 
 
+def check_coefficients(
+    loss: str, scale: str, value: float, kl_coef: float, adv_clip: float
+) -> None:
+    """ValueError unless the loss's own scale ``scale`` = ``value`` (grpo's clip_range, nft's
+    nft_beta) and adv_clip_max are > 0 and kl_coef >= 0 (shared by grpo and nft)."""
+    if not value > 0 or kl_coef < 0 or not adv_clip > 0:
+        raise ValueError(
+            f"{loss}: {scale} ({value}) and adv_clip_max ({adv_clip}) must be > 0, "
+            f"kl_coef ({kl_coef}) >= 0"
+        )
+
+
 @register(
     "grpo",
     pairwise=False,
@@ -44,11 +56,7 @@ def grpo(
     kl_coef: float = GRPO_KL_COEF,
     adv_clip_max: float = ADV_CLIP_MAX,
 ) -> LossFn:
-    if not clip_range > 0 or kl_coef < 0 or not adv_clip_max > 0:
-        raise ValueError(
-            f"grpo: clip_range ({clip_range}) and adv_clip_max ({adv_clip_max}) must be > 0, "
-            f"kl_coef ({kl_coef}) >= 0"
-        )
+    check_coefficients("grpo", "clip_range", clip_range, kl_coef, adv_clip_max)
 
     def loss_fn(
         log_prob: torch.Tensor,

@@ -9,7 +9,7 @@ entry binds the loss's hyperparameters to ``losses.online.nft_optimality`` and `
 import torch
 
 from losses.common import LossFn
-from losses.grpo import ADV_CLIP_OPTION
+from losses.grpo import ADV_CLIP_OPTION, check_coefficients
 from losses.online import ADV_CLIP_MAX, NFT_DECAY_SCHEDULES, nft_loss, nft_optimality
 from losses.registry import Option, positive_finite, register
 
@@ -46,11 +46,7 @@ def nft(
     adv_clip_max: float = ADV_CLIP_MAX,
     nft_decay: int = NFT_DECAY,
 ) -> LossFn:
-    if not nft_beta > 0 or kl_coef < 0 or not adv_clip_max > 0:
-        raise ValueError(
-            f"nft: nft_beta ({nft_beta}) and adv_clip_max ({adv_clip_max}) must be > 0, "
-            f"kl_coef ({kl_coef}) >= 0"
-        )
+    check_coefficients("nft", "nft_beta", nft_beta, kl_coef, adv_clip_max)
     if nft_decay not in NFT_DECAY_SCHEDULES:
         choices = sorted(NFT_DECAY_SCHEDULES)
         raise ValueError(f"nft: nft_decay must be one of {choices}, got {nft_decay}")

@@ -578,3 +578,17 @@ def test_nft_old_decay_schedules():
     )
     with pytest.raises(ValueError, match="schedule must be one of"):
         nft_old_decay(10, 3)
+
+
+def test_grpo_and_nft_refuse_bad_coefficients_naming_each():
+    from losses.grpo import grpo
+    from losses.nft import nft
+
+    message = r"grpo: clip_range \(0\) and adv_clip_max \(5.0\) must be > 0, kl_coef \(0.04\) >= 0"
+    with pytest.raises(ValueError, match=message):
+        grpo(clip_range=0)
+    with pytest.raises(ValueError, match=r"nft: nft_beta \(1.0\) .* kl_coef \(-1.0\) >= 0"):
+        nft(kl_coef=-1.0)
+    with pytest.raises(ValueError, match=r"adv_clip_max \(0.0\) must be > 0"):
+        nft(adv_clip_max=0.0)
+    assert callable(grpo()) and callable(nft())  # the released defaults pass
