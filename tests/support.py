@@ -1,9 +1,12 @@
 """Helpers shared by the test modules."""
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 
@@ -37,6 +40,19 @@ def stream_kwargs(default_transform: ImageTransform, /, **kwargs: Any) -> dict[s
     settings = StreamSettings(**{"transform": default_transform, **take(StreamSettings)})
     pairs = take(PairOptions)
     return {"settings": settings, **kwargs, **({"pairs": PairOptions(**pairs)} if pairs else {})}
+
+
+@contextlib.contextmanager
+def one_thread_per_rank(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Two launched ranks on two cores without oversubscription: OMP_NUM_THREADS=1 for the
+    launched processes and one torch thread in this one, its thread count restored after."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def end_wandb_session() -> None:

@@ -129,13 +129,7 @@ def test_tiny_online_cases(tmp_path):
     """The online trainer's cases on the tiny SD3 (GRPO and NFT, LoRA): images per second
     collecting, seconds per update, peak memory, the adapters moved, and GRPO's stored
     log-probabilities recomputing exactly (fp32) at the first update."""
-    results = tmp_path / "RESULTS.md"
-    done = subprocess.run(
-        [sys.executable, "-m", "bench.device_check", "--tiny", "--only", "online",
-         "--results", str(results)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-2000:]
+    results = run_tiny_check(tmp_path, "online")
     (record,) = [json.loads(line) for line in (tmp_path / "RESULTS.jsonl").read_text().splitlines()]
     cases = {c["name"]: c for c in record["cases"] if c["kind"] == "online"}
     assert set(cases) == {"sd35m online grpo lora r32 g4", "sd35m online nft lora r32 g4"}

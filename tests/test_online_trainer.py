@@ -22,7 +22,7 @@ from accelerate import debug_launcher
 import train
 from diffusion.sampling import sample_generator, sample_rollout, step_log_prob
 from evaluation.rewards import RewardScores
-from tests.support import reset_accelerate
+from tests.support import one_thread_per_rank, reset_accelerate
 from tests.test_rewards import TOY_REWARDS, server_url  # noqa: F401  (its fixture: a server)
 from training import startup
 from training.config import TrainConfig, parse_config
@@ -316,10 +316,7 @@ def test_two_processes_match_one_process_reading_the_same_prompts(
     """Rank r reads prompt-stream role r; one process with 2 DataLoader workers and
     accumulation 2 reads role 0 then role 1 in each step: the same groups, the same noise
     (seeded per prompt draw), the same gathered advantages, the same update."""
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread_per_rank(monkeypatch):
         report = tmp_path / "report"
         report.mkdir()
         two = online_args(tiny_sd15_dir, prompt_file, tmp_path / "two", "grpo",
@@ -331,8 +328,6 @@ def test_two_processes_match_one_process_reading_the_same_prompts(
                           "--gradient_accumulation_steps", "2",
                           "--dataloader_num_workers", "2")  # fmt: skip
         single = train.main(one)
-    finally:
-        torch.set_num_threads(threads)
     ranks = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]  # metrics are reduced across ranks
     # Step 1: the same images from the same weights; step 2 samples from weights that differ by

@@ -19,7 +19,7 @@ from PIL import Image
 import train
 from common.cli import UsageError
 from models import generation
-from tests.support import end_wandb_session, reset_accelerate
+from tests.support import end_wandb_session, one_thread_per_rank, reset_accelerate
 from training import hub
 from training.checkpointing import MANIFEST_FILE
 from training.config import TrainConfig, build_parser
@@ -337,18 +337,15 @@ def rank_main(args: list[str], report: str) -> None:
 def test_two_processes_validate_on_the_main_process(
     tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        report = tmp_path / "report"
-        report.mkdir()
-        args = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *VALIDATION,
-                    "--max_train_steps", "2", "--train_batch_size", "1")  # fmt: skip
-        debug_launcher(rank_main, args=(args, str(report)), num_processes=2)
-    finally:
-        torch.set_num_threads(threads)
-        reset_accelerate()
+    report = tmp_path / "report"
+    report.mkdir()
+    args = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *VALIDATION,
+                "--max_train_steps", "2", "--train_batch_size", "1")  # fmt: skip
+    with one_thread_per_rank(monkeypatch):
+        try:
+            debug_launcher(rank_main, args=(args, str(report)), num_processes=2)
+        finally:
+            reset_accelerate()
     assert json.loads((report / "rank-0.json").read_text()) == [0, 2]
     assert json.loads((report / "rank-1.json").read_text()) == []
     assert sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.png")) == [
