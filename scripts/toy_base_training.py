@@ -197,11 +197,9 @@ class ToyBaseRun:
         return ensure_clip_tokenizer(self.tokenizer_cache or default_tokenizer_cache())
 
 
-def toy_base_parser(
-    doc: str, defaults: ToyBaseRun, steps_flag: str, denoiser: str
-) -> argparse.ArgumentParser:
-    """The flags of a ToyBaseRun, with a trainer's defaults; the denoiser's steps flag is the
-    trainer's own (``--unet_steps``, ``--steps``)."""
+def toy_base_parser(doc: str, defaults: ToyBaseRun) -> argparse.ArgumentParser:
+    """The flags of a ToyBaseRun, with a trainer's defaults, but for the denoiser's steps: each
+    trainer names that flag (``--unet_steps``, ``--steps``), with ``dest="steps"``."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--out", type=Path, default=defaults.out_dir, help="output dir")
     parser.add_argument(
@@ -210,14 +208,6 @@ def toy_base_parser(
     parser.add_argument("--images", type=int, default=defaults.num_images, help="training scenes")
     parser.add_argument(
         "--vae_steps", type=int, default=defaults.vae_steps, help="VAE optimizer steps"
-    )
-    parser.add_argument(
-        steps_flag,
-        dest="steps",
-        metavar=steps_flag.removeprefix("--").upper(),
-        type=int,
-        default=defaults.steps,
-        help=f"{denoiser} optimizer steps",
     )
     parser.add_argument(
         "--batch_size", type=int, default=defaults.batch_size, help="images per step"

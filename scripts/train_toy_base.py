@@ -360,7 +360,15 @@ def train_toy_base(
 
 
 def main() -> None:
-    parser = toy.toy_base_parser(__doc__, DEFAULTS, "--unet_steps", "UNet")
+    parser = toy.toy_base_parser(__doc__, DEFAULTS)
+    parser.add_argument(
+        "--unet_steps",
+        dest="steps",  # ToyBaseRun.steps, as the flow trainer's --steps
+        metavar="UNET_STEPS",
+        type=int,
+        default=DEFAULTS.steps,
+        help="UNet optimizer steps",
+    )
     parser.add_argument(
         "--typical_colour_share",
         type=float,

@@ -161,7 +161,10 @@ def train_toy_flow_base(run: toy.ToyBaseRun = DEFAULTS, train_t5: bool = False) 
 
 
 def main() -> None:
-    parser = toy.toy_base_parser(__doc__, DEFAULTS, "--steps", "transformer")
+    parser = toy.toy_base_parser(__doc__, DEFAULTS)
+    parser.add_argument(
+        "--steps", type=int, default=DEFAULTS.steps, help="transformer optimizer steps"
+    )
     parser.add_argument("--train_t5", action="store_true", help="train T5 too (slower)")
     args = parser.parse_args()
     toy.run_trainer(args, "toy flow base", lambda run: train_toy_flow_base(run, args.train_t5))

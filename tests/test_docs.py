@@ -121,11 +121,15 @@ def source_flags() -> dict[str, frozenset[str]]:
 @cache
 def imported_flags(file: str) -> frozenset[str]:
     """Flags declared by the project modules ``file`` imports (a parser often takes a group of
-    flags from a helper, e.g. ``evaluation.rewards.add_reward_arguments``)."""
+    flags from a helper, e.g. ``evaluation.rewards.add_reward_arguments``), named from it
+    (``from evaluation.rewards import ...``) or imported as a module
+    (``from scripts import toy_base_training``)."""
     flags: set[str] = set()
     for node in ast.walk(ast.parse((ROOT / file).read_text(), file)):
         if isinstance(node, ast.ImportFrom) and node.module:
-            flags |= source_flags().get(node.module.replace(".", "/") + ".py", frozenset())
+            base = node.module.replace(".", "/")
+            for module in (base, *(f"{base}/{alias.name}" for alias in node.names)):
+                flags |= source_flags().get(module + ".py", frozenset())
     return frozenset(flags)
 
 
