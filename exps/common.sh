@@ -3,6 +3,10 @@
 # It stops the recipe at the first failing command, runs it from the repository root, and gives:
 #   setup_project      the .venv and the embedded data (scripts/setup.sh); with OPTIMIZER=adamw8bit
 #                      also the optional 8-bit extra (requirements-8bit.txt) when it is missing
+#   split_collection   an online recipe's released collection (GROUPS_PER_EPOCH prompts over all
+#                      GPUs, UPDATES_PER_EPOCH optimizer steps) as COLLECT micro-batches of BATCH
+#                      prompts per GPU and ACCUM micro-batches per step; exit 2 when NUM_PROCESSES
+#                      x BATCH x UPDATES_PER_EPOCH does not divide it
 #   launch_train ARGS  train.py ARGS --check_only true in one plain process first: a mistake
 #                      (flag, path, data, tracker credentials) prints train.py's one-line error
 #                      and the recipe exits with its code 2, before any launcher starts (through
@@ -24,6 +28,16 @@ setup_project() {
   if [ "${OPTIMIZER:-}" = adamw8bit ] && ! "$PYTHON" -c "import bitsandbytes" 2>/dev/null; then
     "$PYTHON" -m pip install -q -r requirements-8bit.txt
   fi
+}
+
+split_collection() {
+  local per_step=$((NUM_PROCESSES * BATCH * UPDATES_PER_EPOCH))
+  if [ $((GROUPS_PER_EPOCH % per_step)) != 0 ]; then
+    echo "exps/$(basename "$0"): NUM_PROCESSES x BATCH x UPDATES_PER_EPOCH must divide GROUPS_PER_EPOCH ($GROUPS_PER_EPOCH)" >&2
+    exit 2
+  fi
+  COLLECT=$((GROUPS_PER_EPOCH / (NUM_PROCESSES * BATCH)))  # micro-batches per GPU per collection
+  ACCUM=$((COLLECT / UPDATES_PER_EPOCH))
 }
 
 launch_train() {

@@ -29,9 +29,6 @@ GROUP=${GROUP:-16}                                     # images per prompt
 GROUPS_PER_EPOCH=${GROUPS_PER_EPOCH:-16}               # 16 x 16 = DDPO's 256 images per epoch
 UPDATES_PER_EPOCH=${UPDATES_PER_EPOCH:-2}              # optimizer steps per collection
 BATCH=${BATCH:-1}                                      # prompts per micro-batch (x GROUP images)
-COLLECT=$((GROUPS_PER_EPOCH / (NUM_PROCESSES * BATCH)))  # micro-batches per GPU per collection
-ACCUM=$((COLLECT / UPDATES_PER_EPOCH))
-[ $((GROUPS_PER_EPOCH % (NUM_PROCESSES * BATCH * UPDATES_PER_EPOCH))) = 0 ] || { echo "exps/sdxl_grpo.sh: NUM_PROCESSES x BATCH x UPDATES_PER_EPOCH must divide GROUPS_PER_EPOCH ($GROUPS_PER_EPOCH)" >&2; exit 2; }
 SAMPLING_STEPS=${SAMPLING_STEPS:-50}
 ETA=${ETA:-1.0}
 GUIDANCE=${GUIDANCE:-5.0}
@@ -46,5 +43,6 @@ VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-}             # a prompt file; empty: n
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-40}
 REPORT_TO=${REPORT_TO:-wandb}
 
+split_collection
 setup_project
 launch_train --loss grpo --pretrained_model "$MODEL" --pretrained_vae "$VAE" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --noise_level "$ETA" --trained_steps_fraction 1.0 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std group --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef 0 --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"

@@ -65,6 +65,9 @@ SDE_TYPES = ("sde", "dance", "cps")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 Scalar = float | torch.Tensor
+Tensor, Generator = torch.Tensor, torch.Generator
+# (next latent [B, *D], log-prob [B], mean [B, *D], std broadcastable to the latent), all fp32
+StepResult = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def _per_sample(value: Scalar, x: torch.Tensor, name: str) -> torch.Tensor:
@@ -124,17 +127,10 @@ def _sample_and_log_prob(
     return sample, per_dim.mean(dim=_non_batch_dims(x_t))
 
 
-def flow_sde_step(
-    x_t: torch.Tensor,
-    velocity: torch.Tensor,
-    sigma: Scalar,
-    sigma_next: Scalar,
-    noise_level: Scalar,
-    generator: torch.Generator | None = None,
-    x_next: torch.Tensor | None = None,
-    sigma_max: Scalar | None = None,
-    sde_type: str = "sde",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def flow_sde_step(x_t: Tensor, velocity: Tensor, sigma: Scalar, sigma_next: Scalar,
+                  noise_level: Scalar, generator: Generator | None = None,
+                  x_next: Tensor | None = None, sigma_max: Scalar | None = None,
+                  sde_type: str = "sde") -> StepResult:  # fmt: skip
     """One stochastic step of a flow model, sigma -> sigma_next, with its log-probability.
 
     x_t, velocity: [B, *D]; x_next: [B, *D] to score a stored sample instead of drawing one.
@@ -198,16 +194,9 @@ def flow_sde_step(
     return sample, log_prob, mean, std
 
 
-def ddim_sde_step(
-    x_t: torch.Tensor,
-    model_output: torch.Tensor,
-    alpha_bar: Scalar,
-    alpha_bar_prev: Scalar,
-    eta: Scalar,
-    generator: torch.Generator | None = None,
-    x_prev: torch.Tensor | None = None,
-    prediction_type: str = "epsilon",
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def ddim_sde_step(x_t: Tensor, model_output: Tensor, alpha_bar: Scalar, alpha_bar_prev: Scalar,
+                  eta: Scalar, generator: Generator | None = None, x_prev: Tensor | None = None,
+                  prediction_type: str = "epsilon") -> StepResult:  # fmt: skip
     """One DDIM step with eta > 0 and its log-probability (DDPO ``ddim_step_with_logprob``).
 
     x_t, model_output: [B, *D], the output being eps ("epsilon") or v ("v_prediction");

@@ -62,6 +62,11 @@ def arg(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def unset(help: str) -> Any:
+    """An optional text field (a path, a name): None unless the flag is given."""
+    return arg(None, help)
+
+
 @dataclass
 class _Settings:
     """The run's settings except the losses' own options (added from the registry below)."""
@@ -70,13 +75,13 @@ class _Settings:
     pretrained_model: str = arg(
         str(EMBEDDED_MODEL), "diffusers-format model: local directory or hub name"
     )
-    revision: str | None = arg(None, "hub revision of --pretrained_model")
-    variant: str | None = arg(None, "weight variant to load, e.g. fp16")
-    reference_model: str | None = arg(
-        None, "frozen reference UNet's model (default: the same weights as --pretrained_model)"
+    revision: str | None = unset("hub revision of --pretrained_model")
+    variant: str | None = unset("weight variant to load, e.g. fp16")
+    reference_model: str | None = unset(
+        "frozen reference UNet's model (default: the same weights as --pretrained_model)"
     )
-    pretrained_vae: str | None = arg(
-        None, "a separate VAE (directory or hub name), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL"
+    pretrained_vae: str | None = unset(
+        "a separate VAE (directory or hub name), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL"
     )
     time_ids: str = arg(
         "constant",
@@ -114,8 +119,7 @@ class _Settings:
     # ``_with_loss_options`` below.
 
     # Online methods (--loss grpo, nft): prompts and a reward instead of data (training/online.py)
-    prompts: str | None = arg(
-        None,
+    prompts: str | None = unset(
         'online losses: prompt file, one prompt per line, or JSONL (.jsonl) with a "prompt" '
         "key and any metadata a reward reads",
     )
@@ -127,12 +131,12 @@ class _Settings:
             "repeat": True,
         },
     )
-    reward_weights: str | None = arg(None, "weights of the --reward flags, comma-separated")
-    reward_url: str | None = arg(
-        None, "online losses: a reward server's URL, instead of scoring in this process"
+    reward_weights: str | None = unset("weights of the --reward flags, comma-separated")
+    reward_url: str | None = unset(
+        "online losses: a reward server's URL, instead of scoring in this process"
     )
-    reward_device: str | None = arg(
-        None, "device of in-process reward models (default: the training device)"
+    reward_device: str | None = unset(
+        "device of in-process reward models (default: the training device)"
     )
     group_size: int = arg(8, "online: images sampled per prompt (advantages are per group)")
     sampling_steps: int = arg(10, "online: sampler steps per image (Flow-GRPO: 10)")
@@ -162,8 +166,8 @@ class _Settings:
         "grpo: noise and training only in a window of this many steps, deterministic elsewhere "
         "(Flow-GRPO-Fast 3, MixGRPO 4); 0: every step",
     )
-    sde_window_range: str | None = arg(
-        None, "grpo: LO,HI: the window starts in LO .. HI - size, drawn per collection "
+    sde_window_range: str | None = unset(
+        "grpo: LO,HI: the window starts in LO .. HI - size, drawn per collection "
         "(default: 0,sampling_steps-1)"
     )  # fmt: skip
     share_initial_noise: bool = arg(
@@ -189,41 +193,37 @@ class _Settings:
     )
 
     # Data
-    data: str | None = arg(
-        None,
+    data: str | None = unset(
         "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name (a run names "
         "its data: this, --csv, --pairs or --pairs_dirs)",
     )
-    csv: str | None = arg(
-        None, "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
+    csv: str | None = unset(
+        "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
     )
-    images: str | None = arg(None, "image root that --csv file_name entries are relative to")
+    images: str | None = unset("image root that --csv file_name entries are relative to")
     split_labels: str = arg(DEFAULT_SPLIT_LABELS, "CSV split -> label (1 desirable, 0 not)")
     kto_desirable_prob: float = arg(
         KTO_DESIRABLE_PROB, "probability that a drawn CSV sample is desirable (gamma)"
     )
     hub_split: str = arg("train", "split of a hub dataset given as --data")
-    columns: str | None = arg(
-        None,
+    columns: str | None = unset(
         "--data column mapping for parquet/hub pairs in another schema, e.g. "
         "caption=prompt,jpg_0=image_a,jpg_1=image_b,label_0=a_wins,label_1=b_wins,prob_0=p",
     )
-    pairs: str | None = arg(
-        None,
+    pairs: str | None = unset(
         "your own pairs: a JSONL or CSV manifest (caption, chosen, rejected, optional prob) "
         "with paths relative to --images; replaces --data",
     )
-    pairs_dirs: str | None = arg(
-        None, "your own pairs: two folders W,L of chosen/rejected images with the same file names"
+    pairs_dirs: str | None = unset(
+        "your own pairs: two folders W,L of chosen/rejected images with the same file names"
     )
-    captions: str | None = arg(
-        None, "--pairs_dirs captions: a JSONL (file_name, caption) or a folder of <stem>.txt"
+    captions: str | None = unset(
+        "--pairs_dirs captions: a JSONL (file_name, caption) or a folder of <stem>.txt"
     )
     soft_labels: bool = arg(
         False, "train on the per-pair preference probability (prob / prob_0) instead of 1"
     )
-    cache: str | None = arg(
-        None,
+    cache: str | None = unset(
         "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
         "encoders (needs centre crop)",
     )
@@ -315,7 +315,7 @@ class _Settings:
     )
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
-    resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    resume_from_checkpoint: str | None = unset("'latest' or a checkpoint directory")
     check_only: bool = arg(
         False,
         "run the start-up checks (flags, model configs, output directory, launcher, tracker, "
@@ -333,7 +333,7 @@ class _Settings:
     tracker_project: str = arg("prefdiff", "tracker project name")
 
     # Validation during training (training/validation.py), sharing (model_card.py, hub.py)
-    validation_prompts: str | None = arg(None, "file of validation prompts, one per line")
+    validation_prompts: str | None = unset("file of validation prompts, one per line")
     validation_prompt: list[str] = field(  # repeat=True: one flag per value
         default_factory=list,
         metadata={"help": "a validation prompt (repeatable, after the file's)", "repeat": True},
@@ -352,14 +352,14 @@ class _Settings:
         "validation sampler (SD3 / Flux sample with flow_euler whatever this names)",
         choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "flow_euler"],
     )
-    validation_scorer: str | None = arg(
-        None, "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
+    validation_scorer: str | None = unset(
+        "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
     )
-    model_card_datasets: str | None = arg(
-        None, "comma-separated hub dataset ids for the model card (default: --data if a hub name)"
+    model_card_datasets: str | None = unset(
+        "comma-separated hub dataset ids for the model card (default: --data if a hub name)"
     )
     push_to_hub: bool = arg(False, "upload the export and its model card to --hub_model_id")
-    hub_model_id: str | None = arg(None, "hub repository (owner/name) that --push_to_hub writes")
+    hub_model_id: str | None = unset("hub repository (owner/name) that --push_to_hub writes")
 
     def validate(self) -> None:
         """Fail at start-up, not hours in."""
