@@ -24,6 +24,9 @@ STUB = """set -euo pipefail
 setup_project() { :; }
 launch_train() { printf '%s\\0' "$@"; }
 """
+# The real helper's collection split (recipes compute their micro-batches through it).
+SPLIT = re.search(r"^split_collection\(\) \{\n.*?^\}\n", (REPO / "exps" / "common.sh").read_text(),
+                  re.M | re.S)[0]  # fmt: skip
 # What the recipes require from the environment (REWARD only where there is no default).
 REQUIRED = {"PROMPTS": "prompts.txt", "REWARD": "aesthetic=/models/aesthetic"}
 # The released settings each recipe must pass (sources: the recipes' headers): images sampled and
@@ -79,7 +82,7 @@ def dry_run(script: Path, tmp_path: Path, **env: str) -> subprocess.CompletedPro
     folder = tmp_path / "exps"
     folder.mkdir(exist_ok=True)
     shutil.copy(script, folder / script.name)
-    (folder / "common.sh").write_text(STUB)
+    (folder / "common.sh").write_text(STUB + SPLIT)
     text = script.read_text()
     required = {k: v for k, v in REQUIRED.items() if f"{k}=${{{k}:?" in text}
     env = {**os.environ, **required, **env}
