@@ -37,7 +37,7 @@ from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
-import cli
+from common import cli
 
 cli.quiet_third_party()
 
@@ -47,9 +47,9 @@ from PIL import Image
 
 from evaluation.distribution import compare_runs, distribution_markdown
 from evaluation.references import metric_reference_markdown, references_for
-from evaluation.scorers import SCORERS, Scorer, build_scorer
+from evaluation.scorers import SCORERS, Scorer, build_scorer, scorer_problem, unreadable_prompt
 from evaluation.stats import WinRate, summary, win_rate
-from evaluation.suites import PROTOCOLS, SUITES, load_suite
+from evaluation.suites import PROTOCOLS, SUITES, load_suite, read_prompts
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ PROTOCOL_FLAGS = {
 
 def read_generations(name: str, folder: Path) -> pd.DataFrame:
     """A generate.py folder's generations.csv (file_name, prompt[, seed]) with paths resolved."""
-    from generate import METADATA_CSV
+    from models.generation import METADATA_CSV
 
     path = folder / METADATA_CSV
     if not path.is_file():
@@ -81,7 +81,7 @@ def read_generations(name: str, folder: Path) -> pd.DataFrame:
     table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
     missing = {"file_name", "prompt"} - set(table.columns)
     if missing:
-        raise ValueError(f"{path}: missing column(s) {sorted(missing)}")
+        raise cli.UsageError(f"--run {name}={folder}: {path} lacks column(s) {sorted(missing)}")
     if "seed" not in table.columns:
         table["seed"] = range(len(table))
     table["path"] = [str(folder / f) for f in table["file_name"]]
@@ -186,15 +186,6 @@ def bar_chart(table: pd.DataFrame, rates: Sequence[WinRate], path: Path) -> None
     plt.close(fig)
 
 
-def parse_named(values: Sequence[str], flag: str) -> list[tuple[str, str | None]]:
-    """NAME or NAME=VALUE entries, names unique."""
-    pairs = [(v.split("=", 1)[0], v.split("=", 1)[1] if "=" in v else None) for v in values]
-    names = [n for n, _ in pairs]
-    if len(set(names)) != len(names):
-        raise cli.UsageError(f"{flag}: names must be unique, got {names}")
-    return pairs
-
-
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = cli.Parser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -256,6 +247,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         if getattr(args, flag) is None:
             setattr(args, flag, getattr(protocol, preset))
     args.distinct_seeds = args.distinct_seeds or protocol.distinct_seeds
+    for flag in ("num_seeds", "steps", "batch_size", "limit", "resolution"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1")
     if not args.scorer:
         parser.error(
             "give at least one --scorer (toy_warm / toy_colour only mean something on the toy "
@@ -266,32 +260,79 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_prompts(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """(prompts, styles) from --suite or --prompts (styles "" when the source has none)."""
-    if args.suite:
-        suite = load_suite(args.suite, args.limit)
-        return suite.prompts, suite.styles
-    import generate
-
-    prompts = generate.read_prompts(args.prompts)[: args.limit]
+    try:
+        if args.suite:
+            suite = load_suite(args.suite, args.limit)
+            return suite.prompts, suite.styles
+        prompts = read_prompts(args.prompts)[: args.limit]
+    except FileNotFoundError:
+        raise cli.UsageError(f"--prompts {args.prompts}: no such file") from None
+    except ValueError as exc:  # an empty prompt file, a --limit below 1
+        raise cli.UsageError(f"{prompt_source(args)}: {exc}") from None
     return prompts, [""] * len(prompts)
+
+
+def prompt_source(args: argparse.Namespace) -> str:
+    return f"--suite {args.suite}" if args.suite else f"--prompts {args.prompts}"
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Everything that can be told before the first image is drawn, so that no mistake surfaces
+    after minutes of generating: unique names, the --run folders, --baseline, the model, the
+    sampler and each --generate run, the prompts, the scorers, and whether each scorer can
+    score every prompt (a toy rule needs the toy task's colour or shape words)."""
+    given = cli.parse_named(args.run, "--run")
+    generated = cli.parse_named(args.generate, "--generate")
+    names = [name for name, _ in (*given, *generated)]
+    if len(set(names)) != len(names):
+        raise cli.UsageError(f"--run and --generate: names must be unique, got {names}")
+    if args.baseline is not None and args.baseline not in names:
+        raise cli.UsageError(f"--baseline {args.baseline!r} is not one of the runs {names}")
+    for name, folder in given:
+        if not folder:
+            raise cli.UsageError(f"--run {name}: give NAME=DIR (a folder written by generate.py)")
+    sources = [
+        (f"--run {name}={folder}", read_generations(name, Path(folder))["prompt"].tolist())
+        for name, folder in given
+    ]
+    if generated:
+        from models import generation
+
+        generation.choose_sampler(args.model, args.scheduler, strict=args.scheduler_given)
+        for _, run in generated:
+            if run:
+                generation.trained_weights(run, "--generate")
+        sources.append((prompt_source(args), run_prompts(args)[0]))
+    for name, path in cli.parse_named(args.scorer, "--scorer"):
+        problem = scorer_problem(name, path)
+        if problem:
+            raise cli.UsageError(f"--scorer {problem}")
+        for where, prompts in sources:
+            found = unreadable_prompt(name, prompts)
+            if found:
+                index, reason = found
+                raise cli.UsageError(
+                    f"--scorer {name} cannot score prompt {index + 1} of {where}: {reason}"
+                )
 
 
 def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
     if not args.generate:
         return []
-    import generate
+    from models import generation  # diffusers loads only when there is something to generate
 
     prompts, styles = run_prompts(args)
     runs = []
-    for name, run in parse_named(args.generate, "--generate"):
-        weights = generate.trained_weights(run, "--generate") if run else {}
-        pipe = generate.load_pipeline(args.model, scheduler=args.scheduler,
+    for name, run in cli.parse_named(args.generate, "--generate"):
+        weights = generation.trained_weights(run, "--generate") if run else {}
+        pipe = generation.load_pipeline(args.model, scheduler=args.scheduler,
                                       strict=args.scheduler_given,
-                                      dtype=generate.DTYPES[args.dtype], device=args.device,
+                                      dtype=generation.DTYPES[args.dtype], device=args.device,
                                       **weights)  # fmt: skip
         # What actually sampled (a preset's DDIM becomes flow_euler for SD3 / Flux): recorded.
-        args.scheduler = next(n for n, c in generate.SCHEDULERS.items()
+        args.scheduler = next(n for n, c in generation.SCHEDULERS.items()
                               if type(pipe.scheduler) is c)  # fmt: skip
-        images = generate.generate(
+        images = generation.generate(
             pipe,
             prompts,
             list(range(args.num_seeds)),
@@ -301,7 +342,7 @@ def generate_runs(args: argparse.Namespace) -> list[tuple[str, Path]]:
             args.batch_size,
             distinct_seeds=args.distinct_seeds,
         )
-        path = generate.save_generations(args.out / name, images)
+        path = generation.save_generations(args.out / name, images)
         table = pd.read_csv(path, dtype={"prompt": str}, keep_default_na=False)
         table["style"] = [styles[g.prompt_index] for g in images]
         table.to_csv(path, index=False)
@@ -330,10 +371,10 @@ def scorer_version(name: str, path: str | None) -> dict:
 
 def protocol_record(args: argparse.Namespace, runs: Sequence[tuple[str, Path]]) -> dict:
     """Every choice that moves the numbers, for the summary and protocol.json."""
-    from config import git_sha
+    from training.config import git_sha
 
     record: dict = {
-        "scorers": [scorer_version(n, p) for n, p in parse_named(args.scorer, "--scorer")],
+        "scorers": [scorer_version(n, p) for n, p in cli.parse_named(args.scorer, "--scorer")],
         "runs": {name: str(folder) for name, folder in runs},
         "versions": {lib: metadata.version(lib) for lib in ("torch", "diffusers", "transformers")},
         "git_sha": git_sha(),
@@ -353,7 +394,7 @@ def protocol_record(args: argparse.Namespace, runs: Sequence[tuple[str, Path]]) 
     record["generation"] = {
         "protocol": args.protocol,
         "model": args.model,
-        "unets": dict(parse_named(args.generate, "--generate")),
+        "unets": dict(cli.parse_named(args.generate, "--generate")),
         "scheduler": args.scheduler,
         "steps": args.steps,
         "guidance_scale": args.guidance_scale,
@@ -454,8 +495,9 @@ def protocol_markdown(record: dict) -> str:
 
 
 def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list[WinRate]]:
-    runs = [(n, Path(d)) for n, d in parse_named(args.run, "--run") if d] + generate_runs(args)
-    scorers = [build_scorer(n, p, args.device) for n, p in parse_named(args.scorer, "--scorer")]
+    check_arguments(args)
+    runs = [(n, Path(d)) for n, d in cli.parse_named(args.run, "--run")] + generate_runs(args)
+    scorers = [build_scorer(n, p, args.device) for n, p in cli.parse_named(args.scorer, "--scorer")]
     names = [s.name for s in scorers]
     generations = pd.concat([read_generations(n, d) for n, d in runs])
     warning = shared_seeds(generations)
@@ -463,9 +505,6 @@ def evaluate(args: argparse.Namespace) -> tuple[pd.DataFrame, pd.DataFrame, list
         logger.warning(warning)
     scores = add_styles(score_table(generations, scorers), args.suite)
     baseline = args.baseline or runs[0][0]
-    if baseline not in scores["model"].unique():
-        given = [n for n, _ in runs]
-        raise cli.UsageError(f"--baseline {baseline!r} is not one of the runs {given}")
     table = summary(scores, names)
     rates = win_rates(scores, names, baseline)
     record = protocol_record(args, runs)
@@ -492,7 +531,7 @@ def main(argv: Sequence[str] | None = None) -> tuple[pd.DataFrame, pd.DataFrame,
     result = evaluate(args)
     print((args.out / SUMMARY_MD).read_text(encoding="utf-8"), end="")
     written = [args.out / name for name in (SCORES_CSV, SUMMARY_MD, PROTOCOL_JSON, SUMMARY_PNG)]
-    generated = [str(args.out / name) for name, _ in parse_named(args.generate, "--generate")]
+    generated = [str(args.out / name) for name, _ in cli.parse_named(args.generate, "--generate")]
     if generated:
         print(f"generated images: {', '.join(generated)}")
     print(f"wrote {', '.join(str(p) for p in written)}")

@@ -10,37 +10,48 @@ What a loss needs (a reference model, per-pixel predictions) comes from its regi
 """
 
 # ruff: noqa: E402  (--help and flag mistakes are answered before torch and diffusers load)
-import cli
+from training.startup import answer_help_early
 
-cli.answer_help_early(__name__)
+answer_help_early(__name__)
 
 import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, gather_object, set_seed
+from accelerate.utils import (
+    DistributedType,
+    InitProcessGroupKwargs,
+    ProjectConfiguration,
+    gather_object,
+    set_seed,
+)
 from tqdm.auto import tqdm
 
-import checkpointing
-import hub
-import startup
-from build import build_dataloader, build_dataset, build_optimizer, dataset_size
-from config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from common import cli
 from data import LabeledImages, PickapicPairs
-from diffusion import denoise, first_group_index
-from distributed import configure_backend, deepspeed_step_outcome, runs_under_autocast
+from diffusion.denoising import denoise, first_group_index
 from losses import Requirements, build_loss, get_spec, requirements
+from losses.common import LossFn
 from losses.health import health_metrics
-from losses.registry import LossFn
-from model_card import write_model_card
-from models import Components, load_components
+from models.loading import Components, load_components
 from models.speed import allow_tf32
-from validation import ValidationResult, Validator
+from training import checkpointing, hub, startup
+from training.build import build_dataloader, build_dataset, build_optimizer, dataset_size
+from training.config import TrainConfig, given_flags, parse_config, provenance, unused_flag_notes
+from training.distributed import (
+    configure_backend,
+    deepspeed_step_outcome,
+    forward_casts,
+)
+from training.model_card import data_source, label_text, write_model_card
+from training.online import OnlineTrainer, build_reward
+from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
 
@@ -118,28 +129,66 @@ def describe_loss(config: TrainConfig) -> str:
     return f"{config.loss} ({', '.join(used)})" if used else config.loss
 
 
+def describe_policy(config: TrainConfig, denoiser: type) -> str:
+    """'full UNet2DConditionModel', 'LoRA rank 16 on FluxTransformer2DModel': what trains."""
+    name = denoiser.__name__
+    return f"LoRA rank {config.lora_rank} on {name}" if config.lora_rank else f"full {name}"
+
+
 def log_startup(
-    config: TrainConfig, accelerator: Accelerator, size: str, trainable: int, notes: list[str]
+    config: TrainConfig,
+    accelerator: Accelerator,
+    size: str,
+    trainable: int,
+    notes: list[str],
+    denoiser: type,
 ) -> None:
-    unit = "pairs" if get_spec(config.loss).pairwise and not config.csv else "images"
+    spec = get_spec(config.loss)
+    unit = "pairs" if spec.pairwise and not config.csv else "images"
+    if spec.online is not None:
+        unit = f"prompts (x {config.group_size} images)"
     total = config.train_batch_size * config.gradient_accumulation_steps * accelerator.num_processes
+    labels = label_text(config.to_dict(), code=str)
     lines = [
         f"loss: {describe_loss(config)}",
         f"model: {config.pretrained_model}",
+        f"data: {data_source(config.to_dict(), code=str)}",
+        *([f"labels: {labels}"] if labels else []),
         f"dataset: {size}",
         f"batch: {config.train_batch_size} {unit} per device x {config.gradient_accumulation_steps}"
         f" accumulation x {accelerator.num_processes} processes = {total} {unit} per step",
         f"steps: {config.max_train_steps}, learning rate {config.learning_rate}"
         f" ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
         f"precision: {config.mixed_precision} compute, trainable weights fp32",
-        f"policy: {f'LoRA rank {config.lora_rank}' if config.lora_rank else 'full UNet'}, "
+        f"policy: {describe_policy(config, denoiser)}, "
         f"optimizer {config.optimizer}, latents and text from "
         f"{config.cache or 'the VAE and text encoders'}",
         f"trainable parameters: {trainable:,}",
         f"output: {config.output_dir}",
         *notes,
     ]
+    if config.validation_prompts or config.validation_prompt:
+        lines.append(
+            f"validation: every {config.validation_steps} steps, guidance "
+            f"{config.validation_guidance_scale}"
+        )
     logger.info("***** training *****\n  " + "\n  ".join(lines), main_process_only=True)
+
+
+def build_accelerator(config: TrainConfig) -> Accelerator:
+    output_dir = Path(config.output_dir)
+    # The other ranks wait in a collective while the main one validates or saves; NCCL's
+    # default timeout (10 min) would stop the job during a long 1024 px validation.
+    timeout = InitProcessGroupKwargs(timeout=timedelta(minutes=config.process_group_timeout))
+    return Accelerator(
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        mixed_precision=config.mixed_precision,
+        log_with=None if config.report_to == "none" else config.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
+        ),
+        kwargs_handlers=[timeout],
+    )
 
 
 @dataclass
@@ -163,27 +212,33 @@ class Run:
     history: list[dict[str, float]] = field(default_factory=list)
     validations: list[ValidationResult | None] = field(default_factory=list)
     consecutive_nonfinite: int = 0
+    online: OnlineTrainer | None = None  # online losses: collection and updates
 
 
-def setup(argv: list[str] | None) -> Run:
+def check_only(config: TrainConfig) -> None:
+    """--check_only: the data's start-up check too, then say so; nothing loads or is written."""
+    dataset = build_dataset(config, get_spec(config.loss), 0, 1)
+    print(
+        f"train.py --check_only: the flags, models' configs, output directory, launcher, "
+        f"tracker and data ({dataset_size(dataset)}) pass their start-up checks",
+        flush=True,
+    )
+
+
+def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) -> Run:
     """Config -> accelerator, data, models, loss, optimizer; resume if asked."""
-    cli.setup_logging()
-    config, checks = startup.prepare(parse_config(argv))
     spec = get_spec(config.loss)
     output_dir = Path(config.output_dir)
-    accelerator = Accelerator(
-        gradient_accumulation_steps=config.gradient_accumulation_steps,
-        mixed_precision=config.mixed_precision,
-        log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(
-            project_dir=str(output_dir), logging_dir=str(output_dir / "logs")
-        ),
-    )
+    accelerator = build_accelerator(config)
     configure_backend(accelerator, config)
     # The global RNG drives only dropout (LoRA's included); noise and data draw from their own
     # generators. Seeded per rank, and saved/restored with every checkpoint by accelerate.
     set_seed(config.seed, device_specific=True)
+    # Data first: a bad path, column or label must stop the run before any model loads, an old
+    # run is removed or the config is logged.
+    dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     if accelerator.is_main_process:
+        checks.notes += [note for note in [startup.overwrite(config)] if note]
         output_dir.mkdir(parents=True, exist_ok=True)
     run_info = provenance(config)
     logger.info(startup.describe_config(run_info), main_process_only=True)
@@ -192,13 +247,21 @@ def setup(argv: list[str] | None) -> Run:
     for note in unused_flag_notes(config, given_flags(argv)):
         logger.warning(note, main_process_only=True)
 
-    # Data first: a bad path, column or label must stop the run before any model loads.
-    dataset = build_dataset(config, spec, accelerator.process_index, accelerator.num_processes)
     weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
     allow_tf32(config.allow_tf32)
+    # An online run's reward first: a wrong name, an unreachable server or a prompt the reward
+    # cannot read stops the run before any weights load.
+    reward = None
+    if spec.online is not None:
+        reward = build_reward(config, accelerator.device, dataset.table.prompts)
     needs = requirements(config.loss, config.to_dict())
-    models = load_components(config, needs.reference, weight_dtype, accelerator.device,
-                             autocast=runs_under_autocast(accelerator))  # fmt: skip
+    casts = None
+    if needs.reference:  # what the backend casts in the policy's forward, for the reference
+        fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)  # set only under FSDP
+        casts = forward_casts(accelerator.distributed_type, weight_dtype, fsdp_plugin)
+    models = load_components(config, needs.reference, weight_dtype, accelerator.device, casts)
+    config.resolve_family_defaults(models.family.default_guidance)
+    run_info["config"] = config.to_dict()  # saved and carded with the resolved values
     # The scheduler's timestep count is a fact some losses read (MaPO's T).
     timesteps = models.noise_scheduler.config.num_train_timesteps
     loss_fn = build_loss(config.loss, {**config.to_dict(), "num_train_timesteps": timesteps})
@@ -208,6 +271,9 @@ def setup(argv: list[str] | None) -> Run:
     policy, optimizer = accelerator.prepare(models.policy, optimizer)
     accelerator.register_for_checkpointing(lr_scheduler)
     checkpointing.register_unet_hooks(accelerator, models.policy_io)
+    online = None
+    if reward is not None:  # before resuming: it saves and loads its own state
+        online = OnlineTrainer(config, accelerator, models, policy, loss_fn, reward)
 
     state = checkpointing.TrainerState()
     resume_dir = checkpointing.resolve_resume(output_dir, config.resume_from_checkpoint)
@@ -221,15 +287,29 @@ def setup(argv: list[str] | None) -> Run:
 
     if accelerator.is_main_process:
         accelerator.init_trackers(config.tracker_project, config=tracker_config(config))
-    log_startup(config, accelerator, dataset_size(dataset), trainable, checks.notes)
+    notes = checks.notes + (online.describe() if online is not None else [])
+    log_startup(config, accelerator, dataset_size(dataset), trainable, notes,
+                models.family.denoiser_class)  # fmt: skip
     if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
         startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
+    validator = Validator.build(config, models, accelerator, weight_dtype)
     run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
-              dataset, batches, state, run_info, output_dir,
-              Validator.build(config, models, accelerator, weight_dtype))  # fmt: skip
+              dataset, batches, state, run_info, output_dir, validator, online=online)  # fmt: skip
     if run.validator is not None and state.global_step == 0:
-        run.validations.append(run.validator.run(0, policy))
+        scores = validate(run)
+        if scores and accelerator.is_main_process:  # step 0 has no other metrics
+            append_metrics(output_dir / METRICS_FILE, 0, scores)
     return run
+
+
+def validate(run: Run) -> dict[str, float]:
+    """Validation images (and scores) at the current step; the score for metrics.jsonl (main
+    process; validation.py has already sent it to the trackers)."""
+    result = run.validator.run(run.state.global_step, run.policy)
+    run.validations.append(result)
+    if result is None or result.mean_score is None:
+        return {}
+    return {f"validation/{result.scorer}": result.mean_score}
 
 
 def micro_batch_loss(run: Run, batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -286,6 +366,13 @@ def accumulate_gradients(run: Run) -> tuple[list[dict[str, float]], int, float]:
     return micro_metrics, skipped, grad_norm
 
 
+def online_gradients(run: Run) -> tuple[list[dict[str, float]], int, float]:
+    """``accumulate_gradients`` for the online losses: collect when due, then the step's
+    micro-batches of updates (training/online.py)."""
+    micro_metrics = run.online.accumulate(run.batches, run.state)
+    return micro_metrics, 0, gradient_norm(run.accelerator, run.policy, run.config.max_grad_norm)
+
+
 def optimizer_step(
     accelerator: Accelerator,
     optimizer: torch.optim.Optimizer,
@@ -326,10 +413,14 @@ def count_nonfinite(run: Run, nonfinite: bool, grad_norm: float) -> None:
 
 
 def log_step(
-    run: Run, micro_metrics: list[dict[str, float]], skipped: int, grad_norm: float
+    run: Run,
+    micro_metrics: list[dict[str, float]],
+    skipped: int,
+    grad_norm: float,
+    validation: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Reduce the step's metrics over micro-batches and ranks; send them to the trackers and
-    the plain-text record."""
+    the plain-text record (with the step's validation score, which the trackers already have)."""
     accelerator, state = run.accelerator, run.state
     logs = reduce_metrics(accelerator, micro_metrics)
     state.skipped_rows += int(accelerator.reduce(torch.tensor(skipped, device=accelerator.device)))
@@ -343,7 +434,8 @@ def log_step(
     )
     accelerator.log(logs, step=state.global_step)
     if accelerator.is_main_process:
-        append_metrics(run.output_dir / METRICS_FILE, state.global_step, logs)
+        append_metrics(run.output_dir / METRICS_FILE, state.global_step,
+                       {**logs, **(validation or {})})  # fmt: skip
     run.history.append(logs)
     return logs
 
@@ -367,6 +459,7 @@ def write_card(run: Run, directory: Path) -> None:
     last = run.validations[-1] if run.validations else None
     write_model_card(directory, last and last.grid, provenance=run.run_info,
                      step=run.state.global_step, family=run.models.family.name,
+                     denoiser_folder=run.models.family.denoiser_folder,
                      processes=run.accelerator.num_processes,
                      metrics=run.history[-1] if run.history else None, validation=last)  # fmt: skip
 
@@ -382,7 +475,7 @@ def finish(run: Run) -> TrainResult:
         if config.push_to_hub:
             last = run.validations[-1] if run.validations else None
             grid = last.grid.relative_to(run.output_dir) if last else None
-            hub.push(run.output_dir, config.hub_model_id, grid)
+            hub.push(run.output_dir, config.hub_model_id, unet_dir.name, grid)
     if state.skipped_rows:
         logger.warning(
             "skipped %d rows whose images did not decode",
@@ -405,9 +498,14 @@ def finish(run: Run) -> TrainResult:
                        [v for v in run.validations if v is not None])  # fmt: skip
 
 
-def main(argv: list[str] | None = None) -> TrainResult:
-    run = setup(argv)
-    config, state = run.config, run.state
+def main(argv: list[str] | None = None) -> TrainResult | None:
+    cli.setup_logging()
+    config, checks = startup.prepare(parse_config(argv))
+    if config.check_only:
+        check_only(config)
+        return None
+    run = setup(config, checks, argv)
+    state = run.state
     progress = tqdm(
         total=config.max_train_steps,
         initial=state.global_step,
@@ -415,22 +513,23 @@ def main(argv: list[str] | None = None) -> TrainResult:
         disable=not run.accelerator.is_local_main_process,
     )
     while state.global_step < config.max_train_steps:
-        micro_metrics, skipped, grad_norm = accumulate_gradients(run)
+        gradients = online_gradients if run.online is not None else accumulate_gradients
+        micro_metrics, skipped, grad_norm = gradients(run)
         losses = [m["loss"] for m in micro_metrics]
         nonfinite = optimizer_step(run.accelerator, run.optimizer, run.lr_scheduler, losses,
                                    grad_norm)  # fmt: skip
         state.global_step += 1
         count_nonfinite(run, nonfinite, grad_norm)
-        logs = log_step(run, micro_metrics, skipped, grad_norm)
-        progress.update(1)
-        progress.set_postfix(
-            loss=f"{logs['loss']:.4f}", acc=f"{logs.get('rewards/accuracies', math.nan):.3f}"
-        )
-
         stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite
         final = state.global_step == config.max_train_steps
-        if run.validator is not None and run.validator.due(state.global_step, final):
-            run.validations.append(run.validator.run(state.global_step, run.policy))
+        due = run.validator is not None and run.validator.due(state.global_step, final)
+        logs = log_step(run, micro_metrics, skipped, grad_norm, validate(run) if due else None)
+        progress.update(1)
+        shown = ("reward", "reward/mean") if run.online else ("acc", "rewards/accuracies")
+        progress.set_postfix(
+            loss=f"{logs['loss']:.4f}", **{shown[0]: f"{logs.get(shown[1], math.nan):.3f}"}
+        )
+
         if checkpoint_due(state.global_step, config, stop):
             save_checkpoint(run)
         if stop:

@@ -1,1 +1,1 @@
-"""Speed and memory benchmarks (see bench/README section in the project README)."""
+"""Speed and memory benchmarks (see docs/benchmarks.md)."""

@@ -4,7 +4,7 @@
 
 (i) The toy preference pairs (build/toy-prefs, labelled by the `warm` rule) with 30% of the
 labels flipped (seeded), against the same flipped pairs relabelled by the rule as a scorer
-(python -m data.relabel --scorer toy_warm); DPO on each with the toy benchmark's settings.
+(python -m evaluation.relabel --scorer toy_warm); DPO on each with the toy benchmark's settings.
 (ii) exps/iterative_dpo.sh with 3 rounds x 100 steps against 1 round x 300 steps (same total).
 Every model is scored on the held-out prompts (20 images each, every image from its own seed) by
 evaluate.py: the toy warm reward and shape agreement (toy_shape) with 95% Wilson intervals, and
@@ -80,7 +80,7 @@ def main() -> None:
     timings = {}
     # (i) AI feedback against 30% flipped labels.
     flipped = flip(REPO / "build/toy-prefs/pickapic/train-00000-of-00001.parquet", out / "flipped")
-    timings["relabel"] = sh(PY, "-m", "data.relabel", "--data", str(out / "flipped"),
+    timings["relabel"] = sh(PY, "-m", "evaluation.relabel", "--data", str(out / "flipped"),
                             "--scorer", "toy_warm", "--out", str(out / "relabelled"))  # fmt: skip
     original = pq.read_table(REPO / "build/toy-prefs/pickapic/train-00000-of-00001.parquet")
     relabelled = pd.concat([pq.read_table(p).to_pandas() for p in

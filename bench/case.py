@@ -7,9 +7,10 @@ Modes:
   encode every step, a second full reference UNet, torch's default AdamW; on GPU the SDXL
   reference is moved to the GPU and back to the CPU every micro-step, as the released SDXL code
   did.
-- ``full`` / ``lora``: this project's step (``diffusion.batch_errors``, the model family, the DPO
-  loss, ``build.make_optimizer``), full fine-tuning with a frozen reference UNet, or LoRA with
-  the reference = the same UNet with adapters disabled. ``--cache on`` replaces the VAE and
+- ``full`` / ``lora``: this project's step (``diffusion/denoising.batch_errors``, the model
+  family, the DPO loss, ``training/build.make_optimizer``), full fine-tuning with a frozen
+  reference UNet, or LoRA with the reference = the same UNet with adapters disabled.
+  ``--cache on`` replaces the VAE and
   text encoders by precomputed posterior moments and text features (random tensors of the
   cache's shapes; the VAE and text encoders are never built).
 
@@ -18,11 +19,23 @@ torch's grad scaler), ``--optimizer`` (adamw, adamw8bit, adafactor), ``--compile
 policy and reference), ``--randomise_norms`` (norm weights like a real checkpoint's, so the
 step-0 loss shows whether policy and reference agree in half precision). The JSON line carries
 ``step0_loss``: the DPO loss of the first step, before any update (log 2 when they agree).
+
+Where the time goes (issue 25 item 10): ``--profile`` adds ``breakdown``, one step timed per
+phase (``bench.phases``: the step marks data, latents and noise, policy forward, reference
+forward, errors and loss, policy backward, grad clip, optimizer step, logging), with FLOPs and
+MFU per phase under ``--flops``; ``--sweep 1 4 16`` measures each pairs-per-step size in turn
+(one JSON line holding ``sweep``: a list of points), a size that runs out of memory reported
+as ``"fits": false`` instead of ending the run. The phases are marked here, in the benchmark's
+own step, not in train.py: the benchmark builds its step from the same pieces
+(``diffusion/denoising.batch_errors``, the family, the loss,
+``training/build.make_optimizer``) but does not call
+train.py's loop, so the trainer's hot loop stays free of profiling code.
 """
 
 import argparse
 import contextlib
 import copy
+import gc
 import json
 import math
 import resource
@@ -31,22 +44,25 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import CLIPTokenizer
 
 from bench.models import FLOW_SIZES, SIZES, build_random_model, text_shapes, vae_config
-from build import make_optimizer
-from config import TrainConfig
+from bench.phases import FlopPhases, Phases, breakdown, profile_step, sync
 from data.cache import CachedLatentEncoder
-from diffusion import VaeEncoder, batch_errors
+from diffusion.denoising import VaeEncoder, batch_errors
 from losses import build_loss
 from losses.dpo import DPO_BETA
-from models.family import family_for
+from models.families import family_for
 from models.loading import FP32_NORMS, to_dtype_keeping_norms_fp32
 from models.lora import DEFAULT_LORA_TARGETS, AdaptersDisabled, add_lora
 from models.speed import compile_unet
 from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
+from training.build import make_optimizer
+from training.config import TrainConfig
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+NO_PHASES = Phases()
 CAPTION = "a photograph of an astronaut riding a horse on the moon, highly detailed, 8k"
 
 
@@ -71,11 +87,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype) -> float:
         a @ b
     sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - start)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 @torch.no_grad()
@@ -147,26 +158,46 @@ def our_step(args, device: torch.device, dtype: torch.dtype) -> tuple[Callable, 
     sizes = [(args.resolution, args.resolution)] * (2 * pairs)
     counter = iter(range(10**9))
 
-    def step() -> float:
+    def step(phases: Phases = NO_PHASES) -> float:
+        """One step; ``phases`` marks its phases (bench.phases.PHASES) for the breakdown."""
+
+        def forward(model: torch.nn.Module, *inputs) -> torch.Tensor:
+            # Inside batch_errors: the policy's forward, then the reference's.
+            phases.start("reference forward" if model is reference else "policy forward")
+            prediction = family.forward(model, *inputs)
+            phases.start("errors and loss")
+            return prediction
+
+        phases.start("data")
+        batch = images.to(device)
         condition = family.condition(captions, sizes, sizes)
+        phases.start("latents and noise")
         policy_err, ref_err = batch_errors(
-            policy, reference, encoder, process, condition, images.to(device), 2,
+            policy, reference, encoder, process, condition, batch, 2,
             first_group=next(counter) * pairs, seed=0,
-            autocast=lambda: autocast(device, dtype), forward=family.forward,
+            autocast=lambda: autocast(device, dtype), forward=forward,
         )  # fmt: skip
         loss, _ = loss_fn(policy_err, ref_err)
+        phases.start("policy backward")
         if scaler is None:
             loss.backward()
+            phases.start("grad clip")
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            phases.start("optimizer step")
             optimizer.step()
         else:
             scaler.scale(loss).backward()
+            phases.start("grad clip")
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            phases.start("optimizer step")
             scaler.step(optimizer)
             scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        return loss.item()  # the trainer logs every step's loss, so it syncs there too
+        phases.start("logging")
+        value = loss.item()  # the trainer logs every step's loss, so it syncs there too
+        phases.stop()
+        return value
 
     return step, sum(p.numel() for p in trainable)
 
@@ -243,7 +274,76 @@ def peak_memory_gib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def main() -> None:
+def out_of_memory(error: RuntimeError) -> bool:
+    """A CUDA out-of-memory error, or the CPU allocator refusing (a plain RuntimeError)."""
+    return isinstance(error, torch.OutOfMemoryError) or "can't allocate memory" in str(error)
+
+
+def measure(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+            peak_flops: float | None) -> dict:  # fmt: skip
+    """Build the step for ``args.pairs`` pairs and time it: warm-up, timed steps, then (with
+    --flops) one step counting FLOPs and (with --profile) two under the profiler."""
+    torch.manual_seed(0)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    build = baseline_step if args.mode == "baseline" else our_step
+    step, trainable = build(args, device, dtype)
+    losses = [step() for _ in range(args.warmup)]
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(args.steps):
+        losses.append(step())
+    sync(device)
+    seconds = (time.perf_counter() - start) / args.steps
+    result = {
+        "pairs": args.pairs,
+        "fits": True,
+        "trainable_params": trainable,
+        "seconds_per_step": seconds,
+        "seconds_per_pair": seconds / args.pairs,
+        "pairs_per_second": args.pairs / seconds,
+        "peak_memory_gib": peak_memory_gib(device),
+        "step0_loss": losses[0],
+        "finite": all(map(math.isfinite, losses)),
+    }
+    by_phase = None
+    if args.flops:
+        with FlopCounterMode(display=False) as counter:
+            if args.profile:  # the baseline's step has no phases (main refuses --profile)
+                phases = FlopPhases(counter)
+                step(phases)
+                by_phase = phases.flops
+            else:
+                step()
+        total = counter.get_total_flops()
+        result.update(flops_per_step=total, mfu=total / seconds / peak_flops)
+    if args.profile:
+        events, step_seconds = profile_step(step, device)
+        result["breakdown"] = breakdown(events, step_seconds, device, by_phase, peak_flops)
+    return result
+
+
+def sweep(args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+          peak_flops: float | None) -> list[dict]:  # fmt: skip
+    """``measure`` at each of ``args.sweep`` pairs per step, each with a freshly built step; a
+    point that runs out of memory is reported as not fitting and the sweep goes on."""
+    points = []
+    for pairs in args.sweep:
+        try:
+            points.append(measure(argparse.Namespace(**{**vars(args), "pairs": pairs}),
+                                  device, dtype, peak_flops))  # fmt: skip
+        except RuntimeError as error:  # torch.OutOfMemoryError is one
+            if not out_of_memory(error):
+                raise
+            points.append({"pairs": pairs, "fits": False, "error": str(error).splitlines()[0]})
+        # The point's models and optimizer (and an OOM's traceback) are gone: return the memory.
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return points
+
+
+def arguments() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=list(SIZES), required=True)
     parser.add_argument("--mode", choices=["baseline", "full", "lora"], required=True)
@@ -260,43 +360,34 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile (inductor)")
     parser.add_argument("--randomise_norms", action="store_true")
     parser.add_argument("--flops", action="store_true", help="count FLOPs (one extra step)")
+    parser.add_argument("--profile", action="store_true",
+                        help="time each phase of one step (two more steps, profiled)")  # fmt: skip
+    parser.add_argument("--sweep", type=int, nargs="+", default=None, metavar="PAIRS",
+                        help="measure at each of these pairs per step instead of --pairs; "
+                        "one that runs out of memory is reported as not fitting")  # fmt: skip
+    return parser
+
+
+def main() -> None:
+    parser = arguments()
     args = parser.parse_args()
+    if args.sweep and min(args.sweep) < 1:
+        parser.error("--sweep: pairs per step must be positive")
+    if args.profile and args.mode == "baseline":
+        parser.error("--profile: the baseline's step has no phases (use --mode full or lora)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     dtype = PRECISIONS[args.precision]
-    torch.manual_seed(0)
-    build = baseline_step if args.mode == "baseline" else our_step
-    step, trainable = build(args, device, dtype)
-    losses = [step() for _ in range(args.warmup)]
-    sync(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        losses.append(step())
-    sync(device)
-    seconds = (time.perf_counter() - start) / args.steps
-    result = {
-        **vars(args),
-        "device": device.type,
-        "trainable_params": trainable,
-        "seconds_per_step": seconds,
-        "seconds_per_pair": seconds / args.pairs,
-        "pairs_per_second": args.pairs / seconds,
-        "peak_memory_gib": peak_memory_gib(device),
-        "step0_loss": losses[0],
-        "finite": all(map(math.isfinite, losses)),
-    }
-    if args.flops:
-        from torch.utils.flop_counter import FlopCounterMode
-
-        with FlopCounterMode(display=False) as counter:
-            step()
-        flops = counter.get_total_flops()
+    peak = None
+    if args.flops:  # MFU's denominator: bf16 on a GPU, the case's own dtype on a CPU
         peak = matmul_peak(device, torch.bfloat16 if device.type == "cuda" else dtype)
-        result.update(flops_per_step=flops, matmul_peak_flops=peak,
-                      mfu=flops / seconds / peak)  # fmt: skip
-    print(json.dumps(result))
+    common = {**vars(args), "device": device.type, "matmul_peak_flops": peak}
+    if args.sweep:
+        print(json.dumps({**common, "sweep": sweep(args, device, dtype, peak)}))
+    else:
+        print(json.dumps({**common, **measure(args, device, dtype, peak)}))
 
 
 if __name__ == "__main__":

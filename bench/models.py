@@ -7,7 +7,8 @@ transformer depths 1/2/10, text_time added conditioning), CLIP ViT-L + OpenCLIP 
 SD3.5-medium: the MMDiT-X transformer (24 layers of 24 heads x 64, qk RMSNorm, dual attention in
 layers 0-12); Flux.1-dev: 19 double + 38 single blocks of 24 heads x 128, guidance embedding
 (FluxTransformer2DModel's defaults). The flow sizes run cached only (no VAE, CLIP or T5 built):
-their text features are random tensors of the real shapes (``text_shapes``).
+their text features are random tensors of the real shapes (``text_shapes``). The online cases
+(``bench.online_case``) decode their samples, so they build the VAE alone (``random_vae``).
 """
 
 from dataclasses import dataclass
@@ -20,7 +21,6 @@ from diffusers import (
     SD3Transformer2DModel,
     UNet2DConditionModel,
 )
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from scripts.build_tiny_model import (
     T5_HIDDEN,
@@ -28,7 +28,10 @@ from scripts.build_tiny_model import (
     TEXT_PROJECTION,
     VAE_SCALING,
     VAE_SHIFT,
+    clip_text_encoder,
     flow_scheduler,
+    kl_vae,
+    sd3_transformer,
     tiny_flux_transformer,
     tiny_sd3_transformer,
     tiny_text_encoder,
@@ -37,6 +40,10 @@ from scripts.build_tiny_model import (
     training_scheduler,
 )
 
+# The real flow models' text widths: T5-XXL's hidden size (SD3.5's and Flux.1's text tokens) and
+# SD3's pooled projection, CLIP-L's and CLIP-G's pooled embeddings concatenated.
+T5_XXL_HIDDEN = 4096
+SD3_POOLED = 768 + 1280
 FLOW_SIZES = ("sd35m", "flux", "tiny_sd3", "tiny_flux")
 SIZES = ("tiny", "sd15", "sdxl", *FLOW_SIZES)
 
@@ -50,27 +57,14 @@ class RandomModel:
 
 
 def _clip(hidden: int, layers: int, heads: int, act: str, projection: bool) -> torch.nn.Module:
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        max_position_embeddings=77,
-        hidden_act=act,
-        projection_dim=hidden,
-        bos_token_id=49406,
-        eos_token_id=49407,
-        pad_token_id=49407,
+    return clip_text_encoder(
+        hidden, layers, heads, projection, hidden_act=act, projection_dim=hidden, pad_token_id=49407
     )
-    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config)
 
 
 def _kl_vae(scaling_factor: float, sample_size: int) -> AutoencoderKL:
-    return AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512),
+    return kl_vae(
+        (128, 256, 512, 512),
         layers_per_block=2,
         latent_channels=4,
         sample_size=sample_size,
@@ -100,20 +94,15 @@ def sdxl_unet() -> UNet2DConditionModel:
 
 
 def sd35_medium_transformer() -> SD3Transformer2DModel:
-    return SD3Transformer2DModel(
-        sample_size=128,
-        patch_size=2,
-        in_channels=16,
-        num_layers=24,
-        attention_head_dim=64,
-        num_attention_heads=24,
-        joint_attention_dim=4096,
-        caption_projection_dim=1536,
-        pooled_projection_dim=2048,
-        out_channels=16,
+    return sd3_transformer(
+        128,
+        layers=24,
+        heads=24,
+        head_dim=64,
+        joint_attention_dim=T5_XXL_HIDDEN,
+        pooled_projection_dim=SD3_POOLED,
         pos_embed_max_size=384,
         dual_attention_layers=tuple(range(13)),
-        qk_norm="rms_norm",
     )
 
 
@@ -162,9 +151,9 @@ def text_shapes(size: str) -> dict[str, tuple[int, ...]]:
     SD3: 77 CLIP + 256 T5 tokens of T5-XXL's 4096, pooled CLIP-L + CLIP-G (768 + 1280);
     Flux: 512 T5 tokens, pooled CLIP-L (768)."""
     tiny = size.startswith("tiny")
-    width = T5_HIDDEN if tiny else 4096
+    width = T5_HIDDEN if tiny else T5_XXL_HIDDEN
     if _family(size) == "sd3":
-        pooled = 2 * TEXT_PROJECTION if tiny else 2048
+        pooled = 2 * TEXT_PROJECTION if tiny else SD3_POOLED
         return {"encoder_hidden_states": (77 + 256, width), "pooled_projections": (pooled,)}
     pooled = TEXT_HIDDEN if tiny else 768
     return {"encoder_hidden_states": (512, width), "pooled_projections": (pooled,)}
@@ -172,11 +161,36 @@ def text_shapes(size: str) -> dict[str, tuple[int, ...]]:
 
 def _vae_and_text(size: str) -> tuple[AutoencoderKL, list[torch.nn.Module]]:
     if size == "tiny":
-        return tiny_vae("sd15"), [tiny_text_encoder(with_projection=False)]
+        return random_vae(size), [tiny_text_encoder(with_projection=False)]
     clip_l = _clip(768, 12, 12, "quick_gelu", False)
     if size == "sd15":
-        return _kl_vae(0.18215, 512), [clip_l]
-    return _kl_vae(0.13025, 1024), [clip_l, _clip(1280, 32, 20, "gelu", True)]
+        return random_vae(size), [clip_l]
+    return random_vae(size), [clip_l, _clip(1280, 32, 20, "gelu", True)]
+
+
+def random_vae(size: str) -> AutoencoderKL:
+    """The VAE of ``size`` alone, random init (what online sampling decodes with): the 4-level
+    KL VAE, 4 latent channels for SD1.5 / SDXL; 16 channels with a shift and no quant convs for
+    SD3.5 and Flux (their released vae/ configs)."""
+    if size in FLOW_SIZES:
+        family = _family(size)
+        if size.startswith("tiny"):
+            return tiny_vae(family)
+        return AutoencoderKL(
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            block_out_channels=(128, 256, 512, 512),
+            layers_per_block=2,
+            latent_channels=16,
+            sample_size=1024,
+            scaling_factor=VAE_SCALING[family],
+            shift_factor=VAE_SHIFT[family],
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        )
+    if size == "tiny":
+        return tiny_vae("sd15")
+    return _kl_vae(0.18215, 512) if size == "sd15" else _kl_vae(0.13025, 1024)
 
 
 def vae_config(size: str) -> dict:

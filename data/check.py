@@ -41,7 +41,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-import cli
+from common import cli
 from data.columns import PROB, columns_flag, parse_columns
 from data.errors import DataError
 from data.hub_chunks import UID_COLUMNS, HubChunks, pair_chunk
@@ -161,6 +161,17 @@ def _as_bytes(value: object) -> bytes:
     return b"" if value is None else str(value).encode()
 
 
+@dataclass
+class _PairScan:
+    """What a scan of pair rows accumulates across shards or hub chunks."""
+
+    report: Report
+    captions: CaptionLengths
+    columns: dict[str, str]  # standard name -> the source's column
+    seen: set[bytes] = field(default_factory=set)  # pair keys met so far (duplicates)
+    chosen: Counter = field(default_factory=Counter)  # chosen side -> count
+
+
 def check_pairs(
     source: str,
     captions: CaptionLengths,
@@ -173,13 +184,12 @@ def check_pairs(
     columns = columns or parse_columns(None)
     report = Report(source)
     files = local_parquet_files(source)  # DataError for a path that does not exist
-    seen: set[bytes] = set()
-    chosen: Counter = Counter()
+    scan = _PairScan(report, captions, columns)
     if files is None:
-        _check_hub(source, hub_split, report, seen, chosen, captions, columns)
+        _check_hub(source, hub_split, scan)
     for path in files or []:
-        _check_shard(path, report, seen, chosen, captions, columns)
-    report.labels = {f"image_{side}_chosen": n for side, n in sorted(chosen.items())}
+        _check_shard(path, scan)
+    report.labels = {f"image_{side}_chosen": n for side, n in sorted(scan.chosen.items())}
     if report.usable == 0 and not report.fatal:
         report.fatal.append(
             f"{source}: no usable pairs (every row is a tie or has an undecodable image)"
@@ -187,14 +197,8 @@ def check_pairs(
     return report
 
 
-def _check_shard(
-    path: str,
-    report: Report,
-    seen: set[bytes],
-    chosen: Counter,
-    captions: CaptionLengths,
-    columns: dict[str, str],
-) -> None:
+def _check_shard(path: str, scan: _PairScan) -> None:
+    report, columns = scan.report, scan.columns
     try:
         shard = pq.ParquetFile(path)
     except (OSError, pa.ArrowException) as exc:
@@ -225,21 +229,14 @@ def _check_shard(
             report.fatal.append(f"{where}: {exc}" if not isinstance(exc, DataError) else str(exc))
             first_row += num_rows
             continue
-        _check_rows(path, first_row, table, id_columns, report, seen, chosen, captions, columns)
+        _check_rows(path, first_row, table, id_columns, scan)
         first_row += num_rows
 
 
-def _check_hub(
-    name: str,
-    split: str,
-    report: Report,
-    seen: set[bytes],
-    chosen: Counter,
-    captions: CaptionLengths,
-    columns: dict[str, str],
-) -> None:
+def _check_hub(name: str, split: str, scan: _PairScan) -> None:
     """A hub dataset, streamed in its stored order in chunks (data/hub_chunks.py); rows are
     numbered from 1 in that order."""
+    report, columns = scan.report, scan.columns
     prob = columns[PROB] != PROB  # a hub stream's soft label is checked when mapped explicitly
     needed = [columns[c] for c in (*REQUIRED_COLUMNS, *([PROB] if prob else []))]
     try:
@@ -264,25 +261,18 @@ def _check_hub(
         else:
             ids = list(UID_COLUMNS) if set(UID_COLUMNS) <= set(table.column_names) else None
             ids = ids or ["jpg_0", "jpg_1"]
-            _check_rows(name, first_row, table, ids, report, seen, chosen, captions, columns)
+            _check_rows(name, first_row, table, ids, scan)
         first_row += table.num_rows
 
 
 def _check_rows(
-    path: str,
-    first_row: int,
-    table: pa.Table,
-    id_columns: list[str],
-    report: Report,
-    seen: set[bytes],
-    chosen: Counter,
-    captions: CaptionLengths,
-    columns: dict[str, str],
+    path: str, first_row: int, table: pa.Table, id_columns: list[str], scan: _PairScan
 ) -> None:
+    report, seen, chosen, columns = scan.report, scan.seen, scan.chosen, scan.columns
     label_0 = table.column("label_0").to_numpy(zero_copy_only=False)
     label_1 = table.column("label_1").to_numpy(zero_copy_only=False)
     text = [c if isinstance(c, str) else "" for c in table.column("caption").to_pylist()]
-    long = captions.too_long(text)
+    long = scan.captions.too_long(text)
     ids = [table.column(c) for c in id_columns]
     jpgs = [table.column("jpg_0"), table.column("jpg_1")]
     for i in range(table.num_rows):

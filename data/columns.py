@@ -1,7 +1,7 @@
 """Column mapping for parquet or hub pairs in another schema (``--columns``).
 
 Pick-a-Pic's names are the reader's standard names; ``prob_0`` is the optional soft label (the
-probability that ``jpg_0`` is preferred, written by ``python -m data.relabel``). A mapping
+probability that ``jpg_0`` is preferred, written by ``python -m evaluation.relabel``). A mapping
 ``caption=prompt,jpg_0=image_a`` reads column ``prompt`` as the caption and ``image_a`` as the
 first image; unmapped names keep their standard column.
 """

@@ -4,6 +4,8 @@ Caption dropout and the image transform both draw from the example's own generat
 its stream position), always in the same order: dropout first, then the transform's draws.
 """
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypedDict
 
 import numpy as np
@@ -23,6 +25,30 @@ class Example(TypedDict, total=False):
     state: list[int]  # the stream's resume position AFTER this example (JSON-serialisable)
     skipped: int  # bad rows skipped in this stream just before this example
     row: tuple[int, ...]  # where it came from: (file index, row in file) for parquet, (csv row,)
+
+
+@dataclass(frozen=True)
+class PairOptions:
+    """How a pair stream (PickapicPairs, TablePairs) serves each pair."""
+
+    winners_only: bool = False  # the chosen image alone (pixels [1, 3, R, R], label 1.0): SFT
+    shuffle: bool = True  # a new seeded order every epoch; False: the data's own order
+    soft_labels: bool = False  # label each pair with P(chosen preferred), from the data
+
+    @property
+    def sides(self) -> int:
+        """Images per example: the chosen one alone, or chosen then rejected."""
+        return 1 if self.winners_only else 2
+
+    def label(self, chosen_prob: Callable[[], float]) -> float | None:
+        """The example's label: 1.0 for a winner alone; with soft labels, P(chosen preferred)
+        (``chosen_prob`` is read only then); else None, a hard pair."""
+        if self.winners_only:
+            return 1.0
+        return chosen_prob() if self.soft_labels else None
+
+
+DEFAULT_PAIR_OPTIONS = PairOptions()
 
 
 def build_example(

@@ -26,8 +26,7 @@ from data.kto_table import (
     load_labeled_csv,
     parse_split_labels,
 )
-from data.roles import RoleStream, check_positions
-from data.transforms import ImageTransform
+from data.roles import RoleStream, StreamSettings, check_positions
 
 __all__ = ["DEFAULT_SPLIT_LABELS", "LabeledImages", "parse_split_labels"]
 
@@ -45,16 +44,11 @@ class LabeledImages(RoleStream):
         self,
         csv_path: str,
         image_root: str,
-        transform: ImageTransform,
-        caption_dropout: float = 0.2,
-        seed: int = 0,
+        settings: StreamSettings,
         split_labels: dict[str, int] | None = None,
         desirable_prob: float | None = 0.8,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
     ):
-        super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
+        super().__init__(settings)
         if desirable_prob is not None and not 0.0 <= desirable_prob <= 1.0:
             raise ValueError(f"desirable_prob must be in [0, 1] or None, got {desirable_prob}")
         split_labels = dict(DEFAULT_SPLIT_LABELS if split_labels is None else split_labels)

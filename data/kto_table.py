@@ -7,6 +7,7 @@ appeared in: ``exclusive_win`` (won all), ``intersections`` (won some, lost some
 
 import os
 import posixpath
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -79,13 +80,19 @@ def read_csv(csv_path: str, image_root: str) -> pd.DataFrame:
     except (pd.errors.ParserError, UnicodeDecodeError) as exc:
         message = str(exc).splitlines()[0]
         raise DataError(f"--csv {csv_path}: not a readable CSV ({message})") from exc
-    for column in CSV_COLUMNS:
+    check_table(frame, CSV_COLUMNS, f"--csv {csv_path}")
+    return frame
+
+
+def check_table(frame: pd.DataFrame, columns: Sequence[str], where: str) -> None:
+    """DataError unless ``frame`` has each of ``columns`` and a row; ``where``: the flag and file
+    that the messages start with, e.g. ``--csv data.csv``."""
+    for column in columns:
         if column not in frame.columns:
             found = ", ".join(map(str, frame.columns))
-            raise DataError(f"--csv {csv_path}: missing column {column} (found {found})")
+            raise DataError(f"{where}: missing column {column} (found {found})")
     if frame.empty:
-        raise DataError(f"--csv {csv_path}: no data rows")
-    return frame
+        raise DataError(f"{where}: no data rows")
 
 
 def load_labeled_csv(csv_path: str, image_root: str, split_labels: dict[str, int]) -> LabeledTable:

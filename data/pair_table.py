@@ -26,7 +26,7 @@ import pandas as pd
 import pyarrow as pa
 
 from data.errors import DataError
-from data.kto_table import IMAGE_SAMPLE, MAX_MISSING_SHARE
+from data.kto_table import IMAGE_SAMPLE, MAX_MISSING_SHARE, check_table
 
 MANIFEST_COLUMNS = ("caption", "chosen", "rejected")
 PROB_COLUMN = "prob"
@@ -86,12 +86,7 @@ def load_manifest(path: str, image_root: str) -> PairTable:
     if not os.path.isdir(image_root):
         raise DataError(f"--images {image_root}: image root is not a directory")
     frame = _read_jsonl(path) if path.endswith((".jsonl", ".json")) else _read_csv(path)
-    for column in MANIFEST_COLUMNS:
-        if column not in frame.columns:
-            found = ", ".join(map(str, frame.columns))
-            raise DataError(f"--pairs {path}: missing column {column} (found {found})")
-    if frame.empty:
-        raise DataError(f"--pairs {path}: no data rows")
+    check_table(frame, MANIFEST_COLUMNS, f"--pairs {path}")
     for column in MANIFEST_COLUMNS:
         _check_strings(path, frame[column], column)
     for column in ("chosen", "rejected"):

@@ -1,7 +1,7 @@
 """Pick-a-Pic v2 preference pairs from parquet shards, as an infinite, exactly resumable stream.
 
 The unit of work is a parquet row group. Each epoch, the row groups are permuted with a generator
-seeded by (seed, epoch) (file order when ``shuffle=False``) and cut into blocks of
+seeded by (seed, epoch) (file order without ``PairOptions.shuffle``) and cut into blocks of
 ``row_groups_per_block`` consecutive groups; role r reads blocks b with ``b % num_roles == r``
 (see ``data/roles.py``), one block in memory at a time, its rows permuted by (seed, epoch, b).
 A role's state is ``[epoch, block, offset]``: the next row to read is row ``offset`` of block
@@ -29,7 +29,7 @@ from PIL import Image
 from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
-from data.examples import Example, build_example
+from data.examples import DEFAULT_PAIR_OPTIONS, Example, PairOptions, build_example
 from data.parquet_index import (
     PROB_COLUMN,
     REQUIRED_COLUMNS,
@@ -40,8 +40,7 @@ from data.parquet_index import (
     split_row_groups,
 )
 from data.pickapic_hub import hub_rows, open_hub_pairs
-from data.roles import RoleStream, check_positions
-from data.transforms import ImageTransform
+from data.roles import RoleStream, StreamSettings, check_positions
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +51,7 @@ _ROW_GROUP_ORDER, _ROW_ORDER, _EXAMPLE, _HUB_EXAMPLE = range(4)
 
 class PickapicPairs(RoleStream):
     """Infinite stream of pair examples (pixels [2, 3, R, R], chosen first), or of the chosen
-    image alone (pixels [1, 3, R, R], label 1.0) with ``winners_only=True``.
+    image alone (pixels [1, 3, R, R], label 1.0) with ``PairOptions(winners_only=True)``.
 
     ``source``: a directory (every ``*.parquet`` below it), a glob, a parquet file, or a hub
     dataset name ``owner/name`` streamed with ``datasets`` (then ``num_pairs`` is None and the
@@ -63,29 +62,20 @@ class PickapicPairs(RoleStream):
     def __init__(
         self,
         source: str,
-        transform: ImageTransform,
-        caption_dropout: float = 0.2,
-        seed: int = 0,
-        winners_only: bool = False,
-        shuffle: bool = True,
+        settings: StreamSettings,
+        pairs: PairOptions = DEFAULT_PAIR_OPTIONS,
         row_groups_per_block: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
         hub_split: str = "train",
         hub_revision: str | None = None,
         columns: dict[str, str] | None = None,
-        soft_labels: bool = False,
     ):
-        super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
+        super().__init__(settings)
         if row_groups_per_block < 1:
             raise ValueError(f"row_groups_per_block must be >= 1, got {row_groups_per_block}")
         self.source = source
-        self.winners_only = winners_only
-        self.shuffle = shuffle
+        self.pairs = pairs
         self.row_groups_per_block = row_groups_per_block
         self.columns = columns or parse_columns(None)
-        self.soft_labels = soft_labels
         self._index: ParquetIndex | None = None
         self._hub = None
         self.num_pairs: int | None = None
@@ -97,7 +87,7 @@ class PickapicPairs(RoleStream):
         if files is None:
             self._hub = open_hub_pairs(source, hub_split, hub_revision, self._needed_columns())
             return
-        self._index = scan_shards(files, self.columns, prob=soft_labels)
+        self._index = scan_shards(files, self.columns, prob=pairs.soft_labels)
         self.num_pairs = self._index.num_pairs
         self.num_files = len(files)
         self.num_row_groups = len(self._index.row_groups)
@@ -109,7 +99,8 @@ class PickapicPairs(RoleStream):
 
     def _needed_columns(self) -> list[str]:
         """The shards' names of the columns this stream reads."""
-        names = [*REQUIRED_COLUMNS, PROB_COLUMN] if self.soft_labels else list(REQUIRED_COLUMNS)
+        soft = self.pairs.soft_labels
+        names = [*REQUIRED_COLUMNS, PROB_COLUMN] if soft else list(REQUIRED_COLUMNS)
         return [self.columns[name] for name in names]
 
     def _split_finer(self) -> None:
@@ -154,7 +145,7 @@ class PickapicPairs(RoleStream):
     def _blocks(self, epoch: int) -> list[list[RowGroup]]:
         groups = self._index.row_groups
         order = range(len(groups))
-        if self.shuffle:
+        if self.pairs.shuffle:
             order = np.random.default_rng([self.seed, _ROW_GROUP_ORDER, epoch]).permutation(
                 len(groups)
             )
@@ -202,7 +193,7 @@ class PickapicPairs(RoleStream):
         if offset >= size:
             return  # a state saved after the block's last row: do not read the block again
         order = np.arange(size)
-        if self.shuffle:
+        if self.pairs.shuffle:
             order = np.random.default_rng([self.seed, _ROW_ORDER, epoch, block]).permutation(size)
         rows = _BlockRows(self._index, groups, shards, self._needed_columns())
         for position in range(offset, size):
@@ -213,7 +204,8 @@ class PickapicPairs(RoleStream):
         skipped = 0
         while True:
             yielded = False
-            rows = hub_rows(self._hub, self.seed, self.shuffle, epoch, role, self.num_roles, start)
+            shuffle = self.pairs.shuffle
+            rows = hub_rows(self._hub, self.seed, shuffle, epoch, role, self.num_roles, start)
             names = self.columns
             for n, record in enumerate(rows, start=start):
                 row = _Row(
@@ -243,8 +235,7 @@ class PickapicPairs(RoleStream):
         """The example of an untied row, or None when an image does not decode (logged)."""
         # Chosen first: the image labelled 1 (labels were checked to be a 1/0 preference).
         columns = ["jpg_1", "jpg_0"] if row.labels[1] == 1 else ["jpg_0", "jpg_1"]
-        if self.winners_only:
-            columns = columns[:1]  # SFT on winners: the rejected image is never decoded
+        columns = columns[: self.pairs.sides]  # SFT on winners: the rejected one is not decoded
         images: list[Image.Image] = []
         for column in columns:
             cell = row.images[int(column[-1])]
@@ -256,11 +247,10 @@ class PickapicPairs(RoleStream):
                 logger.warning("skipping %s, column %s: %s", row.where, column, exc)
                 return None
         rng = np.random.default_rng(key)
-        label = 1.0 if self.winners_only else None
-        if self.soft_labels and not self.winners_only:
-            # prob_0 is P(jpg_0 preferred); the example's label is P(chosen preferred).
-            prob = _probability(row)
-            label = prob if columns[0] == "jpg_0" else 1.0 - prob
+        # prob_0 is P(jpg_0 preferred); the example's label is P(chosen preferred).
+        label = self.pairs.label(
+            lambda: _probability(row) if columns[0] == "jpg_0" else 1.0 - _probability(row)
+        )
         caption = row.caption if isinstance(row.caption, str) else ""
         return build_example(
             images,

@@ -10,6 +10,7 @@ restarted loader starts again at worker 0, so worker 0 must play that worker's r
 """
 
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 
 from torch.utils.data import IterableDataset, get_worker_info
 
@@ -70,33 +71,40 @@ def check_positions(
     return checked
 
 
+@dataclass(frozen=True)
+class StreamSettings:
+    """What every role-split stream takes, checked on creation: the image transform, the share
+    of captions dropped, the seed of its generators, and the topology it is split over (process
+    ``rank`` of ``world_size``, each with ``num_workers`` DataLoader workers)."""
+
+    transform: ImageTransform
+    caption_dropout: float = 0.2
+    seed: int = 0
+    rank: int = 0
+    world_size: int = 1
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_topology(self.rank, self.world_size, self.num_workers)
+        if not 0.0 <= self.caption_dropout <= 1.0:
+            raise ValueError(f"caption_dropout must be in [0, 1], got {self.caption_dropout}")
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {self.seed}")
+
+
 class RoleStream(IterableDataset):
     """An infinite dataset split into roles: iterating it (in a process or DataLoader worker)
-    yields the stream of the role that process/worker plays. Holds and checks what every stream
-    shares (transform, caption dropout, seed, topology, resume state); subclasses implement
-    ``_stream(role)``."""
+    yields the stream of the role that process/worker plays. Holds what every stream shares
+    (its ``StreamSettings``, the resume state); subclasses implement ``_stream(role)``."""
 
-    def __init__(
-        self,
-        transform: ImageTransform,
-        caption_dropout: float,
-        seed: int,
-        rank: int,
-        world_size: int,
-        num_workers: int,
-    ):
+    def __init__(self, settings: StreamSettings):
         super().__init__()
-        check_topology(rank, world_size, num_workers)
-        if not 0.0 <= caption_dropout <= 1.0:
-            raise ValueError(f"caption_dropout must be in [0, 1], got {caption_dropout}")
-        if seed < 0:
-            raise ValueError(f"seed must be >= 0 (it seeds numpy generators), got {seed}")
-        self.transform = transform
-        self.caption_dropout = caption_dropout
-        self.seed = seed
-        self.rank = rank
-        self.num_workers = num_workers
-        self.num_roles = count_roles(world_size, num_workers)
+        self.transform = settings.transform
+        self.caption_dropout = settings.caption_dropout
+        self.seed = settings.seed
+        self.rank = settings.rank
+        self.num_workers = settings.num_workers
+        self.num_roles = count_roles(settings.world_size, settings.num_workers)
         self._positions: dict[int, list] = {}
         self._role_offset = 0
 

@@ -1,13 +1,14 @@
 """Your own pairs (``data/pair_table.py``) as an infinite, exactly resumable stream.
 
-Each epoch the N rows are permuted by a generator seeded by (seed, epoch) (row order when
-``shuffle=False``); role r (see ``data/roles.py``) reads positions r, r + R, r + 2R, ... of that
-order. A role's state is ``[epoch, k]``: the next row is the k-th of its share of that epoch.
-Every random decision of an example (caption dropout, flip, crop) comes from a generator seeded
-by (seed, epoch, role, k), so a resumed stream is the same stream.
+Each epoch the N rows are permuted by a generator seeded by (seed, epoch) (row order without
+``PairOptions.shuffle``); role r (see ``data/roles.py``) reads positions r, r + R, r + 2R, ...
+of that order. A role's state is ``[epoch, k]``: the next row is the k-th of its share of that
+epoch. Every random decision of an example (caption dropout, flip, crop) comes from a generator
+seeded by (seed, epoch, role, k), so a resumed stream is the same stream.
 
-With ``soft_labels`` each pair example carries ``label`` = the row's preference probability
-(the manifest's ``prob`` column); a missing or undecodable image skips the row (logged, counted).
+With ``PairOptions.soft_labels`` each pair example carries ``label`` = the row's preference
+probability (the manifest's ``prob`` column); a missing or undecodable image skips the row
+(logged, counted).
 """
 
 import logging
@@ -17,11 +18,10 @@ import numpy as np
 
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
-from data.examples import Example, build_example
+from data.examples import DEFAULT_PAIR_OPTIONS, Example, PairOptions, build_example
 from data.kto_csv import MAX_CONSECUTIVE_SKIPS
 from data.pair_table import PairTable
-from data.roles import RoleStream, check_positions
-from data.transforms import ImageTransform
+from data.roles import RoleStream, StreamSettings, check_positions
 
 logger = logging.getLogger(__name__)
 
@@ -29,24 +29,14 @@ _ORDER, _EXAMPLE = range(2)  # second seed word of each generator (as in data/pi
 
 
 class TablePairs(RoleStream):
-    """Pairs (pixels [2, 3, R, R], chosen first) or, with ``winners_only``, the chosen image
-    alone (pixels [1, 3, R, R], label 1.0)."""
+    """Pairs (pixels [2, 3, R, R], chosen first) or, with ``PairOptions.winners_only``, the
+    chosen image alone (pixels [1, 3, R, R], label 1.0)."""
 
     def __init__(
-        self,
-        table: PairTable,
-        transform: ImageTransform,
-        caption_dropout: float = 0.2,
-        seed: int = 0,
-        winners_only: bool = False,
-        shuffle: bool = True,
-        soft_labels: bool = False,
-        rank: int = 0,
-        world_size: int = 1,
-        num_workers: int = 0,
+        self, table: PairTable, settings: StreamSettings, pairs: PairOptions = DEFAULT_PAIR_OPTIONS
     ):
-        super().__init__(transform, caption_dropout, seed, rank, world_size, num_workers)
-        if soft_labels and table.probs is None:
+        super().__init__(settings)
+        if pairs.soft_labels and table.probs is None:
             raise DataError(
                 f"{table.source}: soft labels need a preference probability column "
                 "(the manifest's prob)"
@@ -57,9 +47,7 @@ class TablePairs(RoleStream):
                 "(processes x DataLoader workers); use fewer --dataloader_num_workers"
             )
         self.table = table
-        self.winners_only = winners_only
-        self.shuffle = shuffle
-        self.soft_labels = soft_labels
+        self.pairs = pairs
         self.num_pairs = len(table)
 
     def resume_from(self, positions: dict[int, list], role_offset: int = 0) -> None:
@@ -69,7 +57,7 @@ class TablePairs(RoleStream):
 
     def _share(self, epoch: int, role: int) -> np.ndarray:
         order = np.arange(self.num_pairs)
-        if self.shuffle:
+        if self.pairs.shuffle:
             order = np.random.default_rng([self.seed, _ORDER, epoch]).permutation(self.num_pairs)
         return order[role :: self.num_roles]
 
@@ -89,11 +77,7 @@ class TablePairs(RoleStream):
                             "unreadable image; is the image root right?"
                         )
                     continue
-                label = None
-                if self.winners_only:
-                    label = 1.0
-                elif self.soft_labels:
-                    label = float(self.table.probs[row])
+                label = self.pairs.label(lambda row=row: float(self.table.probs[row]))
                 yield build_example(
                     images,
                     self.table.captions[row].as_py(),
@@ -110,7 +94,7 @@ class TablePairs(RoleStream):
             epoch, k = epoch + 1, 0
 
     def _images(self, row: int) -> list | None:
-        paths = self.table.paths(row)[: 1 if self.winners_only else 2]
+        paths = self.table.paths(row)[: self.pairs.sides]
         images = []
         for side, path in zip(("chosen", "rejected"), paths, strict=False):
             try:

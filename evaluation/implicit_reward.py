@@ -1,9 +1,9 @@
 """Implicit reward accuracy of a trained policy on held-out preference pairs.
 
-Diffusion-DPO's implicit reward of an image is g = ref_err - policy_err (README, Conventions);
-a pair is ranked right when g(chosen) > g(rejected). One (timestep, noise) draw is a noisy
-estimate, so each image's errors are averaged over several draws, shared by the pair as in
-training, before the margin's sign is read.
+Diffusion-DPO's implicit reward of an image is g = ref_err - policy_err (docs/losses.md,
+Conventions); a pair is ranked right when g(chosen) > g(rejected). One (timestep, noise) draw is
+a noisy estimate, so each image's errors are averaged over several draws, shared by the pair as
+in training, before the margin's sign is read.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from PIL import Image
 
 from data.transforms import ImageTransform
-from diffusion import VaeEncoder, batch_errors
+from diffusion.denoising import VaeEncoder, batch_errors
 from models.family import ModelFamily
 
 

@@ -25,7 +25,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
-from evaluation.toy_reward import toy_reward
+from evaluation.toy_reward import CAPTION_READERS, toy_reward, unreadable_caption
 
 AESTHETIC_HEAD = "aesthetic_head.safetensors"
 IMAGEREWARD_HEAD = "imagereward_head.safetensors"
@@ -36,11 +36,17 @@ IMAGEREWARD_STD = 1.0333394966054072
 # CLIPScore (Hessel et al. 2021) with torchmetrics' weight w = 100.
 CLIP_SCORE_WEIGHT = 100.0
 
+Images = Sequence[Image.Image]
+Prompts = Sequence[str]  # prompts[i]: the caption image i was generated for
+
 
 class Scorer(Protocol):
+    """A scorer that reads structure from the caption (a toy rule's colour word) also has
+    ``check_prompt(prompt)``, raising ValueError on a caption it cannot read."""
+
     name: str
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
         """One score per image; prompts[i] is the caption image i was generated for."""
         ...
 
@@ -51,9 +57,15 @@ class ToyRewardScorer:
     def __init__(self, rule: str):
         self.name = f"toy_{rule}"
         self.rule = toy_reward(rule)
+        self.read_caption = CAPTION_READERS[rule]
 
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
         return [self.rule(image, prompt) for image, prompt in zip(images, prompts, strict=True)]
+
+    def check_prompt(self, prompt: str) -> None:
+        """ValueError if the rule cannot read what it needs from the prompt (a colour word)."""
+        if self.read_caption is not None:
+            self.read_caption(prompt)
 
 
 class PreferenceMLP(nn.Module):
@@ -80,7 +92,7 @@ class PreferenceMLP(nn.Module):
 def load_head(path: Path, input_size: int, device: str) -> PreferenceMLP:
     """A PreferenceMLP from a safetensors file; a missing file is a clear error."""
     if not path.is_file():
-        raise FileNotFoundError(f"scorer head {path} not found (see README: Evaluation)")
+        raise FileNotFoundError(f"scorer head {path} not found (see docs/evaluation.md: Scorers)")
     head = PreferenceMLP(input_size)
     state = load_file(str(path))
     state = {k.removeprefix("mlp."): v for k, v in state.items()}  # ImageReward prefixes "mlp."
@@ -88,9 +100,19 @@ def load_head(path: Path, input_size: int, device: str) -> PreferenceMLP:
     return head.to(device).eval()
 
 
-def batched(n: int, batch_size: int):
-    for start in range(0, n, batch_size):
-        yield slice(start, start + batch_size)
+@torch.no_grad()
+def score_in_batches(
+    images: Images,
+    prompts: Prompts,
+    batch_size: int,
+    score_batch: Callable[[Images, Prompts], torch.Tensor],
+) -> list[float]:
+    """score_batch (scores [n]) on consecutive batches of batch_size images and their prompts."""
+    scores: list[float] = []
+    for start in range(0, len(images), batch_size):
+        batch = slice(start, start + batch_size)
+        scores += score_batch(images[batch], prompts[batch]).tolist()
+    return scores
 
 
 class ClipScorer:
@@ -111,13 +133,13 @@ class ClipScorer:
         self.model = CLIPModel.from_pretrained(path, use_safetensors=True).to(device).eval()
         self.processor = CLIPProcessor.from_pretrained(path)
 
-    def image_embeddings(self, images: Sequence[Image.Image]) -> torch.Tensor:
+    def image_embeddings(self, images: Images) -> torch.Tensor:
         inputs = self.processor(images=list(images), return_tensors="pt").to(self.device)
         features = self.model.get_image_features(**inputs)
         features = getattr(features, "pooler_output", features)
         return nn.functional.normalize(features.float(), dim=-1)
 
-    def text_embeddings(self, prompts: Sequence[str]) -> torch.Tensor:
+    def text_embeddings(self, prompts: Prompts) -> torch.Tensor:
         inputs = self.processor(
             text=list(prompts), padding=True, truncation=True, return_tensors="pt"
         ).to(self.device)
@@ -125,13 +147,12 @@ class ClipScorer:
         features = getattr(features, "pooler_output", features)
         return nn.functional.normalize(features.float(), dim=-1)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            cosine = (self.image_embeddings(images[s]) * self.text_embeddings(prompts[s])).sum(-1)
-            scores += self.to_score(cosine, self.model.logit_scale.exp().float()).tolist()
-        return scores
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
+        return score_in_batches(images, prompts, self.batch_size, self.score_batch)
+
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        cosine = (self.image_embeddings(images) * self.text_embeddings(prompts)).sum(-1)
+        return self.to_score(cosine, self.model.logit_scale.exp().float())
 
 
 class AestheticScorer(ClipScorer):
@@ -143,12 +164,8 @@ class AestheticScorer(ClipScorer):
         head_path = Path(path) / AESTHETIC_HEAD
         self.head = load_head(head_path, self.model.config.projection_dim, device)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            scores += self.head(self.image_embeddings(images[s])).tolist()
-        return scores
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        return self.head(self.image_embeddings(images))
 
 
 class ImageRewardScorer:
@@ -165,28 +182,27 @@ class ImageRewardScorer:
         head_path = Path(path) / IMAGEREWARD_HEAD
         self.head = load_head(head_path, model.config.text_config.hidden_size, device)
 
-    @torch.no_grad()
-    def score(self, images: Sequence[Image.Image], prompts: Sequence[str]) -> list[float]:
-        scores: list[float] = []
-        for s in batched(len(images), self.batch_size):
-            inputs = self.processor(
-                images=list(images[s]),
-                text=list(prompts[s]),
-                padding="max_length",
-                truncation=True,
-                max_length=35,  # ImageReward's text length
-                return_tensors="pt",
-            ).to(self.device)
-            image_states = self.model.vision_model(pixel_values=inputs.pixel_values)[0]
-            text = self.model.text_encoder(
-                input_ids=inputs.input_ids,
-                attention_mask=inputs.attention_mask,
-                encoder_hidden_states=image_states,
-                encoder_attention_mask=torch.ones(image_states.shape[:-1], dtype=torch.long),
-            ).last_hidden_state[:, 0]
-            raw = self.head(text.float())
-            scores += ((raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD).tolist()
-        return scores
+    def score(self, images: Images, prompts: Prompts) -> list[float]:
+        return score_in_batches(images, prompts, self.batch_size, self.score_batch)
+
+    def score_batch(self, images: Images, prompts: Prompts) -> torch.Tensor:
+        inputs = self.processor(
+            images=list(images),
+            text=list(prompts),
+            padding="max_length",
+            truncation=True,
+            max_length=35,  # ImageReward's text length
+            return_tensors="pt",
+        ).to(self.device)
+        image_states = self.model.vision_model(pixel_values=inputs.pixel_values)[0]
+        text = self.model.text_encoder(
+            input_ids=inputs.input_ids,
+            attention_mask=inputs.attention_mask,
+            encoder_hidden_states=image_states,
+            encoder_attention_mask=torch.ones(image_states.shape[:-1], dtype=torch.long),
+        ).last_hidden_state[:, 0]
+        raw = self.head(text.float())
+        return (raw - IMAGEREWARD_MEAN) / IMAGEREWARD_STD
 
 
 def _clip_score(cosine: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
@@ -221,6 +237,39 @@ SCORERS: dict[str, tuple[Callable[[str | None, str], Scorer], str | None]] = {
 NEEDS_NO_MODEL = ("toy_colour", "toy_shape", "toy_warm")
 
 
+# The files a learned scorer's directory needs beside the transformers model.
+HEADS = {"aesthetic": AESTHETIC_HEAD, "imagereward": IMAGEREWARD_HEAD}
+
+
+def scorer_problem(name: str, path: str | None) -> str | None:
+    """What stops ``build_scorer(name, path)`` that can be told without loading a model: an
+    unknown name, no model path where the weights need a conversion, a local path that is not
+    there (``owner/name`` counts as a hub name), a missing head file; None when none of these."""
+    if name not in SCORERS:
+        return f"unknown scorer {name!r}; choose from {sorted(SCORERS)}"
+    if name in NEEDS_NO_MODEL:
+        return None
+    path = path or SCORERS[name][1]
+    if path is None:
+        return f"{name} needs a model path: {name}=DIR (see docs/evaluation.md: Scorers)"
+    local = Path(path).expanduser()
+    if not local.exists():
+        hub_name = path.count("/") == 1 and not Path(path.split("/")[0]).is_dir()
+        return None if hub_name else f"{name}={path}: no such directory"
+    head = HEADS.get(name)
+    if head and not (local / head).is_file():
+        return f"{name}={path}: no {head} in that directory (see docs/evaluation.md: Scorers)"
+    return None
+
+
+def unreadable_prompt(name: str, prompts: Sequence[str]) -> tuple[int, str] | None:
+    """(index, reason) of the first prompt scorer ``name`` cannot score, or None. Only the toy
+    rules read the caption (its colour or shape word); the learned scorers take any text."""
+    if name not in NEEDS_NO_MODEL:
+        return None
+    return unreadable_caption(name.removeprefix("toy_"), prompts)
+
+
 def build_scorer(name: str, path: str | None = None, device: str = "cpu") -> Scorer:
     """The scorer registered as name, its model loaded from path (or its default hub name)."""
     if name not in SCORERS:
@@ -228,5 +277,8 @@ def build_scorer(name: str, path: str | None = None, device: str = "cpu") -> Sco
     builder, default = SCORERS[name]
     path = path or default
     if path is None and name not in NEEDS_NO_MODEL:
-        raise ValueError(f"scorer {name!r} needs a model path: --scorer {name}=DIR (see README)")
+        raise ValueError(
+            f"scorer {name!r} needs a model path: --scorer {name}=DIR "
+            "(see docs/evaluation.md: Scorers)"
+        )
     return builder(path, device)

@@ -37,7 +37,11 @@ def wilson_interval(rate: float, n: int, z: float = Z_95) -> tuple[float, float]
     """Wilson (1927) score interval of a binomial proportion observed as ``rate`` of n trials."""
     centre = (rate + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(rate * (1 - rate) / n + z * z / (4 * n * n))
-    return centre - half, centre + half
+    # At 0 and n successes the bounds are exactly 0 and 1, but the formula's rounding can land a
+    # few ulps outside [0, 1] (0 of 2 gave -5.6e-17, printed as a negative rate).
+    low = 0.0 if rate <= 0 else max(centre - half, 0.0)
+    high = 1.0 if rate >= 1 else min(centre + half, 1.0)
+    return low, high
 
 
 def summary(scores: pd.DataFrame, scorers: Sequence[str]) -> pd.DataFrame:

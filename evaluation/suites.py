@@ -52,6 +52,15 @@ SUITES = {
 }
 
 
+def read_prompts(path: str | Path) -> list[str]:
+    """A prompt file: one prompt per non-empty line."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    prompts = [line.strip() for line in lines if line.strip()]
+    if not prompts:
+        raise ValueError(f"{path}: no prompts (one per line expected)")
+    return prompts
+
+
 @dataclass(frozen=True)
 class SuitePrompts:
     suite: str
@@ -108,9 +117,9 @@ class Protocol:
     note: str
 
 
-# The toy base samples its cleanest shapes with moderate guidance (README, "The toy task":
-# shape agreement peaks near 3 and falls at 7.5), so the toy protocol, its preference data and its
-# benchmark all sample at this scale.
+# The toy base samples its cleanest shapes with moderate guidance (docs/evaluation.md, "Prompt
+# suites and protocols": shape agreement peaks near 3 and falls at 7.5), so the toy protocol, its
+# preference data and its benchmark all sample at this scale.
 TOY_GUIDANCE = 3.0
 
 # The usual protocol of the papers that report on these suites: SD1.5 at 512 px and SDXL at

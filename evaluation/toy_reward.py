@@ -28,7 +28,7 @@ measures what fine-tuning costs in fidelity.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
@@ -217,6 +217,27 @@ RULES: dict[str, RewardRule] = {
     "shape": shape_reward,
     "warm": warm_reward,
 }
+
+
+# What each rule reads from the caption (None: it ignores the caption), so a prompt set can be
+# checked before any image is drawn; each raises ValueError on a caption it cannot read.
+CAPTION_READERS: dict[str, Callable[[str], str] | None] = {
+    "colour": named_colour,
+    "shape": named_shape,
+    "warm": None,
+}
+
+
+def unreadable_caption(rule: str, captions: Sequence[str]) -> tuple[int, str] | None:
+    """(index, reason) of the first caption ``rule`` cannot read, or None when it reads them
+    all; checked before any image is drawn, so a wrong prompt list fails at once."""
+    reader = CAPTION_READERS.get(rule)
+    for index, caption in enumerate(captions if reader else []):
+        try:
+            reader(caption)
+        except ValueError as exc:
+            return index, str(exc)
+    return None
 
 
 def toy_reward(rule: str) -> RewardRule:

@@ -8,8 +8,7 @@
 # 3.5 fed to the guidance-distilled embedding, 512 px, bf16; its default rank 4, raised to 16 here).
 # The sigma shift is Flux-dev's resolution-dependent one (FLOW_SHIFT overrides it).
 #   MODEL=black-forest-labs/FLUX.1-dev DATA=/data/pickapic_v2 bash exps/flux_dpo.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-black-forest-labs/FLUX.1-dev}
 DATA=${DATA:?set DATA to the Pick-a-Pic v2 parquet directory (or a hub dataset name)}
@@ -35,5 +34,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} --timestep_sampling "$SAMPLING" ${FLOW_SHIFT:+--flow_shift "$FLOW_SHIFT"} --flux_guidance "$GUIDANCE" --pretrained_model "$MODEL" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_target_modules "$LORA_TARGETS" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} --timestep_sampling "$SAMPLING" ${FLOW_SHIFT:+--flow_shift "$FLOW_SHIFT"} --flux_guidance "$GUIDANCE" --pretrained_model "$MODEL" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_target_modules "$LORA_TARGETS" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

@@ -6,8 +6,7 @@
 # the round's frozen reference (each round a DPO step away from the last). Round r draws seeds
 # from r * 100000 on, so rounds never reuse noise. Then every round and the base are scored on
 # the held-out prompts (evaluate.py). Any variable below can be overridden from the environment.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-assets/toy-sd15}
 OUT=${OUT:-outputs/iterative_dpo}
@@ -29,7 +28,6 @@ LR=${LR:-1e-4}                    # the toy benchmark's DPO lr before the third 
 BETA=${BETA:-1000}
 WARMUP=${WARMUP:-10}
 EVAL_SEEDS=${EVAL_SEEDS:-8}
-PYTHON=${PYTHON:-.venv/bin/python}
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)

@@ -6,8 +6,7 @@
 #   MODEL=runwayml/stable-diffusion-v1-5 DATA=/data/pickapic_v2 bash exps/sd15_dpo.sh
 # LOSS=<name> trains another loss on this recipe (data, batch, steps, optimizer), with that
 # loss's released hyperparameters; MU=0.9 adds the Diffusion-SDPO safeguard.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
 DATA=${DATA:?set DATA to the Pick-a-Pic v2 parquet directory (or a hub dataset name)}
@@ -31,5 +30,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} ${LABEL_SMOOTHING:+--label_smoothing "$LABEL_SMOOTHING"} ${DMPO_ALPHA:+--dmpo_alpha "$DMPO_ALPHA"} ${SNR_VALUE:+--snr_value "$SNR_VALUE"} ${MU:+--winner_preserving_mu "$MU"} --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --weight_decay 1e-2 --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} ${LABEL_SMOOTHING:+--label_smoothing "$LABEL_SMOOTHING"} ${DMPO_ALPHA:+--dmpo_alpha "$DMPO_ALPHA"} ${SNR_VALUE:+--snr_value "$SNR_VALUE"} ${MU:+--winner_preserving_mu "$MU"} --pretrained_model "$MODEL" --data "$DATA" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --weight_decay 1e-2 --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

@@ -5,8 +5,7 @@
 # The paper's 8-bit AdamW needs the optional bitsandbytes extra (installed below when missing).
 #   MODEL=runwayml/stable-diffusion-v1-5 CSV=/data/pickapic/train_processed_v3.csv \
 #   IMAGES=/data/pickapic bash exps/sd15_kto.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
 CSV=${CSV:?set CSV to train_processed_v3.csv}
@@ -29,8 +28,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-1000}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-if [ "$OPTIMIZER" = adamw8bit ] && ! .venv/bin/python -c "import bitsandbytes" 2>/dev/null; then
-  .venv/bin/python -m pip install -q -r requirements-8bit.txt
-fi
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

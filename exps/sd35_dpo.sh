@@ -11,8 +11,7 @@
 #   MODEL=stabilityai/stable-diffusion-3.5-medium DATA=/data/pickapic_v2 bash exps/sd35_dpo.sh
 # LOSS=<name> trains another pairwise loss on this recipe: give its BETA (BETA= empty takes the
 # loss's released value, tuned on SD1.5 / SDXL: README "Betas for flow models").
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-3.5-medium}
 DATA=${DATA:?set DATA to the Pick-a-Pic v2 parquet directory (or a hub dataset name)}
@@ -35,5 +34,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} --timestep_sampling "$SAMPLING" --pretrained_model "$MODEL" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} --timestep_sampling "$SAMPLING" --pretrained_model "$MODEL" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

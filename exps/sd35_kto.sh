@@ -8,8 +8,7 @@
 # Untested at scale: treat BETA and LR as the first things to sweep.
 #   MODEL=stabilityai/stable-diffusion-3.5-medium CSV=/data/pickapic/train_processed_v3.csv \
 #   IMAGES=/data/pickapic bash exps/sd35_kto.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-3.5-medium}
 CSV=${CSV:?set CSV to train_processed_v3.csv}
@@ -34,5 +33,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-1000}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" $([ "$LOSS" = sft ] || echo --beta "$BETA") --timestep_sampling "$SAMPLING" --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" $([ "$LOSS" = sft ] || echo --beta "$BETA") --timestep_sampling "$SAMPLING" --pretrained_model "$MODEL" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

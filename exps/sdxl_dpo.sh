@@ -7,8 +7,7 @@
 #   MODEL=stabilityai/stable-diffusion-xl-base-1.0 DATA=/data/pickapic_v2 bash exps/sdxl_dpo.sh
 # LOSS=<name> trains another loss on this recipe (data, batch, steps, optimizer), with that
 # loss's released hyperparameters; MU=0.9 adds the Diffusion-SDPO safeguard.
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
 VAE=${VAE:-madebyollin/sdxl-vae-fp16-fix}              # "none": the model's own VAE
@@ -38,5 +37,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-100}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} ${LABEL_SMOOTHING:+--label_smoothing "$LABEL_SMOOTHING"} ${DMPO_ALPHA:+--dmpo_alpha "$DMPO_ALPHA"} ${SNR_VALUE:+--snr_value "$SNR_VALUE"} ${MU:+--winner_preserving_mu "$MU"} --pretrained_model "$MODEL" --pretrained_vae "$VAE" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --time_ids "$TIME_IDS" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} ${LABEL_SMOOTHING:+--label_smoothing "$LABEL_SMOOTHING"} ${DMPO_ALPHA:+--dmpo_alpha "$DMPO_ALPHA"} ${SNR_VALUE:+--snr_value "$SNR_VALUE"} ${MU:+--winner_preserving_mu "$MU"} --pretrained_model "$MODEL" --pretrained_vae "$VAE" --data "$DATA" --cache "$CACHE" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --time_ids "$TIME_IDS" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --max_grad_norm 1.0 --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

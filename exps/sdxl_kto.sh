@@ -6,8 +6,7 @@
 # VAE, gradient checkpointing, constant time_ids.
 #   MODEL=stabilityai/stable-diffusion-xl-base-1.0 CSV=/data/pickapic/train_processed_v3.csv \
 #   IMAGES=/data/pickapic bash exps/sdxl_kto.sh
-set -euo pipefail
-cd "$(dirname "$0")/.."
+source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-stabilityai/stable-diffusion-xl-base-1.0}
 VAE=${VAE:-madebyollin/sdxl-vae-fp16-fix}              # "none": the model's own VAE
@@ -34,8 +33,5 @@ WORKERS=${WORKERS:-4}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-1000}
 REPORT_TO=${REPORT_TO:-wandb}
 
-bash scripts/setup.sh
-if [ "$OPTIMIZER" = adamw8bit ] && ! .venv/bin/python -c "import bitsandbytes" 2>/dev/null; then
-  .venv/bin/python -m pip install -q -r requirements-8bit.txt
-fi
-.venv/bin/accelerate launch --num_processes "$NUM_PROCESSES" --mixed_precision "$PRECISION" train.py --loss "$LOSS" ${BETA:+--beta "$BETA"} --pretrained_model "$MODEL" --pretrained_vae "$VAE" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --time_ids "$TIME_IDS" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"
+setup_project
+launch_train --loss "$LOSS" ${BETA:+--beta "$BETA"} --pretrained_model "$MODEL" --pretrained_vae "$VAE" --csv "$CSV" --images "$IMAGES" --output_dir "$OUTPUT_DIR" --train_batch_size "$BATCH" --gradient_accumulation_steps "$ACCUM" --learning_rate "$LR" --lr_scheduler constant_with_warmup --lr_warmup_steps "$WARMUP" --max_train_steps "$STEPS" --kto_desirable_prob "$GAMMA" ${UTILITY:+--kto_utility "$UTILITY"} --optimizer "$OPTIMIZER" --resolution "$RESOLUTION" --time_ids "$TIME_IDS" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --caption_dropout 0.2 --dataloader_num_workers "$WORKERS" --checkpointing_steps "$CHECKPOINT_EVERY" --report_to "$REPORT_TO"

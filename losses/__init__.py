@@ -4,8 +4,8 @@ Every loss maps ``(policy_err, ref_err, labels, policy_pred, ref_pred, target)``
 ``(loss, metrics)`` (the table in the README, "Losses"):
 
 - ``policy_err`` / ``ref_err``: float32 tensors of per-sample mean-squared denoising errors
-  (see ``diffusion.py``). Pairwise losses take ``[2B]`` with the B chosen samples first and the
-  B rejected samples second; per-image losses take ``[B]``.
+  (see ``diffusion/denoising.py``). Pairwise losses take ``[2B]`` with the B chosen samples
+  first and the B rejected samples second; per-image losses take ``[B]``.
   ``ref_err`` is None for losses without a reference (``mapo``, ``sft``).
 - ``labels``: ``[B]`` in {0, 1} (1 = desirable) for per-image losses; for pairwise ``dpo``, an
   optional soft preference p in [0, 1] per pair (None: 1).
@@ -17,6 +17,9 @@ Every loss maps ``(policy_err, ref_err, labels, policy_pred, ref_pred, target)``
 Convention used everywhere: implicit reward g = ref_err - policy_err (positive when the policy
 denoises a sample better than the reference).
 """
+
+import importlib
+import pkgutil
 
 from losses.registry import (
     LossSpec,
@@ -30,8 +33,10 @@ from losses.registry import (
 )
 from losses.safeguard import winner_preserving
 
-# Importing the modules registers their losses.
-from losses import dmpo, dpo, dspo, hinge, ipo, kto, mapo, sft  # noqa: F401  isort: skip
+# Importing a module registers the losses it declares: every module of this package is
+# imported, so a new loss is one new file here (and its tests), nothing else.
+for _module in sorted(m.name for m in pkgutil.iter_modules(__path__)):
+    importlib.import_module(f"{__name__}.{_module}")
 
 __all__ = [
     "LossSpec",

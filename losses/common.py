@@ -1,11 +1,36 @@
 """Small helpers shared by the loss modules."""
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from losses.registry import LossFn
+LossResult = tuple[torch.Tensor, dict[str, float]]  # (scalar loss, metrics as floats)
+# A configured loss: per-sample errors (and labels, predictions) -> (loss, metrics).
+LossFn = Callable[..., LossResult]
+
+
+class LossInputs(NamedTuple):
+    """One call's arguments under the loss contract (the README's loss table, losses/__init__)."""
+
+    policy_err: torch.Tensor  # [2B] chosen first (pairwise) or [B]
+    ref_err: torch.Tensor | None = None
+    labels: torch.Tensor | None = None  # [B]
+    policy_pred: torch.Tensor | None = None  # [2B, C, h, w], for needs_predictions losses
+    ref_pred: torch.Tensor | None = None
+    target: torch.Tensor | None = None
+
+
+def loss_function(body: Callable[[LossInputs], LossResult]) -> LossFn:
+    """Gives a loss body the contract's signature ``loss_fn(policy_err, ref_err=None,
+    labels=None, policy_pred=None, ref_pred=None, target=None)``; the body reads them bundled."""
+
+    def loss_fn(*args: torch.Tensor | None, **kwargs: torch.Tensor | None) -> LossResult:
+        return body(LossInputs(*args, **kwargs))
+
+    loss_fn.__doc__ = body.__doc__
+    return loss_fn
 
 
 def split_pairs(errors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,15 +110,10 @@ def margin_loss(name: str, beta: float, of_margin: MarginFn) -> LossFn:
     ``mean_k of_margin(u_k)``, with the DPO metric vocabulary. Takes the full contract; these
     losses use no labels and no per-pixel predictions."""
 
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err, ref_err: [2B] chosen first."""
+        policy_err, ref_err, labels = inputs.policy_err, inputs.ref_err, inputs.labels
         no_labels(labels, name)
         ref_err = require(ref_err, "reference errors", name)
         chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)

@@ -15,8 +15,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-from losses.common import margin_loss
-from losses.registry import LossFn, register
+from losses.common import LossFn, margin_loss
+from losses.registry import Option, register
 
 DMPO_BETA = 2000.0  # released launcher: --beta_dpo 2000 (same beta/2 convention as ours)
 DMPO_ALPHA = 0.01  # released launcher: --dmpo_alpha 0.01, i.e. target probability 0.99
@@ -32,6 +32,13 @@ def dmpo_target_margin(alpha: float) -> float:
     pairwise=True,
     needs_reference=True,
     help="DMPO: KL(Bern(sigmoid(u)) || Bern(1 - dmpo_alpha)) on the DPO margin u",
+    options={
+        "dmpo_alpha": Option(
+            "dmpo: the target preference probability is 1 - alpha; in (0, 1), released 0.01",
+            lambda alpha: 0.0 < alpha < 1.0,
+            "in (0, 1)",
+        )
+    },
 )
 def dmpo_loss(beta: float = DMPO_BETA, dmpo_alpha: float = DMPO_ALPHA) -> LossFn:
     if not 0.0 < dmpo_alpha < 1.0:

@@ -15,8 +15,16 @@ log-sigmoid (one term per pair).
 import torch
 import torch.nn.functional as F
 
-from losses.common import pair_metrics, pair_rewards, require
-from losses.registry import LossFn, register
+from losses.common import (
+    LossFn,
+    LossInputs,
+    LossResult,
+    loss_function,
+    pair_metrics,
+    pair_rewards,
+    require,
+)
+from losses.registry import Option, register
 
 # Released Diffusion-DPO code, SD1.5 and SDXL: --beta_dpo 5000.
 DPO_BETA = 5000.0
@@ -46,20 +54,23 @@ def preference_targets(
     soft_labels=True,
     help="Diffusion-DPO on chosen/rejected pairs (beta/2 convention of the released code; "
     "--label_smoothing: conservative DPO; soft labels p per pair)",
+    options={
+        "label_smoothing": Option(
+            "dpo: conservative-DPO label smoothing eps in [0, 0.5) "
+            "(cDPO, Mitchell 2023; 0: plain DPO)",
+            lambda eps: 0.0 <= eps < 0.5,
+            "in [0, 0.5)",
+        )
+    },
 )
 def dpo_loss(beta: float = DPO_BETA, label_smoothing: float = DPO_LABEL_SMOOTHING) -> LossFn:
     if not 0.0 <= label_smoothing < 0.5:
         raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
 
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err, ref_err: [2B] chosen first; labels: optional soft preferences p [B]."""
+        policy_err, ref_err, labels = inputs.policy_err, inputs.ref_err, inputs.labels
         ref_err = require(ref_err, "reference errors", "dpo")
         chosen, rejected, margin = pair_rewards(policy_err, ref_err, beta)
         q = preference_targets(labels, margin.numel(), label_smoothing)

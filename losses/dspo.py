@@ -14,8 +14,17 @@ gap); only the SD1.5 form is implemented here.
 
 import torch
 
-from losses.common import no_labels, pair_metrics, pair_rewards, require
-from losses.registry import LossFn, register
+from losses.common import (
+    LossFn,
+    LossInputs,
+    LossResult,
+    loss_function,
+    no_labels,
+    pair_metrics,
+    pair_rewards,
+    require,
+)
+from losses.registry import register
 
 DSPO_BETA = 0.001  # released SD1.5 launcher (AIDC-AI/Diffusion-SDPO scripts/train/sd15_dspo.sh)
 
@@ -28,15 +37,10 @@ DSPO_BETA = 0.001  # released SD1.5 launcher (AIDC-AI/Diffusion-SDPO scripts/tra
     help="DSPO (SD1.5 form): regresses the chosen prediction to a preference-shifted score",
 )
 def dspo_loss(beta: float = DSPO_BETA) -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err, ref_err: [2B]; policy_pred, ref_pred, target: [2B, C, h, w]; chosen first."""
+        policy_err, ref_err, labels, policy_pred, ref_pred, target = inputs
         no_labels(labels, "dspo")
         ref_err = require(ref_err, "reference errors", "dspo")
         what = "per-pixel predictions (policy_pred, ref_pred, target)"

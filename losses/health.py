@@ -11,7 +11,7 @@ timestep range [0, T) (q1: the least noisy quarter, t < T/4; q4: the noisiest)
 ``health/margin_qN`` is the mean margin and ``health/accuracy_qN`` the share above 0 (a tie
 counts half, as ``rewards/accuracies``); nan when no sample of the batch fell in that quarter.
 Margins are in error units (not scaled by beta), so they compare across losses. Without a
-reference (SFT) there is no implicit reward and no health metric.
+reference (SFT, MaPO) there is no implicit reward and no health metric.
 """
 
 import torch

@@ -9,19 +9,17 @@ relu(1 - beta' dg) with beta' = beta/2: identical.
 
 import torch
 
-from losses.common import margin_loss
+from losses.common import LossFn, margin_loss
 from losses.dpo import DPO_BETA
-from losses.registry import LossFn, register
+from losses.registry import register
 
 # The hinge's margin: pairs with u >= 1 contribute no gradient.
 HINGE_MARGIN = 1.0
 
 
-@register(
-    "hinge",
-    pairwise=True,
-    needs_reference=True,
-    help="hinge (SLiC): max(0, 1 - u) on the DPO margin u (beta/2 convention)",
-)
+HINGE_HELP = "hinge (SLiC): max(0, 1 - u) on the DPO margin u (beta/2 convention)"
+
+
+@register("hinge", pairwise=True, needs_reference=True, help=HINGE_HELP)
 def hinge_loss(beta: float = DPO_BETA) -> LossFn:
     return margin_loss("hinge", beta, lambda margin: torch.relu(HINGE_MARGIN - margin))

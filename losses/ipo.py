@@ -10,19 +10,17 @@ example (examples/research_projects/diffusion_dpo) writes (dg - 1/(2 beta'))^2 w
 the same optimum u = 1/2, scaled by 1/beta'^2.
 """
 
-from losses.common import margin_loss
+from losses.common import LossFn, margin_loss
 from losses.dpo import DPO_BETA
-from losses.registry import LossFn, register
+from losses.registry import register
 
 # IPO's target margin in our units: h = 1/(2 tau) in the paper's (Azar et al. 2023, eq. 17).
 IPO_TARGET_MARGIN = 0.5
 
 
-@register(
-    "ipo",
-    pairwise=True,
-    needs_reference=True,
-    help="IPO: regresses the DPO margin u to 1/2 (beta/2 convention)",
-)
+IPO_HELP = "IPO: regresses the DPO margin u to 1/2 (beta/2 convention)"
+
+
+@register("ipo", pairwise=True, needs_reference=True, help=IPO_HELP)
 def ipo_loss(beta: float = DPO_BETA) -> LossFn:
     return margin_loss("ipo", beta, lambda margin: (margin - IPO_TARGET_MARGIN).pow(2))

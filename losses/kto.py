@@ -14,8 +14,17 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from losses.common import global_mean, masked_mean, require, win_rate
-from losses.registry import LossFn, register
+from losses.common import (
+    LossFn,
+    LossInputs,
+    LossResult,
+    global_mean,
+    loss_function,
+    masked_mean,
+    require,
+    win_rate,
+)
+from losses.registry import Option, register
 
 # Diffusion-KTO paper: beta = 5000 (the released code's default is 1000).
 KTO_BETA = 5000.0
@@ -46,6 +55,11 @@ KTO_UTILITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     pairwise=False,
     needs_reference=True,
     help="Diffusion-KTO on per-image desirable/undesirable labels",
+    options={
+        "kto_utility": Option("KTO utility function", choices=tuple(sorted(KTO_UTILITIES))),
+        "lambda_desirable": Option("KTO weight of desirable samples"),
+        "lambda_undesirable": Option("KTO weight of undesirable samples"),
+    },
 )
 def kto_loss(
     beta: float = KTO_BETA,
@@ -59,15 +73,10 @@ def kto_loss(
         )
     utility_loss = KTO_UTILITIES[kto_utility]
 
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err, ref_err, labels: [B] (labels 1 desirable, 0 undesirable)."""
+        policy_err, ref_err, labels = inputs.policy_err, inputs.ref_err, inputs.labels
         labels = require(labels, "per-image labels", "kto")
         ref_err = require(ref_err, "reference errors", "kto")
         desirable = labels > 0.5

@@ -14,8 +14,16 @@ reference.
 import torch
 import torch.nn.functional as F
 
-from losses.common import no_labels, split_pairs, win_rate
-from losses.registry import LossFn, register
+from losses.common import (
+    LossFn,
+    LossInputs,
+    LossResult,
+    loss_function,
+    no_labels,
+    split_pairs,
+    win_rate,
+)
+from losses.registry import Option, positive_finite, register
 
 MAPO_BETA = 0.1  # released args.py: --beta_mapo 0.1
 MAPO_SNR_VALUE = 0.5  # released args.py: --snr_value 0.5
@@ -36,21 +44,23 @@ def error_score(errors: torch.Tensor, gamma: float) -> torch.Tensor:
     pairwise=True,
     needs_reference=False,
     help="MaPO: chosen denoising loss + beta * log-odds margin; no reference model",
+    options={
+        "snr_value": Option(
+            "mapo: gamma of the error score gamma e / (exp(gamma e) - 1) (released 0.5)",
+            positive_finite,
+            "finite and > 0",
+        )
+    },
 )
 def mapo_loss(
     beta: float = MAPO_BETA,
     snr_value: float = MAPO_SNR_VALUE,
     num_train_timesteps: int = NUM_TRAIN_TIMESTEPS,
 ) -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err: [2B] chosen first; ref_err is not used (None)."""
+        policy_err, labels = inputs.policy_err, inputs.labels
         no_labels(labels, "mapo")
         err_w, err_l = split_pairs(policy_err)
         margin = error_score(err_w, snr_value) - error_score(err_l, snr_value)  # [B]

@@ -17,8 +17,7 @@ min(1, |gA|^2 / gB . gA); "off" is not applying the wrapper.
 
 import torch
 
-from losses.common import require, split_pairs
-from losses.registry import LossFn
+from losses.common import LossFn, LossInputs, LossResult, loss_function, require, split_pairs
 
 # Released code: the denominator's epsilon and the cap on lambda.
 SAFEGUARD_EPS = 1e-9
@@ -26,6 +25,11 @@ SAFEGUARD_MAX_LAMBDA = 1.0
 # Released launchers' mu: 0.9 for Diffusion-DPO and DMPO, 0.2 for DSPO (SD1.5).
 SAFEGUARD_MU_DPO = 0.9
 SAFEGUARD_MU_DSPO = 0.2
+SAFEGUARD_MU_HELP = (
+    "the Diffusion-SDPO safeguard on any pairwise loss with a reference: mu in [0, 1] "
+    f"(released launchers: {SAFEGUARD_MU_DPO} for dpo and dmpo, {SAFEGUARD_MU_DSPO} for dspo); "
+    "none: off"
+)
 
 
 @torch.no_grad()
@@ -62,25 +66,15 @@ def winner_preserving(
 def with_winner_preserving(loss_fn: LossFn, mu: float) -> LossFn:
     """``loss_fn`` on safeguarded policy errors; logs ``safeguard/lambda``."""
 
-    def guarded(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def guarded(inputs: LossInputs) -> LossResult:
+        policy_pred, target = inputs.policy_pred, inputs.target
         what = "per-pixel predictions (policy_pred, target)"
         lam = winner_preserving_lambda(
             require(policy_pred, what, "the safeguard"), require(target, what, "the safeguard"), mu
         )
         loss, metrics = loss_fn(
-            scale_rejected_gradient(policy_err, lam),
-            ref_err,
-            labels=labels,
-            policy_pred=policy_pred,
-            ref_pred=ref_pred,
-            target=target,
+            **inputs._replace(policy_err=scale_rejected_gradient(inputs.policy_err, lam))._asdict()
         )
         return loss, {**metrics, "safeguard/lambda": lam.item()}
 

@@ -4,10 +4,8 @@ No reference model is used (none is loaded). With labels, only desirable images 
 labels the errors are a pair batch and only the chosen half counts.
 """
 
-import torch
-
-from losses.common import split_pairs
-from losses.registry import LossFn, register
+from losses.common import LossFn, LossInputs, LossResult, loss_function, split_pairs
+from losses.registry import register
 
 
 @register(
@@ -17,15 +15,10 @@ from losses.registry import LossFn, register
     help="denoising loss on chosen / desirable images only (no reference model)",
 )
 def sft_loss() -> LossFn:
-    def loss_fn(
-        policy_err: torch.Tensor,
-        ref_err: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        policy_pred: torch.Tensor | None = None,
-        ref_pred: torch.Tensor | None = None,
-        target: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+    @loss_function
+    def loss_fn(inputs: LossInputs) -> LossResult:
         """policy_err: [B] with labels [B], or [2B] chosen first without labels."""
+        policy_err, labels = inputs.policy_err, inputs.labels
         kept = split_pairs(policy_err)[0] if labels is None else policy_err[labels > 0.5]
         # A batch without any desirable image contributes a zero loss that still keeps the
         # graph connected (so distributed gradient sync sees every parameter).

@@ -1,7 +1,2 @@
-"""Model families (what differs between SD1.5 and SDXL) and loading of the trained components."""
-
-from models.family import ModelFamily, family_for
-from models.loading import Components, load_components
-from models.pipeline import load_pipeline
-
-__all__ = ["Components", "ModelFamily", "family_for", "load_components", "load_pipeline"]
+"""Model families (what differs between SD1.5, SDXL, SD3 and Flux), loading of the trained
+components, LoRA, pipelines and image generation."""

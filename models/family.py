@@ -12,7 +12,6 @@ both give the same flat dict of per-caption tensors, which ``condition`` turns i
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -32,9 +31,22 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from config import TIME_IDS_MODES
+from common.cli import UsageError
+from diffusion.sampling import DDIMSchedule, Schedule
+from models.modes import TIME_IDS_MODES
 
 TextFeatures = dict[str, torch.Tensor]  # name -> [B, ...], one row per caption
+Sizes = Sequence[tuple[int, int]]  # per image: (height, width) or (top, left)
+NO_GUIDANCE = 1.0  # a pipeline guidance scale of 1: no classifier-free guidance
+TextFolders = tuple[tuple[str, str], ...]  # per text encoder: (tokenizer, encoder) subfolders
+EncoderClasses = tuple[type[PreTrainedModel], ...]
+
+
+def text_folders(count: int) -> TextFolders:
+    """diffusers' subfolders of a pipeline's ``count`` text encoders, in order: ("tokenizer",
+    "text_encoder"), ("tokenizer_2", "text_encoder_2"), ..."""
+    suffixes = ["", *(f"_{i}" for i in range(2, count + 1))]
+    return tuple((f"tokenizer{s}", f"text_encoder{s}") for s in suffixes)
 
 
 @dataclass
@@ -44,10 +56,10 @@ class ModelFamily:
     tokenizers: list[PreTrainedTokenizerBase]
     text_encoders: list[PreTrainedModel]
     resolution: int = 512
-    time_ids_mode: str = "constant"  # SDXL only: see config.TIME_IDS_MODES
+    time_ids_mode: str = "constant"  # SDXL only: see models/modes.py
     # How a dropped ("") caption conditions the UNet: "encode" runs the text encoders on "" (both
     # released trainers); "zeros" uses all-zero features, as StableDiffusionXLPipeline's
-    # unconditional branch does (force_zeros_for_empty_prompt). See config.EMPTY_PROMPT_MODES.
+    # unconditional branch does (force_zeros_for_empty_prompt). See models/modes.py.
     empty_prompt: str = "encode"
     # Replaces the encoders when set (a text cache): captions [B] -> the same features.
     text_source: Callable[[list[str]], TextFeatures] | None = None
@@ -59,8 +71,8 @@ class ModelFamily:
     denoiser_class: ClassVar[type] = UNet2DConditionModel
     scheduler_class: ClassVar[type] = DDPMScheduler
     # diffusers subfolders of the text stack, in order, and the encoders' classes.
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (("tokenizer", "text_encoder"),)
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (CLIPTextModel,)
+    text_subfolders: ClassVar[TextFolders] = text_folders(1)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel,)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states",)
     # generate.SCHEDULERS names that can sample this family; the first is its default.
     samplers: ClassVar[tuple[str, ...]] = ("ddim", "ddpm", "euler", "euler_a", "dpmpp_2m")
@@ -72,6 +84,13 @@ class ModelFamily:
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
         """Settings read from the denoiser's config and the run's (none for the UNets)."""
 
+    @property
+    def default_guidance(self) -> float:
+        """The guidance scale this family's pipeline samples with when none is given (validation):
+        the value it trains with. The UNets and SD3 train without guidance: 1, classifier-free
+        guidance off (diffusers' pipelines apply it only above 1)."""
+        return NO_GUIDANCE
+
     @staticmethod
     def noise_process(scheduler: Any, train_config: Any, resolution: int) -> Any:
         """What ``diffusion.denoise`` noises with: the DDPM scheduler itself for the UNets."""
@@ -82,6 +101,16 @@ class ModelFamily:
     ) -> torch.Tensor:
         """The denoiser's output [N, C, h, w] for noisy latents [N, C, h, w]."""
         return model(noisy, timesteps, **cond).sample
+
+    @staticmethod
+    def sampling_schedule(noise_process: Any, num_steps: int, sde_type: str = "sde") -> Schedule:
+        """The stochastic sampler of online training: DDIM with eta (DDPO) for the UNets."""
+        if sde_type != "sde":
+            raise UsageError(
+                f"--sde_type {sde_type}: a flow-model sampler; SD1.5 / SDXL sample with DDIM "
+                "(its noise is --noise_level, DDPO's eta)"
+            )
+        return DDIMSchedule.from_scheduler(noise_process, num_steps)
 
     @staticmethod
     def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -110,21 +139,11 @@ class ModelFamily:
         source = self.text_source or self.encode_text
         return source(captions)
 
-    def unet_kwargs(
-        self,
-        text: TextFeatures,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def unet_kwargs(self, text: TextFeatures, original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         """Per-sample text features [N, ...] (and image geometry) -> UNet keyword arguments."""
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
 
-    def condition(
-        self,
-        captions: list[str],
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def condition(self, captions: list[str], original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         """UNet keyword arguments for N = k * B samples whose captions are ``captions`` [B]
         repeated k times (a pair batch: k = 2, chosen then rejected, sharing their caption).
 
@@ -151,14 +170,8 @@ class SDXLFamily(ModelFamily):
 
     name: ClassVar[str] = "sdxl"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionXLPipeline
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-    )
+    text_subfolders: ClassVar[TextFolders] = text_folders(2)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel, CLIPTextModelWithProjection)
     text_feature_names: ClassVar[tuple[str, ...]] = ("encoder_hidden_states", "text_embeds")
 
     @staticmethod
@@ -175,11 +188,7 @@ class SDXLFamily(ModelFamily):
             pooled = out[0]  # the last encoder (with projection): pooled text_embeds [B, D2]
         return {"encoder_hidden_states": torch.cat(hidden, dim=-1), "text_embeds": pooled}
 
-    def time_ids(
-        self,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> torch.Tensor:
+    def time_ids(self, original_sizes: Sizes, crop_top_lefts: Sizes) -> torch.Tensor:
         """[N, 6]: (original H, W, crop top, left, target H, W) per image (``time_ids_mode``)."""
         res = self.resolution
         if self.time_ids_mode == "constant":
@@ -195,12 +204,7 @@ class SDXLFamily(ModelFamily):
             )
         return torch.tensor(rows, dtype=torch.float32)
 
-    def unet_kwargs(
-        self,
-        text: TextFeatures,
-        original_sizes: Sequence[tuple[int, int]],
-        crop_top_lefts: Sequence[tuple[int, int]],
-    ) -> dict:
+    def unet_kwargs(self, text: TextFeatures, original_sizes: Sizes, crop_top_lefts: Sizes) -> dict:
         hidden = text["encoder_hidden_states"]
         time_ids = self.time_ids(original_sizes, crop_top_lefts).to(hidden.device)
         return {
@@ -216,36 +220,3 @@ def zero_empty_captions(text: TextFeatures, captions: list[str]) -> TextFeatures
         name: value * keep.to(value.device, value.dtype).view(-1, *[1] * (value.ndim - 1))
         for name, value in text.items()
     }
-
-
-from models.flow_families import FluxFamily, SD3Family  # noqa: E402  (they subclass ModelFamily)
-
-# Checked in order: the flow transformers first (their configs have no addition_embed_type).
-FAMILIES: tuple[type[ModelFamily], ...] = (SD3Family, FluxFamily, SDXLFamily, ModelFamily)
-
-# The denoiser subfolders a diffusers model directory may have, in the order they are tried
-# (unet/ first: the UNet families were there first).
-DENOISER_FOLDERS = tuple(dict.fromkeys(f.denoiser_folder for f in reversed(FAMILIES)))
-
-
-def denoiser_config(source: str | Path, revision: str | None = None) -> dict:
-    """The config.json of a model's denoiser (``unet/`` or ``transformer/``), no weights read."""
-    errors = []
-    for folder in DENOISER_FOLDERS:
-        try:
-            return dict(UNet2DConditionModel.load_config(source, subfolder=folder,
-                                                         revision=revision))  # fmt: skip
-        except (OSError, ValueError) as exc:
-            errors.append(f"{folder}/: {str(exc).splitlines()[0]}")
-    raise OSError(f"{source}: no denoiser config ({'; '.join(errors)})")
-
-
-def family_for(unet_config: dict) -> type[ModelFamily]:
-    """The family whose conditioning the denoiser (UNet or transformer) was built for."""
-    for family in FAMILIES:
-        if family.matches(unet_config):
-            return family
-    raise ValueError(
-        f"no model family for a UNet with addition_embed_type="
-        f"{unet_config.get('addition_embed_type')!r}; supported: {[f.name for f in FAMILIES]}"
-    )

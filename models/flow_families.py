@@ -10,20 +10,23 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from diffusers import (
-    DiffusionPipeline,
-    FlowMatchEulerDiscreteScheduler,
-    FluxPipeline,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    StableDiffusion3Pipeline,
-)
+from diffusers.models import FluxTransformer2DModel, SD3Transformer2DModel
+from diffusers.pipelines import DiffusionPipeline, FluxPipeline, StableDiffusion3Pipeline
+from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from peft.utils import get_peft_model_state_dict
-from transformers import CLIPTextModel, CLIPTextModelWithProjection, PreTrainedModel, T5EncoderModel
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-from cli import UsageError
-from flow_matching import FlowMatching, resolution_shift
-from models.family import ModelFamily, TextFeatures
+from common.cli import UsageError
+from diffusion.flow_matching import FlowMatching, resolution_shift
+from diffusion.sampling import FlowSchedule, Schedule
+from models.family import (
+    NO_GUIDANCE,
+    EncoderClasses,
+    ModelFamily,
+    TextFeatures,
+    TextFolders,
+    text_folders,
+)
 
 # Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
 # 16 x 16 pixels (SD3's patch embedding, Flux's packing).
@@ -62,6 +65,13 @@ class FlowFamily(ModelFamily):
         )
 
     @staticmethod
+    def sampling_schedule(noise_process: Any, num_steps: int, sde_type: str = "sde") -> Schedule:
+        """The stochastic sampler of online training: the scheduler's inference sigmas at the
+        run's shift, with the Flow-GRPO SDE (``sde_type``: sde, dance or cps)."""
+        return FlowSchedule.from_config(noise_process.config, num_steps, noise_process.shift,
+                                        sde_type)  # fmt: skip
+
+    @staticmethod
     def lora_layers(model: torch.nn.Module) -> dict[str, torch.Tensor]:
         # peft's own key layout, as diffusers' SD3 / Flux LoRA training scripts save it.
         return get_peft_model_state_dict(model)
@@ -84,12 +94,8 @@ class SD3Family(FlowFamily):
     name: ClassVar[str] = "sd3"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusion3Pipeline
     denoiser_class: ClassVar[type] = SD3Transformer2DModel
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-        ("tokenizer_3", "text_encoder_3"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
+    text_subfolders: ClassVar[TextFolders] = text_folders(3)
+    text_encoder_classes: ClassVar[EncoderClasses] = (
         CLIPTextModelWithProjection,
         CLIPTextModelWithProjection,
         T5EncoderModel,
@@ -170,14 +176,8 @@ class FluxFamily(FlowFamily):
     name: ClassVar[str] = "flux"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = FluxPipeline
     denoiser_class: ClassVar[type] = FluxTransformer2DModel
-    text_subfolders: ClassVar[tuple[tuple[str, str], ...]] = (
-        ("tokenizer", "text_encoder"),
-        ("tokenizer_2", "text_encoder_2"),
-    )
-    text_encoder_classes: ClassVar[tuple[type[PreTrainedModel], ...]] = (
-        CLIPTextModel,
-        T5EncoderModel,
-    )
+    text_subfolders: ClassVar[TextFolders] = text_folders(2)
+    text_encoder_classes: ClassVar[EncoderClasses] = (CLIPTextModel, T5EncoderModel)
     max_sequence_length: ClassVar[int] = 512  # FluxPipeline's default
     guidance: float | None = None  # set by ``configure`` for guidance-distilled transformers
 
@@ -188,6 +188,12 @@ class FluxFamily(FlowFamily):
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
         if denoiser_config.get("guidance_embeds", False):
             self.guidance = train_config.flux_guidance
+
+    @property
+    def default_guidance(self) -> float:
+        # FluxPipeline feeds guidance_scale to a guidance-distilled transformer's guidance
+        # embedding (it is not CFG there): sample at the value trained with, not at 1.
+        return NO_GUIDANCE if self.guidance is None else self.guidance
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> TextFeatures:

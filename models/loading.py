@@ -7,18 +7,43 @@ Weights are read from safetensors only.
 """
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from diffusers.models.normalization import RMSNorm
 from transformers import AutoTokenizer
 
-from config import TrainConfig
 from data.cache import CachedLatentEncoder, TextCache
-from diffusion import LatentEncoder, NoiseProcess, VaeEncoder
-from models.family import ModelFamily, denoiser_config, family_for
+from diffusion.denoising import LatentEncoder, NoiseProcess, VaeEncoder
+from models.families import denoiser_config, family_for
+from models.family import ModelFamily
 from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
+from models.precision import ForwardCasts, cast_inputs_on_call
 from models.speed import apply_attention, compile_unet
+
+
+class LoadSettings(Protocol):
+    """The run settings loading reads (``training.config.TrainConfig`` has them all)."""
+
+    pretrained_model: str
+    revision: str | None
+    variant: str | None
+    reference_model: str | None
+    pretrained_vae: str | None
+    time_ids: str
+    empty_prompt_embeddings: str
+    resolution: int | None
+    cache: str | None
+    seed: int
+    lora_rank: int
+    lora_alpha: float | None
+    lora_target_modules: str
+    lora_dropout: float
+    attention: str
+    gradient_checkpointing: bool
+    torch_compile: bool
+    compile_backend: str
 
 
 @dataclass
@@ -35,12 +60,12 @@ class Components:
     policy_io: FullUNetIO | LoraIO  # how checkpoints and the export save the policy
 
 
-def _hub_args(config: TrainConfig) -> dict:
+def _hub_args(config: LoadSettings) -> dict:
     return {"revision": config.revision, "variant": config.variant, "use_safetensors": True}
 
 
 def load_unet(
-    source: str, config: TrainConfig, dtype: torch.dtype = torch.float32
+    source: str, config: LoadSettings, dtype: torch.dtype = torch.float32
 ) -> UNet2DConditionModel:
     """The model's denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
     family_cls = family_for(denoiser_config(source, config.revision))
@@ -79,21 +104,42 @@ def to_dtype_keeping_norms_fp32(unet: torch.nn.Module, dtype: torch.dtype) -> No
         module._buffers[name] = value
 
 
-def vae_source(config: TrainConfig) -> tuple[str, dict]:
+def cast_like_policy(reference: torch.nn.Module, dtype: torch.dtype, casts: ForwardCasts) -> None:
+    """Give an fp32-loaded frozen reference the dtypes the policy's forward sees.
+
+    ``casts.params`` None (autocast on fp32 weights): ``to_dtype_keeping_norms_fp32``. Otherwise
+    the backend casts the policy's every parameter (FSDP's mixed precision, DeepSpeed's engine),
+    its norms' weights included, so the reference's are cast the same way; likewise its buffers
+    and, where FSDP casts the wrapped policy's call arguments, the reference's."""
+    if casts.params is None:
+        to_dtype_keeping_norms_fp32(reference, dtype)
+    else:
+        for param in reference.parameters():
+            param.data = param.data.to(casts.params)
+    if casts.buffers is not None:
+        for module in reference.modules():
+            for name, value in module._buffers.items():
+                if value is not None and value.is_floating_point():
+                    module._buffers[name] = value.to(casts.buffers)
+    if casts.inputs is not None:
+        cast_inputs_on_call(reference, casts.inputs)
+
+
+def vae_source(config: LoadSettings) -> tuple[str, dict]:
     """(path, from_pretrained kwargs) of the VAE: --pretrained_vae, else the model's vae/."""
     if config.pretrained_vae:
         return config.pretrained_vae, {"use_safetensors": True}
     return config.pretrained_model, {"subfolder": "vae", **_hub_args(config)}
 
 
-def load_vae(config: TrainConfig, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
+def load_vae(config: LoadSettings, dtype: torch.dtype, device: torch.device) -> AutoencoderKL:
     source, kwargs = vae_source(config)
     vae = AutoencoderKL.from_pretrained(source, dtype=dtype, **kwargs)
     return vae.requires_grad_(False).eval().to(device)
 
 
 def load_family(
-    config: TrainConfig, family_cls: type[ModelFamily], dtype: torch.dtype, device: torch.device
+    config: LoadSettings, family_cls: type[ModelFamily], dtype: torch.dtype, device: torch.device
 ) -> ModelFamily:
     """The family with its frozen tokenizers and text encoders."""
     tokenizers, encoders = [], []
@@ -114,15 +160,15 @@ def load_family(
 
 
 def load_components(
-    config: TrainConfig,
+    config: LoadSettings,
     needs_reference: bool,
     weight_dtype: torch.dtype,
     device: torch.device,
-    autocast: bool = True,
+    casts: ForwardCasts | None = None,
 ) -> Components:
-    """``autocast``: whether the UNets will run under autocast (train.py: everywhere but
-    DeepSpeed, whose engine casts the policy itself to the compute dtype and runs it without
-    autocast; the reference must then be cast whole, norms included, to compute the same)."""
+    """``casts``: what the training backend does to the policy's weights and inputs in its
+    forward beyond autocast (``distributed.forward_casts``; None: nothing, a plain or DDP run),
+    copied onto a frozen reference so that both compute the same at step 0."""
     source = config.pretrained_model
     lora = config.lora_rank > 0
     # With LoRA the base weights are frozen: stored in the compute dtype like the reference.
@@ -144,10 +190,7 @@ def load_components(
     elif needs_reference:
         # Loaded in fp32, then cast: the norms must keep the checkpoint's exact values.
         reference = load_unet(config.reference_model or source, config)
-        if autocast:
-            to_dtype_keeping_norms_fp32(reference, weight_dtype)
-        else:
-            reference.to(weight_dtype)
+        cast_like_policy(reference, weight_dtype, casts or ForwardCasts())
         reference.requires_grad_(False).eval().to(device)
         apply_attention(reference, config.attention)
         if config.torch_compile:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline
 
-from models.family import denoiser_config, family_for
+from models.families import denoiser_config, family_for
 
 
 def load_pipeline(

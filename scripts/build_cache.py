@@ -27,9 +27,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from build import load_pair_table
-from cli import UsageError
-from config import TrainConfig, build_parser
+from common.cli import UsageError
 from data.cache import (
     LATENT_PREFIX,
     MANIFEST,
@@ -48,10 +46,13 @@ from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.kto_table import parse_split_labels
 from data.parquet_index import local_parquet_files
-from diffusion import posterior_moments
-from models.family import ModelFamily, denoiser_config, family_for
+from diffusion.denoising import posterior_moments
+from models.families import denoiser_config, family_for
+from models.family import ModelFamily
 from models.loading import load_family, load_vae
-from startup import check_models
+from training.build import load_pair_table
+from training.config import TrainConfig, build_parser
+from training.startup import check_models
 
 logger = logging.getLogger("build_cache")
 

@@ -48,7 +48,7 @@ from PIL import Image
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli
+from common import cli
 from data.columns import columns_flag, parse_columns
 from data.errors import DataError
 from data.hub_chunks import HubChunks, pair_chunk
@@ -235,36 +235,60 @@ def own_pair_chunks(table: PairTable) -> Iterator[tuple[int, Callable[[], pa.Tab
         yield index, lambda start=start: read(start)
 
 
+class _Pass:
+    """One call's pass over the row groups: those done by an earlier call are counted and
+    skipped, at most ``max_row_groups`` new ones are added (the rest stay pending for the next
+    call), and the CSV is written only once none is pending. A context manager: the builder's
+    database is closed however the pass ends."""
+
+    def __init__(self, out_dir: Path, max_row_groups: int | None):
+        self.builder = KtoBuilder(out_dir)
+        self.summary = BuildSummary()
+        self.max_row_groups = max_row_groups
+        self.pending = False
+
+    def __enter__(self) -> _Pass:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.builder.close()
+
+    def wants(self, source: str, index: int) -> bool:
+        """Whether to add this row group now: not when done earlier, nor over the budget."""
+        if self.builder.is_done(source, index):
+            self.summary.row_groups_skipped += 1
+            return False
+        budget = self.max_row_groups
+        if budget is not None and self.summary.row_groups_done >= budget:
+            self.pending = True
+            return False
+        return True
+
+    def add(self, source: str, index: int, table: pa.Table) -> None:
+        self.builder.add_row_group(source, index, table)
+        self.summary.row_groups_done += 1
+
+    def finish(self) -> BuildSummary:
+        summary, builder = self.summary, self.builder
+        summary.pairs = builder.count("pairs")
+        summary.ties = builder.count("ties")
+        summary.bad_images = builder.count("bad_images")
+        if not self.pending:
+            summary.splits = builder.write_csv()
+            summary.images = sum(summary.splits.values())
+            summary.complete = True
+        return summary
+
+
 def build_kto_from_pairs(
     table: PairTable, out_dir: Path, max_row_groups: int | None = None
 ) -> BuildSummary:
     """As ``build_kto``, from your own pairs."""
-    builder = KtoBuilder(out_dir)
-    summary = BuildSummary()
-    pending = False
-    try:
+    with _Pass(out_dir, max_row_groups) as run:
         for index, read in own_pair_chunks(table):
-            if builder.is_done(table.source, index):
-                summary.row_groups_skipped += 1
-            elif max_row_groups is not None and summary.row_groups_done >= max_row_groups:
-                pending = True
-            else:
-                builder.add_row_group(table.source, index, read())
-                summary.row_groups_done += 1
-        _finish(builder, summary, pending)
-    finally:
-        builder.close()
-    return summary
-
-
-def _finish(builder: KtoBuilder, summary: BuildSummary, pending: bool) -> None:
-    summary.pairs = builder.count("pairs")
-    summary.ties = builder.count("ties")
-    summary.bad_images = builder.count("bad_images")
-    if not pending:
-        summary.splits = builder.write_csv()
-        summary.images = sum(summary.splits.values())
-        summary.complete = True
+            if run.wants(table.source, index):
+                run.add(table.source, index, read())
+        return run.finish()
 
 
 def build_kto_from_hub(
@@ -274,26 +298,17 @@ def build_kto_from_hub(
     order (data/hub_chunks.py): chunk i plays row group i (done marks, resume)."""
     needed = [columns[c] for c in READ_COLUMNS]
     chunks = HubChunks(open_hub_pairs(name, split, None, needed), OWN_CHUNK)
-    builder = KtoBuilder(out_dir)
-    summary = BuildSummary()
-    pending = False
-    try:
+    with _Pass(out_dir, max_row_groups) as run:
         for index in itertools.count():
-            if builder.is_done(name, index):
-                summary.row_groups_skipped += 1
+            if not run.wants(name, index):
+                if run.pending:
+                    break  # perhaps nothing is left: the next run finds out
                 continue
-            if max_row_groups is not None and summary.row_groups_done >= max_row_groups:
-                pending = True  # perhaps nothing is left: the next run finds out
-                break
             table = pair_chunk(chunks, index, columns)
             if table is None:
                 break  # past the last row
-            builder.add_row_group(name, index, table)
-            summary.row_groups_done += 1
-        _finish(builder, summary, pending)
-    finally:
-        builder.close()
-    return summary
+            run.add(name, index, table)
+        return run.finish()
 
 
 def build_kto(
@@ -310,16 +325,13 @@ def build_kto(
     files = local_parquet_files(data)
     if files is None:
         return build_kto_from_hub(data, hub_split, columns, out_dir, max_row_groups)
-    builder = KtoBuilder(out_dir)
-    summary = BuildSummary()
-    pending = False
-    try:
+    with _Pass(out_dir, max_row_groups) as run:
         for path in files:
             try:
                 shard = pq.ParquetFile(path)
             except (OSError, pa.ArrowException) as exc:
                 logger.warning("skipping %s: not a readable parquet file (%s)", path, exc)
-                summary.unreadable_row_groups += 1
+                run.summary.unreadable_row_groups += 1
                 continue
             names = set(shard.schema_arrow.names)
             missing = missing_column(path, names, columns, READ_COLUMNS)
@@ -329,25 +341,17 @@ def build_kto(
             uids = uids if len(uids) == len(UID_COLUMNS) else []
             read = [columns[c] for c in READ_COLUMNS] + uids
             for group in range(shard.metadata.num_row_groups):
-                if builder.is_done(path, group):
-                    summary.row_groups_skipped += 1
-                    continue
-                if max_row_groups is not None and summary.row_groups_done >= max_row_groups:
-                    pending = True
+                if not run.wants(path, group):
                     continue
                 try:
                     table = shard.read_row_group(group, columns=read)
                     table = table.rename_columns([*READ_COLUMNS, *uids])
                 except (OSError, pa.ArrowException) as exc:
                     logger.warning("skipping %s row group %d: %s", path, group, exc)
-                    summary.unreadable_row_groups += 1
+                    run.summary.unreadable_row_groups += 1
                     continue
-                builder.add_row_group(path, group, table)
-                summary.row_groups_done += 1
-        _finish(builder, summary, pending)
-    finally:
-        builder.close()
-    return summary
+                run.add(path, group, table)
+        return run.finish()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -16,7 +16,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from diffusers import (
@@ -68,29 +68,43 @@ T5_HIDDEN = 48  # wider than SD3's two CLIPs together (2 x 32), so their padding
 T5_VOCAB = 256  # >= the stand-in tokenizer's 207 pieces
 
 
+def clip_text_encoder(
+    hidden: int, layers: int, heads: int, projection: bool, **config: Any
+) -> CLIPTextModel | CLIPTextModelWithProjection:
+    """A CLIP text encoder with the real 49408-token vocabulary and 77 positions, the pooled
+    projection when ``projection`` (SDXL's second encoder, SD3's two); ``config``: the rest of
+    CLIPTextConfig (hidden_act, projection_dim, pad_token_id)."""
+    text_config = CLIPTextConfig(
+        vocab_size=49408,
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=77,
+        # The pooled output is read at the first eos_token_id; the legacy default (2) is a real
+        # token, so it must be CLIP's <|endoftext|> id.
+        bos_token_id=49406,
+        eos_token_id=49407,
+        **config,
+    )
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(text_config)
+
+
 def tiny_text_encoder(
     with_projection: bool, hidden_act: str | None = None
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
     """A 2-layer CLIP text encoder; SDXL's second encoder adds the pooled projection (SD3's
     CLIP-L too, with its quick_gelu)."""
-    config = CLIPTextConfig(
-        vocab_size=49408,
-        hidden_size=TEXT_HIDDEN,
-        intermediate_size=4 * TEXT_HIDDEN,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=77,
+    return clip_text_encoder(
+        TEXT_HIDDEN,
+        layers=2,
+        heads=4,
+        projection=with_projection,
         projection_dim=TEXT_PROJECTION,
         # SD1.5's encoder (OpenAI CLIP) uses quick_gelu, SDXL's second (OpenCLIP bigG) plain gelu.
         hidden_act=hidden_act or ("gelu" if with_projection else "quick_gelu"),
-        # The pooled output is read at the first eos_token_id; the legacy default (2) is a real
-        # token, so it must be CLIP's <|endoftext|> id.
-        bos_token_id=49406,
-        eos_token_id=49407,
         pad_token_id=1,
     )
-    model_cls = CLIPTextModelWithProjection if with_projection else CLIPTextModel
-    return model_cls(config)
 
 
 def tiny_unet(family: Family) -> UNet2DConditionModel:
@@ -121,16 +135,27 @@ def tiny_unet(family: Family) -> UNet2DConditionModel:
     )
 
 
+def kl_vae(block_out_channels: tuple[int, ...], **config: Any) -> AutoencoderKL:
+    """SD's KL autoencoder on RGB with one encoder and decoder level per entry of
+    ``block_out_channels`` (so one downsampling fewer); ``config``: AutoencoderKL's other
+    arguments (latent_channels, sample_size, scaling and shift factors, ...)."""
+    levels = len(block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=block_out_channels,
+        **config,
+    )
+
+
 def tiny_vae(family: Family) -> AutoencoderKL:
     """A 4-level VAE (3 downsamplings: 64 px -> 8x8 latents) with 4 latent channels (16, with
     a shift and without the quant convs, for SD3 and Flux, as their real VAEs)."""
     flow = family in VAE_SHIFT
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(32, 32, 64, 64),
+    return kl_vae(
+        (32, 32, 64, 64),
         layers_per_block=1,
         latent_channels=LATENT_CHANNELS[family],
         norm_num_groups=32,
@@ -158,22 +183,37 @@ def tiny_t5() -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def tiny_sd3_transformer() -> SD3Transformer2DModel:
-    """An SD3.5-medium-shaped MMDiT (qk RMSNorm, one dual-attention layer) on 8x8x16 latents."""
+def sd3_transformer(
+    latent_size: int, layers: int, heads: int, head_dim: int, **config: Any
+) -> SD3Transformer2DModel:
+    """An SD3-style MMDiT on 16-channel latents in 2x2 patches, with SD3.5's qk RMSNorm and a
+    caption projection heads x head_dim wide (as in the released configs); ``config``: the rest
+    of SD3Transformer2DModel's arguments (text widths, positions, dual-attention layers)."""
     return SD3Transformer2DModel(
-        sample_size=IMAGE_SIZE // 8,
+        sample_size=latent_size,
         patch_size=2,
         in_channels=16,
-        num_layers=2,
-        attention_head_dim=8,
-        num_attention_heads=2,
-        joint_attention_dim=T5_HIDDEN,
-        caption_projection_dim=16,  # = heads x head dim, as in the real configs
-        pooled_projection_dim=2 * TEXT_PROJECTION,  # CLIP-L and CLIG-G pooled, concatenated
         out_channels=16,
+        num_layers=layers,
+        attention_head_dim=head_dim,
+        num_attention_heads=heads,
+        caption_projection_dim=heads * head_dim,
+        qk_norm="rms_norm",
+        **config,
+    )
+
+
+def tiny_sd3_transformer() -> SD3Transformer2DModel:
+    """An SD3.5-medium-shaped MMDiT (qk RMSNorm, one dual-attention layer) on 8x8x16 latents."""
+    return sd3_transformer(
+        IMAGE_SIZE // 8,
+        layers=2,
+        heads=2,
+        head_dim=8,
+        joint_attention_dim=T5_HIDDEN,
+        pooled_projection_dim=2 * TEXT_PROJECTION,  # CLIP-L and CLIG-G pooled, concatenated
         pos_embed_max_size=16,
         dual_attention_layers=(0,),
-        qk_norm="rms_norm",
     )
 
 
@@ -296,26 +336,6 @@ def build_tiny_model(
     with atomic_directory(out_dir) as tmp:
         pipe.save_pretrained(tmp, safe_serialization=True)
     return Path(out_dir)
-
-
-def build_tiny_sd15(
-    out_dir: Path,
-    seed: int = 0,
-    prediction_type: str = "epsilon",
-    tokenizer_cache: Path | None = None,
-) -> Path:
-    """Tiny SD1.5-shaped pipeline in out_dir; see build_tiny_model."""
-    return build_tiny_model(out_dir, "sd15", seed, prediction_type, tokenizer_cache)
-
-
-def build_tiny_sdxl(
-    out_dir: Path,
-    seed: int = 0,
-    prediction_type: str = "epsilon",
-    tokenizer_cache: Path | None = None,
-) -> Path:
-    """Tiny SDXL-shaped pipeline in out_dir; see build_tiny_model."""
-    return build_tiny_model(out_dir, "sdxl", seed, prediction_type, tokenizer_cache)
 
 
 def main() -> None:

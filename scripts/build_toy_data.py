@@ -92,6 +92,13 @@ def draw_scene(
     image = Image.new("RGB", (width, height), BACKGROUNDS[background])
     side = rng.randint(int(0.4 * min(width, height)), int(0.7 * min(width, height)))
     left, top = rng.randint(0, width - side), rng.randint(0, height - side)
+    return draw_shape(image, colour, shape, left, top, side)
+
+
+def draw_shape(
+    image: Image.Image, colour: str, shape: str, left: int, top: int, side: int
+) -> Image.Image:
+    """Draw one shape of one colour in the side x side square at (left, top); returns image."""
     box = (left, top, left + side - 1, top + side - 1)
     draw, fill = ImageDraw.Draw(image), COLOURS[colour]
     if shape == "circle":

@@ -11,7 +11,9 @@ by SD models and judged per prompt), written in both formats the trainer reads:
     OUT/heldout/pairs.parquet                   pairs of the held-out prompts (for evaluation)
     OUT/stats.json                              the base's reward rate per split, pair counts
 
-Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_prompts).
+Prompts come from assets/toy_prompts_{train,heldout}.txt (written by --write_prompts), and the
+held-out prompts are halved into assets/toy_prompts_{validation,test}.txt (``toy_eval_split``):
+settings are chosen on validation, results reported on test.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import logging
 import random
 import sys
 import uuid
+from dataclasses import dataclass, field
 from itertools import product, zip_longest
 from pathlib import Path
 
@@ -33,16 +36,8 @@ if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from evaluation.suites import TOY_GUIDANCE
 from evaluation.toy_reward import shape_reward, toy_reward
+from scripts import build_toy_data as toy_data
 from scripts.atomic_dir import atomic_directory
-from scripts.build_toy_data import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    encode_jpeg,
-    scene_caption,
-    write_kto,
-    write_pairs_parquet,
-)
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +45,11 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 TRAIN_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_train.txt"
 HELDOUT_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_heldout.txt"
 HELDOUT_PER_COLOUR = 2  # of each colour's 9 (shape, background) scenes
+VALIDATION_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_validation.txt"
+TEST_PROMPTS = REPO_ROOT / "assets" / "toy_prompts_test.txt"
+EVAL_SPLITS = ("validation", "test")
+# The seed of the validation / test draw (toy_eval_split); changing it re-draws both splits.
+SPLIT_SEED = 27
 # Bumped when the builder's output changes, so setup rebuilds build/toy-prefs (2: per-image seeds;
 # 3: the retrained toy base that reads its prompt; 4: the third base, with the typical-colour
 # habit; 5: shape-matched pairs; 6: the fourth base); scripts/setup.sh and exps/example.sh grep
@@ -62,13 +62,46 @@ FIRST_SEED = 10_000
 def toy_prompt_split() -> tuple[list[str], list[str]]:
     """All 54 toy captions split into train and held-out: each colour keeps HELDOUT_PER_COLOUR
     (shape, background) combinations out of training, a different pair for each colour."""
-    scenes = list(product(SHAPES, BACKGROUNDS))
+    scenes = list(product(toy_data.SHAPES, toy_data.BACKGROUNDS))
     train, heldout = [], []
-    for i, colour in enumerate(COLOURS):
+    for i, colour in enumerate(toy_data.COLOURS):
         held = {(HELDOUT_PER_COLOUR * i + j) % len(scenes) for j in range(HELDOUT_PER_COLOUR)}
         for j, (shape, background) in enumerate(scenes):
-            (heldout if j in held else train).append(scene_caption(colour, shape, background))
+            (heldout if j in held else train).append(
+                toy_data.scene_caption(colour, shape, background)
+            )
     return train, heldout
+
+
+def caption_colour(caption: str) -> str:
+    """The colour a toy caption names ("an orange circle on ..." -> "orange")."""
+    return caption.split()[1]
+
+
+def toy_eval_split(heldout: list[str], seed: int = SPLIT_SEED) -> dict[str, list[str]]:
+    """The held-out prompts halved into ``validation`` (every choice of settings) and ``test``
+    (reported, never used to choose): of each colour's held-out prompts a seeded shuffle sends
+    half to validation and the rest to test, so both splits name every colour equally often
+    (the base's colour rate differs by colour). Training prompts, and so the preference pairs,
+    are untouched. Both lists keep the held-out file's order."""
+    rng = random.Random(seed)
+    by_colour: dict[str, list[str]] = {}
+    for caption in heldout:
+        by_colour.setdefault(caption_colour(caption), []).append(caption)
+    validation = set()
+    for captions in by_colour.values():
+        drawn = sorted(captions)
+        rng.shuffle(drawn)
+        validation.update(drawn[: len(drawn) // 2])
+    return {
+        "validation": [c for c in heldout if c in validation],
+        "test": [c for c in heldout if c not in validation],
+    }
+
+
+def split_prompt_file(split: str) -> Path:
+    """The prompt file of an evaluation split (EVAL_SPLITS)."""
+    return {"validation": VALIDATION_PROMPTS, "test": TEST_PROMPTS}[split]
 
 
 def write_prompt_files() -> None:
@@ -76,6 +109,8 @@ def write_prompt_files() -> None:
     TRAIN_PROMPTS.parent.mkdir(parents=True, exist_ok=True)
     TRAIN_PROMPTS.write_text("\n".join(train) + "\n", encoding="utf-8")
     HELDOUT_PROMPTS.write_text("\n".join(heldout) + "\n", encoding="utf-8")
+    for split, prompts in toy_eval_split(heldout).items():
+        split_prompt_file(split).write_text("\n".join(prompts) + "\n", encoding="utf-8")
 
 
 # The default taste: a "warm filter" preference that the base meets only part of the time; the toy
@@ -89,14 +124,14 @@ def labelled_generations(
     """prompt, seed, jpeg, uid and reward of k generations per prompt, every image from its own
     seed (FIRST_SEED...): the toy base's colour is mostly decided by the noise, so seeds shared
     across prompts would repeat k colour draws rather than give prompts x k."""
-    from generate import generate
+    from models.generation import generate
 
     reward = toy_reward(rule)
     rng = random.Random(0)
     out = []
     seeds = list(range(FIRST_SEED, FIRST_SEED + k))
     for g in generate(pipe, prompts, seeds, distinct_seeds=True, **settings):
-        jpeg = encode_jpeg(g.image)
+        jpeg = toy_data.encode_jpeg(g.image)
         # Label the stored (JPEG) image, not the PNG: compression flips borderline images.
         stored = Image.open(io.BytesIO(jpeg))
         out.append(
@@ -156,37 +191,42 @@ def preference_pairs(
     return rows
 
 
-def build_toy_prefs(
-    model: str,
-    out_dir: Path,
-    images_per_prompt: int = 16,
-    pairs_per_prompt: int = 8,
-    settings: dict | None = None,
-    seed: int = 0,
-    rule: str = DEFAULT_RULE,
-    match_shape: bool = True,
-) -> dict:
-    """Generate, label and write the dataset (atomically); returns the stats it writes."""
-    from generate import load_pipeline
+@dataclass(frozen=True)
+class ToyPrefsRecipe:
+    """How build_toy_prefs makes the data from a base (stats.json records it)."""
 
+    images_per_prompt: int = 16  # k generations per prompt, each from its own seed
+    pairs_per_prompt: int = 8
+    # generate()'s settings over the defaults (20 steps, TOY_GUIDANCE, batches of 64)
+    settings: dict = field(default_factory=dict)
+    seed: int = 0  # of the pairing; generation seeds start at FIRST_SEED
+    rule: str = DEFAULT_RULE  # the toy reward rule that labels every image
+    match_shape: bool = True  # see preference_pairs
+
+
+def build_toy_prefs(model: str, out_dir: Path, recipe: ToyPrefsRecipe | None = None) -> dict:
+    """Generate, label and write the dataset (atomically); returns the stats it writes."""
+    from models.generation import load_pipeline
+
+    recipe = recipe or ToyPrefsRecipe()
+    rule, match_shape, k = recipe.rule, recipe.match_shape, recipe.images_per_prompt
     toy_reward(rule)  # unknown rule: fail before generating
-    settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **(settings or {})}
+    settings = {"steps": 20, "guidance_scale": TOY_GUIDANCE, "batch_size": 64, **recipe.settings}
     train_prompts, heldout_prompts = toy_prompt_split()
     pipe = load_pipeline(model)  # its family's default sampler: ddim (SD), flow_euler (SD3)
     # One call for both splits, so no held-out image shares its noise with a training image.
-    images = labelled_generations(
-        pipe, train_prompts + heldout_prompts, images_per_prompt, settings, rule
-    )
+    images = labelled_generations(pipe, train_prompts + heldout_prompts, k, settings, rule)
     heldout = set(heldout_prompts)
     train_images = [i for i in images if i["caption"] not in heldout]
     heldout_images = [i for i in images if i["caption"] in heldout]
-    train_rows = preference_pairs(train_images, pairs_per_prompt, seed, match_shape)
-    heldout_rows = preference_pairs(heldout_images, pairs_per_prompt, seed + 1, match_shape)
+    per_prompt, seed = recipe.pairs_per_prompt, recipe.seed
+    train_rows = preference_pairs(train_images, per_prompt, seed, match_shape)
+    heldout_rows = preference_pairs(heldout_images, per_prompt, seed + 1, match_shape)
     stats = {
         "version": DATA_VERSION,
         "model": model,
         "rule": rule,
-        "images_per_prompt": images_per_prompt,
+        "images_per_prompt": k,
         "match_shape": match_shape,
         "settings": settings,
         "train_prompts": len(train_prompts),
@@ -197,9 +237,11 @@ def build_toy_prefs(
         "heldout_pairs": len(heldout_rows),
     }
     with atomic_directory(out_dir) as tmp:
-        write_pairs_parquet(tmp / "pickapic" / "train-00000-of-00001.parquet", train_rows, 16)
-        write_pairs_parquet(tmp / "heldout" / "pairs.parquet", heldout_rows, 16)
-        write_kto(tmp / "kto", train_rows)
+        toy_data.write_pairs_parquet(
+            tmp / "pickapic" / "train-00000-of-00001.parquet", train_rows, 16
+        )
+        toy_data.write_pairs_parquet(tmp / "heldout" / "pairs.parquet", heldout_rows, 16)
+        toy_data.write_kto(tmp / "kto", train_rows)
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
     logger.info("toy preferences in %s: %s", out_dir, stats)
     return stats
@@ -226,16 +268,14 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if args.write_prompts:
         write_prompt_files()
-    settings = {"steps": args.steps, "guidance_scale": args.guidance_scale}
-    stats = build_toy_prefs(
-        args.model,
-        args.out,
+    recipe = ToyPrefsRecipe(
         args.images_per_prompt,
         args.pairs_per_prompt,
-        settings,
+        {"steps": args.steps, "guidance_scale": args.guidance_scale},
         rule=args.rule,
         match_shape=not args.no_shape_match,
     )
+    stats = build_toy_prefs(args.model, args.out, recipe)
     print(json.dumps(stats))
 
 

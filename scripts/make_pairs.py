@@ -11,11 +11,12 @@ images go to ``OUT/images/`` and their scores to ``OUT/.units/`` (atomically), a
 re-run with the same command, continues with the first unit not written (``--max_units N`` stops
 after N new units, as a kill would).
 
-Scores are combined as in ``python -m data.relabel``: each scorer z-scored over every image of the
-run, then ``c = sum_k w_k z_k``. Pairs (``--pairing``): ``best_worst``, the highest- against the
-lowest-scoring image of each prompt, or ``all``, every two images of a prompt; either way only
-when the gap exceeds ``--margin`` (z units; default 0: equal scores make no pair). The chosen
-image's side (``jpg_0`` or ``jpg_1``) is drawn per pair from a generator seeded by the prompt.
+Scores are combined as in ``python -m evaluation.relabel``: each scorer z-scored over every image
+of the run, then ``c = sum_k w_k z_k``. Pairs (``--pairing``): ``best_worst``, the highest-
+against the lowest-scoring image of each prompt, or ``all``, every two images of a prompt; either
+way only when the gap exceeds ``--margin`` (z units; default 0: equal scores make no pair). The
+chosen image's side (``jpg_0`` or ``jpg_1``) is drawn per pair from a generator seeded by the
+prompt.
 
 Writes ``OUT/pickapic/train-00000.parquet`` (the Pick-a-Pic schema: caption, jpg_0/1 PNG bytes,
 label_0/1, image_0/1_uid = file names, plus seed_*, score_combined_*, prob_0) for ``--data``,
@@ -42,8 +43,8 @@ import pyarrow.parquet as pq
 
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import cli
-from data.relabel import (
+from common import cli
+from evaluation.relabel import (
     DESIRABLE,
     UNDESIRABLE,
     build_named,
@@ -209,7 +210,8 @@ def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None) -> d
         raise cli.UsageError("--images_per_prompt must be >= 2 (a pair needs two images)")
     if args.batch_size < 1 or args.prompts_per_unit < 1:
         raise cli.UsageError("--batch_size and --prompts_per_unit must be >= 1")
-    from generate import load_pipeline, read_prompts
+    from evaluation.suites import read_prompts
+    from models.generation import load_pipeline
 
     prompts = read_prompts(args.prompts)
     names = [s.partition("=")[0] for s in args.scorer]

@@ -5,7 +5,9 @@
 # (assets/toy-sd15) generates for exps/example.sh.
 #   bash scripts/setup.sh          runtime stack + embedded assets
 #   bash scripts/setup.sh --dev    the same plus pytest and ruff
-# Machines without a GPU get the CPU build of torch (TORCH_VERSION, default 2.13.0; set
+# Versions are the exact ones in requirements.lock (the suite last passed with them; refresh
+# with `bash scripts/lock.sh`); requirements.txt keeps the ranges for installs by hand.
+# Machines without a GPU get the CPU build of torch (TORCH_VERSION, default the lock's; set
 # TORCH_INDEX_URL to install it from a specific index, e.g. PyTorch's CPU wheel index).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,18 +18,21 @@ requirements=requirements.txt
 [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
 py=.venv/bin/python
 stamp=".venv/.installed-$(basename "$requirements" .txt)"
-wanted=$(cat requirements*.txt | sha256sum | cut -d' ' -f1)
+wanted=$(cat requirements*.txt requirements.lock | sha256sum | cut -d' ' -f1)
+torch_version=${TORCH_VERSION:-$(sed -n 's/^torch==//p' requirements.lock)}
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
   if ! "$py" -c "import torch" 2>/dev/null; then
     if command -v nvidia-smi >/dev/null 2>&1; then
-      "$py" -m pip install -q torch
+      "$py" -m pip install -q "torch==$torch_version"
     else
-      "$py" -m pip install -q "torch==${TORCH_VERSION:-2.13.0}" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
+      "$py" -m pip install -q "torch==$torch_version" ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"}
     fi
   fi
-  # Pin the torch just installed (or already there) so no dependency swaps it for another build.
+  # The lock's versions, with torch pinned to the build just installed (or already there) so
+  # no dependency swaps it for another build.
   constraint=$(mktemp)
-  "$py" -c "import torch; print('torch==' + torch.__version__)" >"$constraint"
+  grep -v '^torch==' requirements.lock >"$constraint"
+  "$py" -c "import torch; print('torch==' + torch.__version__)" >>"$constraint"
   "$py" -m pip install -q -r "$requirements" -c "$constraint"
   rm -f "$constraint"
   echo "$wanted" >"$stamp"

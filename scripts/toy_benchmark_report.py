@@ -1,5 +1,6 @@
 """The toy benchmark's report: tables (markdown) and plots from its benchmark.json and the
-per-task score folders that evaluate.py wrote (scores.csv, distribution.csv)."""
+per-task score folders that evaluate.py wrote (scores.csv, distribution.csv), all of one split
+of the held-out prompts (test unless the benchmark ran with --split validation)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,11 @@ TASK_TEXT = {
 # second moment still remembers the large gradients. Per-image sigmoid losses (KTO at a large
 # beta) saturate this way and stop learning (README, "Toy benchmark").
 STALL_RATIO = 1e-6
+# Issue 27's bar for an online method on the toy task: at least this many points of reward over
+# the base in every seed, with shape agreement within SHAPE_MARGIN of the base's.
+TARGET_GAIN, SHAPE_MARGIN = 40.0, 0.10
+# The offline methods the online ones are compared with, budget for budget (issue 27).
+COMPARED_OFFLINE = ("dpo", "kto")
 
 
 @dataclass
@@ -43,6 +49,7 @@ class RunMetrics:
     implicit: float | None
     seconds_per_step: float | None
     stalled: float | None = None  # share of steps without gradient (stalled_share)
+    checkpoint: int | None = None  # an online run's earlier checkpoint (its step); None: final
 
 
 def stalled_share(history: list[dict]) -> float | None:
@@ -83,6 +90,7 @@ def run_metrics(result: dict) -> list[RunMetrics]:
                     implicit=record.get("implicit_accuracy"),
                     seconds_per_step=record["train_s"] / steps if steps else None,
                     stalled=stalled_share(record.get("history", [])),
+                    checkpoint=record.get("step") if "parent" in record else None,
                 )
             )
     return rows
@@ -126,7 +134,7 @@ TABLE_HEAD = [
 def task_table(task: str, metrics: list[RunMetrics], base: RunMetrics, order: list[str]) -> list:
     by_variant: dict[str, list[RunMetrics]] = {}
     for m in metrics:
-        if m.task == task and m.name != BASE:
+        if m.task == task and m.name != BASE and m.checkpoint is None:
             by_variant.setdefault(m.variant, []).append(m)
     names = [v for v in order if v in by_variant] + sorted(set(by_variant) - set(order))
     base_row = (
@@ -187,11 +195,13 @@ def frontier_runs(result: dict, metrics: list[RunMetrics], name: str, beta: str)
     return [
         m for m in metrics
         if m.task == settings["frontier_task"] and m.variant in names
-        and m.seed in settings["frontier_seeds"]
+        and m.seed in settings["frontier_seeds"] and m.checkpoint is None
     ]  # fmt: skip
 
 
-def plot_rewards(metrics: list[RunMetrics], tasks: list[str], order: list[str], path: Path):
+def plot_rewards(
+    metrics: list[RunMetrics], tasks: list[str], order: list[str], path: Path, split: str = "test"
+):
     """Per task, one bar per loss (mean over seeds) with its seeds as dots; base dashed."""
     import matplotlib
 
@@ -202,7 +212,10 @@ def plot_rewards(metrics: list[RunMetrics], tasks: list[str], order: list[str], 
     for ax, task in zip(axes[0], tasks, strict=True):
         base = next(m for m in metrics if m.task == task and m.name == BASE)
         for x, variant in enumerate(order):
-            runs = [m for m in metrics if m.task == task and m.variant == variant]
+            runs = [
+                m for m in metrics
+                if m.task == task and m.variant == variant and m.checkpoint is None
+            ]  # fmt: skip
             if not runs:
                 continue
             ax.bar(x, 100 * mean([r.reward for r in runs]), color="tab:blue", alpha=0.7)
@@ -210,7 +223,7 @@ def plot_rewards(metrics: list[RunMetrics], tasks: list[str], order: list[str], 
         ax.axhline(100 * base.reward, linestyle="--", color="grey", label="base")
         ax.set_xticks(range(len(order)), order, rotation=45)
         ax.set_ylim(0, 100)
-        ax.set_title(f"{task} reward rate, held-out prompts")
+        ax.set_title(f"{task} reward rate, held-out prompts ({split})")
         ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -222,7 +235,9 @@ def before_after_grid(result: dict, task: str, names: list[str], path: Path) -> 
     from PIL import Image, ImageDraw, ImageFont
 
     out = Path(result["settings"]["out"])
-    folders = {n: out / "eval" / (BASE if n == BASE else task) / n for n in names}
+    split = result["settings"].get("split")  # absent: a benchmark from before the splits
+    evals = out / "eval" / split if split else out / "eval"
+    folders = {n: evals / (BASE if n == BASE else task) / n for n in names}
     tables = {n: pd.read_csv(f / "generations.csv") for n, f in folders.items()}
     prompts, seeds, cell, label, header = 6, 4, 48, 230, 16
     chosen = list(dict.fromkeys(tables[BASE]["prompt"]))[:prompts]
@@ -240,6 +255,163 @@ def before_after_grid(result: dict, task: str, names: list[str], path: Path) -> 
                 tile = Image.open(folders[name] / file_name).convert("RGB").resize((cell, cell))
                 grid.paste(tile, (label + b * (seeds * cell + 8) + c * cell, header + r * cell))
     grid.save(path)
+
+
+def budget_label(key: str, budget: dict) -> str:
+    """A matched budget's row label (keys of scripts/toy_benchmark.py budget_steps)."""
+    if key == "images":
+        return f"images = offline's ({budget['images']})"
+    if key.startswith("cpu:"):
+        variant = key.split(":", 1)[1]
+        return f"CPU = {variant}'s ({budget['cpu_s'][variant]:.0f} s)"
+    return key
+
+
+def method_points(result: dict, task: str, variant: str) -> dict[str, list[dict]]:
+    """A main-table variant's evaluated points on a task, per budget key: the run (offline:
+    ``final`` only) or its matched checkpoint, per seed, as its record (images_scored, cpu_s,
+    seed, name)."""
+    records = {r["name"]: r for r in result["records"] if r["task"] == task}
+    runs = [
+        r for r in records.values()
+        if "train_cpu_s" in r and "parent" not in r and variant_of(r["name"]) == variant
+    ]  # fmt: skip
+    points: dict[str, list[dict]] = {}
+    for run in sorted(runs, key=lambda r: r["seed"]):
+        for key, step in run.get("budget_steps", {"final": run["steps"]}).items():
+            name = run["name"] if step == run["steps"] else f"{run['name']}@{step}"
+            points.setdefault(key, []).append(records[name])
+    return points
+
+
+def budget_row(variant: str, label: str, points: list[dict], by_name: dict, base) -> str:
+    runs = [by_name[p["name"]] for p in points]
+    rates, shapes = [r.reward for r in runs], [r.shape for r in runs]
+    gains = [100 * (r - base.reward) for r in rates]
+    return (
+        f"| {variant} | {label} | {len(runs)} | "
+        f"{mean([p['images_scored'] for p in points]):.0f} | "
+        f"{mean([p['cpu_s'] for p in points]):.0f} | {pct(mean(rates))} | {pct(min(rates))} | "
+        f"{mean(gains):+.1f} (worst {min(gains):+.1f}) | "
+        f"{pct(mean(shapes))} (worst {pct(min(shapes))}) | "
+        f"{mean([r.diversity for r in runs]):.2f} | {mean([r.drift for r in runs]):.2f} |"
+    )
+
+
+def target_rows(result: dict, task: str, by_name: dict, base, order: list[str]) -> list[str]:
+    """Per online variant, issue 27's bar: +TARGET_GAIN points in every seed (final) with shape
+    agreement within SHAPE_MARGIN of the base's in every seed; and whether it beats offline DPO
+    at equal images scored (mean reward rate)."""
+    dpo = method_points(result, task, "dpo").get("final", [])
+    dpo_rate = mean([by_name[p["name"]].reward for p in dpo]) if dpo else None
+    rows = [
+        f"| online method | +{TARGET_GAIN:.0f} points in every seed (final) | shape within "
+        f"{100 * SHAPE_MARGIN:.0f} points of the base in every seed (final) | beats dpo at equal "
+        "images scored (mean) |",
+        "|---|---|---|---|",
+    ]
+    for variant in order:
+        points = method_points(result, task, variant)
+        if "images" not in points:
+            continue
+        final = [by_name[p["name"]] for p in points["final"]]
+        matched = mean([by_name[p["name"]].reward for p in points["images"]])
+        gain = min(100 * (m.reward - base.reward) for m in final)
+        shape = min(m.shape for m in final)
+        beats = "-"
+        if dpo_rate is not None:
+            beats = f"{matched > dpo_rate} ({pct(matched)} vs {pct(dpo_rate)})"
+        rows.append(
+            f"| {variant} | {gain >= TARGET_GAIN} (worst {gain:+.1f}) | "
+            f"{shape >= base.shape - SHAPE_MARGIN} (worst {pct(shape)}, base {pct(base.shape)}) | "
+            f"{beats} |"
+        )
+    return rows
+
+
+COMPARE_HEAD = [
+    "| method | budget | seeds | images scored | CPU s (user) | reward rate (mean) | worst seed | "
+    "points over base (mean, worst) | shape agreement (mean, worst) | diversity | drift |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+
+
+def compare_section(result: dict, task: str, metrics: list, base, order: list[str]) -> list:
+    """Offline against online on one task: every method at each matched budget, and the bar."""
+    by_name = {m.name: m for m in metrics if m.task == task}
+    budget = result["budgets"][task]
+    rows = [*COMPARE_HEAD]
+    online = {variant_of(r["name"]) for r in result["records"] if r.get("online")}
+    for variant in [v for v in order if v in online or v in COMPARED_OFFLINE]:
+        for key, points in method_points(result, task, variant).items():
+            label = budget_label(key, budget)
+            if key == "images" and min(p["images_scored"] for p in points) < budget["images"]:
+                label += ": not reached, the last step"
+            rows.append(budget_row(variant, label, points, by_name, base))
+    return [
+        f"### Offline against online ({task})",
+        "",
+        f"The offline data's reward scored {budget['images']} images (the training prompts' "
+        f"on-policy images; the data build's training share cost {budget['data_cpu_s']:.0f} CPU "
+        "s, counted in each offline run's CPU). Online rows: the checkpoint that first reached "
+        "the offline images, the one nearest each offline method's mean CPU seconds, and the "
+        "run's last step. Offline rows: each run's final weights only.",
+        "",
+        *rows,
+        "",
+        *target_rows(result, task, by_name, base, order),
+        "",
+    ]
+
+
+def plot_budgets(result: dict, metrics: list, tasks: list[str], order: list[str], path: Path):
+    """Per task, reward rate on the split against images the reward scored: online runs'
+    evaluated checkpoints (mean over seeds, joined; seeds as dots) and their per-step reward on
+    their own training samples (thin, mean over seeds); offline runs at their data's images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    split = result["settings"].get("split", "test")
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.8 * len(tasks), 4.2), squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, task in zip(axes[0], tasks, strict=True):
+        by_name = {m.name: m for m in metrics if m.task == task}
+        base = by_name[BASE]
+        ax.axhline(100 * base.reward, linestyle="--", color="grey", label="base")
+        online = {variant_of(r["name"]) for r in result["records"] if r.get("online")}
+        shown = [v for v in order if v in online or v in COMPARED_OFFLINE]
+        for colour, variant in zip(colours, shown, strict=False):
+            points = [p for ps in method_points(result, task, variant).values() for p in ps]
+            if not points:
+                continue
+            by_x: dict[float, list[float]] = {}
+            for p in {p["name"]: p for p in points}.values():
+                by_x.setdefault(p["images_scored"], []).append(100 * by_name[p["name"]].reward)
+            xs = sorted(by_x)
+            for x in xs:
+                ax.scatter([x] * len(by_x[x]), by_x[x], s=9, color=colour, alpha=0.5)
+            line = [(x, mean(by_x[x])) for x in xs]
+            if variant in online:  # before its first update an online run is the base
+                line.insert(0, (0, 100 * base.reward))
+            ax.plot(*zip(*line, strict=True), "-o", color=colour, label=variant)
+            curves = [r["history"] for r in result["records"] if r.get("online")
+                      and r["task"] == task and variant_of(r["name"]) == variant]  # fmt: skip
+            if curves:
+                length = min(len(c) for c in curves)
+                x = [curves[0][i]["online/images_scored"] for i in range(length)]
+                y = [100 * mean([c[i]["reward/mean"] for c in curves]) for i in range(length)]
+                ax.plot(x, y, "-", color=colour, alpha=0.35, linewidth=1,
+                        label=f"{variant}: its training samples")  # fmt: skip
+        ax.set_xlabel("images the reward scored")
+        ax.set_ylabel(f"{task} reward rate (%)")
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{task}: held-out prompts ({split}) vs images scored")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def settings_rows(result: dict) -> list[str]:
@@ -262,6 +434,22 @@ def reused_note(result: dict) -> str:
     )
 
 
+def split_text(settings: dict) -> str:
+    """Which held-out prompts the figures are of (benchmarks before the splits: all 12)."""
+    split = settings.get("split")
+    if split is None:
+        return "All 12 held-out prompts (before the validation / test split)"
+    if split == "test":
+        return (
+            "The **test** split of the held-out prompts (`assets/toy_prompts_test.txt`, one "
+            "prompt per colour; never used to choose a setting), never in the preference data"
+        )
+    return (
+        "The **validation** split of the held-out prompts (`assets/toy_prompts_validation.txt`:"
+        " for choosing settings; report the test split's figures, not these)"
+    )
+
+
 def write_report(result: dict, results_dir: Path) -> str:
     settings = result["settings"]
     metrics = run_metrics(result)
@@ -274,7 +462,7 @@ def write_report(result: dict, results_dir: Path) -> str:
         "",
         f"`bash exps/toy_benchmark.sh` on the {MACHINE}: total {timings['total_s'] / 60:.1f} min "
         f"({settings['parallel']} training processes at a time, one thread each). Model: "
-        f"`{settings['model']}`. Held-out prompts never in the preference data, "
+        f"`{settings['model']}`. {split_text(settings)}, "
         f"{settings['eval_seeds']} images each, every image from its own seed; the base's "
         f"sampler (DDIM; flow Euler for SD3 / Flux) {settings['sample_steps']} steps, "
         f"guidance {settings['guidance_scale']}, {settings['resolution']} px. "
@@ -307,11 +495,14 @@ def write_report(result: dict, results_dir: Path) -> str:
                 if "flipped_pairs" in data
                 else ""
             )
-            + f"; {data['heldout_pairs']} held-out pairs for the implicit accuracy.",
+            + f"; the split's share of the {data['heldout_pairs']} held-out pairs for the "
+            "implicit accuracy.",
             "",
             *task_table(task, metrics, base, order),
             "",
         ]
+        if any(r.get("online") and r["task"] == task for r in result["records"]):
+            lines += compare_section(result, task, metrics, base, order)
     if settings["frontier"]:
         plot_frontier(result, metrics, results_dir / "toy_frontier.png")
         lines += [
@@ -337,7 +528,12 @@ def write_report(result: dict, results_dir: Path) -> str:
                     )
         lines += ["", "![reward vs drift](toy_frontier.png)", ""]
     plot_rewards(metrics, [t for t in tasks if t != "colour-noisy"], order,
-                 results_dir / "toy_reward_by_loss.png")  # fmt: skip
+                 results_dir / "toy_reward_by_loss.png", settings.get("split", "test"))  # fmt: skip
+    compared = [t for t in tasks if any(r.get("online") and r["task"] == t
+                                        for r in result["records"])]  # fmt: skip
+    if compared:
+        plot_budgets(result, metrics, compared, order, results_dir / "toy_online_vs_offline.png")
+        lines += ["![reward vs images scored](toy_online_vs_offline.png)", ""]
     first = settings["train_seeds"][0]
     shown = [BASE, *(f"{v}-s{first}" for v in ("dpo", "kto", "sft") if v in settings["main"])]
     grid_task = "colour" if "colour" in tasks else tasks[0]

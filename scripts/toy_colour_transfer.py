@@ -23,19 +23,13 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import generate
-from config import CAPTION_DROPOUT
-from evaluation.suites import TOY_GUIDANCE
+from evaluation.suites import TOY_GUIDANCE, read_prompts
 from evaluation.toy_reward import colour_reward
+from models import generation
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
-from scripts.train_toy_base import (
-    ToyScenes,
-    batches,
-    caption_token_ids,
-    denoising_loss,
-    latent_moments,
-    toy_scenes,
-)
+from scripts.toy_base_training import batches, latent_moments
+from scripts.train_toy_base import ToyScenes, caption_token_ids, denoising_loss, toy_scenes
+from training.config import CAPTION_DROPOUT
 
 SCENE_SEED = 123  # not the base's scene seed (0): new drawings of the same captions
 
@@ -80,7 +74,7 @@ def continue_training(
 
 
 def heldout_colour_rate(pipe: StableDiffusionPipeline, prompts: list[str], seeds: int) -> float:
-    images = generate.generate(
+    images = generation.generate(
         pipe, prompts, list(range(seeds)), 20, TOY_GUIDANCE, 32,
         batch_size=64, progress=False, distinct_seeds=True,
     )  # fmt: skip
@@ -101,8 +95,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also save the tuned UNet here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    pipe = generate.load_pipeline(args.model)
-    prompts = generate.read_prompts(HELDOUT_PROMPTS)
+    pipe = generation.load_pipeline(args.model)
+    prompts = read_prompts(HELDOUT_PROMPTS)
     base = heldout_colour_rate(pipe, prompts, args.eval_seeds)
     scenes = toy_scenes(args.scenes, SCENE_SEED, wrong_colour_share=0.0)
     if args.train_prompts_only:

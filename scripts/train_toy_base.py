@@ -19,10 +19,8 @@ counts, same weights (on one machine's torch).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
-import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -30,44 +28,34 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTokenizer
 
 # Run as a script, the repo root is not on sys.path, and `scripts.*` needs it.
 if not __package__:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from scripts.atomic_dir import atomic_directory
+from scripts import build_toy_data as toy_data
+from scripts import toy_base_training as toy
 from scripts.build_tiny_model import tiny_text_encoder, training_scheduler
-from scripts.build_toy_data import (
-    BACKGROUNDS,
-    COLOURS,
-    SHAPES,
-    SIZES,
-    draw_scene,
-    other,
-    scene_caption,
-)
-from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
 
 logger = logging.getLogger(__name__)
 
-RESOLUTION = 32
 LATENT_CHANNELS = 4
 # Share of captions naming another colour than the one drawn (the second base's mechanism for
 # partial colour following: 0.3; the first base's 0.6 left the colour word unread). The shipped
 # base uses none: its partial colour following comes from TYPICAL_COLOUR_SCENES.
 WRONG_COLOUR_CAPTIONS = 0.0
 # Share of scenes drawn in their shape's TYPICAL_COLOUR whatever colour the caption names: at
-# 0.5, the base draws the named colour on held-out prompts only part of the time (README,
-# "The toy task").
+# 0.5, the base draws the named colour on held-out prompts only part of the time
+# (docs/toy-benchmark.md, "The toy base").
 TYPICAL_COLOUR_SCENES = 0.5
 # The UNet's first phase (while the text encoder trains) on scenes drawn in the named colour, the
 # habit's scenes only after it: pretraining on faithful data, then fine-tuning on biased data.
 # The third base (False, share 0.6) learned the habit from the start: it drew the caption's shape
 # in 78% of held-out images, but in only 68% of its images in the caption's colour, and tuning it
-# toward the colour cost 6-19 points of shape agreement (README, "The toy task").
+# toward the colour cost 6-19 points of shape agreement (assets/readme_history.md, "How the toy
+# base's prompt following was obtained").
 FAITHFUL_FIRST = True
 # The text encoder trains (jointly, on captions naming the colour drawn) for the first half of
 # the UNet's steps, then stays frozen: it learns the colour words as a separately trained
@@ -76,9 +64,6 @@ FAITHFUL_FIRST = True
 # tuning the UNet could not raise colour following on held-out prompts (README, "Toy benchmark").
 TEXT_ENCODER_STEPS = 1600
 UNET_STEPS = 3200  # ~22 CPU-minutes with --threads 1 (the budget: 30)
-CAPTION_DROPOUT = 0.1  # empty captions, so classifier-free guidance works
-VAE_BATCH = 32
-KL_WEIGHT = 1e-6  # SD's VAE: a tiny KL term, latents rescaled afterwards by scaling_factor
 SQUARE_CANVAS = (64, 64)
 # Min-SNR-gamma loss weighting (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR
 # Weighting Strategy", gamma 5 as in the paper): epsilon-MSE weighted by min(SNR, gamma) / SNR,
@@ -108,7 +93,7 @@ def toy_scenes(
     square_canvas: bool = True,
     typical_colour_share: float = 0.0,
 ) -> ToyScenes:
-    """num scenes at RESOLUTION px; a share of captions names a wrong colour. square_canvas
+    """num scenes at toy.RESOLUTION px; a share of captions names a wrong colour. square_canvas
     draws on a square canvas, so the centre crop never cuts a shape at the border (cut shapes
     taught the first base to draw fragments: 6% of cropped scenes fail the shape rule).
     typical_colour_share: the share of scenes drawn in their shape's TYPICAL_COLOUR whatever
@@ -116,43 +101,30 @@ def toy_scenes(
     rng = random.Random(seed)
     pixels, captions, true_captions = [], [], []
     for _ in range(num):
-        colour, shape = rng.choice(list(COLOURS)), rng.choice(SHAPES)
-        background = rng.choice(list(BACKGROUNDS))
-        sizes = (SQUARE_CANVAS,) if square_canvas else SIZES
+        colour, shape = rng.choice(list(toy_data.COLOURS)), rng.choice(toy_data.SHAPES)
+        background = rng.choice(list(toy_data.BACKGROUNDS))
+        sizes = (SQUARE_CANVAS,) if square_canvas else toy_data.SIZES
         drawn = colour
         if typical_colour_share and rng.random() < typical_colour_share:
             drawn = TYPICAL_COLOUR[shape]
-        image = draw_scene(rng, drawn, shape, background, sizes)
+        image = toy_data.draw_scene(rng, drawn, shape, background, sizes)
         side = min(image.size)
         left, top = (image.width - side) // 2, (image.height - side) // 2
         image = image.crop((left, top, left + side, top + side))
-        image = image.resize((RESOLUTION, RESOLUTION), Image.Resampling.BILINEAR, reducing_gap=2)
-        named = other(rng, COLOURS, drawn) if rng.random() < wrong_colour_share else colour
-        captions.append(scene_caption(named, shape, background))
-        true_captions.append(scene_caption(drawn, shape, background))
+        size = (toy.RESOLUTION, toy.RESOLUTION)
+        image = image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2)
+        wrong = rng.random() < wrong_colour_share  # drawn before the wrong colour, if any
+        named = toy_data.other(rng, toy_data.COLOURS, drawn) if wrong else colour
+        captions.append(toy_data.scene_caption(named, shape, background))
+        true_captions.append(toy_data.scene_caption(drawn, shape, background))
         pixels.append(torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1))
     return ToyScenes(torch.stack(pixels) / 127.5 - 1.0, captions, true_captions)
-
-
-def toy_vae() -> AutoencoderKL:
-    """3 levels, 2 downsamplings: 32 px -> 8x8 latents (SD's 1/8 latent grid at 1/16 the size)."""
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(16, 32, 32),  # flat-coloured scenes need little capacity
-        layers_per_block=1,
-        latent_channels=LATENT_CHANNELS,
-        norm_num_groups=8,
-        sample_size=RESOLUTION,
-    )
 
 
 def toy_unet(cross_attention_dim: int, width: int = 32) -> UNet2DConditionModel:
     """A 2-level cross-attention UNet on 8x8x4 latents, width and 2 x width channels."""
     return UNet2DConditionModel(
-        sample_size=RESOLUTION // 4,
+        sample_size=toy.RESOLUTION // 4,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
         block_out_channels=(width, 2 * width),
@@ -165,47 +137,6 @@ def toy_unet(cross_attention_dim: int, width: int = 32) -> UNet2DConditionModel:
     )
 
 
-def batches(num: int, batch_size: int, steps: int, gen: torch.Generator):
-    """steps index batches, reshuffling every epoch."""
-    order = torch.randperm(num, generator=gen)
-    position = 0
-    for _ in range(steps):
-        if position + batch_size > num:
-            order, position = torch.randperm(num, generator=gen), 0
-        yield order[position : position + batch_size]
-        position += batch_size
-
-
-def train_vae(
-    vae: AutoencoderKL, pixels: torch.Tensor, steps: int, batch_size: int, lr: float, seed: int
-) -> None:
-    """Reconstruction MSE + KL_WEIGHT * KL, AdamW."""
-    gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
-    vae.train()
-    for step, idx in enumerate(batches(len(pixels), batch_size, steps, gen)):
-        x = pixels[idx]
-        posterior = vae.encode(x).latent_dist
-        z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen)
-        loss = F.mse_loss(vae.decode(z).sample, x) + KL_WEIGHT * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 100 == 0 or step == steps - 1:
-            logger.info("vae step %d/%d loss %.5f", step + 1, steps, loss.item())
-    vae.eval()
-
-
-@torch.no_grad()
-def latent_moments(vae: AutoencoderKL, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    means, stds = [], []
-    for chunk in pixels.split(256):
-        dist = vae.encode(chunk).latent_dist
-        means.append(dist.mean)
-        stds.append(dist.std)
-    return torch.cat(means), torch.cat(stds)
-
-
 def min_snr_weights(snr: torch.Tensor, gamma: float) -> torch.Tensor:
     """Per-sample weights of the epsilon MSE under Min-SNR-gamma: min(SNR, gamma) / SNR."""
     return snr.clamp(max=gamma) / snr
@@ -216,10 +147,9 @@ def caption_token_ids(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Each unique caption (and the empty one) tokenized once: token ids [U, 77], each scene's
     row in them [N], and the empty caption's row (for caption dropout)."""
-    unique = [*sorted(set(captions)), ""]
+    unique, caption_ids, empty_id = toy.caption_index(captions)
     token_ids = tokenizer(unique, padding="max_length", max_length=77, return_tensors="pt")
-    index = {caption: i for i, caption in enumerate(unique)}
-    return token_ids.input_ids, torch.tensor([index[c] for c in captions]), index[""]
+    return token_ids.input_ids, caption_ids, empty_id
 
 
 def denoising_loss(
@@ -237,11 +167,10 @@ def denoising_loss(
     (latent_dist: mean, std [B, 4, 8, 8] and the scaling factor), a share of captions replaced by
     the empty one, Min-SNR-gamma weights if given. text: [U, L, D] for the unique captions."""
     mean, std, scaling = latent_dist
-    latents = (mean + std * torch.randn(mean.shape, generator=gen)) * scaling
+    latents = toy.sample_latents(mean, std, gen) * scaling
     noise = torch.randn(latents.shape, generator=gen)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (len(mean),), generator=gen)
-    ids = caption_ids.clone()
-    ids[torch.rand(len(mean), generator=gen) < caption_dropout] = empty_id
+    ids = toy.drop_captions(caption_ids, empty_id, caption_dropout, gen)
     prediction = unet(scheduler.add_noise(latents, noise, t), t, text[ids]).sample
     per_sample = (prediction - noise).pow(2).mean(dim=(1, 2, 3))
     if min_snr_gamma:
@@ -309,26 +238,18 @@ def train_unet(
     the others afterwards (the same batch draws, offset)."""
     scheduler = training_scheduler("epsilon")
     gen = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(
-        [
-            {"params": unet.parameters(), "weight_decay": 1e-2},
-            {"params": text_encoder.parameters(), "weight_decay": 0.0},
-        ],
-        lr=lr,
-    )
-    warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + np.cos(np.pi * s / steps))
+    optimizer = toy.CosineAdamW(
+        [(unet.parameters(), 1e-2), (text_encoder.parameters(), 0.0)], lr, steps
     )
     unet.train()
     text_encoder.train()
-    params = [*unet.parameters(), *text_encoder.parameters()]
+    params = optimizer.params
     ema = [p.detach().clone() for p in params] if ema_decay else None
     frozen_text = None
     habit_rows = len(mean) - faithful_rows
     if faithful_rows not in (0, habit_rows):
         raise ValueError(f"faithful_rows {faithful_rows}: 0 or half of the {len(mean)} rows")
-    for step, idx in enumerate(batches(habit_rows, batch_size, steps, gen)):
+    for step, idx in enumerate(toy.batches(habit_rows, batch_size, steps, gen)):
         text_encoder_trains = text_encoder_steps is None or step < text_encoder_steps
         if faithful_rows and text_encoder_trains:
             idx = idx + habit_rows
@@ -338,19 +259,14 @@ def train_unet(
         ids = true_caption_ids if text_encoder_trains and text_encoder_steps else caption_ids
         loss = denoising_loss(
             unet, scheduler, (mean[idx], std[idx], scaling), text, ids[idx], empty_id,
-            gen, CAPTION_DROPOUT, min_snr_gamma,
+            gen, toy.CAPTION_DROPOUT, min_snr_gamma,
         )  # fmt: skip
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        schedule.step()
+        optimizer.step(loss)
         if ema is not None:
             decay = ema_decay_at(step, ema_decay)
             with torch.no_grad():
                 torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
-        if step % 100 == 0 or step == steps - 1:
-            logger.info("unet step %d/%d loss %.5f", step + 1, steps, loss.item())
+        toy.log_progress("unet", step, steps, loss)
     if ema is not None:
         with torch.no_grad():
             for param, average in zip(params, ema, strict=True):
@@ -359,15 +275,11 @@ def train_unet(
     text_encoder.eval()
 
 
+DEFAULTS = toy.ToyBaseRun(Path("assets/toy-sd15"), UNET_STEPS, 64, WRONG_COLOUR_CAPTIONS)
+
+
 def train_toy_base(
-    out_dir: Path,
-    seed: int = 0,
-    num_images: int = 4096,
-    vae_steps: int = 400,
-    unet_steps: int = UNET_STEPS,
-    batch_size: int = 64,
-    tokenizer_cache: Path | None = None,
-    wrong_colour_share: float = WRONG_COLOUR_CAPTIONS,
+    run: toy.ToyBaseRun = DEFAULTS,
     unet_width: int = 32,
     square_canvas: bool = True,
     min_snr_gamma: float | None = MIN_SNR_GAMMA,
@@ -376,8 +288,9 @@ def train_toy_base(
     text_encoder_steps: int | None = TEXT_ENCODER_STEPS,
     faithful_first: bool = FAITHFUL_FIRST,
 ) -> Path:
-    """Train the toy base and save it to out_dir (UNet and VAE in fp16), atomically."""
-    tokenizer_dir = ensure_clip_tokenizer(tokenizer_cache or default_tokenizer_cache())
+    """Train the toy base and save it to run.out_dir (UNet and VAE in fp16), atomically."""
+    tokenizer_dir = run.clip_tokenizer()
+    seed, num_images, wrong_colour_share = run.seed, run.num_images, run.wrong_colour_share
     torch.manual_seed(seed)
     start = time.perf_counter()
     if not 0.0 <= wrong_colour_share <= 1.0:
@@ -400,16 +313,10 @@ def train_toy_base(
         faithful_rows = num_images
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     text_encoder = tiny_text_encoder(with_projection=False)
-    vae = toy_vae()
+    vae = toy.toy_vae(LATENT_CHANNELS)
     unet = toy_unet(text_encoder.config.hidden_size, unet_width)
-    logger.info(
-        "%d scenes; vae %.2fM, unet %.2fM params",
-        num_images,
-        sum(p.numel() for p in vae.parameters()) / 1e6,
-        sum(p.numel() for p in unet.parameters()) / 1e6,
-    )
-    train_vae(vae, scenes.pixels, vae_steps, VAE_BATCH, 2e-3, seed)
-    mean, std = latent_moments(vae, scenes.pixels)
+    toy.log_sizes(num_images, vae, "unet", unet)
+    mean, std = toy.fit_vae(vae, scenes.pixels, run.vae_steps, seed)
     scaling = float(1.0 / mean.std())  # unit-variance latents, as SD's scaling_factor does
     vae.register_to_config(scaling_factor=scaling)
     logger.info("vae done at %.0f s, scaling_factor %.4f", time.perf_counter() - start, scaling)
@@ -427,8 +334,8 @@ def train_toy_base(
         token_ids,
         caption_ids,
         empty_id,
-        unet_steps,
-        batch_size,
+        run.steps,
+        run.batch_size,
         1e-3,
         seed,
         min_snr_gamma,
@@ -449,28 +356,18 @@ def train_toy_base(
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    with atomic_directory(out_dir) as tmp:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        # vocab.json + merges.txt fully define the tokenizer; tokenizer.json repeats them (3.6 MB).
-        (tmp / "tokenizer" / "tokenizer.json").unlink(missing_ok=True)
-        for name in ("vocab.json", "merges.txt"):
-            shutil.copyfile(tokenizer_dir / name, tmp / "tokenizer" / name)
-    return Path(out_dir)
+    return toy.save_toy_pipeline(pipe, run.out_dir, tokenizer_dir, ("tokenizer",))
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("assets/toy-sd15"), help="output dir")
-    parser.add_argument("--seed", type=int, default=0, help="seed for scenes and training")
-    parser.add_argument("--images", type=int, default=4096, help="training scenes")
-    parser.add_argument("--vae_steps", type=int, default=400, help="VAE optimizer steps")
-    parser.add_argument("--unet_steps", type=int, default=UNET_STEPS, help="UNet optimizer steps")
-    parser.add_argument("--batch_size", type=int, default=64, help="images per step")
+    parser = toy.toy_base_parser(__doc__, DEFAULTS)
     parser.add_argument(
-        "--wrong_colour_share",
-        type=float,
-        default=WRONG_COLOUR_CAPTIONS,
-        help="share of training captions naming another colour than the one drawn",
+        "--unet_steps",
+        dest="steps",  # ToyBaseRun.steps, as the flow trainer's --steps
+        metavar="UNET_STEPS",
+        type=int,
+        default=DEFAULTS.steps,
+        help="UNet optimizer steps",
     )
     parser.add_argument(
         "--typical_colour_share",
@@ -499,31 +396,21 @@ def main() -> None:
     )
     parser.add_argument("--min_snr_gamma", type=float, default=MIN_SNR_GAMMA, help="0: off")
     parser.add_argument("--ema_decay", type=float, default=EMA_DECAY, help="0: off")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    parser.add_argument("--tokenizer_cache", type=Path, default=None, help="CLIP tokenizer cache")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    train_toy_base(
-        args.out,
-        args.seed,
-        args.images,
-        args.vae_steps,
-        args.unet_steps,
-        args.batch_size,
-        args.tokenizer_cache,
-        args.wrong_colour_share,
-        args.unet_width,
-        not args.cropped_scenes,
-        args.min_snr_gamma or None,
-        args.ema_decay or None,
-        args.typical_colour_share,
-        args.text_encoder_steps or None,
-        not args.no_faithful_first,
+    toy.run_trainer(
+        args,
+        "toy base",
+        lambda run: train_toy_base(
+            run,
+            args.unet_width,
+            not args.cropped_scenes,
+            args.min_snr_gamma or None,
+            args.ema_decay or None,
+            args.typical_colour_share,
+            args.text_encoder_steps or None,
+            not args.no_faithful_first,
+        ),
     )
-    print(f"trained the toy base into {args.out} in {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,36 +17,26 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Builders are imported inside the fixtures so only tests that use them pay for diffusers' import.
 
 
-@pytest.fixture(scope="session")
-def tiny_sd15_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random SD1.5-shaped pipeline in diffusers format (seed 0, epsilon)."""
-    from scripts.build_tiny_model import build_tiny_sd15
+def _tiny_model_fixture(family: str) -> Any:
+    """A session fixture ``tiny_<family>_dir``: a tiny random pipeline of ``family`` in diffusers
+    format (seed 0; epsilon for the UNets)."""
 
-    return build_tiny_sd15(tmp_path_factory.mktemp("tiny-sd15") / "model")
+    @pytest.fixture(scope="session", name=f"tiny_{family}_dir")
+    def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+        """A tiny random pipeline in diffusers format (seed 0), built once per session."""
+        from scripts.build_tiny_model import build_tiny_model
 
+        return build_tiny_model(tmp_path_factory.mktemp(f"tiny-{family}") / "model", family)
 
-@pytest.fixture(scope="session")
-def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random SDXL-shaped pipeline in diffusers format (seed 0, epsilon)."""
-    from scripts.build_tiny_model import build_tiny_sdxl
-
-    return build_tiny_sdxl(tmp_path_factory.mktemp("tiny-sdxl") / "model")
+    return tiny_model_dir
 
 
-@pytest.fixture(scope="session")
-def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random SD3.5-shaped pipeline (MMDiT, CLIP-L/G + T5, 16-channel VAE), seed 0."""
-    from scripts.build_tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-sd3") / "model", "sd3")
-
-
-@pytest.fixture(scope="session")
-def tiny_flux_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny random Flux.1-dev-shaped pipeline (guidance-distilled, CLIP-L + T5), seed 0."""
-    from scripts.build_tiny_model import build_tiny_model
-
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-flux") / "model", "flux")
+# SD1.5 (UNet, CLIP), SDXL (two CLIPs, pooled embedding, time_ids), SD3.5 (MMDiT, CLIP-L/G + T5,
+# 16-channel VAE), Flux.1-dev (guidance-distilled, CLIP-L + T5).
+tiny_sd15_dir = _tiny_model_fixture("sd15")
+tiny_sdxl_dir = _tiny_model_fixture("sdxl")
+tiny_sd3_dir = _tiny_model_fixture("sd3")
+tiny_flux_dir = _tiny_model_fixture("flux")
 
 
 @pytest.fixture(scope="session")

@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from evaluation.scorers import AESTHETIC_HEAD, AestheticScorer
 from scripts.convert_aesthetic_head import SHIPPED, convert, expected_shapes
+from tests.support import save_tiny_clip
 
 SHAPES = {
     "layers.0.weight": (1024, 768), "layers.0.bias": (1024,),
@@ -35,32 +36,7 @@ def hand_mlp(state: dict[str, torch.Tensor], x: np.ndarray) -> np.ndarray:
 @pytest.fixture(scope="module")
 def head_dir(tmp_path_factory) -> Path:
     """A CLIP model with the ViT-L/14 embedding size (768; tiny otherwise) and the real head."""
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessorPil,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
-
-    out = tmp_path_factory.mktemp("aesthetic") / "clip-l14-shaped"
-    torch.manual_seed(0)
-    small = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-             "num_attention_heads": 2}  # fmt: skip
-    config = CLIPConfig(
-        text_config={**small, "vocab_size": 49408, "max_position_embeddings": 77,
-                     "bos_token_id": 49406, "eos_token_id": 49407, "pad_token_id": 49407},
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=768,
-    )  # fmt: skip
-    CLIPModel(config).save_pretrained(out)
-    tokenizer = CLIPTokenizer.from_pretrained(ensure_clip_tokenizer(default_tokenizer_cache()))
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=processor, tokenizer=tokenizer).save_pretrained(out)
+    out = save_tiny_clip(tmp_path_factory.mktemp("aesthetic") / "clip-l14-shaped", 768)
     convert(SHIPPED, out)
     return out
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from config import parse_config
 from data import DataError
 from data.cache import LATENT_PREFIX, CachedLatentEncoder
 from scripts.build_cache import main as build_cache_main
 from tests.support import reset_accelerate
 from tests.test_train import run
+from training.config import parse_config
 
 
 @pytest.fixture(scope="module")

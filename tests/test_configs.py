@@ -1,8 +1,8 @@
 """The accelerate configs in configs/ parse, and name what the trainer and models have.
 
 DeepSpeed ZeRO-2 and FSDP cannot run on this CPU-only machine (accelerate's FSDP needs a GPU;
-DeepSpeed is an optional extra): these checks are what can be verified here. See README,
-"Multi-GPU, DeepSpeed and FSDP".
+DeepSpeed is an optional extra): these checks are what can be verified here. See
+docs/multi-gpu.md.
 """
 
 from pathlib import Path
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from accelerate.commands.config.config_args import load_config_from_file
 
-from config import TrainConfig
+from training.config import TrainConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -46,7 +46,7 @@ def test_fsdp_wraps_blocks_that_exist_in_the_unet(tiny_sd15_dir):
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_fsdp_configs_wrap_blocks_that_exist_in_the_transformer(family, request):
-    from models.family import family_for
+    from models.families import family_for
 
     model_dir = request.getfixturevalue(f"tiny_{family}_dir")
     config = load_config_from_file(str(CONFIGS / f"fsdp_{family}.yaml"))

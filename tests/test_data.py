@@ -28,6 +28,7 @@ from data import (
     collate_pairs,
     parse_split_labels,
 )
+from tests.support import stream_kwargs
 
 RES = 8
 WHITE, BLACK, GREY = (255, 255, 255), (0, 0, 0), (128, 128, 128)
@@ -92,8 +93,8 @@ def shards(tmp_path: Path) -> Path:
 
 
 def pairs(source, **kwargs) -> PickapicPairs:
-    kwargs.setdefault("transform", ImageTransform(RES, center_crop=False))
-    return PickapicPairs(str(source), **kwargs)
+    transform = ImageTransform(RES, center_crop=False)
+    return PickapicPairs(str(source), **stream_kwargs(transform, **kwargs))
 
 
 def epoch_examples(dataset, role: int = 0) -> list[dict]:
@@ -378,8 +379,8 @@ def write_kto(tmp_path: Path, rows: list[tuple[str, str, str]] | None = None) ->
 
 
 def images(csv: str, root: str, **kwargs) -> LabeledImages:
-    kwargs.setdefault("transform", ImageTransform(RES, center_crop=False))
-    return LabeledImages(csv, root, **kwargs)
+    transform = ImageTransform(RES, center_crop=False)
+    return LabeledImages(csv, root, **stream_kwargs(transform, **kwargs))
 
 
 def test_kto_default_mapping_and_labels(tmp_path):

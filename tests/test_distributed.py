@@ -17,7 +17,7 @@ import torch.distributed as dist
 from accelerate import debug_launcher
 
 import train
-from tests.support import reset_accelerate
+from tests.support import one_thread_per_rank, reset_accelerate
 
 STEPS = 4
 
@@ -84,10 +84,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 ):
     fixture, loss = CASES[case]
     model = request.getfixturevalue(fixture)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # 2 ranks on 2 cores: no oversubscription
-    torch_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_thread_per_rank(monkeypatch):
         report = tmp_path / "report"
         report.mkdir()
         two = argv(model, toy_data_dir, tmp_path / "two", *LOSSES[loss],
@@ -99,8 +96,6 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
         accumulate = ("--dataloader_num_workers", "2", "--gradient_accumulation_steps", "2")
         one = argv(model, toy_data_dir, tmp_path / "one", *LOSSES[loss], *accumulate)
         single, single_rows = train_recording_rows(one)
-    finally:
-        torch.set_num_threads(torch_threads)
 
     ranks = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(2)]
     rows = [{tuple(x) for x in r["rows"]} for r in ranks]
@@ -122,7 +117,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(
 
 
 def train_base_params(model: Path) -> list[torch.Tensor]:
-    from models.family import denoiser_config, family_for
+    from models.families import denoiser_config, family_for
 
     family = family_for(denoiser_config(str(model)))
     denoiser = family.denoiser_class.from_pretrained(model, subfolder=family.denoiser_folder)

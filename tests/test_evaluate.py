@@ -14,7 +14,7 @@ from PIL import Image, ImageDraw
 from safetensors.torch import save_file
 
 import evaluate
-from cli import UsageError
+from common.cli import UsageError
 from evaluation.scorers import (
     AESTHETIC_HEAD,
     IMAGEREWARD_HEAD,
@@ -22,8 +22,15 @@ from evaluation.scorers import (
     PreferenceMLP,
     build_scorer,
 )
-from evaluation.stats import mean_interval, median_image_scores, summary, win_rate
+from evaluation.stats import (
+    mean_interval,
+    median_image_scores,
+    summary,
+    wilson_interval,
+    win_rate,
+)
 from scripts.build_toy_data import BACKGROUNDS, COLOURS
+from tests.support import TINY_TOWER, save_tiny_clip
 
 
 def table(rows: list[tuple[str, str, float]]) -> pd.DataFrame:
@@ -55,6 +62,18 @@ def test_rates_get_the_wilson_interval_inside_zero_and_one():
     # All 12 rewarded: the normal interval would have no width; Wilson's is [12 / (12 + z^2), 1].
     _, low, high = mean_interval([1.0] * 12)
     assert low == pytest.approx(12 / (12 + 3.841459), abs=1e-6) and high == pytest.approx(1.0)
+
+
+def test_wilson_bounds_are_exactly_0_and_1_at_none_and_all():
+    # 0 of 2 gave a lower bound of -5.551e-17, which evaluate.py's table printed.
+    assert wilson_interval(0.0, 2) == (0.0, pytest.approx(3.841459 / (2 + 3.841459), abs=1e-6))
+    for n in range(1, 60):
+        assert wilson_interval(0.0, n)[0] == 0.0 and wilson_interval(1.0, n)[1] == 1.0
+        for k in range(n + 1):
+            low, high = wilson_interval(k / n, n)
+            assert 0.0 <= low <= k / n <= high <= 1.0
+    _, low, _ = mean_interval([0.0, 0.0])
+    assert low == 0.0 and f"{low:.4g}" == "0"
 
 
 def test_summary_per_model_and_scorer():
@@ -153,42 +172,7 @@ def test_cli_rejects_a_folder_without_generations_csv(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_clip_dir(tmp_path_factory) -> Path:
-    from transformers import (
-        CLIPConfig,
-        CLIPImageProcessorPil,
-        CLIPModel,
-        CLIPProcessor,
-        CLIPTokenizer,
-    )
-
-    from scripts.clip_tokenizer import default_tokenizer_cache, ensure_clip_tokenizer
-
-    out = tmp_path_factory.mktemp("tiny-clip") / "clip"
-    torch.manual_seed(0)
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
-    config = CLIPConfig(
-        text_config={
-            **small,
-            "vocab_size": 49408,
-            "max_position_embeddings": 77,
-            "bos_token_id": 49406,
-            "eos_token_id": 49407,
-            "pad_token_id": 49407,
-        },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
-        projection_dim=16,
-    )
-    CLIPModel(config).save_pretrained(out)
-    tokenizer = CLIPTokenizer.from_pretrained(ensure_clip_tokenizer(default_tokenizer_cache()))
-    image_processor = CLIPImageProcessorPil(
-        size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}
-    )
-    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(out)
+    out = save_tiny_clip(tmp_path_factory.mktemp("tiny-clip") / "clip", projection_dim=16)
     save_file(PreferenceMLP(16).state_dict(), str(out / AESTHETIC_HEAD))
     return out
 
@@ -207,15 +191,9 @@ def tiny_blip_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "red", "blue", "square"]
     tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(words)})
-    small = {
-        "hidden_size": 32,
-        "intermediate_size": 64,
-        "num_hidden_layers": 1,
-        "num_attention_heads": 2,
-    }
     config = BlipConfig(
         text_config={
-            **small,
+            **TINY_TOWER,
             "vocab_size": len(words),
             "encoder_hidden_size": 32,
             "max_position_embeddings": 64,
@@ -223,7 +201,7 @@ def tiny_blip_dir(tmp_path_factory) -> Path:
             "sep_token_id": 3,
             "pad_token_id": 0,
         },
-        vision_config={**small, "image_size": 32, "patch_size": 8},
+        vision_config={**TINY_TOWER, "image_size": 32, "patch_size": 8},
         projection_dim=16,
         image_text_hidden_size=16,
     )
@@ -282,3 +260,44 @@ def test_a_scorer_without_its_weights_is_a_clear_error(tmp_path, tiny_clip_dir):
             (bare / f.name).write_bytes(f.read_bytes())
     with pytest.raises(FileNotFoundError, match=AESTHETIC_HEAD):
         build_scorer("aesthetic", str(bare))
+
+
+# --- Every argument checked before the first image (issue 25, item 9) ---
+
+
+def test_every_argument_is_checked_before_the_first_image(tiny_sd15_dir, tmp_path):
+    """A mistake in a later --generate, a scorer that cannot read the prompts, an unknown
+    --baseline: one UsageError naming the flag, and no image generated."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na cat on a sofa\n")  # the second names no toy colour
+    out = tmp_path / "eval"
+    common = ["--model", str(tiny_sd15_dir), "--num_seeds", "1", "--steps", "1",
+              "--resolution", "32", "--out", str(out), "--device", "cpu"]  # fmt: skip
+    cases = [
+        (["--generate", "base", "--generate", f"dpo={tmp_path / 'no-run'}", "--prompts",
+          str(prompts), "--scorer", "toy_warm"], r"^--generate .*no-run: neither a trained"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "toy_colour"],
+         r"^--scorer toy_colour cannot score prompt 2 of --prompts .*'a cat on a sofa'"),
+        (["--generate", "base", "--suite", "partiprompts", "--limit", "2", "--scorer",
+          "toy_shape"], r"^--scorer toy_shape cannot score prompt 1 of --suite partiprompts"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "toy_warm",
+          "--baseline", "nope"], r"^--baseline 'nope' is not one of the runs \['base'\]"),
+        (["--generate", "base", "--prompts", str(prompts), "--scorer", "aesthetic"],
+         r"^--scorer aesthetic needs a model path"),
+        (["--generate", "base", "--prompts", str(tmp_path / "none.txt"), "--scorer",
+          "toy_warm"], r"^--prompts .*none\.txt: no such file"),
+    ]  # fmt: skip
+    for argv, expected in cases:
+        with pytest.raises(UsageError, match=expected):
+            evaluate.main([*common, *argv])
+        assert not out.exists(), argv  # nothing generated, nothing written
+
+
+def test_a_run_folder_whose_prompts_a_scorer_cannot_read_is_refused(tmp_path):
+    write_run(tmp_path / "base", ["red"], "red")
+    frame = pd.read_csv(tmp_path / "base" / "generations.csv")
+    frame["prompt"] = ["a plain square"]
+    frame.to_csv(tmp_path / "base" / "generations.csv", index=False)
+    with pytest.raises(UsageError, match=r"--scorer toy_colour cannot score prompt 1 of --run"):
+        evaluate.main(["--run", f"base={tmp_path / 'base'}", "--scorer", "toy_colour",
+                       "--out", str(tmp_path / "eval")])  # fmt: skip

@@ -8,13 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from losses import get_spec
+from losses import get_spec, loss_names
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPTS = sorted((REPO / "exps").glob("*.sh"))
+# The recipes; exps/common.sh is the plumbing they source.
+SCRIPTS = sorted(p for p in (REPO / "exps").glob("*.sh") if p.name != "common.sh")
 # The toy benchmark and iterated DPO are pipelines, not one training run: tested on their own
 # (iterative_dpo.sh in test_make_pairs.py).
-TRAINING_SCRIPTS = [p for p in SCRIPTS if p.name not in ("toy_benchmark.sh", "iterative_dpo.sh")]
+# The online recipes (--loss grpo / nft) have their own tests: test_exps_online.py.
+TRAINING_SCRIPTS = [p for p in SCRIPTS if p.name not in ("toy_benchmark.sh", "iterative_dpo.sh")
+                    and not re.search(r"--loss (grpo|nft)\b", p.read_text())]  # fmt: skip
 # The tiny model a script runs on, by a family name in the script's name (else SD1.5).
 FIXTURES = {"sdxl": "tiny_sdxl_dir", "sd35": "tiny_sd3_dir", "flux": "tiny_flux_dir"}
 
@@ -87,13 +90,13 @@ def test_script_runs_with_overrides(script, request, toy_data_dir, tmp_path):
     ("script", "env", "expected"),
     [
         ("sdxl_dpo.sh", {"LOSS": "mapo"}, {"beta": 0.1, "snr_value": 0.5}),
-        (
+        (  # two processes on the CPU: the recipe passes --multi_gpu (without it, one runs)
             "sd15_dpo.sh",
-            {"LOSS": "dmpo", "MU": "0.9"},
+            {"LOSS": "dmpo", "MU": "0.9", "NUM_PROCESSES": "2", "ACCELERATE_USE_CPU": "1"},
             {"beta": 2000.0, "dmpo_alpha": 0.01, "winner_preserving_mu": 0.9},
         ),
     ],
-    ids=["sdxl-mapo", "sd15-dmpo-safeguard"],
+    ids=["sdxl-mapo", "sd15-dmpo-safeguard-2-processes"],
 )
 def test_loss_picks_its_released_defaults(script, env, expected, request, toy_data_dir, tmp_path):
     out = tmp_path / "out"
@@ -101,17 +104,23 @@ def test_loss_picks_its_released_defaults(script, env, expected, request, toy_da
     assert config["loss"] == env["LOSS"]
     assert {k: config[k] for k in expected} == expected
     assert "is not used by --loss" not in done.stderr + done.stdout
+    processes = int(env.get("NUM_PROCESSES", "1"))  # run_script's BATCH 2, ACCUM 1
+    assert f"x {processes} processes = {2 * processes} pairs per step" in done.stderr
 
 
 def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     """All stages on the shipped toy base with a few images and steps: every table, the
-    frontier, the noisy-label column, results and plots."""
+    frontier, the noisy-label column, results and plots; with the online losses registered, a
+    GRPO arm and the offline-against-online table and plot."""
     tiny = "learning_rate=1e-4 max_train_steps=2"
+    online = "grpo" in loss_names()  # the online trainer (branch online-trainer), once merged
+    grpo = f"grpo group_size=2 train_batch_size=2 sampling_steps=2 eval_every=1 {tiny}\n"
     overrides = {
         "OUT": str(tmp_path / "work"),
         "RESULTS": str(tmp_path / "results"),
-        "VARIANTS": f"dpo beta=1000 {tiny}\nkto beta=1000 {tiny}\nsft {tiny}\n",
-        "MAIN": "dpo kto sft",
+        "VARIANTS": f"dpo beta=1000 {tiny}\nkto beta=1000 {tiny}\nsft {tiny}\n"
+        + (grpo if online else ""),
+        "MAIN": "dpo kto sft" + (" grpo" if online else ""),
         "TASKS": "colour",
         "TRAIN_SEEDS": "0",
         "WIDE": "dpo",
@@ -141,7 +150,7 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
             "colour-noisy": ["dpo-s0"]}  # fmt: skip
     for task, names in runs.items():
         for name in ("base", *names):
-            assert f"| {task} | {name} | 12 |" in results  # 12 held-out prompts x 1 image
+            assert f"| {task} | {name} | 6 |" in results  # the 6 test prompts x 1 image
         for name in names:
             assert (tmp_path / "work" / "runs" / task / name / "unet").is_dir()
     assert "| dpo | 2 |" in results and "| kto | 1 |" in results  # seeds per loss
@@ -153,6 +162,9 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
     assert "| dpo | 3000 | 1 |" in results and "| dpo | 1000 | 1 |" in results  # frontier
     for plot in ("toy_frontier.png", "toy_reward_by_loss.png", "toy_before_after.png"):
         assert (tmp_path / "results" / plot).stat().st_size > 1000
+    if online:
+        assert "### Offline against online (colour)" in results and "| grpo-s0 | 6 |" in results
+        assert (tmp_path / "results" / "toy_online_vs_offline.png").stat().st_size > 1000
     # Each seed is its own run: different draws, so different weights.
     first, second = (
         tmp_path / "work" / "runs" / "colour" / f"dpo-s{s}" / "unet"
@@ -160,3 +172,45 @@ def test_toy_benchmark_runs_end_to_end_with_overrides(tmp_path):
         for s in (0, 3)
     )  # fmt: skip
     assert first.read_bytes() != second.read_bytes()
+
+
+# --- The recipes' shared plumbing (exps/common.sh) ---
+
+
+def test_every_recipe_takes_its_plumbing_from_the_common_helper():
+    for script in SCRIPTS:
+        code = [line for line in script.read_text().splitlines() if not line.startswith("#")]
+        assert code[0] == 'source "$(dirname "$0")/common.sh"', script.name
+        for plumbing in ("accelerate", "scripts/setup.sh", "set -e", ".venv/bin"):
+            assert not any(plumbing in line for line in code), (script.name, plumbing)
+
+
+def test_a_mistake_through_a_recipe_is_one_line_and_exit_code_2(tiny_sd15_dir, toy_data_dir,
+                                                                tmp_path):  # fmt: skip
+    """The recipes launch through `accelerate launch`, whose own traceback (exit 1) used to
+    bury train.py's one-line error."""
+    env = {**os.environ, "MODEL": str(tiny_sd15_dir), "DATA": str(toy_data_dir / "pickapic"),
+           "OUTPUT_DIR": str(tmp_path / "out"), "NUM_PROCESSES": "1", "BATCH": "1", "ACCUM": "1",
+           "PRECISION": "no", "REPORT_TO": "none", "LR": "-1", "OMP_NUM_THREADS": "1"}  # fmt: skip
+    done = subprocess.run(["bash", str(REPO / "exps" / "sd15_dpo.sh")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert done.stderr.splitlines() == [
+        "train.py: error: invalid config: --learning_rate must be > 0"
+    ], done.stderr[-3000:]
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_example_runs_kto_on_the_toy_pairs_per_image_labels(request, toy_data_dir, tmp_path):
+    prompts = tmp_path / "prompts.txt"  # two held-out prompts keep validation and evaluation short
+    prompts.write_text("a red circle on a white background\na blue square on a black background\n")
+    short = {"EVAL_PROMPTS": str(prompts), "VALIDATION_IMAGES": "1"}
+    _, config = run_script(
+        REPO / "exps" / "example.sh", request, toy_data_dir, tmp_path / "out", LOSS="kto", **short
+    )
+    assert config["loss"] == "kto" and config["csv"].endswith("train_processed_v3.csv")
+    toy_beta = re.search(r"KTO_TOY_BETA=([0-9.]+)", (REPO / "exps" / "example.sh").read_text())
+    assert config["beta"] == float(toy_beta.group(1))
+    lines = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text()
+             .splitlines()]  # fmt: skip
+    assert "validation/toy_colour" in lines[0] and "validation/toy_colour" in lines[-1]

@@ -17,9 +17,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-import checkpointing
 import train
 from tests.support import reset_accelerate
+from training import checkpointing
 
 STEPS = 6
 

@@ -10,14 +10,15 @@ from pathlib import Path
 
 import pytest
 
-import startup
-from cli import UsageError, one_line, run
-from config import HELP_GROUPS, TrainConfig, build_parser, field_groups, parse_config
+from common.cli import UsageError, one_line, run
 from data import DataError
 from tests.support import reset_accelerate
+from training import startup
+from training.config import HELP_GROUPS, TrainConfig, build_parser, field_groups, parse_config
 
 REPO = Path(__file__).resolve().parents[1]
 TOY_MODEL = REPO / "assets" / "toy-sd15"
+UNREAD = ["--data", "unread"]  # a config names its data; these checks read none
 
 
 def train_args(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:
@@ -33,7 +34,7 @@ def train_args(model: Path, toy: Path, out: Path, *extra: str) -> list[str]:
 
 
 def test_native_resolution_is_the_default_and_a_far_one_is_announced(tiny_sd15_dir, tmp_path):
-    out = ["--output_dir", str(tmp_path / "out")]
+    out = ["--output_dir", str(tmp_path / "out"), *UNREAD]
     config, checks = startup.prepare(parse_config(["--pretrained_model", str(TOY_MODEL), *out]))
     assert config.resolution == checks.native_resolution == 32  # UNet 8 x VAE 2**2
     assert "resolution: 32 px (the model's native size)" in checks.notes
@@ -48,7 +49,7 @@ def test_native_resolution_is_the_default_and_a_far_one_is_announced(tiny_sd15_d
 
 
 def test_warmup_longer_than_the_run_is_a_warning(tmp_path):
-    args = ["--pretrained_model", str(TOY_MODEL), "--output_dir", str(tmp_path)]
+    args = ["--pretrained_model", str(TOY_MODEL), "--output_dir", str(tmp_path), *UNREAD]
     _, checks = startup.prepare(parse_config([*args, "--max_train_steps", "200"]))
     (warning,) = [w for w in checks.warnings if "lr_warmup_steps" in w]
     assert "--lr_warmup_steps 500 >= --max_train_steps 200" in warning
@@ -175,9 +176,9 @@ def test_user_errors_are_one_line_with_exit_code_2(toy_data_dir, tmp_path, capsy
     cases = [  # (main, its arguments, what its one line must say)
         (train.main, ["--learning_rat", "1"], "unrecognized arguments: --learning_rat 1"),
         (train.main, ["--loss", "kto"], "invalid config: --loss kto needs per-image labels"),
-        (train.main, ["--pretrained_model", str(tmp_path / "nowhere"), *out],
+        (train.main, ["--pretrained_model", str(tmp_path / "nowhere"), *UNREAD, *out],
          f"--pretrained_model {tmp_path / 'nowhere'}: no such directory"),
-        (train.main, ["--pretrained_model", "nobody/no-such-model", *out],
+        (train.main, ["--pretrained_model", "nobody/no-such-model", *UNREAD, *out],
          "--pretrained_model nobody/no-such-model: not in the local hub cache, and "
          "HF_HUB_OFFLINE=1"),
         (train.main, ["--loss", "kto", "--csv", csv, "--images", str(tmp_path), *out],
@@ -215,7 +216,7 @@ def test_a_command_with_a_mistake_prints_one_line_and_no_traceback(tmp_path):
     cases = {
         # gets past the early checks, so torch, diffusers and transformers load first
         "train.py: error: --pretrained_model nobody/no-such-model: not in the local hub cache": [
-            "train.py", "--pretrained_model", "nobody/no-such-model"],
+            "train.py", "--pretrained_model", "nobody/no-such-model", *UNREAD],
         f"python -m data.check: error: --csv {empty}: empty file": [
             "-m", "data.check", "--csv", str(empty), "--images", str(tmp_path)],
     }  # fmt: skip
@@ -282,7 +283,7 @@ def test_abbreviations_are_refused_and_negative_numbers_parse(capsys):
         parse_config(["--learning_rat", "1e-4"])
     assert exit_.value.code == 2
     assert "unrecognized arguments: --learning_rat" in capsys.readouterr().err
-    config = parse_config(["--adam_beta1", "-0.5", "--learning_rate=3e-4", "--seed", "3"])
+    config = parse_config(["--adam_beta1", "-0.5", "--learning_rate=3e-4", "--seed", "3", *UNREAD])
     assert (config.adam_beta1, config.learning_rate, config.seed) == (-0.5, 3e-4, 3)
     with pytest.raises(UsageError, match="--learning_rate must be > 0"):
         parse_config(["--learning_rate", "-1e-4"])  # parsed as a number, then refused
@@ -316,3 +317,127 @@ def test_help_answers_before_diffusers_loads():
     assert done.returncode == 0 and "\nmodel:\n" in done.stdout
     imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
     assert "diffusers" not in imported and "transformers" not in imported
+
+
+# --- 9. a new user's first hours (issue 25, item 9) ---
+
+
+def test_no_data_flag_is_a_one_line_error(tmp_path):
+    """A research run names its data: no silent fallback to the toy pairs."""
+    with pytest.raises(UsageError, match="no training data: give --data") as info:
+        parse_config(["--pretrained_model", str(TOY_MODEL), "--output_dir", str(tmp_path)])
+    assert "\n" not in one_line(info.value)
+    for source in (UNREAD, ["--pairs_dirs", "a,b"]):
+        parse_config(["--pretrained_model", str(TOY_MODEL), *source])  # each is enough
+    prompts = tmp_path / "prompts.txt"  # the online losses' data is their prompt file
+    prompts.write_text("a red circle on a white background\n")
+    online = ["--prompts", str(prompts), "--reward", "toy_colour"]
+    for loss in ("grpo", "nft"):
+        parse_config(["--pretrained_model", str(TOY_MODEL), "--loss", loss, *online])
+
+
+def test_a_data_error_comes_before_the_config_dump(tmp_path, caplog, monkeypatch):
+    import train
+
+    monkeypatch.setattr(train, "load_components", lambda *a: pytest.fail("models loaded"))
+    with pytest.raises(DataError, match="--data"):
+        train.main(["--pretrained_model", str(TOY_MODEL), "--data", str(tmp_path / "none"),
+                    "--output_dir", str(tmp_path / "out"), "--report_to", "none"])  # fmt: skip
+    assert "config:" not in caplog.text  # the dump is for runs that start
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+def test_a_missing_local_model_is_answered_before_the_heavy_imports():
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "train.py", "--pretrained_model", "assets/nowhere"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 2
+    assert "--pretrained_model assets/nowhere: no such directory" in done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines()}
+    assert "diffusers" not in imported and "transformers" not in imported
+
+
+def test_overwrite_clears_the_old_runs_grids_and_events_and_the_refusal_is_runnable(tmp_path):
+    out = tmp_path / "run"
+    for path in ("unet/config.json", startup.METRICS_FILE, "validation/step-0.png",
+                 "logs/prefdiff/events.out.tfevents.1", "checkpoint-2/x", "keep.txt"):  # fmt: skip
+        (out / path).parent.mkdir(parents=True, exist_ok=True)
+        (out / path).write_text("old")
+    args = ["--pretrained_model", str(TOY_MODEL), *UNREAD, "--output_dir", str(out)]
+    with pytest.raises(UsageError) as refused:
+        startup.prepare(parse_config(args))
+    suggested = str(refused.value).split("pass ", 1)[1].split(" to replace", 1)[0]
+    assert suggested == "--overwrite_output_dir true"
+    startup.prepare(parse_config([*args, *suggested.split()]))  # the suggestion parses
+    assert (out / "validation").is_dir()  # the checks alone remove nothing
+    removed = startup.clear_previous_run(out)
+    assert {"validation", "logs", "unet", "checkpoint-2", startup.METRICS_FILE} <= set(removed)
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt"]
+
+
+def test_wandb_without_credentials_stops_at_start_up(tmp_path, monkeypatch):
+    import train
+    from tests.support import end_wandb_session
+
+    for name in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_IDENTITY_TOKEN_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc, no settings file
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.chdir(tmp_path)  # no workspace settings either
+    monkeypatch.setattr(train, "load_components", lambda *a, **k: pytest.fail("models loaded"))
+    args = ["--pretrained_model", str(TOY_MODEL), "--data", str(REPO / "build/toy-prefs/pickapic"),
+            "--output_dir", str(tmp_path / "out"), "--report_to", "wandb"]  # fmt: skip
+    end_wandb_session()
+    try:
+        with pytest.raises(UsageError, match=r"^--report_to wandb: no W&B API key"):
+            train.main(args)
+        monkeypatch.setenv("WANDB_MODE", "offline")  # offline needs no key
+        end_wandb_session()
+        startup.prepare(parse_config(args))
+    finally:
+        end_wandb_session()
+
+
+def test_the_start_up_block_names_the_familys_denoiser(tiny_sd3_dir):
+    import train
+    from models.families import denoiser_config, family_for
+
+    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), *UNREAD])
+    denoiser = family_for(denoiser_config(str(tiny_sd3_dir))).denoiser_class
+    assert train.describe_policy(config, denoiser) == "full SD3Transformer2DModel"
+    lora = dataclasses.replace(config, lora_rank=4)
+    assert train.describe_policy(lora, denoiser) == "LoRA rank 4 on SD3Transformer2DModel"
+
+
+def test_a_single_process_launch_is_told_from_the_launchers_environment():
+    """What accelerate 1.16's launchers export: the single-process one sets MASTER_ADDR (and
+    MASTER_PORT) only when asked for more than one process or machine, and no WORLD_SIZE;
+    torchrun (--multi_gpu, DeepSpeed, FSDP) sets WORLD_SIZE. A MASTER_ADDR that the launcher
+    itself inherited (a cluster's job script) says nothing."""
+    launched = {"ACCELERATE_MIXED_PRECISION": "no", "MASTER_ADDR": "127.0.0.1"}
+    assert startup.launched_alone(launched, {})
+    assert not startup.launched_alone({**launched, "WORLD_SIZE": "2"}, {})  # torchrun
+    assert not startup.launched_alone(launched, {"MASTER_ADDR": "10.0.0.1"})  # inherited
+    assert not startup.launched_alone({"ACCELERATE_MIXED_PRECISION": "no"}, {})  # 1 process
+    assert not startup.launched_alone({"MASTER_ADDR": "127.0.0.1"}, {})  # not accelerate's
+
+
+def test_a_launch_asked_for_two_processes_that_runs_one_says_so(tiny_sd15_dir, toy_data_dir,
+                                                                tmp_path):  # fmt: skip
+    """`accelerate launch --num_processes 2` without --multi_gpu starts one process (the simple
+    launcher): the run stops at start-up instead of training at half the global batch."""
+    accelerate = Path(sys.executable).parent / "accelerate"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    for name in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
+        env.pop(name, None)
+    done = subprocess.run(
+        [str(accelerate), "launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--quiet", "train.py",
+         *train_args(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "--max_train_steps", "1")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0, done.stderr[-2000:]
+    assert "accelerate launch was asked for more than one process" in done.stderr
+    assert not (tmp_path / "out" / "unet").exists()

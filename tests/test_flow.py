@@ -3,6 +3,7 @@ family adapters against the diffusers pipelines' own prompt encoding and packing
 train.py end to end on tiny SD3.5- and Flux-shaped models (full, LoRA, cached, resumed)."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -16,14 +17,15 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
-from config import parse_config
-from diffusion import draw_groups, group_generator, noisy_inputs_and_target
-from flow_matching import FlowMatching, resolution_shift, sample_u, shifted
+from diffusion.denoising import draw_groups, group_generator, noisy_inputs_and_target
+from diffusion.flow_matching import FlowMatching, resolution_shift, sample_u, shifted
 from losses import get_spec
-from models import load_components, load_pipeline
 from models.flow_families import FluxFamily, SD3Family, image_ids, pack_latents, unpack_latents
+from models.loading import load_components
+from models.pipeline import load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
+from training.config import TrainConfig, parse_config
 
 FAMILIES = {"sd3": (SD3Transformer2DModel, StableDiffusion3Pipeline),
             "flux": (FluxTransformer2DModel, FluxPipeline)}  # fmt: skip
@@ -105,16 +107,18 @@ def test_a_pair_shares_sigma_and_noise_and_draws_do_not_depend_on_batching():
 
 # ---------------------------------------------------------------- family adapters
 
+UNREAD = ("--data", "unread")  # a config names its data; loading models reads none
+
 
 @pytest.fixture(scope="module")
 def sd3(tiny_sd3_dir):
-    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "64"])
+    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "64", *UNREAD])
     return load_components(config, False, torch.float32, torch.device("cpu"))
 
 
 @pytest.fixture(scope="module")
 def flux(tiny_flux_dir):
-    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "64"])
+    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "64", *UNREAD])
     return load_components(config, False, torch.float32, torch.device("cpu"))
 
 
@@ -129,9 +133,9 @@ def test_families_chosen_from_the_transformer_config(sd3, flux):
 
 
 def test_a_resolution_the_patches_do_not_divide_is_refused(tiny_flux_dir):
-    from cli import UsageError
+    from common.cli import UsageError
 
-    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72"])
+    config = parse_config(["--pretrained_model", str(tiny_flux_dir), "--resolution", "72", *UNREAD])
     with pytest.raises(UsageError, match="multiple of 16"):
         load_components(config, False, torch.float32, torch.device("cpu"))
 
@@ -355,9 +359,50 @@ def test_evaluate_generates_and_scores_a_flow_run(tiny_flux_dir, toy_data_dir, t
     assert "flow_euler" in json.dumps(protocol)  # what sampled, not the toy preset's ddim
 
 
-def test_validation_samples_a_flow_policy(tiny_flux_dir, toy_data_dir, tmp_path):
+def test_validation_samples_a_flow_policy_at_its_training_guidance(
+    tiny_flux_dir, toy_data_dir, tmp_path, caplog
+):
+    """Flux-dev's pipeline feeds guidance_scale to the guidance embedding: with no
+    --validation_guidance_scale, validation samples at the training guidance (--flux_guidance),
+    and the saved config, the card and the start-up block say so (before: 1.0)."""
+    from generate import generate, labelled_grid
+    from tests.test_validation import pixels
+
     out = tmp_path / "out"
-    result = run(tiny_flux_dir, toy_data_dir, out, "dpo", "--validation_prompt", "a red circle",
-                 "--validation_steps", "2", "--validation_images", "1")  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="prefdiff"):
+        result = run(tiny_flux_dir, toy_data_dir, out, "dpo", "--validation_prompt",
+                     "a red circle", "--validation_steps", "2", "--validation_images", "1",
+                     "--validation_inference_steps", "2", "--flux_guidance", "4.5")  # fmt: skip
     assert [v.step for v in result.validation] == [0, 2]
     assert all((out / "validation" / f"step-{s}.png").is_file() for s in (0, 2))
+    saved = json.loads((out / "train_config.json").read_text())["config"]
+    assert saved["validation_guidance_scale"] == 4.5
+    assert "2 steps, guidance 4.5, 64 px" in (out / "README.md").read_text()
+    assert "validation: every 2 steps, guidance 4.5" in caplog.text
+
+    # Step 0's grid is the base model's images at guidance 4.5, not at 1.
+    def grid(guidance: float) -> np.ndarray:
+        images = generate(load_pipeline(tiny_flux_dir), ["a red circle"], [0], steps=2,
+                          guidance_scale=guidance, resolution=64, progress=False,
+                          distinct_seeds=True)  # fmt: skip
+        return np.asarray(labelled_grid(images, cell=64).convert("RGB"))
+
+    step0 = pixels(out / "validation" / "step-0.png")
+    assert np.array_equal(step0, grid(4.5))
+    assert not np.array_equal(step0, grid(1.0))
+
+
+def test_default_guidance_is_the_familys_training_guidance():
+    """Flux-dev (guidance_embeds): --flux_guidance; Flux without the embedding, SD3: 1 (off)."""
+    config = TrainConfig(flux_guidance=2.5)
+    assert config.validation_guidance_scale is None  # resolved once the family is known
+    dev, schnell = FluxFamily([], []), FluxFamily([], [])
+    dev.configure({"guidance_embeds": True}, config)
+    schnell.configure({"guidance_embeds": False}, config)
+    assert (dev.default_guidance, schnell.default_guidance) == (2.5, 1.0)
+    assert SD3Family([], []).default_guidance == 1.0
+    config.resolve_family_defaults(dev.default_guidance)
+    assert config.validation_guidance_scale == 2.5
+    explicit = TrainConfig(validation_guidance_scale=1.0)
+    explicit.resolve_family_defaults(3.5)
+    assert explicit.validation_guidance_scale == 1.0  # a value the user gave is kept

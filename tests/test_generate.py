@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 import generate
-from cli import UsageError
+from common.cli import UsageError
+from models import generation
 from models.family import ModelFamily
 from tests.support import reset_accelerate
 
@@ -20,57 +21,57 @@ PROMPTS = ["a red circle on a white background", "a blue square on a black backg
 
 @pytest.fixture(scope="module")
 def pipe(tiny_sd15_dir: Path):
-    return generate.load_pipeline(str(tiny_sd15_dir), scheduler="ddim")
+    return generation.load_pipeline(str(tiny_sd15_dir), scheduler="ddim")
 
 
-def pixels(g: generate.Generation) -> np.ndarray:
+def pixels(g: generation.Generation) -> np.ndarray:
     return np.asarray(g.image)
 
 
 def test_prompts_times_seeds_images_of_the_requested_size(pipe):
-    out = generate.generate(pipe, PROMPTS, [0, 1, 2], steps=2, resolution=32, batch_size=4)
+    out = generation.generate(pipe, PROMPTS, [0, 1, 2], steps=2, resolution=32, batch_size=4)
     assert [(g.prompt, g.seed) for g in out] == [(p, s) for p in PROMPTS for s in (0, 1, 2)]
     assert {g.image.size for g in out} == {(32, 32)}
 
 
 def test_an_image_depends_on_its_seed_not_on_its_batch(pipe):
     kwargs = {"steps": 2, "resolution": 32, "guidance_scale": 3.0}
-    alone = generate.generate(pipe, PROMPTS[:1], [5], batch_size=1, **kwargs)
-    batched = generate.generate(pipe, PROMPTS, [4, 5], batch_size=4, **kwargs)
+    alone = generation.generate(pipe, PROMPTS[:1], [5], batch_size=1, **kwargs)
+    batched = generation.generate(pipe, PROMPTS, [4, 5], batch_size=4, **kwargs)
     np.testing.assert_allclose(pixels(alone[0]), pixels(batched[1]), atol=1)
     assert np.abs(pixels(batched[0]).astype(int) - pixels(batched[1])).max() > 0
-    again = generate.generate(pipe, PROMPTS[:1], [5], batch_size=1, **kwargs)
+    again = generation.generate(pipe, PROMPTS[:1], [5], batch_size=1, **kwargs)
     assert np.array_equal(pixels(alone[0]), pixels(again[0]))
 
 
 def test_distinct_seeds_shift_each_prompt_past_the_last_and_keep_the_grid_columns(pipe):
     kwargs = {"steps": 2, "resolution": 32, "progress": False}
-    out = generate.generate(pipe, [*PROMPTS, "a cat"], [0, 2], distinct_seeds=True, **kwargs)
+    out = generation.generate(pipe, [*PROMPTS, "a cat"], [0, 2], distinct_seeds=True, **kwargs)
     # max seed 2 -> a shift of 3 per prompt: (0, 2), (3, 5), (6, 8)
     assert [g.seed for g in out] == [0, 2, 3, 5, 6, 8]
     assert [g.column for g in out] == [0, 1, 0, 1, 0, 1]
-    direct = generate.generate(pipe, PROMPTS[1:], [5], **kwargs)[0]
+    direct = generation.generate(pipe, PROMPTS[1:], [5], **kwargs)[0]
     assert np.array_equal(pixels(out[3]), pixels(direct))  # the image is its seed's
-    grid = generate.labelled_grid(out)
+    grid = generation.labelled_grid(out)
     assert grid.size == (240 + 2 * 96, 16 + 3 * 96)
 
 
 @pytest.mark.parametrize("name", ModelFamily.samplers)
 def test_every_scheduler_samples(tiny_sd15_dir, name):
-    pipe = generate.load_pipeline(str(tiny_sd15_dir), scheduler=name)
-    out = generate.generate(pipe, PROMPTS[:1], [0, 1], steps=3, resolution=32, progress=False)
+    pipe = generation.load_pipeline(str(tiny_sd15_dir), scheduler=name)
+    out = generation.generate(pipe, PROMPTS[:1], [0, 1], steps=3, resolution=32, progress=False)
     assert len(out) == 2 and all(np.isfinite(pixels(g)).all() for g in out)
 
 
 @pytest.mark.parametrize("family", ["sd3", "flux"])
 def test_flow_models_sample_with_their_flow_sampler_only(family, request, tmp_path):
     model = str(request.getfixturevalue(f"tiny_{family}_dir"))
-    pipe = generate.load_pipeline(model)  # the family's default sampler: flow_euler
-    assert isinstance(pipe.scheduler, generate.SCHEDULERS["flow_euler"])
-    out = generate.generate(pipe, PROMPTS[:1], [0], steps=2, resolution=32, progress=False)
+    pipe = generation.load_pipeline(model)  # the family's default sampler: flow_euler
+    assert isinstance(pipe.scheduler, generation.SCHEDULERS["flow_euler"])
+    out = generation.generate(pipe, PROMPTS[:1], [0], steps=2, resolution=32, progress=False)
     assert out[0].image.size == (32, 32) and np.isfinite(pixels(out[0])).all()
     with pytest.raises(UsageError, match="flow_euler"):
-        generate.load_pipeline(model, scheduler="ddim")
+        generation.load_pipeline(model, scheduler="ddim")
 
 
 def test_cli_writes_images_csv_and_grid(tiny_sd15_dir, tmp_path):
@@ -96,14 +97,14 @@ def test_cli_writes_images_csv_and_grid(tiny_sd15_dir, tmp_path):
             str(out),
         ]
     )
-    with open(out / generate.METADATA_CSV, newline="") as f:
+    with open(out / generation.METADATA_CSV, newline="") as f:
         rows = list(csv.DictReader(f))
     assert [(r["prompt"], r["seed"]) for r in rows] == [
         (p, s) for p in [*PROMPTS, "a cat"] for s in ("3", "7")
     ]
     for row in rows:
         assert Image.open(out / row["file_name"]).size == (32, 32)
-    grid = Image.open(out / generate.GRID_PNG)
+    grid = Image.open(out / generation.GRID_PNG)
     assert grid.size == (240 + 2 * 96, 16 + 3 * 96)
 
 
@@ -115,13 +116,13 @@ def test_a_trained_unet_is_swapped_in(tiny_sd15_dir, tmp_path, pipe):
     with torch.no_grad():
         changed.conv_out.bias.add_(0.5)
     changed.save_pretrained(tmp_path / "run" / "unet")
-    swapped = generate.load_pipeline(str(tiny_sd15_dir), unet=tmp_path / "run")
+    swapped = generation.load_pipeline(str(tiny_sd15_dir), unet=tmp_path / "run")
     kwargs = {"steps": 2, "resolution": 32, "progress": False}
-    base = generate.generate(pipe, PROMPTS[:1], [0], **kwargs)[0]
-    new = generate.generate(swapped, PROMPTS[:1], [0], **kwargs)[0]
+    base = generation.generate(pipe, PROMPTS[:1], [0], **kwargs)[0]
+    new = generation.generate(swapped, PROMPTS[:1], [0], **kwargs)[0]
     assert not np.array_equal(pixels(base), pixels(new))
     with pytest.raises(UsageError, match="no diffusers UNet2DConditionModel"):
-        generate.load_pipeline(str(tiny_sd15_dir), unet=tmp_path)
+        generation.load_pipeline(str(tiny_sd15_dir), unet=tmp_path)
 
 
 def test_trained_lora_is_loaded_with_the_lora_flag(tiny_sd15_dir, toy_data_dir, tmp_path):
@@ -142,4 +143,4 @@ def test_trained_lora_is_loaded_with_the_lora_flag(tiny_sd15_dir, toy_data_dir, 
     adapted = generate.main([*args, "--out", str(tmp_path / "lora"), "--lora", str(run)])[0]
     assert not np.array_equal(pixels(base), pixels(adapted))
     with pytest.raises(UsageError, match="no LoRA weights"):
-        generate.load_pipeline(str(tiny_sd15_dir), lora=tmp_path)
+        generation.load_pipeline(str(tiny_sd15_dir), lora=tmp_path)

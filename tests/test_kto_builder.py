@@ -78,11 +78,12 @@ def test_splits_are_derived_across_all_comparisons(shards, tmp_path):
 
 
 def test_the_csv_loads_as_training_data(shards, tmp_path):
-    from data import ImageTransform, LabeledImages
+    from data import ImageTransform, LabeledImages, StreamSettings
 
     out = tmp_path / "kto"
     build_kto(str(shards), out)
-    dataset = LabeledImages(str(out / CSV_NAME), str(out), ImageTransform(16, True, False))
+    settings = StreamSettings(ImageTransform(16, True, False))
+    dataset = LabeledImages(str(out / CSV_NAME), str(out), settings)
     assert (dataset.num_desirable, dataset.num_undesirable) == (5, 2)
     assert next(iter(dataset))["pixels"].shape == (1, 3, 16, 16)
 

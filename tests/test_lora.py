@@ -8,8 +8,8 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from models import load_pipeline
 from models.lora import LORA_WEIGHTS, TRAINABLE_STATE
+from models.pipeline import load_pipeline
 from tests.support import reset_accelerate
 from tests.test_train import run
 

@@ -6,6 +6,7 @@ the pixels; PNG keeps the levels exact.
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +18,19 @@ import torch.nn.functional as F
 from PIL import Image
 
 import train
-from config import parse_config
-from data import DataError, ImageTransform, PickapicPairs, collate_pairs
+from data import (
+    DataError,
+    ImageTransform,
+    PairOptions,
+    PickapicPairs,
+    StreamSettings,
+    collate_pairs,
+)
 from data.pair_table import load_manifest, load_pair_dirs
 from data.table_pairs import TablePairs
 from losses import build_loss, dpo
-from tests.support import end_wandb_session
+from tests.support import end_wandb_session, stream_kwargs
+from training.config import parse_config
 
 RES = 8
 N = 7
@@ -71,9 +79,9 @@ def write_csv(path: Path, rows: list[dict]) -> str:
 
 
 def stream(table, **kwargs) -> TablePairs:
-    kwargs.setdefault("transform", ImageTransform(RES, center_crop=True, random_flip=False))
     kwargs.setdefault("caption_dropout", 0.0)
-    return TablePairs(table, **kwargs)
+    transform = ImageTransform(RES, center_crop=True, random_flip=False)
+    return TablePairs(table, **stream_kwargs(transform, **kwargs))
 
 
 def grey(pixels: torch.Tensor) -> int:
@@ -221,9 +229,9 @@ def test_parquet_column_mapping_and_soft_labels(tmp_path):
     pq.write_table(table, tmp_path / "mine.parquet")
     mapping = {"caption": "prompt", "jpg_0": "image_a", "jpg_1": "image_b",
                "label_0": "a_wins", "label_1": "b_wins", "prob_0": "p"}  # fmt: skip
-    data = PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False),
-                         caption_dropout=0.0, shuffle=False, columns=mapping,
-                         soft_labels=True)  # fmt: skip
+    settings = StreamSettings(ImageTransform(RES, True, False), caption_dropout=0.0)
+    data = PickapicPairs(str(tmp_path / "mine.parquet"), settings,
+                         PairOptions(shuffle=False, soft_labels=True), columns=mapping)  # fmt: skip
     examples = list(itertools.islice(data.iter_role(0), 4))
     assert [e["caption"] for e in examples] == ["p0", "p1", "p2", "p3"]
     for row, example in enumerate(examples):
@@ -232,17 +240,16 @@ def test_parquet_column_mapping_and_soft_labels(tmp_path):
     # P(chosen preferred): p where image a was chosen, 1 - p where image b was.
     assert collate_pairs(examples).labels.tolist() == pytest.approx([0.9, 0.8, 0.6, 0.7])
     with pytest.raises(DataError, match="missing column caption"):
-        PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False))
+        PickapicPairs(str(tmp_path / "mine.parquet"), settings)
     bad = table.set_column(3, "a_wins", pa.array([1.0, 0.0, 0.7, 0.0]))
     pq.write_table(bad, tmp_path / "mine.parquet")
     with pytest.raises(DataError, match=r"row 3 .* column label_0: value 0.7 .* label_0=a_wins"):
-        PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False),
-                      columns=mapping)  # fmt: skip
+        PickapicPairs(str(tmp_path / "mine.parquet"), settings, columns=mapping)
     bad = table.set_column(5, "p", pa.array([0.9, 0.2, 1.2, 0.3]))
     pq.write_table(bad, tmp_path / "mine.parquet")
     with pytest.raises(DataError, match=r"row 3 .* column prob_0: value 1.2"):
-        PickapicPairs(str(tmp_path / "mine.parquet"), ImageTransform(RES, True, False),
-                      columns=mapping, soft_labels=True)  # fmt: skip
+        PickapicPairs(str(tmp_path / "mine.parquet"), settings, PairOptions(soft_labels=True),
+                      columns=mapping)  # fmt: skip
 
 
 def test_soft_labels_reach_the_dpo_loss():
@@ -306,6 +313,43 @@ def test_train_on_a_manifest_with_soft_labels(tiny_sd15_dir, tmp_path, monkeypat
     assert len(seen) == 2 and all(len(s) == 2 for s in seen)
     assert all(min(abs(x - q) for q in probs) < 1e-6 for s in seen for x in s)
     assert np.isfinite([h["loss"] for h in result.history]).all()
+
+
+def test_card_and_start_up_name_own_pairs_soft_labels_and_the_safeguard(
+    tiny_sd15_dir, tmp_path, caplog
+):
+    """Everything that changed the result is on the card: the data actually used (not the
+    default --data), soft labels, the Diffusion-SDPO safeguard (and its tag), the settings not at
+    their defaults; the start-up block names the same data."""
+    from huggingface_hub import ModelCard
+
+    from training.model_card import OTHERS_ROW
+
+    images = tmp_path / "img"
+    write_images(images)
+    manifest = write_jsonl(tmp_path / "m.jsonl", manifest_rows())
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="prefdiff"):
+        run_train(tiny_sd15_dir, out, "--pairs", manifest, "--images", str(images),
+                  "--soft_labels", "true", "--winner_preserving_mu", "0.9",
+                  "--max_train_steps", "1", "--random_flip", "false")  # fmt: skip
+    card = ModelCard.load(out / "README.md")
+    assert "prefdiff-sdpo-safeguard" in card.data.tags
+    rows = [
+        f"| data | `--pairs {manifest}` with images under `{images}` |",
+        "| labels | soft: each pair's preference probability (`--soft_labels`) |",
+        "| Diffusion-SDPO safeguard | `--winner_preserving_mu 0.9` |",
+        "| `--beta` | 500 |",
+    ]
+    for row in rows:
+        assert row in card.text, row
+    (others,) = [line for line in card.text.splitlines() if line.startswith(f"| {OTHERS_ROW} |")]
+    for setting in ("--random_flip False", "--caption_dropout 0.0", "--dataloader_num_workers 0"):
+        assert f"`{setting}`" in others
+    assert "`--data " not in card.text and "toy-prefs" not in card.text
+    assert "--output_dir" not in others  # where files go changes no weight
+    assert f"data: --pairs {manifest} with images under {images}\n" in caplog.text
+    assert "labels: soft: each pair's preference probability (--soft_labels)" in caplog.text
 
 
 def test_data_check_reads_own_pairs(tmp_path):

@@ -1,10 +1,11 @@
-"""python -m data.relabel: scores for every image, standardised combination, labels, ties, soft
-labels, per-image labels, resume and flat memory, on tiny generated data with the toy rule and a
-tiny random-init scorer."""
+"""python -m evaluation.relabel: scores for every image, standardised combination, labels, ties,
+soft labels, per-image labels, resume and flat memory, on tiny generated data with the toy rule
+and a tiny random-init scorer."""
 
 import io
 import itertools
 import json
+import os
 import tracemalloc
 from pathlib import Path
 
@@ -16,9 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
-from data import ImageTransform, PickapicPairs, collate_pairs
-from data.relabel import main as relabel_main
-from data.relabel import run as relabel
+from common import cli
+from data import ImageTransform, PairOptions, PickapicPairs, StreamSettings, collate_pairs
+from data.errors import DataError
+from evaluation.relabel import Source, output_estimate
+from evaluation.relabel import main as relabel_main
+from evaluation.relabel import run as relabel
 from evaluation.scorers import ToyRewardScorer
 
 
@@ -120,8 +124,10 @@ def test_scores_combined_labels_ties_and_soft_labels(tmp_path):
     assert stats["tiny"]["std"] == pytest.approx(both["tiny"].std(), rel=1e-9)
 
     # The output trains as it is: --data OUT [--soft_labels] reads the AI labels and prob_0.
-    data = PickapicPairs(str(tmp_path / "out"), ImageTransform(8, True, False), shuffle=False,
-                         caption_dropout=0.0, soft_labels=True)  # fmt: skip
+    settings = StreamSettings(ImageTransform(8, True, False), caption_dropout=0.0)
+    data = PickapicPairs(
+        str(tmp_path / "out"), settings, PairOptions(shuffle=False, soft_labels=True)
+    )
     assert data.num_pairs == int((~tie).sum())
     batch = collate_pairs(list(itertools.islice(data.iter_role(0), int((~tie).sum()))))
     untied = frame[~tie]
@@ -180,6 +186,8 @@ def test_per_image_csv_gets_scores_and_labels(tmp_path):
     relabel([*common, "--quantile", "0.7", "--out", str(tmp_path / "q")],
             scorers=[TinyRandomScorer()])  # fmt: skip
     frame = pd.read_csv(tmp_path / "q" / "kto.csv")
+    outputs = [str(tmp_path / "q" / "kto.csv"), str(tmp_path / "q" / "relabel.json")]
+    assert json.loads((tmp_path / "q" / "relabel.json").read_text())["outputs"] == outputs
     assert frame["file_name"].tolist() == [f"{i}.png" for i in range(10)]
     raw = np.array(TinyRandomScorer().score([image(i) for i in range(10)], [""] * 10))
     assert frame["score_tiny"].to_numpy() == pytest.approx(raw, abs=1e-4)
@@ -195,7 +203,9 @@ def test_per_image_csv_gets_scores_and_labels(tmp_path):
     assert frame["label"].tolist() == (z(raw) >= 0.5).astype(int).tolist()
 
 
-def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, capsys):
+def warm_and_cool_pairs(tmp_path: Path) -> tuple[Path, Path]:
+    """4 own pairs (manifest, image root): warm then cool image on odd rows, cool then warm on
+    even ones."""
     root = tmp_path / "img"
     root.mkdir()
     warm, cool = Image.new("RGB", (8, 8), (230, 90, 40)), Image.new("RGB", (8, 8), (40, 90, 230))
@@ -206,13 +216,127 @@ def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, c
         second.save(root / f"{i}b.png")
         rows.append({"caption": f"c{i}", "chosen": f"{i}a.png", "rejected": f"{i}b.png"})
     (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    assert relabel_main(["--pairs", str(tmp_path / "m.jsonl"), "--images", str(root),
+    return tmp_path / "m.jsonl", root
+
+
+def test_own_pairs_and_the_registered_toy_rule_from_the_command_line(tmp_path, capsys):
+    manifest, root = warm_and_cool_pairs(tmp_path)
+    assert relabel_main(["--pairs", str(manifest), "--images", str(root),
                          "--scorer", "toy_warm", "--out", str(tmp_path / "out")]) == 0  # fmt: skip
     frame = read_out(tmp_path / "out")
     # The rule prefers the warm image: the human "chosen" side only on odd rows.
     assert frame["label_0"].tolist() == [0.0, 1.0, 0.0, 1.0]
     assert frame["chosen"].tolist() == [f"{i}a.png" for i in range(4)]
-    assert "relabelled 4 rows" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "relabelled 4 rows" in printed
+    out = tmp_path / "out"
+    assert printed.splitlines()[-1] == f"wrote {out / 'train-*.parquet'}, {out / 'relabel.json'}"
+
+
+# ---------------------------------------------------------------- disk use
+
+
+def tree_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+
+
+def shard_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("train-*.parquet"))
+
+
+def written_bytes() -> int:
+    """Bytes this process has passed to write() so far (Linux)."""
+    text = Path("/proc/self/io").read_text()
+    return int(next(line for line in text.splitlines() if line.startswith("wchar:")).split()[1])
+
+
+def toy_rules() -> list[ToyRewardScorer]:
+    return [ToyRewardScorer("warm"), ToyRewardScorer("colour")]
+
+
+def test_the_scratch_holds_scores_alone_and_the_output_is_the_one_copy(toy_data_dir, tmp_path):
+    """Issue 25 (6): pass 1 wrote every row with its image bytes to OUT/.scored/ and pass 2 a
+    second copy: on the toy Pick-a-Pic parquet, 1.96x the output's bytes were written and held
+    under OUT at the peak (2.9x the dataset with the input). Now 1.03x."""
+    data = toy_data_dir / "pickapic"  # 2 shards of 8 row groups: 16 units, 256 pairs
+    args = ["--data", str(data), "--scorer", "toy_warm", "--scorer", "toy_colour"]
+    out = tmp_path / "cut"
+    relabel([*args, "--out", str(out), "--max_units", "8"],
+            scorers=toy_rules())  # fmt: skip
+    scratch = sorted((out / ".scored").glob("*.parquet"))
+    assert len(scratch) == 8 and not (out / ".rows").exists()
+    for path in scratch:  # keys and scores, no image bytes
+        schema = pq.read_schema(path)
+        assert schema.names == ["row_checksum", "score_toy_warm_0", "score_toy_colour_0",
+                                "score_toy_warm_1", "score_toy_colour_1"]  # fmt: skip
+    half_input = sum(f.stat().st_size for f in data.glob("*.parquet")) / 2
+    assert tree_bytes(out) < 0.1 * half_input, (tree_bytes(out), half_input)  # 5.5%: footers
+    relabel([*args, "--out", str(out)], scorers=toy_rules())
+    # The same output as one uninterrupted run, whose writes are the output and little more.
+    whole = tmp_path / "whole"
+    before = written_bytes() if os.path.exists("/proc/self/io") else None
+    relabel([*args, "--out", str(whole)], scorers=toy_rules())
+    if before is not None:
+        assert written_bytes() - before < 1.1 * shard_bytes(whole), (before, shard_bytes(whole))
+    pd.testing.assert_frame_equal(read_out(out), read_out(whole))
+    assert len(read_out(whole)) == 256 and isinstance(read_out(whole)["jpg_0"][0], bytes)
+    left = sorted(p.name for p in whole.iterdir() if not p.name.startswith("train-"))
+    assert left == [".relabel_args.json", "relabel.json"]  # the scratch is gone
+
+
+def test_no_room_for_the_output_stops_before_scoring_in_one_line(toy_data_dir, tmp_path, capsys):
+    data = toy_data_dir / "pickapic"
+    argv = ["--data", str(data), "--scorer", "toy_warm", "--out", str(tmp_path / "out")]
+    # 256 pairs: the input's bytes plus 9 added values (2 x (checksum + 1 score), 2 combined,
+    # 2 labels, prob_0) of 24 bytes per pair, and 10% spare.
+    input_bytes = sum(f.stat().st_size for f in data.glob("*.parquet"))
+    estimate = output_estimate(Source([], input_bytes=input_bytes, rows=256), scorers=1)
+    assert estimate == int(np.ceil(1.1 * (input_bytes + 256 * 9 * 24)))
+    scorer = ToyRewardScorer("warm")
+    with pytest.raises(SystemExit) as exit_:
+        cli.run(lambda a: relabel(a, scorers=[scorer], free_bytes=estimate - 1), argv, "relabel")
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"--out {tmp_path / 'out'}: the relabelled data needs about" in err[0]
+    assert not (tmp_path / "out").exists()  # nothing scored, nothing written
+    relabel(argv, scorers=[scorer], free_bytes=estimate)  # just enough
+    assert estimate > tree_bytes(tmp_path / "out") > 0.95 * estimate / 1.1
+    # A killed run needs only what it has not written yet.
+    cut = ["--data", str(data), "--scorer", "toy_warm", "--out", str(tmp_path / "cut")]
+    relabel([*cut, "--max_units", "4"], scorers=[scorer], free_bytes=estimate)
+    relabel(cut, scorers=[scorer], free_bytes=estimate - tree_bytes(tmp_path / "cut"))
+
+
+def test_input_changed_between_the_passes_is_named(tmp_path):
+    write_pairs(tmp_path / "in" / "a.parquet", 10, row_group=3)  # 4 units
+    args = ["--data", str(tmp_path / "in"), "--scorer", "toy_warm", "--out", str(tmp_path / "o")]
+    relabel([*args, "--max_units", "2"], scorers=[ToyRewardScorer("warm")])
+    table = pq.read_table(tmp_path / "in" / "a.parquet")
+    swapped = table.column("jpg_0").to_pylist()
+    swapped[4], swapped[5] = swapped[5], swapped[4]  # row group 1, rows 1 and 2
+    table = table.set_column(1, "jpg_0", pa.array(swapped, pa.binary()))
+    pq.write_table(table, tmp_path / "in" / "a.parquet", row_group_size=3)
+    with pytest.raises(DataError, match=r"a\.parquet, row group 1: the input changed .*row 1"):
+        relabel(args, scorers=[ToyRewardScorer("warm")])
+
+
+def test_the_model_card_names_the_relabelling_it_trained_on(tmp_path):
+    """--data OUT of a relabelling: the card's data row says what was relabelled, and how."""
+    from training.config import TrainConfig
+    from training.model_card import data_source
+
+    manifest, root = warm_and_cool_pairs(tmp_path)
+    out = tmp_path / "out"
+    relabel(["--pairs", str(manifest), "--images", str(root), "--scorer", "toy_warm",
+             "--weights", "1", "--out", str(out)])  # fmt: skip
+    config = TrainConfig(data=str(out), soft_labels=True).to_dict()
+    assert data_source(config) == (
+        f"`--data {out}`; labels from `python -m evaluation.relabel` on `--pairs {manifest}` with "
+        "`toy_warm`, weights 1"
+    )
+    shard = str(sorted(out.glob("train-*.parquet"))[0])  # a file of the folder names it too
+    assert "`--pairs " in data_source({**config, "data": shard})
+    assert data_source(TrainConfig(data=str(root)).to_dict()) == f"`--data {root}`"  # not one
 
 
 # ---------------------------------------------------------------- a hub dataset, offline
@@ -253,10 +377,14 @@ def test_a_hub_dataset_relabels_like_its_local_shards_and_resumes(tmp_path, offl
     first = relabel([*cut, "--max_units", "2"],
                     scorers=[ToyRewardScorer("warm"), TinyRandomScorer()])  # fmt: skip
     assert (first.scored_now, first.complete) == (2, False)
+    # The stream is not downloaded twice: pass 1 keeps its rows, until their shard is written.
+    kept = sorted(p.name for p in (tmp_path / "cut" / ".rows").iterdir())
+    assert kept == ["train-00000.parquet", "train-00001.parquet"]
     rest_scorer = TinyRandomScorer()
     rest = relabel(cut, scorers=[ToyRewardScorer("warm"), rest_scorer])
     assert rest.scored_now == 2 and sum(rest_scorer.calls) == 2 * (3 + 1)  # units 3 and 4 only
     pd.testing.assert_frame_equal(read_out(tmp_path / "cut"), expected)
+    assert not (tmp_path / "cut" / ".rows").exists()
 
 
 def test_hub_relabelling_memory_is_flat_and_bad_names_are_named(tmp_path, offline_hub):

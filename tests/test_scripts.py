@@ -143,14 +143,14 @@ def test_tiny_pipeline_generates_64px(tiny_model: tuple[str, Path]) -> None:
 def test_tiny_build_is_deterministic(tmp_path: Path, tiny_sd15_dir: Path) -> None:
     from diffusers import UNet2DConditionModel
 
-    from scripts.build_tiny_model import build_tiny_sd15
+    from scripts.build_tiny_model import build_tiny_model
 
     def unet_state(path: Path) -> dict[str, torch.Tensor]:
         return UNet2DConditionModel.from_pretrained(path, subfolder="unet").state_dict()
 
     first = unet_state(tiny_sd15_dir)
-    again = unet_state(build_tiny_sd15(tmp_path / "again", seed=0))
-    other = unet_state(build_tiny_sd15(tmp_path / "other", seed=1, prediction_type="v_prediction"))
+    again = unet_state(build_tiny_model(tmp_path / "again", seed=0))
+    other = unet_state(build_tiny_model(tmp_path / "other", seed=1, prediction_type="v_prediction"))
     assert all(torch.equal(first[k], again[k]) for k in first)
     assert not all(torch.equal(first[k], other[k]) for k in first)
     assert '"v_prediction"' in (tmp_path / "other/scheduler/scheduler_config.json").read_text()

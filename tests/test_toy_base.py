@@ -3,6 +3,8 @@ in their shape's typical colour, the recipe's weights."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -10,6 +12,7 @@ from PIL import Image
 
 from evaluation.toy_reward import colour_reward, foreground_colour, named_shape
 from scripts.train_toy_base import (
+    DEFAULTS,
     TYPICAL_COLOUR,
     ema_decay_at,
     min_snr_weights,
@@ -38,10 +41,11 @@ def test_wrong_colour_share_sets_how_often_captions_name_the_drawn_colour():
 
 
 def test_a_share_outside_zero_one_is_refused(tmp_path):
+    run = replace(DEFAULTS, out_dir=tmp_path / "out", num_images=4)
     with pytest.raises(ValueError, match="--wrong_colour_share"):
-        train_toy_base(tmp_path / "out", num_images=4, wrong_colour_share=1.5)
+        train_toy_base(replace(run, wrong_colour_share=1.5))
     with pytest.raises(ValueError, match="--typical_colour_share"):
-        train_toy_base(tmp_path / "out", num_images=4, typical_colour_share=-0.1)
+        train_toy_base(run, typical_colour_share=-0.1)
 
 
 def test_typical_colour_share_draws_the_shapes_usual_colour_whatever_the_caption():

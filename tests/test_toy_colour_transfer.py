@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import torch
 
-import generate
+from evaluation.suites import read_prompts
+from models import generation
 from scripts.build_toy_prefs import HELDOUT_PROMPTS
 from scripts.toy_colour_transfer import continue_training, training_only
 from scripts.train_toy_base import toy_scenes
 
 
 def test_training_only_drops_exactly_the_heldout_captions():
-    heldout = set(generate.read_prompts(HELDOUT_PROMPTS))
+    heldout = set(read_prompts(HELDOUT_PROMPTS))
     scenes = toy_scenes(300, seed=5, wrong_colour_share=0.0)
     kept = training_only(scenes, heldout)
     dropped = sum(c in heldout for c in scenes.captions)
@@ -22,7 +23,7 @@ def test_training_only_drops_exactly_the_heldout_captions():
 
 def test_continue_training_moves_the_unet_and_not_the_text_encoder():
     torch.manual_seed(0)
-    pipe = generate.load_pipeline("assets/toy-sd15")
+    pipe = generation.load_pipeline("assets/toy-sd15")
     unet_before = [p.detach().clone() for p in pipe.unet.parameters()]
     text_before = [p.detach().clone() for p in pipe.text_encoder.parameters()]
     scenes = toy_scenes(16, seed=5, wrong_colour_share=0.0)

@@ -3,18 +3,21 @@ ship, normalises its latents as SD3 does, and trains with prefdiff's own flow fa
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import torch
 from diffusers import StableDiffusion3Pipeline
 
 from models.flow_families import SD3Family
 from scripts.train_toy_base import toy_scenes
-from scripts.train_toy_flow_base import FLOW_WRONG_COLOUR_CAPTIONS, train_toy_flow_base
+from scripts.train_toy_flow_base import DEFAULTS, FLOW_WRONG_COLOUR_CAPTIONS, train_toy_flow_base
 
 
 def test_a_few_steps_give_a_small_sd3_pipeline_that_draws(tmp_path):
-    out = train_toy_flow_base(tmp_path / "toy-sd3", num_images=64, vae_steps=2, steps=2,
-                              batch_size=8)  # fmt: skip
+    run = replace(DEFAULTS, out_dir=tmp_path / "toy-sd3", steps=2, batch_size=8, num_images=64,
+                  vae_steps=2)  # fmt: skip
+    out = train_toy_flow_base(run)
     size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
     assert size <= 25 * 2**20  # the toy base limit
     pipe = StableDiffusion3Pipeline.from_pretrained(out)

@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-import generate
 from evaluation.toy_reward import shape_reward, warm_reward
+from models import generation
 from scripts.build_toy_prefs import toy_prompt_split
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,7 +21,7 @@ MAX_ASSET_BYTES = 25 * 2**20
 
 @pytest.fixture(scope="module")
 def toy_pipe():
-    return generate.load_pipeline(str(TOY))
+    return generation.load_pipeline(str(TOY))
 
 
 def test_the_shipped_weights_are_small_safetensors():
@@ -33,7 +33,7 @@ def test_the_shipped_weights_are_small_safetensors():
 
 def test_the_toy_base_draws_scenes_that_are_warm_only_part_of_the_time(toy_pipe):
     _, heldout = toy_prompt_split()
-    out = generate.generate(toy_pipe, heldout, [0, 1, 2], steps=10, progress=False)
+    out = generation.generate(toy_pipe, heldout, [0, 1, 2], steps=10, progress=False)
     assert {g.image.size for g in out} == {(32, 32)}
     assert all(np.asarray(g.image).std() > 10 for g in out)  # a scene, not a flat image
     # The preference task needs room both ways: some warm images to prefer, some not.
@@ -42,12 +42,11 @@ def test_the_toy_base_draws_scenes_that_are_warm_only_part_of_the_time(toy_pipe)
 
 
 def test_on_policy_preferences_in_both_trainer_formats(tmp_path):
-    from scripts.build_toy_prefs import build_toy_prefs
+    from scripts.build_toy_prefs import ToyPrefsRecipe, build_toy_prefs
 
-    stats = build_toy_prefs(
-        str(TOY), tmp_path / "prefs", images_per_prompt=4, pairs_per_prompt=2,
-        settings={"steps": 10},  # fewer steps leave grey, never-warm images: no pairs
-    )  # fmt: skip
+    # fewer steps leave grey, never-warm images: no pairs
+    recipe = ToyPrefsRecipe(images_per_prompt=4, pairs_per_prompt=2, settings={"steps": 10})
+    stats = build_toy_prefs(str(TOY), tmp_path / "prefs", recipe)
     assert stats["rule"] == "warm"  # the default
     pairs = pd.read_parquet(tmp_path / "prefs" / "pickapic")
     assert len(pairs) == stats["train_pairs"] > 0
@@ -79,10 +78,10 @@ def test_every_on_policy_image_has_its_own_noise(toy_pipe):
 
 
 def test_an_unknown_rule_stops_the_builder_before_generating(tmp_path):
-    from scripts.build_toy_prefs import build_toy_prefs
+    from scripts.build_toy_prefs import ToyPrefsRecipe, build_toy_prefs
 
     with pytest.raises(ValueError, match="unknown toy reward rule 'cool'"):
-        build_toy_prefs(str(TOY), tmp_path / "prefs", rule="cool")
+        build_toy_prefs(str(TOY), tmp_path / "prefs", ToyPrefsRecipe(rule="cool"))
     assert not (tmp_path / "prefs").exists()
 
 
@@ -104,10 +103,10 @@ def test_implicit_margins_are_zero_when_policy_is_the_reference(toy_pipe):
 
 
 def test_the_base_reads_shapes_and_misses_colours_at_the_measured_rates(toy_pipe):
-    """README, "The toy task": on 600 held-out images at guidance 3 the base draws the caption's
-    shape in 90.8%, its colour in 30.7% and the shape's typical colour in 29.5%. A 48-image
-    sample of the same protocol (the first 4 of those 50 seeds per prompt) must land within three
-    binomial standard deviations of each."""
+    """docs/toy-benchmark.md, "The toy base": on 600 held-out images at guidance 3 the base draws
+    the caption's shape in 90.8%, its colour in 30.7% and the shape's typical colour in 29.5%. A
+    48-image sample of the same protocol (the first 4 of those 50 seeds per prompt) must land
+    within three binomial standard deviations of each."""
     from evaluation.suites import TOY_GUIDANCE
     from evaluation.toy_reward import (
         colour_reward,
@@ -118,7 +117,7 @@ def test_the_base_reads_shapes_and_misses_colours_at_the_measured_rates(toy_pipe
     from scripts.train_toy_base import TYPICAL_COLOUR
 
     _, heldout = toy_prompt_split()
-    out = generate.generate(
+    out = generation.generate(
         toy_pipe, heldout, list(range(4)), 20, TOY_GUIDANCE, 32, progress=False, distinct_seeds=True
     )
     assert len(out) == 48

@@ -11,9 +11,9 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 import train
-from checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 from losses import get_spec, loss_names
 from tests.support import end_wandb_session, reset_accelerate
+from training.checkpointing import CONFIG_FILE, STATE_FILE, checkpoint_dirs
 
 
 def data_args(loss: str, toy: Path) -> list[str]:
@@ -43,7 +43,7 @@ def base_unet(model: Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(model, subfolder="unet")
 
 
-@pytest.mark.parametrize("loss", loss_names())
+@pytest.mark.parametrize("loss", loss_names(online=False))
 def test_end_to_end(loss, tiny_sd15_dir, toy_data_dir, tmp_path):
     result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", loss)
     assert len(result.history) == 2
@@ -99,6 +99,7 @@ def test_mapo_loads_and_runs_no_reference_unet(tiny_sd15_dir, toy_data_dir, tmp_
     assert result.models.reference is None
     assert len(forwards) == 2 * 2  # 2 steps x 2 micro-batches, policy only
     assert {"mapo/margins", "rewards/accuracies", "err/chosen"} <= set(result.history[0])
+    assert not [k for k in result.history[0] if k.startswith("health/")]  # no implicit reward
     assert "--winner_preserving_mu is not used by --loss mapo" in caplog.text
 
 
@@ -128,9 +129,9 @@ def test_kto_logs_its_metrics(tiny_sd15_dir, toy_data_dir, tmp_path):
 
 
 def test_v_prediction_model_trains(tmp_path, toy_data_dir):
-    from scripts.build_tiny_model import build_tiny_sd15
+    from scripts.build_tiny_model import build_tiny_model
 
-    model = build_tiny_sd15(tmp_path / "v-model", prediction_type="v_prediction")
+    model = build_tiny_model(tmp_path / "v-model", prediction_type="v_prediction")
     result = run(model, toy_data_dir, tmp_path / "out", "dpo", "--max_train_steps", "1")
     assert result.history[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert math.isfinite(result.history[0]["err/policy"])
@@ -284,11 +285,12 @@ def test_invalid_config_fails_at_startup():
 
 
 def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named():
-    from config import given_flags, parse_config, unused_flag_notes
+    from training.config import given_flags, parse_config, unused_flag_notes
 
-    assert parse_config(["--loss", "mapo"]).beta == 0.1
-    assert parse_config(["--loss", "dmpo"]).beta == 2000.0
-    assert parse_config(["--loss", "dspo", "--beta", "none"]).beta == 0.001
+    data = ["--data", "unread"]  # a run names its data; parsing reads none
+    assert parse_config(["--loss", "mapo", *data]).beta == 0.1
+    assert parse_config(["--loss", "dmpo", *data]).beta == 2000.0
+    assert parse_config(["--loss", "dspo", "--beta", "none", *data]).beta == 0.001
     argv = [
         "--loss",
         "ipo",
@@ -300,7 +302,7 @@ def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named()
         "9",
     ]
     assert given_flags(argv) == {"loss", "label_smoothing", "beta"}
-    assert unused_flag_notes(parse_config(argv), given_flags(argv)) == [
+    assert unused_flag_notes(parse_config([*argv, *data]), given_flags(argv)) == [
         "--label_smoothing is not used by --loss ipo: ignored"
     ]
 
@@ -308,7 +310,7 @@ def test_beta_defaults_to_the_losses_released_value_and_unused_flags_are_named()
 def test_every_config_field_is_a_flag_with_help():
     import dataclasses
 
-    from config import TrainConfig, build_parser
+    from training.config import TrainConfig, build_parser
 
     help_text = build_parser().format_help()
     for f in dataclasses.fields(TrainConfig):
@@ -317,9 +319,9 @@ def test_every_config_field_is_a_flag_with_help():
 
 
 def test_reference_model_can_differ_from_the_policy(tiny_sd15_dir, toy_data_dir, tmp_path):
-    from scripts.build_tiny_model import build_tiny_sd15
+    from scripts.build_tiny_model import build_tiny_model
 
-    other = build_tiny_sd15(tmp_path / "other", seed=1)
+    other = build_tiny_model(tmp_path / "other", seed=1)
     args = ("--max_train_steps", "1", "--reference_model", str(other))
     result = run(tiny_sd15_dir, toy_data_dir, tmp_path / "out", "dpo", *args)
     reference = dict(base_unet(other).named_parameters())

@@ -5,6 +5,7 @@ Three 3-step DPO runs share a module fixture: two with validation (every 2 steps
 """
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +16,13 @@ from huggingface_hub import ModelCard
 from huggingface_hub.utils import filter_repo_objects
 from PIL import Image
 
-import generate
-import hub
 import train
-from checkpointing import MANIFEST_FILE
-from config import TrainConfig
-from tests.support import end_wandb_session, reset_accelerate
+from common.cli import UsageError
+from models import generation
+from tests.support import end_wandb_session, one_thread_per_rank, reset_accelerate
+from training import hub
+from training.checkpointing import MANIFEST_FILE
+from training.config import TrainConfig, build_parser
 
 PROMPTS = ["a red circle on a white background", "a blue square on a black background"]
 VALIDATION = [
@@ -82,11 +84,11 @@ def test_images_at_the_right_steps_with_fixed_seeds_identical_across_runs(runs):
 
 def test_final_grid_is_the_exported_models_images_at_those_seeds(runs, tiny_sd15_dir):
     out, _ = runs
-    pipe = generate.load_pipeline(str(tiny_sd15_dir), unet=out["a"])
-    images = generate.generate(pipe, PROMPTS, [0, 1], steps=2, resolution=64,
+    pipe = generation.load_pipeline(str(tiny_sd15_dir), unet=out["a"])
+    images = generation.generate(pipe, PROMPTS, [0, 1], steps=2, resolution=64,
                                progress=False, distinct_seeds=True)  # fmt: skip
     assert [g.seed for g in images] == [0, 1, 2, 3]
-    expected = np.asarray(generate.labelled_grid(images, cell=64).convert("RGB"))
+    expected = np.asarray(generation.labelled_grid(images, cell=64).convert("RGB"))
     assert np.array_equal(expected, pixels(out["a"] / "validation" / "step-3.png"))
 
 
@@ -118,6 +120,12 @@ def test_scorer_curve_and_grids_reach_tensorboard(runs):
     assert np.mean(scores) == pytest.approx(means[-1]) and set(np.ravel(scores)) <= {0.0, 1.0}
     (tag,) = acc.Tags()["images"]
     assert [e.step for e in acc.Images(tag)] == [0, 2, 3]
+    # ... and into metrics.jsonl beside the step's other metrics (step 0: a line of its own).
+    lines = [json.loads(line) for line in (out["a"] / train.METRICS_FILE).read_text().splitlines()]
+    name = "validation/toy_warm"
+    scored = {line["step"]: line[name] for line in lines if name in line}
+    assert scored == pytest.approx(dict(zip([0, 2, 3], means, strict=True)))
+    assert [line["step"] for line in lines] == [0, 1, 2, 3] and "loss" in lines[2]
 
 
 def test_health_metrics_are_logged(runs):
@@ -156,7 +164,7 @@ def test_model_card_parses_and_names_the_settings(runs, tiny_sd15_dir):
 
 
 def test_model_card_lists_hub_datasets(tmp_path):
-    from model_card import card_datasets
+    from training.model_card import card_datasets
 
     config = TrainConfig().to_dict()
     assert card_datasets({**config, "data": "yuvalkirstain/pickapic_v2"}) == [
@@ -164,6 +172,8 @@ def test_model_card_lists_hub_datasets(tmp_path):
     ]
     assert card_datasets({**config, "data": str(tmp_path)}) == []  # a local directory
     assert card_datasets({**config, "model_card_datasets": "a/b, c/d"}) == ["a/b", "c/d"]
+    own = {**config, "data": "yuvalkirstain/pickapic_v2", "pairs": "m.jsonl", "images": "i"}
+    assert card_datasets(own) == []  # trained on own pairs: --data was not used
 
 
 class RecordingApi:
@@ -187,9 +197,9 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
     grid = Path("validation/step-3.png")
     expected = sorted(["README.md", "train_config.json", str(grid),
                        "unet/config.json", "unet/diffusion_pytorch_model.safetensors"])  # fmt: skip
-    assert hub.upload_files(folder, grid) == expected
+    assert hub.upload_files(folder, "unet", grid) == expected
     api = RecordingApi()
-    assert hub.push(folder, "someone/toy-dpo", grid, api=api) == "commit-url"
+    assert hub.push(folder, "someone/toy-dpo", "unet", grid, api=api) == "commit-url"
     (create, upload) = api.calls
     assert create[:2] == ("create_repo", "someone/toy-dpo") and create[2]["exist_ok"]
     kwargs = upload[2]
@@ -200,9 +210,72 @@ def test_push_uploads_the_export_card_and_last_grid_only(runs):
     assert chosen == expected  # no checkpoints, logs, metrics or older grids
 
 
+def test_a_push_without_its_export_is_refused(runs):
+    out, _ = runs
+    with pytest.raises(UsageError, match="transformer/ not written"):
+        hub.upload_files(out["a"], "transformer")
+
+
+def test_the_run_files_name_every_familys_export_folder():
+    """startup.EXPORT_DIRS (read before torch loads) is what the families export under."""
+    from models.families import FAMILIES
+    from models.lora import LoraIO
+    from training import startup
+
+    exports = {family.denoiser_folder for family in FAMILIES} | {LoraIO.subfolder}
+    assert set(startup.EXPORT_DIRS) == exports
+
+
+class FolderHub(RecordingApi):
+    """A hub in a local folder: ``upload_folder`` stores what huggingface_hub's own pattern
+    filter selects from the folder, under ``root/<repo_id>/``, as the hub would."""
+
+    def __init__(self, root: Path):
+        super().__init__()
+        self.root = root
+
+    def upload_folder(self, **kwargs):
+        folder = Path(kwargs["folder_path"])
+        everything = [str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()]
+        for name in filter_repo_objects(everything, allow_patterns=kwargs["allow_patterns"]):
+            target = self.root / kwargs["repo_id"] / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(folder / name, target)
+        return super().upload_folder(**kwargs)
+
+
+def test_push_of_a_full_sd3_fine_tune_uploads_its_transformer(
+    tiny_sd3_dir, toy_data_dir, tmp_path, monkeypatch
+):
+    """train.py --push_to_hub on a flow model: the repo holds the trained transformer/, which
+    loads back equal to the policy (before: a card and a config, no weights)."""
+    import huggingface_hub
+    from diffusers import SD3Transformer2DModel
+
+    hub_root = tmp_path / "hub"
+    monkeypatch.setattr(huggingface_hub, "HfApi", lambda: FolderHub(hub_root))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")  # the start-up check reads it; nothing is fetched
+    monkeypatch.setenv("HF_TOKEN", "hf_placeholder")
+    push = ("--push_to_hub", "true", "--hub_model_id", "someone/toy-sd3")
+    result = run(*argv(tiny_sd3_dir, toy_data_dir, tmp_path / "out", "--max_train_steps", "1",
+                       *push))  # fmt: skip
+    repo = hub_root / "someone" / "toy-sd3"
+    assert sorted(str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()) == [
+        "README.md", "train_config.json", "transformer/config.json",
+        "transformer/diffusion_pytorch_model.safetensors",
+    ]  # fmt: skip
+    pushed = SD3Transformer2DModel.from_pretrained(repo, subfolder="transformer")
+    for (name, a), b in zip(
+        pushed.named_parameters(), result.models.policy.parameters(), strict=True
+    ):
+        assert torch.equal(a, b), name
+    card = ModelCard.load(repo / "README.md")
+    assert "A fully fine-tuned transformer" in card.text and 'unet_dir="transformer"' in card.text
+
+
 def config_error(*args: str) -> str:
     with pytest.raises(ValueError) as info:
-        TrainConfig(**vars(__import__("config").build_parser().parse_args(list(args)))).validate()
+        TrainConfig(**vars(build_parser().parse_args(list(args)))).validate()
     return str(info.value)
 
 
@@ -218,8 +291,8 @@ def test_hub_arguments_are_checked_at_start_up(monkeypatch, tmp_path):
     assert "HF_HUB_OFFLINE" in error and "no hub token" in error
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
     monkeypatch.setenv("HF_TOKEN", "hf_placeholder")
-    args = ["--push_to_hub", "true", "--hub_model_id", "someone/toy-dpo"]
-    config = TrainConfig(**vars(__import__("config").build_parser().parse_args(args)))
+    args = ["--push_to_hub", "true", "--hub_model_id", "someone/toy-dpo", "--data", "unread"]
+    config = TrainConfig(**vars(build_parser().parse_args(args)))
     config.validate()  # valid id, hub reachable in principle, a token: accepted
 
 
@@ -228,6 +301,11 @@ def test_validation_flags_are_checked_at_start_up(tmp_path):
     assert "missing.txt: no such file" in error
     assert "needs --validation_prompts" in config_error("--validation_scorer", "toy_warm")
     assert "choose from" in config_error("--validation_prompt", "x", "--validation_scorer", "nope")
+    # A scorer that cannot read a validation prompt: at start-up, not at step 0.
+    error = config_error("--validation_prompt", "a red circle", "--validation_prompt", "a cat",
+                         "--validation_scorer", "toy_colour")  # fmt: skip
+    assert "--validation_scorer toy_colour cannot score validation prompt 2" in error
+    assert "'a cat'" in error
     assert "--validation_images must be >= 1" in config_error("--validation_images", "0")
 
 
@@ -259,18 +337,15 @@ def rank_main(args: list[str], report: str) -> None:
 def test_two_processes_validate_on_the_main_process(
     tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch
 ):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        report = tmp_path / "report"
-        report.mkdir()
-        args = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *VALIDATION,
-                    "--max_train_steps", "2", "--train_batch_size", "1")  # fmt: skip
-        debug_launcher(rank_main, args=(args, str(report)), num_processes=2)
-    finally:
-        torch.set_num_threads(threads)
-        reset_accelerate()
+    report = tmp_path / "report"
+    report.mkdir()
+    args = argv(tiny_sd15_dir, toy_data_dir, tmp_path / "out", *VALIDATION,
+                "--max_train_steps", "2", "--train_batch_size", "1")  # fmt: skip
+    with one_thread_per_rank(monkeypatch):
+        try:
+            debug_launcher(rank_main, args=(args, str(report)), num_processes=2)
+        finally:
+            reset_accelerate()
     assert json.loads((report / "rank-0.json").read_text()) == [0, 2]
     assert json.loads((report / "rank-1.json").read_text()) == []
     assert sorted(p.name for p in (tmp_path / "out" / "validation").glob("*.png")) == [
@@ -283,7 +358,7 @@ def test_validation_scheduler_choices_are_generate_pys():
     import dataclasses
 
     (field,) = [f for f in dataclasses.fields(TrainConfig) if f.name == "validation_scheduler"]
-    assert sorted(field.metadata["choices"]) == sorted(generate.SCHEDULERS)
+    assert sorted(field.metadata["choices"]) == sorted(generation.SCHEDULERS)
 
 
 def test_grids_reach_wandb(tiny_sd15_dir, toy_data_dir, tmp_path, monkeypatch):

@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 
-from config import TIMESTEP_SAMPLINGS
+# How sigma is drawn before the shift (Esser et al. 2024, arXiv 2403.03206, 3.1).
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
 
 
 def sample_u(

@@ -1,8 +1,8 @@
 """The one training config: defaults, help text, validation and the command line.
 
-Every field is a ``--flag`` of ``train.py`` with the field's help text. Defaults point at the
-embedded tiny model and toy data that ``scripts/setup.sh`` builds, so ``python train.py`` runs
-offline; the ``exps/*.sh`` scripts override them with published settings.
+Every field is a ``--flag`` of ``train.py`` with the field's help text. The model defaults to
+the shipped toy base; the data has no default (a run names what it trains on: ``--data``,
+``--csv``, ``--pairs`` or ``--pairs_dirs``); the ``exps/*.sh`` scripts set published settings.
 """
 
 import argparse
@@ -20,18 +20,18 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from cli import Parser, UsageError
+from common.cli import Parser, UsageError
+from diffusion.flow_matching import TIMESTEP_SAMPLINGS
 from losses import get_spec, loss_names, unused_options
-from losses.dmpo import DMPO_ALPHA
-from losses.dpo import DPO_LABEL_SMOOTHING
-from losses.kto import KTO_UTILITIES
-from losses.mapo import MAPO_SNR_VALUE
+from losses.online import SDE_TYPES
+from losses.registry import BETA_OPTION, OptionField, option_fields
+from models.modes import EMPTY_PROMPT_MODES, TIME_IDS_MODES
+from training.hub import hub_problems
+from training.validation_checks import validation_problems
 
-REPO_ROOT = Path(__file__).resolve().parent
-# The shipped toy base (scripts/train_toy_base.py) and its on-policy preference pairs
-# (scripts/build_toy_prefs.py, built by scripts/setup.sh).
+REPO_ROOT = Path(__file__).resolve().parents[1]
+# The shipped toy base (scripts/train_toy_base.py).
 EMBEDDED_MODEL = REPO_ROOT / "assets" / "toy-sd15"
-EMBEDDED_DATA = REPO_ROOT / "build" / "toy-prefs"
 
 # Released Diffusion-KTO trainer: images labelled by their Pick-a-Pic comparison record.
 DEFAULT_SPLIT_LABELS = "exclusive_win=1,intersections=1,exclusive_lose=0"
@@ -40,15 +40,10 @@ KTO_DESIRABLE_PROB = 0.8
 # Both released trainers replace the caption by "" with probability 0.2 (classifier-free guidance).
 CAPTION_DROPOUT = 0.2
 
-# How SDXL's micro-conditioning time_ids are filled (models/family.py, SDXLFamily.time_ids):
-# constant: (R, R, 0, 0, R, R) for every image, as the released Diffusion-DPO SDXL trainer did;
-# original: the image's true (H, W) before resizing and its crop (top, left), then (R, R).
-TIME_IDS_MODES = ("constant", "original")
-# What a dropped caption conditions on (models/family.py, ModelFamily.empty_prompt).
-EMPTY_PROMPT_MODES = ("encode", "zeros")
 OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
-# Flow-matching models (SD3, Flux): how sigma is drawn (flow_matching.py; Esser et al. 2024, 3.1).
-TIMESTEP_SAMPLINGS = ("uniform", "logit_normal", "mode")
+# Online methods: advantages normalised by the std of the whole collection (Flow-GRPO's and
+# DiffusionNFT's global_std) or of each prompt's group (DDPO's per-prompt tracker).
+ADVANTAGE_STDS = ("global", "group")
 
 LIBRARIES = (
     "torch",
@@ -67,19 +62,26 @@ def arg(default: Any, help: str, **extra: Any) -> Any:
     return field(default=default, metadata={"help": help, **extra})
 
 
+def unset(help: str) -> Any:
+    """An optional text field (a path, a name): None unless the flag is given."""
+    return arg(None, help)
+
+
 @dataclass
-class TrainConfig:
+class _Settings:
+    """The run's settings except the losses' own options (added from the registry below)."""
+
     # Model
     pretrained_model: str = arg(
         str(EMBEDDED_MODEL), "diffusers-format model: local directory or hub name"
     )
-    revision: str | None = arg(None, "hub revision of --pretrained_model")
-    variant: str | None = arg(None, "weight variant to load, e.g. fp16")
-    reference_model: str | None = arg(
-        None, "frozen reference UNet's model (default: the same weights as --pretrained_model)"
+    revision: str | None = unset("hub revision of --pretrained_model")
+    variant: str | None = unset("weight variant to load, e.g. fp16")
+    reference_model: str | None = unset(
+        "frozen reference UNet's model (default: the same weights as --pretrained_model)"
     )
-    pretrained_vae: str | None = arg(
-        None, "a separate VAE (directory or hub name), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL"
+    pretrained_vae: str | None = unset(
+        "a separate VAE (directory or hub name), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL"
     )
     time_ids: str = arg(
         "constant",
@@ -105,66 +107,123 @@ class TrainConfig:
     )
     beta: float | None = arg(
         None,
-        "strength beta, in our convention u = beta/2 (g_chosen - g_rejected) for pairwise losses "
-        "(default: the loss's released value: dpo, ipo, hinge 5000 (Diffusion-DPO); dmpo 2000 "
-        "(DMPO launcher); dspo 0.001 (DSPO SD1.5 launcher); mapo 0.1 (MaPO); kto 5000 (paper))",
+        f"{BETA_OPTION.help} (default: the loss's released value: "
+        + ", ".join(
+            f"{name} {get_spec(name).hyperparameters['beta']:g}"
+            for name in loss_names()
+            if "beta" in get_spec(name).hyperparameters
+        )
+        + ")",
     )
-    label_smoothing: float = arg(
-        DPO_LABEL_SMOOTHING,
-        "dpo: conservative-DPO label smoothing eps in [0, 0.5) (cDPO, Mitchell 2023; 0: plain DPO)",
+    # Each loss's own options (losses/: its registry entry) join here, after --beta: see
+    # ``_with_loss_options`` below.
+
+    # Online methods (--loss grpo, nft): prompts and a reward instead of data (training/online.py)
+    prompts: str | None = unset(
+        'online losses: prompt file, one prompt per line, or JSONL (.jsonl) with a "prompt" '
+        "key and any metadata a reward reads",
     )
-    dmpo_alpha: float = arg(
-        DMPO_ALPHA, "dmpo: the target preference probability is 1 - alpha; in (0, 1), released 0.01"
+    reward: list[str] = field(  # repeat=True: one flag per value
+        default_factory=list,
+        metadata={
+            "help": "online losses: a reward, NAME or NAME=PATH of evaluation/scorers.py "
+            "(repeatable; summed with --reward_weights)",
+            "repeat": True,
+        },
     )
-    snr_value: float = arg(
-        MAPO_SNR_VALUE, "mapo: gamma of the error score gamma e / (exp(gamma e) - 1) (released 0.5)"
+    reward_weights: str | None = unset("weights of the --reward flags, comma-separated")
+    reward_url: str | None = unset(
+        "online losses: a reward server's URL, instead of scoring in this process"
     )
-    winner_preserving_mu: float | None = arg(
+    reward_device: str | None = unset(
+        "device of in-process reward models (default: the training device)"
+    )
+    group_size: int = arg(8, "online: images sampled per prompt (advantages are per group)")
+    sampling_steps: int = arg(10, "online: sampler steps per image (Flow-GRPO: 10)")
+    noise_level: float | None = arg(
         None,
-        "the Diffusion-SDPO safeguard on any pairwise loss with a reference: mu in [0, 1] "
-        "(released launchers: 0.9 for dpo and dmpo, 0.2 for dspo); none: off",
+        "online: sampler noise, flow models' a (Flow-GRPO 0.7) or SD1.5 / SDXL's DDIM eta (DDPO "
+        "1.0); default: those for grpo, 0 (deterministic sampling) for nft",
     )
-    kto_utility: str = arg(
-        "kahneman_tversky", "KTO utility function", choices=sorted(KTO_UTILITIES)
+    sde_type: str = arg(
+        "sde",
+        "online, flow models: the stochastic step: sde (Flow-GRPO), dance (DanceGRPO, s = a), "
+        "cps (coefficients-preserving)",
+        choices=list(SDE_TYPES),
     )
-    lambda_desirable: float = arg(1.0, "KTO weight of desirable samples")
-    lambda_undesirable: float = arg(1.0, "KTO weight of undesirable samples")
+    guidance_scale: float = arg(
+        1.0,
+        "online: classifier-free guidance while sampling (grpo also trains the guided output); "
+        "1: conditional only",
+    )
+    trained_steps_fraction: float = arg(
+        0.99,
+        "online: grpo trains the first int(steps x this) sampler steps (Flow-GRPO 0.99, DDPO "
+        "1.0); nft trains as many of each image's shuffled timesteps",
+    )
+    sde_window_size: int = arg(
+        0,
+        "grpo: noise and training only in a window of this many steps, deterministic elsewhere "
+        "(Flow-GRPO-Fast 3, MixGRPO 4); 0: every step",
+    )
+    sde_window_range: str | None = unset(
+        "grpo: LO,HI: the window starts in LO .. HI - size, drawn per collection "
+        "(default: 0,sampling_steps-1)"
+    )  # fmt: skip
+    share_initial_noise: bool = arg(
+        False, "online: a prompt's images share their initial noise (SDE noise stays per image)"
+    )
+    advantage_std: str = arg(
+        "global",
+        "online: advantages are (r - group mean) / std, the std of the whole collection "
+        "(Flow-GRPO, DiffusionNFT) or of each group (DDPO)",
+        choices=list(ADVANTAGE_STDS),
+    )
+    collect_batches: int | None = arg(
+        None,
+        "online: prompt batches (--train_batch_size prompts x --group_size images each) sampled "
+        "per process per collection (default: --gradient_accumulation_steps: one optimizer step "
+        "per collection)",
+    )
+    inner_epochs: int = arg(1, "online: passes over each collection (Flow-GRPO: 1)")
+    kl_coef: float | None = arg(
+        None,
+        "online: weight of the KL to the reference (default: grpo 0.04 (Flow-GRPO), nft 1e-4 "
+        "(DiffusionNFT)); 0: no reference model is loaded",
+    )
 
     # Data
-    data: str = arg(
-        str(EMBEDDED_DATA / "pickapic"),
-        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name",
+    data: str | None = unset(
+        "Pick-a-Pic pairs: parquet directory, glob or file, or a hub dataset name (a run names "
+        "its data: this, --csv, --pairs or --pairs_dirs)",
     )
-    csv: str | None = arg(
-        None, "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
+    csv: str | None = unset(
+        "per-image CSV (file_name, caption, split) for KTO/SFT; replaces --data"
     )
-    images: str | None = arg(None, "image root that --csv file_name entries are relative to")
+    images: str | None = unset("image root that --csv file_name entries are relative to")
     split_labels: str = arg(DEFAULT_SPLIT_LABELS, "CSV split -> label (1 desirable, 0 not)")
     kto_desirable_prob: float = arg(
         KTO_DESIRABLE_PROB, "probability that a drawn CSV sample is desirable (gamma)"
     )
     hub_split: str = arg("train", "split of a hub dataset given as --data")
-    columns: str | None = arg(
-        None,
+    columns: str | None = unset(
         "--data column mapping for parquet/hub pairs in another schema, e.g. "
         "caption=prompt,jpg_0=image_a,jpg_1=image_b,label_0=a_wins,label_1=b_wins,prob_0=p",
     )
-    pairs: str | None = arg(
-        None,
+    pairs: str | None = unset(
         "your own pairs: a JSONL or CSV manifest (caption, chosen, rejected, optional prob) "
         "with paths relative to --images; replaces --data",
     )
-    pairs_dirs: str | None = arg(
-        None, "your own pairs: two folders W,L of chosen/rejected images with the same file names"
+    pairs_dirs: str | None = unset(
+        "your own pairs: two folders W,L of chosen/rejected images with the same file names"
     )
-    captions: str | None = arg(
-        None, "--pairs_dirs captions: a JSONL (file_name, caption) or a folder of <stem>.txt"
+    captions: str | None = unset(
+        "--pairs_dirs captions: a JSONL (file_name, caption) or a folder of <stem>.txt"
     )
     soft_labels: bool = arg(
         False, "train on the per-pair preference probability (prob / prob_0) instead of 1"
     )
-    cache: str | None = arg(
-        None,
+    cache: str | None = unset(
         "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
         "encoders (needs centre crop)",
     )
@@ -183,7 +242,7 @@ class TrainConfig:
         "branch, force_zeros_for_empty_prompt)",
         choices=list(EMPTY_PROMPT_MODES),
     )
-    # Flow-matching models only (SD3 / SD3.5, Flux.1): see flow_matching.py and the README.
+    # Flow-matching models only (SD3 / SD3.5, Flux.1): see diffusion/flow_matching.py.
     timestep_sampling: str = arg(
         "logit_normal",
         "flow models: how sigma is drawn, before the scheduler's shift (SD3 paper: logit_normal)",
@@ -202,7 +261,9 @@ class TrainConfig:
     dataloader_num_workers: int = arg(2, "DataLoader worker processes per training process")
 
     # Optimisation
-    train_batch_size: int = arg(1, "per-device batch: pairs (dpo) or images (kto, sft)")
+    train_batch_size: int = arg(
+        1, "per-device batch: pairs (dpo), images (kto, sft) or prompts (grpo, nft; x --group_size)"
+    )
     gradient_accumulation_steps: int = arg(1, "micro-batches per optimizer step")
     max_train_steps: int = arg(2000, "optimizer steps")
     learning_rate: float = arg(2.048e-5, "peak learning rate (no hidden batch scaling)")
@@ -241,8 +302,8 @@ class TrainConfig:
     )
     torch_compile: bool = arg(
         False,
-        "torch.compile the UNet(s); in fp16/bf16 the compiled policy and reference differ slightly "
-        "at step 0 (loss not exactly log 2: see README, Checking the GPU paths)",
+        "torch.compile the UNet(s); inductor keeps eager's half-precision rounding, so the "
+        "compiled policy and reference agree at step 0 (README, Checking the GPU paths)",
     )
     compile_backend: str = arg("inductor", "torch.compile backend")
     allow_tf32: bool = arg(True, "TF32 matmuls/convolutions on Ampere+ GPUs (no effect on CPU)")
@@ -254,14 +315,25 @@ class TrainConfig:
     )
     checkpointing_steps: int = arg(500, "save a resumable checkpoint every N optimizer steps")
     checkpoints_total_limit: int | None = arg(None, "keep at most this many checkpoints")
-    resume_from_checkpoint: str | None = arg(None, "'latest' or a checkpoint directory")
+    resume_from_checkpoint: str | None = unset("'latest' or a checkpoint directory")
+    check_only: bool = arg(
+        False,
+        "run the start-up checks (flags, model configs, output directory, launcher, tracker, "
+        "data) and exit: no weights load, nothing is written (exps/*.sh run it before launching)",
+    )
+    process_group_timeout: float = arg(
+        60.0,
+        "minutes the other processes of a multi-GPU run wait for the main one (validating, "
+        "saving a checkpoint) before the job is stopped (NCCL's own limit: 10); raise it for "
+        "long validations",
+    )
 
     # Logging
     report_to: str = arg("tensorboard", "metrics tracker", choices=["tensorboard", "wandb", "none"])
     tracker_project: str = arg("prefdiff", "tracker project name")
 
-    # Validation during training (validation.py) and sharing (model_card.py, hub.py)
-    validation_prompts: str | None = arg(None, "file of validation prompts, one per line")
+    # Validation during training (training/validation.py), sharing (model_card.py, hub.py)
+    validation_prompts: str | None = unset("file of validation prompts, one per line")
     validation_prompt: list[str] = field(  # repeat=True: one flag per value
         default_factory=list,
         metadata={"help": "a validation prompt (repeatable, after the file's)", "repeat": True},
@@ -269,20 +341,25 @@ class TrainConfig:
     validation_steps: int = arg(100, "validate at step 0, every N optimizer steps and at the end")
     validation_images: int = arg(2, "images per validation prompt, each from its own fixed seed")
     validation_inference_steps: int = arg(20, "sampler steps of the validation pipeline")
-    validation_guidance_scale: float = arg(1.0, "CFG scale of validation images (<= 1: off)")
+    validation_guidance_scale: float | None = arg(
+        None,
+        "guidance scale of validation images: CFG (<= 1: off), or the guidance embedding's value "
+        "of guidance-distilled Flux (default: what the family trains with: --flux_guidance for "
+        "guidance-distilled Flux, else 1)",
+    )
     validation_scheduler: str = arg(
         "ddim",
         "validation sampler (SD3 / Flux sample with flow_euler whatever this names)",
         choices=["ddim", "ddpm", "euler", "euler_a", "dpmpp_2m", "flow_euler"],
     )
-    validation_scorer: str | None = arg(
-        None, "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
+    validation_scorer: str | None = unset(
+        "scorer NAME or NAME=PATH (evaluate.py's registry) logged as validation/NAME"
     )
-    model_card_datasets: str | None = arg(
-        None, "comma-separated hub dataset ids for the model card (default: --data if a hub name)"
+    model_card_datasets: str | None = unset(
+        "comma-separated hub dataset ids for the model card (default: --data if a hub name)"
     )
     push_to_hub: bool = arg(False, "upload the export and its model card to --hub_model_id")
-    hub_model_id: str | None = arg(None, "hub repository (owner/name) that --push_to_hub writes")
+    hub_model_id: str | None = unset("hub repository (owner/name) that --push_to_hub writes")
 
     def validate(self) -> None:
         """Fail at start-up, not hours in."""
@@ -295,6 +372,7 @@ class TrainConfig:
         if self.csv and not self.images:
             problems.append("--csv needs --images (the image root of its file_name entries)")
         problems += self.pair_source_problems(spec)
+        problems += self.online_problems(spec)
         positive = (
             "train_batch_size",
             "gradient_accumulation_steps",
@@ -302,6 +380,7 @@ class TrainConfig:
             "checkpointing_steps",
             "learning_rate",
             "max_consecutive_nonfinite",
+            "process_group_timeout",
         )
         problems += [f"--{n} must be > 0" for n in positive if not getattr(self, n) > 0]
         problems += self.loss_problems()
@@ -328,9 +407,6 @@ class TrainConfig:
             problems.append(
                 "--optimizer adamw8bit needs bitsandbytes: pip install -r requirements-8bit.txt"
             )
-        from hub import hub_problems  # imported here: validation.py imports models -> config
-        from validation import validation_problems
-
         problems += validation_problems(self) + hub_problems(self)
         if problems:
             raise UsageError("invalid config:\n  " + "\n  ".join(problems))
@@ -341,6 +417,11 @@ class TrainConfig:
 
         sources = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(self, n)]
         problems = column_problems(self.columns, sources)
+        if not (self.data or sources or spec.online):  # the online losses read --prompts
+            problems.append(
+                "no training data: give --data (Pick-a-Pic parquet or a hub dataset), "
+                "--csv and --images (per-image labels), --pairs and --images, or --pairs_dirs W,L"
+            )
         if len(sources) > 1:
             problems.append(f"give one data source, not {' and '.join(sources)}")
         if self.pairs and not self.images:
@@ -353,30 +434,109 @@ class TrainConfig:
             problems.append(f"--soft_labels: --loss {self.loss} does not train on soft labels")
         return problems
 
+    def online_problems(self, spec: Any) -> list[str]:
+        """Online losses read prompts and a reward; their sampler settings' ranges."""
+        if spec.online is None:
+            return ["--prompts is for the online losses (grpo, nft)"] if self.prompts else []
+        name = f"--loss {self.loss}"
+        problems = []
+        if not self.prompts:
+            problems.append(f"{name} samples from prompts: give --prompts FILE")
+        elif not Path(self.prompts).is_file():
+            problems.append(f"--prompts {self.prompts}: no such file")
+        if not (self.reward or self.reward_url):
+            problems.append(f"{name} needs --reward NAME[=PATH] (repeatable) or --reward_url")
+        for flag in ("csv", "pairs", "pairs_dirs", "cache"):
+            if getattr(self, flag):
+                problems.append(f"{name} samples its own images: drop --{flag}")
+        steps = self.sampling_steps
+        checks = [
+            (self.group_size >= 2, "--group_size must be >= 2 (advantages compare a group)"),
+            (steps >= 1, "--sampling_steps must be >= 1"),
+            (self.noise_level is None or self.noise_level >= 0, "--noise_level must be >= 0"),
+            (0 < self.trained_steps_fraction <= 1, "--trained_steps_fraction must be in (0, 1]"),
+            (0 <= self.sde_window_size <= steps, "--sde_window_size must be in [0, steps]"),
+            (self.guidance_scale >= 1, "--guidance_scale must be >= 1 (1: no guidance)"),
+            (self.inner_epochs >= 1, "--inner_epochs must be >= 1"),
+            (self.kl_coef is None or self.kl_coef >= 0, "--kl_coef must be >= 0"),
+        ]
+        problems += [message for ok, message in checks if not ok]
+        if self.sde_window_range:
+            problems += self.window_problems()
+        elif self.sde_window_size >= steps:
+            problems.append(
+                f"--sde_window_size {self.sde_window_size}: at most --sampling_steps - 1 (the "
+                "default --sde_window_range 0,steps-1 keeps the last step deterministic)"
+            )
+        batches = self.collect_batches or self.gradient_accumulation_steps
+        if batches < 1 or (batches * self.inner_epochs) % self.gradient_accumulation_steps:
+            problems.append(
+                f"--collect_batches {batches} x --inner_epochs {self.inner_epochs} must be a "
+                f"positive multiple of --gradient_accumulation_steps "
+                f"{self.gradient_accumulation_steps} (whole optimizer steps per collection)"
+            )
+        return problems
+
+    def window_problems(self) -> list[str]:
+        flag = f"--sde_window_range {self.sde_window_range}"
+        try:
+            low, high = (int(v) for v in self.sde_window_range.split(","))
+        except ValueError:
+            return [f"{flag}: expected LO,HI (two integers)"]
+        if not 0 <= low < high <= self.sampling_steps or high - low < self.sde_window_size:
+            return [
+                f"{flag}: need 0 <= LO < HI <= --sampling_steps {self.sampling_steps} and room "
+                f"for --sde_window_size {self.sde_window_size}"
+            ]
+        if not self.sde_window_size:
+            return [f"{flag} needs --sde_window_size > 0"]
+        return []
+
     def loss_problems(self) -> list[str]:
         """The loss hyperparameters' ranges (each loss checks its own again when built)."""
         problems = []
-        if self.beta is not None and not (math.isfinite(self.beta) and self.beta > 0):
-            problems.append("--beta must be finite and > 0")
-        if not 0.0 <= self.label_smoothing < 0.5:
-            problems.append("--label_smoothing must be in [0, 0.5)")
-        if not 0.0 < self.dmpo_alpha < 1.0:
-            problems.append("--dmpo_alpha must be in (0, 1)")
-        if not (math.isfinite(self.snr_value) and self.snr_value > 0):
-            problems.append("--snr_value must be finite and > 0")
-        mu = self.winner_preserving_mu
-        if mu is not None and not 0.0 <= mu <= 1.0:
-            problems.append("--winner_preserving_mu must be in [0, 1]")
+        if self.beta is not None and not BETA_OPTION.valid(self.beta):
+            problems.append(f"--beta must be {BETA_OPTION.rule}")
+        for option in option_fields():
+            problem = option.problem(getattr(self, option.name))
+            if problem:
+                problems.append(problem)
         return problems
 
     def resolve_loss_defaults(self) -> None:
-        """An unset --beta takes the chosen loss's released value, so the saved config says
-        which beta a run used."""
+        """An unset --beta (--kl_coef) takes the chosen loss's released value, so the saved
+        config says which value a run used."""
+        defaults = get_spec(self.loss).hyperparameters
         if self.beta is None:
-            self.beta = get_spec(self.loss).hyperparameters.get("beta")
+            self.beta = defaults.get("beta")
+        if self.kl_coef is None:
+            self.kl_coef = defaults.get("kl_coef")
+
+    def resolve_family_defaults(self, default_guidance: float) -> None:
+        """An unset --validation_guidance_scale takes the model family's default (models/
+        family.py ``default_guidance``), so the saved config, the card and the start-up block
+        say what validation sampled with. Called once the family is known (train.setup)."""
+        if self.validation_guidance_scale is None:
+            self.validation_guidance_scale = default_guidance
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _loss_option_field(option: OptionField) -> tuple[str, Any, Any]:
+    extra = {"choices": list(option.option.choices)} if option.option.choices else {}
+    kind = option.type if option.default is not None else option.type | None
+    return option.name, kind, arg(option.default, option.option.help, **extra)
+
+
+# The config: ``_Settings`` plus one field per option that a registered loss declares.
+TrainConfig = dataclasses.make_dataclass(
+    "TrainConfig",
+    [_loss_option_field(option) for option in option_fields()],
+    bases=(_Settings,),
+)
+TrainConfig.__module__ = __name__  # make_dataclass names its own module otherwise (pickling)
+LOSS_OPTIONS = tuple(option.name for option in option_fields())
 
 
 def _field_type(annotation: Any) -> type:
@@ -409,6 +569,7 @@ def _optional(scalar: type) -> Any:
 HELP_GROUPS = {
     "model": "pretrained_model",
     "loss": "loss",
+    "online (grpo, nft)": "prompts",
     "data": "data",
     "optimisation": "train_batch_size",
     "precision and speed": "mixed_precision",
@@ -421,6 +582,7 @@ HELP_ORDER = (
     "model",
     "data",
     "loss",
+    "online (grpo, nft)",
     "optimisation",
     "precision and speed",
     "checkpoints and output",
@@ -431,7 +593,10 @@ HELP_ORDER = (
 
 def field_groups() -> dict[str, list[str]]:
     """HELP_GROUPS' name -> the names of its fields, in TrainConfig's order."""
-    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    # The losses' own options are shown with --loss and --beta, though declared last.
+    names = [f.name for f in dataclasses.fields(TrainConfig) if f.name not in LOSS_OPTIONS]
+    after_beta = names.index("beta") + 1
+    names[after_beta:after_beta] = LOSS_OPTIONS
     starts = sorted((names.index(first), group) for group, first in HELP_GROUPS.items())
     groups: dict[str, list[str]] = {group: [] for group in HELP_ORDER}
     for position, name in enumerate(names):
@@ -501,9 +666,14 @@ def join_negative_numbers(argv: list[str]) -> list[str]:
     return joined
 
 
-def parse_config(argv: list[str] | None = None) -> TrainConfig:
+def parse_args(argv: list[str] | None = None) -> TrainConfig:
+    """The command line as a config, not yet validated."""
     argv = join_negative_numbers(list(sys.argv[1:] if argv is None else argv))
-    config = TrainConfig(**vars(build_parser().parse_args(argv)))
+    return TrainConfig(**vars(build_parser().parse_args(argv)))
+
+
+def parse_config(argv: list[str] | None = None) -> TrainConfig:
+    config = parse_args(argv)
     config.validate()
     config.resolve_loss_defaults()
     return config

@@ -24,12 +24,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from accelerate import Accelerator
+import torch
+from accelerate import Accelerator, init_empty_weights
 from accelerate.utils import DistributedType
 
-from cli import UsageError
-from distributed import fp32_state_dict
+from common.cli import UsageError
+from models.loading import FP32_NORMS
 from models.lora import FullUNetIO, LoraIO
+from training.distributed import fp32_state_dict
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +66,17 @@ class TrainerState:
         return cls(**json.loads((directory / STATE_FILE).read_text()))
 
 
-def full_model(accelerator: Accelerator, model: Any) -> Any:
-    """The model as a plain diffusers module holding all its weights in fp32, on the main
-    process (None elsewhere). Call it on EVERY process: under FSDP, gathering the shards is
-    collective, and under DeepSpeed so is assembling the fp32 master weights (the engine's
-    module holds half-precision copies when training in fp16/bf16)."""
+def full_model(
+    accelerator: Accelerator,
+    model: Any,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> Any:
+    """The model as a plain diffusers module holding all its weights, on the main process
+    (None elsewhere). Call it on EVERY process: under FSDP, gathering the shards is collective,
+    and under DeepSpeed so is assembling the fp32 master weights (the engine's module holds
+    half-precision copies when training in fp16/bf16). Plain and DDP runs get the live module;
+    the others a copy (``rebuilt``) in fp32 on the CPU, or on ``device`` in ``dtype``."""
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.distributed_type == DistributedType.FSDP:
         state = accelerator.get_state_dict(model)  # full state dict on rank 0 (FULL_STATE_DICT)
@@ -78,16 +86,43 @@ def full_model(accelerator: Accelerator, model: Any) -> Any:
         return unwrapped if accelerator.is_main_process else None
     if not accelerator.is_main_process:
         return None
-    return rebuilt(unwrapped, state)
+    return rebuilt(unwrapped, state, device or torch.device("cpu"), dtype)
 
 
-def rebuilt(module: Any, state: dict[str, Any]) -> Any:
-    """A fresh CPU copy of ``module`` (same config, same LoRA adapters if any) holding ``state``."""
-    full = type(module).from_config(module.config)
-    for name, adapter in getattr(module, "peft_config", {}).items():
-        full.add_adapter(adapter, adapter_name=name)
-    full.load_state_dict(state)
-    return full
+def rebuilt(
+    module: Any, state: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None
+) -> Any:
+    """A copy of ``module`` (same class, config and LoRA adapters) holding ``state``, on
+    ``device``. ``state``'s entries are replaced one by one by the moved tensors, so the
+    gathered CPU copy is freed as the new one fills (never two whole copies at once).
+
+    Built with its parameters on the meta device, then given the state's tensors in place
+    (``load_state_dict(assign=True)``): no memory for a random init, and none of the global RNG
+    drawn (training's random stream must not depend on when checkpoints or validations run).
+    With ``dtype`` (validation), everything but the norms' weights and the floating buffers is
+    cast to it, as for the frozen reference: under autocast the copy then computes exactly
+    what the fp32 policy computes, in about half the memory."""
+    with torch.random.fork_rng(devices=[]), init_empty_weights():
+        full = type(module).from_config(module.config)
+        for name, adapter in getattr(module, "peft_config", {}).items():
+            full.add_adapter(adapter, adapter_name=name)
+    keep = set() if dtype is None else fp32_names(full)
+    for name in list(state):
+        value = state.pop(name)
+        cast = dtype is not None and value.is_floating_point() and name not in keep
+        state[name] = value.to(device=device, dtype=dtype if cast else value.dtype)
+    full.load_state_dict(state, assign=True)
+    return full.to(device)  # buffers left out of the state dict (non-persistent) too
+
+
+def fp32_names(module: torch.nn.Module) -> set[str]:
+    """State-dict names that stay fp32 in a half-precision copy (``rebuilt``): the weights of
+    the norms (``models.loading.FP32_NORMS``) and every buffer."""
+    names = {name for name, _ in module.named_buffers()}
+    for prefix, sub in module.named_modules():
+        if isinstance(sub, FP32_NORMS):
+            names.update(f"{prefix}.{n}" if prefix else n for n, _ in sub.named_parameters())
+    return names
 
 
 def register_unet_hooks(accelerator: Accelerator, io: FullUNetIO | LoraIO | None = None) -> None:

@@ -3,8 +3,9 @@
 The arguments are checked at start-up (a run must not train for hours and then fail to upload):
 a valid ``--hub_model_id``, the hub not switched off (``HF_HUB_OFFLINE``) and a token present.
 At the end the main process uploads, in one commit, only what a user of the model needs: the
-card (``README.md``), ``train_config.json``, the export (``unet/`` or ``lora/``) and the last
-validation grid the card shows; never checkpoints, logs or metrics.
+card (``README.md``), ``train_config.json``, the export folder the run wrote (the model family's
+denoiser folder, ``unet/`` or ``transformer/``, or ``lora/``) and the last validation grid the
+card shows; never checkpoints, logs or metrics.
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ import os
 from pathlib import Path
 from typing import Any
 
+from common.cli import UsageError
+
 CARD_FILE = "README.md"
-EXPORT_FOLDERS = ("unet", "lora")
 _TRUE = {"1", "ON", "YES", "TRUE"}
 
 
@@ -41,27 +43,32 @@ def hub_problems(config: Any) -> list[str]:
     return problems
 
 
-def upload_files(output_dir: Path, grid: Path | None = None) -> list[str]:
-    """The files (relative to ``output_dir``) that a push uploads, sorted."""
+def upload_files(output_dir: Path, export: str, grid: Path | None = None) -> list[str]:
+    """The files (relative to ``output_dir``) that a push uploads, sorted: the card, the config,
+    every file under the export folder ``export`` (the name the run's policy was exported under:
+    ``models.Components.policy_io.subfolder``) and the grid."""
     output_dir = Path(output_dir)
-    files = [output_dir / CARD_FILE, output_dir / "train_config.json"]
-    for folder in EXPORT_FOLDERS:
-        files += [p for p in (output_dir / folder).rglob("*") if p.is_file()]
-    if grid is not None:
-        files.append(output_dir / grid)
-    missing = [str(p) for p in files[:2] if not p.is_file()]
+    card = [output_dir / CARD_FILE, output_dir / "train_config.json"]
+    weights = [p for p in (output_dir / export).rglob("*") if p.is_file()]
+    missing = [str(p) for p in card if not p.is_file()]
+    if not weights:  # a repo with a card and no model is worse than no push
+        missing.append(f"{output_dir / export}/")
     if missing:
-        raise FileNotFoundError(f"cannot push: {', '.join(missing)} not written")
+        # One line for the user (cli.run), not a traceback at the end of a long run.
+        raise UsageError(f"--push_to_hub: cannot push: {', '.join(missing)} not written")
+    files = card + weights + ([output_dir / grid] if grid is not None else [])
     return sorted(str(p.relative_to(output_dir)) for p in files)
 
 
-def push(output_dir: Path, repo_id: str, grid: Path | None = None, api: Any = None) -> Any:
+def push(
+    output_dir: Path, repo_id: str, export: str, grid: Path | None = None, api: Any = None
+) -> Any:
     """Create ``repo_id`` if needed and upload ``upload_files`` in one commit; ``api`` is a
     ``huggingface_hub.HfApi`` (default: a new one)."""
     from huggingface_hub import HfApi
 
     api = api or HfApi()
-    files = upload_files(output_dir, grid)
+    files = upload_files(output_dir, export, grid)
     api.create_repo(repo_id, repo_type="model", exist_ok=True)
     return api.upload_folder(
         folder_path=str(output_dir),

@@ -1,4 +1,4 @@
-"""What every command line tool here shares: user errors as one line, quiet logs, early --help.
+"""What every command line tool here shares: user errors as one line, quiet logs.
 
 Kept free of heavy imports (no torch, diffusers or transformers at import time) so that
 ``train.py --help`` and flag mistakes are answered before the libraries load.
@@ -31,7 +31,7 @@ class UsageError(ValueError):
 
 # (module, class name) of the project's other user-facing errors. Looked up in sys.modules
 # at error time: a class whose module was never imported cannot have been raised.
-_USER_ERRORS = (("data.errors", "DataError"), ("checkpointing", "DamagedCheckpoint"))
+_USER_ERRORS = (("data.errors", "DataError"), ("training.checkpointing", "DamagedCheckpoint"))
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
@@ -46,6 +46,15 @@ def one_line(exc: BaseException) -> str:
     if len(parts) > 1 and parts[0].endswith(":"):
         return f"{parts[0]} {'; '.join(parts[1:])}"
     return "; ".join(parts) or type(exc).__name__
+
+
+def parse_named(values: Sequence[str], flag: str) -> list[tuple[str, str | None]]:
+    """NAME or NAME=VALUE entries, names unique."""
+    pairs = [(v.split("=", 1)[0], v.split("=", 1)[1] if "=" in v else None) for v in values]
+    names = [n for n, _ in pairs]
+    if len(set(names)) != len(names):
+        raise UsageError(f"{flag}: names must be unique, got {names}")
+    return pairs
 
 
 class Parser(argparse.ArgumentParser):
@@ -131,16 +140,3 @@ def setup_logging(fmt: str = LOG_FORMAT, level: int = logging.INFO) -> None:
         root.addHandler(handler)
     root.setLevel(level)
     logging.captureWarnings(True)
-
-
-def answer_help_early(module_name: str) -> None:
-    """``train.py --help``, flag mistakes and missing local model paths, answered before the
-    heavy imports that follow this call in ``train.py`` (only when it runs as a script)."""
-    if module_name != "__main__":
-        return
-    quiet_third_party()
-    from config import parse_config  # imports torch (the loss registry), not diffusers
-    from startup import check_local_paths
-
-    config = run(parse_config, sys.argv[1:])
-    run(lambda _: check_local_paths(config))

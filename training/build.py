@@ -4,28 +4,33 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, IterableDataset
 
-from config import TrainConfig
-from data import (
-    ImageTransform,
-    LabeledImages,
-    PickapicPairs,
-    collate_images,
-    collate_pairs,
-    parse_split_labels,
-)
+from data.batches import collate_images, collate_pairs
 from data.cache import CachedImageTransform, cache_identity, check_manifest
 from data.columns import parse_columns
+from data.examples import PairOptions
+from data.kto_csv import LabeledImages, parse_split_labels
 from data.pair_table import PairTable, load_manifest, load_pair_dirs
+from data.pickapic import PickapicPairs
+from data.prompts import PromptStream, collate_prompts, load_prompts, report_bad_lines
+from data.roles import StreamSettings
 from data.table_pairs import TablePairs
+from data.transforms import ImageTransform
 from losses import LossSpec
+from training.config import TrainConfig
 
-Dataset = PickapicPairs | TablePairs | LabeledImages
+Dataset = PickapicPairs | TablePairs | LabeledImages | PromptStream
 
 
 def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: int) -> Dataset:
     """Pairs for pairwise losses; labelled images (the CSV, or the chosen half of pairs) otherwise.
 
-    Validates the data at start-up: a bad path, column or label stops the run here."""
+    Validates the data at start-up: a bad path, column or label stops the run here. Online
+    losses read prompts (``--prompts``) instead."""
+    if spec.online is not None:
+        table = load_prompts(config.prompts)
+        if rank == 0:
+            report_bad_lines(table)
+        return PromptStream(table, config.seed, rank, world_size, config.dataloader_num_workers)
     if config.cache:  # cached posterior moments stand in for pixels (data/cache.py)
         identity = cache_identity(config.pretrained_model, config.pretrained_vae,
                                   config.revision, config.variant, config.resolution)  # fmt: skip
@@ -33,39 +38,34 @@ def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: in
         transform = CachedImageTransform(config.cache, config.resolution, config.random_flip)
     else:
         transform = ImageTransform(config.resolution, not config.random_crop, config.random_flip)
-    common = {
-        "transform": transform,
-        "caption_dropout": config.caption_dropout,
-        "seed": config.seed,
-        "rank": rank,
-        "world_size": world_size,
-        "num_workers": config.dataloader_num_workers,
-    }
+    settings = StreamSettings(
+        transform,
+        caption_dropout=config.caption_dropout,
+        seed=config.seed,
+        rank=rank,
+        world_size=world_size,
+        num_workers=config.dataloader_num_workers,
+    )
     if config.csv:
         # A loss without a reference (SFT) learns from desirable images only: draw only those.
         desirable_prob = config.kto_desirable_prob if spec.needs_reference else 1.0
         return LabeledImages(
             config.csv,
             config.images,
+            settings,
             split_labels=parse_split_labels(config.split_labels),
             desirable_prob=desirable_prob,
-            **common,
         )
+    pairs = PairOptions(winners_only=not spec.pairwise, soft_labels=config.soft_labels)
     if config.pairs or config.pairs_dirs:
-        return TablePairs(
-            load_pair_table(config),
-            winners_only=not spec.pairwise,
-            soft_labels=config.soft_labels,
-            **common,
-        )
+        return TablePairs(load_pair_table(config), settings, pairs)
     return PickapicPairs(
         config.data,
-        winners_only=not spec.pairwise,
+        settings,
+        pairs,
         row_groups_per_block=config.row_groups_per_block,
         hub_split=config.hub_split,
         columns=parse_columns(config.columns),
-        soft_labels=config.soft_labels,
-        **common,
     )
 
 
@@ -86,6 +86,10 @@ def dataset_size(dataset: Dataset) -> str:
         )
     if isinstance(dataset, TablePairs):
         return f"{dataset.num_pairs} pairs from {dataset.table.source}"
+    if isinstance(dataset, PromptStream):
+        bad = dataset.table.bad_lines
+        skipped = f" ({len(bad)} bad lines skipped, see the warnings)" if bad else ""
+        return f"{dataset.num_prompts} prompts from {dataset.table.source}{skipped}"
     if dataset.num_pairs is None:
         return "streaming (size unknown)"
     size = f"{dataset.num_pairs} pairs after dropping ties, {dataset.num_row_groups} row groups"
@@ -95,12 +99,13 @@ def dataset_size(dataset: Dataset) -> str:
 
 
 def build_dataloader(config: TrainConfig, dataset: IterableDataset) -> DataLoader:
-    pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.winners_only
+    pairs = isinstance(dataset, PickapicPairs | TablePairs) and not dataset.pairs.winners_only
+    collate = collate_pairs if pairs else collate_images
     workers = config.dataloader_num_workers
     return DataLoader(
         dataset,
         batch_size=config.train_batch_size,
-        collate_fn=collate_pairs if pairs else collate_images,
+        collate_fn=collate_prompts if isinstance(dataset, PromptStream) else collate,
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=workers > 0,

@@ -7,6 +7,8 @@
   its own signals say whether that step was applied and what the gradient norm was.
 - ``fp32_state_dict``: the trainable weights as fp32 masters (ZeRO keeps them in its optimizer;
   the module it runs holds half-precision copies).
+- ``forward_casts``: what the backend does to the policy's weights and inputs in its forward,
+  which the frozen reference must copy to compute the same at step 0.
 """
 
 import logging
@@ -17,12 +19,14 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
-from config import TrainConfig
+from common.cli import UsageError
+from models.precision import ForwardCasts
+from training.config import TrainConfig
 
 logger = logging.getLogger(__name__)
 
 
-class LaunchConfigError(ValueError):
+class LaunchConfigError(UsageError):
     """The launcher's settings and train.py's flags cannot both hold."""
 
 
@@ -90,10 +94,34 @@ def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
         configure_deepspeed(plugin, config, accelerator.num_processes)
 
 
-def runs_under_autocast(accelerator: Accelerator) -> bool:
-    """False under DeepSpeed: its engine holds the model in the compute dtype and accelerate
-    turns autocast off, so the frozen reference must be cast the same way (norms included)."""
-    return accelerator.distributed_type != DistributedType.DEEPSPEED
+def forward_casts(
+    backend: DistributedType, weight_dtype: torch.dtype, fsdp_plugin: Any = None
+) -> ForwardCasts:
+    """What ``backend`` casts in the policy's forward beyond autocast (``models.precision``).
+
+    - DeepSpeed: the engine holds the whole module, norms and buffers included, in the compute
+      dtype and accelerate runs it without autocast (``diffusion.predict`` then casts the
+      inputs of policy and reference alike).
+    - FSDP (version 1, as configs/fsdp*.yaml): accelerate builds ``MixedPrecision`` with
+      ``param_dtype`` = ``buffer_dtype`` = the compute dtype (``set_mixed_precision``, unless the
+      yaml gives its own policy) and torch's defaults ``cast_root_forward_inputs=True``,
+      ``cast_forward_inputs=False``: every parameter and buffer is cast for the forward, and the
+      root module's floating arguments; accelerate's autocast runs on top.
+    - plain and DDP runs: autocast alone (fp32 weights; norms use them unrounded).
+    """
+    if backend == DistributedType.DEEPSPEED:
+        return ForwardCasts(params=weight_dtype, buffers=weight_dtype)
+    policy = getattr(fsdp_plugin, "mixed_precision_policy", None)
+    if backend != DistributedType.FSDP or policy is None:
+        return ForwardCasts()
+    if getattr(fsdp_plugin, "fsdp_version", 1) != 1:
+        # FSDP2 casts the inputs of every sharded block, not only the root's.
+        raise LaunchConfigError(
+            "fsdp_version 2 with --mixed_precision is not supported (the reference cannot copy "
+            "its per-block input casts): use fsdp_version 1 as in configs/fsdp.yaml"
+        )
+    inputs = policy.param_dtype if policy.cast_root_forward_inputs else None
+    return ForwardCasts(params=policy.param_dtype, buffers=policy.buffer_dtype, inputs=inputs)
 
 
 @dataclass

@@ -1,12 +1,13 @@
 """Relabel preference data with scorers (AI feedback): scores, combined labels, soft labels.
 
-    python -m data.relabel --data /data/pickapic_v2 --scorer pickscore=/models/PickScore_v1 \\
+    python -m evaluation.relabel --data /data/pickapic_v2 --scorer pickscore=/models/PickScore_v1 \\
         --scorer hpsv2=/models/hpsv2 --weights 0.5,0.5 --out /data/pickapic_ai
-    python -m data.relabel --data owner/name --columns caption=prompt,jpg_0=a,jpg_1=b,... \\
+    python -m evaluation.relabel --data owner/name --columns caption=prompt,jpg_0=a,jpg_1=b,... \\
         --scorer toy_warm --out OUT                                    # a hub dataset, streamed
-    python -m data.relabel --pairs my_pairs.jsonl --images /data/mine --scorer toy_warm --out OUT
-    python -m data.relabel --csv kto.csv --images /data/kto --scorer toy_warm --quantile 0.5 \\
+    python -m evaluation.relabel --pairs my_pairs.jsonl --images /data/mine --scorer toy_warm \\
         --out OUT
+    python -m evaluation.relabel --csv kto.csv --images /data/kto --scorer toy_warm \\
+        --quantile 0.5 --out OUT
 
 Pairs (parquet shards or a hub dataset, with ``--columns`` for another schema, or your own
 pairs) become parquet shards ``OUT/train-*.parquet`` in the Pick-a-Pic schema: every original
@@ -28,15 +29,22 @@ default equal, normalised to sum to 1). A constant scorer (std 0) contributes 0.
 
 Two passes, both streaming and resumable: (1) each unit of work (a parquet row group, or a chunk of
 ``--chunk_rows`` rows of a hub dataset, a manifest, two folders or a CSV) is read, its images
-decoded and scored ``--batch_size`` at a time, and written with its scores to ``OUT/.scored/``
-(atomically); (2) the statistics are accumulated from the score columns alone, and each scored unit
-becomes its final shard (one unit in memory at a time; the CSV quantile needs the N combined scores,
-8 bytes each); ``OUT/relabel.json`` records the statistics and counts, and ``.scored/`` is removed.
-A killed run, re-run with the same command, skips every unit already written (a hub dataset is
-streamed in its stored order and re-read, undecoded, up to the first unit not written:
-data/hub_chunks.py); a re-run with other scorers, weights or input is refused. An image that does
-not decode gets NaN scores; its pair becomes a tie (counted, logged); its CSV row gets label 0 only
-if the score is known, else it is dropped from the CSV (counted).
+decoded and scored ``--batch_size`` at a time, and its scores alone (with a checksum of each row's
+caption and images, no image bytes) written to ``OUT/.scored/`` (atomically); (2) the statistics
+are accumulated from those scores, and each unit is read again from the input, checked against its
+checksums and written with its scores and labels as its final shard (one unit in memory at a time;
+the CSV quantile needs the N combined scores, 8 bytes each). The output is thus the only copy of
+the data written. A hub dataset is the exception: it is not read twice (a second download) but
+kept by pass 1 under ``OUT/.rows/``, each unit deleted as soon as its final shard is written, so
+the disk holds about one copy there too. ``OUT/relabel.json`` records the statistics and counts,
+and the scratch folders are removed. Before scoring, the output's size is estimated from the input
+(its bytes, plus the added columns) and the run stops when the free space on ``--out``'s filesystem
+cannot hold it. A killed run, re-run with the same command, skips every unit already written (a
+hub dataset is streamed in its stored order and re-read, undecoded, up to the first unit not
+written: data/hub_chunks.py); a re-run with other scorers, weights or input is refused, and input
+changed between the passes is named. An image that does not decode gets NaN scores; its pair
+becomes a tie (counted, logged); its CSV row gets label 0 only if the score is known, else it is
+dropped from the CSV (counted).
 """
 
 from __future__ import annotations
@@ -49,6 +57,7 @@ import math
 import os
 import shutil
 import sys
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +67,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import cli
+from common import cli
 from data.columns import PROB, STANDARD, columns_flag
 from data.decode import UnreadableImage, load_rgb
 from data.errors import DataError
@@ -69,7 +78,9 @@ from data.pickapic_hub import open_hub_pairs
 
 logger = logging.getLogger(__name__)
 
-SCORED_DIR = ".scored"
+SCORED_DIR = ".scored"  # pass 1's scores, by unit
+ROWS_DIR = ".rows"  # pass 1's copy of a hub dataset's rows, by unit (not streamed twice)
+KEY = "row_checksum"  # the scratch's column that ties scores to their row
 ARGS_FILE = ".relabel_args.json"
 SUMMARY_FILE = "relabel.json"
 DEFAULT_CHUNK_ROWS = 256
@@ -78,12 +89,27 @@ DESIRABLE, UNDESIRABLE = "exclusive_win", "exclusive_lose"  # the default KTO sp
 
 @dataclass(frozen=True)
 class Unit:
-    """One unit of work: its id (the output file's stem) and a reader of its rows. A source of
-    unknown length (a hub stream) yields units without end; its first read past the last row
-    returns None."""
+    """One unit of work: its id (the output file's stem), a reader of its rows and where they are
+    (for messages). A source of unknown length (a hub stream) yields units without end; its first
+    read past the last row returns None. ``keep_rows``: reading again would download again, so
+    pass 1 keeps the rows for pass 2."""
 
     name: str
     read: Callable[[], pa.Table | None]
+    where: str = ""
+    keep_rows: bool = False
+
+
+@dataclass(frozen=True)
+class Source:
+    """The units of an input, and what the free-space check needs: the bytes of the input that the
+    output copies and its rows (None where unknown)."""
+
+    units: Iterable[Unit]
+    per_image: bool = False
+    csv_name: str = ""
+    input_bytes: int | None = None
+    rows: int | None = None
 
 
 @dataclass
@@ -96,6 +122,7 @@ class Summary:
     ties: int = 0  # pairs; or CSV rows dropped (no score)
     labels: dict[str, int] = field(default_factory=dict)
     stats: dict[str, dict[str, float]] = field(default_factory=dict)  # scorer -> mean, std
+    outputs: list[str] = field(default_factory=list)  # paths written (shards as one pattern)
     complete: bool = False
 
 
@@ -142,14 +169,22 @@ def parquet_units(files: list[str], columns: dict[str, str]) -> list[Unit]:
 
         for group in range(shard.metadata.num_row_groups):
             name = f"train-{file_index:05d}-{group:05d}"
-            units.append(Unit(name, lambda read=read, group=group: read(group=group)))
+            where = f"{path}, row group {group}"
+            units.append(Unit(name, lambda read=read, group=group: read(group=group), where))
     return units
 
 
-def hub_units(name: str, split: str, columns: dict[str, str], chunk_rows: int) -> Iterator[Unit]:
+def hub_source(name: str, split: str, columns: dict[str, str], chunk_rows: int) -> Source:
     """Chunks of ``chunk_rows`` rows of a hub dataset (data/hub_chunks.py), without end, columns
-    renamed by ``standard_names`` and hub ``Image`` structs turned into bytes."""
+    renamed by ``standard_names`` and hub ``Image`` structs turned into bytes; the split's size
+    as the dataset's card states it, if it does."""
     stream = open_hub_pairs(name, split, None, [columns[c] for c in STANDARD])
+    info = (stream.info.splits or {}).get(split) if stream.info else None
+    size = (info.num_bytes or None, info.num_examples or None) if info else (None, None)
+    return Source(hub_units(stream, name, columns, chunk_rows), False, "", *size)
+
+
+def hub_units(stream, name: str, columns: dict[str, str], chunk_rows: int) -> Iterator[Unit]:
     chunks = HubChunks(stream, chunk_rows)
 
     def read(index: int) -> pa.Table | None:
@@ -160,7 +195,8 @@ def hub_units(name: str, split: str, columns: dict[str, str], chunk_rows: int) -
         return image_bytes(image_bytes(table, "jpg_0"), "jpg_1")
 
     for index in itertools.count():
-        yield Unit(f"train-{index:05d}", lambda index=index: read(index))
+        where = f"{name}, rows {index * chunk_rows}-{(index + 1) * chunk_rows - 1}"
+        yield Unit(f"train-{index:05d}", lambda index=index: read(index), where, keep_rows=True)
 
 
 def pair_table_units(table: PairTable, chunk_rows: int) -> list[Unit]:
@@ -170,9 +206,10 @@ def pair_table_units(table: PairTable, chunk_rows: int) -> list[Unit]:
         return chunk.rename_columns([renames.get(n, n) for n in chunk.column_names])
 
     return [
-        Unit(f"train-{i:05d}", lambda start=start: read(start))
+        Unit(f"train-{i:05d}", lambda start=start: read(start),
+             f"{table.source}, rows {start}-{min(start + chunk_rows, len(table)) - 1}")
         for i, start in enumerate(range(0, len(table), chunk_rows))
-    ]
+    ]  # fmt: skip
 
 
 class _CsvChunks:
@@ -195,7 +232,7 @@ class _CsvChunks:
                 return frame
 
 
-def csv_units(csv_path: str, image_root: str, chunk_rows: int) -> list[Unit]:
+def csv_source(csv_path: str, image_root: str, chunk_rows: int) -> Source:
     """Chunks of the per-image CSV; ``image`` holds each row's path (file_name under the root)."""
     if not os.path.isfile(csv_path):
         raise DataError(f"--csv {csv_path}: no such file")
@@ -216,7 +253,13 @@ def csv_units(csv_path: str, image_root: str, chunk_rows: int) -> list[Unit]:
         return pa.Table.from_pandas(frame, preserve_index=False)
 
     count = math.ceil(rows / chunk_rows)
-    return [Unit(f"part-{i:05d}", lambda i=i: read(i)) for i in range(count)]
+    units = [
+        Unit(f"part-{i:05d}", lambda i=i: read(i), f"{csv_path}, rows {i * chunk_rows}-"
+             f"{min((i + 1) * chunk_rows, rows) - 1}")
+        for i in range(count)
+    ]  # fmt: skip
+    # The output CSV copies the input's columns (no images) and adds the scores.
+    return Source(units, True, Path(csv_path).name, os.path.getsize(csv_path), rows)
 
 
 # ---------------------------------------------------------------- pass 1: scores
@@ -247,10 +290,31 @@ def score_images(
     return scores, unreadable
 
 
+def row_checksums(table: pa.Table, sides: Sequence[str]) -> np.ndarray:
+    """[rows] uint64: each row's caption and image cells (bytes or paths), as CRC-32 and length.
+    Pass 2 compares them with the rows it reads again: input changed in between is found, not
+    silently given another row's scores. CRC-32 rather than a cryptographic hash: it detects
+    accidents, at several GB/s."""
+    columns = [table.column(c).to_pylist() for c in ("caption", *sides)]
+    sums = np.empty(table.num_rows, dtype=np.uint64)
+    for row, cells in enumerate(zip(*columns, strict=True)):
+        crc, length = 0, 0
+        for cell in cells:
+            data = b"" if cell is None else cell if isinstance(cell, bytes) else str(cell).encode()
+            # The length and a null marker first, so ("ab", "c") and ("a", "bc") differ.
+            tag = b"%d%s" % (len(data), b"n" if cell is None else b"v")
+            crc = zlib.crc32(data, zlib.crc32(tag, crc))
+            length += len(data)
+        sums[row] = ((length & 0xFFFFFFFF) << 32) | crc
+    return sums
+
+
 def score_unit(table: pa.Table, sides: Sequence[str], scorers: Sequence, batch_size: int,
                names: Sequence[str]) -> tuple[pa.Table, int]:  # fmt: skip
-    """Append ``score_<name>_<side>`` (pairs) or ``score_<name>`` (one image column)."""
+    """The unit's scores: its rows' checksums, then ``score_<name>_<side>`` (pairs) or
+    ``score_<name>`` (one image column); and the count of images that do not decode."""
     prompts = table.column("caption").to_pylist()
+    scored = pa.table({KEY: pa.array(row_checksums(table, sides))})
     unreadable = 0
     for column in sides:
         cells = table.column(column).to_pylist()
@@ -258,8 +322,29 @@ def score_unit(table: pa.Table, sides: Sequence[str], scorers: Sequence, batch_s
         unreadable += bad
         suffix = f"_{column[-1]}" if len(sides) == 2 else ""
         for k, name in enumerate(names):
-            table = table.append_column(f"score_{name}{suffix}", pa.array(scores[:, k]))
-    return table, unreadable
+            scored = scored.append_column(f"score_{name}{suffix}", pa.array(scores[:, k]))
+    return scored, unreadable
+
+
+def joined(unit: Unit, scored: pa.Table, out: Path, sides: Sequence[str]) -> pa.Table:
+    """The unit's rows, from the input again (or as pass 1 kept them), with its score columns
+    appended, once their checksums show they are the rows that were scored."""
+    if KEY not in scored.column_names:  # a scratch copy of the whole rows, as before
+        raise DataError(f"{out / SCORED_DIR}: written by an older version of this command; "
+                        "relabel into a new --out")  # fmt: skip
+    kept = out / ROWS_DIR / f"{unit.name}.parquet"
+    rows = pq.read_table(kept) if kept.is_file() else unit.read()
+    expected = scored.column(KEY).to_numpy()
+    found = row_checksums(rows, sides) if rows is not None else np.empty(0, np.uint64)
+    if found.shape != expected.shape or (found != expected).any():
+        detail = (f"row {int(np.flatnonzero(found != expected)[0])} differs"
+                  if found.shape == expected.shape
+                  else f"{found.size} rows where {expected.size} were scored")  # fmt: skip
+        raise DataError(f"{unit.where or unit.name}: the input changed since it was scored "
+                        f"({detail}); relabel into a new --out")  # fmt: skip
+    for column in scored.column_names[1:]:
+        rows = rows.append_column(column, scored.column(column))
+    return rows
 
 
 def write_parquet_atomic(table: pa.Table, path: Path) -> None:
@@ -335,48 +420,55 @@ def relabel(units: Iterable[Unit], scorers: Sequence, options: Options, out: Pat
     scored_dir.mkdir(exist_ok=True)
     summary = Summary()
     sides = ["image"] if per_image else ["jpg_0", "jpg_1"]
-    names: list[str] = []  # the units, in order (a hub stream's count is known only at its end)
+    done: list[Unit] = []  # the units, in order (a hub stream's count is known only at its end)
     for unit in units:
         path = scored_dir / f"{unit.name}.parquet"
         if path.is_file():
-            names.append(unit.name)
+            done.append(unit)
             continue
         if max_units is not None and summary.scored_now >= max_units:
-            summary.units = len(names)
+            summary.units = len(done)
             return summary  # "killed": a re-run continues from here
         rows = unit.read()
         if rows is None:
             break  # past the end of a stream of unknown length
-        table, bad = score_unit(rows, sides, scorers, options.batch_size, options.names)
+        scores, bad = score_unit(rows, sides, scorers, options.batch_size, options.names)
         if bad:
             logger.warning("%s: %d images do not decode (scores NaN)", unit.name, bad)
-        write_parquet_atomic(table, path)
+        if unit.keep_rows:
+            (out / ROWS_DIR).mkdir(exist_ok=True)
+            write_parquet_atomic(rows, out / ROWS_DIR / f"{unit.name}.parquet")
+        write_parquet_atomic(scores, path)  # last: it marks the unit as scored
         summary.scored_now += 1
-        names.append(unit.name)
-    if not names:
+        done.append(unit)
+    if not done:
         raise DataError("no rows to relabel")
-    summary.units = len(names)
-    files = [scored_dir / f"{name}.parquet" for name in names]
+    summary.units = len(done)
+    files = [scored_dir / f"{unit.name}.parquet" for unit in done]
     suffixes = [""] if per_image else ["_0", "_1"]
     stats = score_stats(files, [[f"score_{n}{s}" for s in suffixes] for n in options.names])
     summary.stats = {
         n: {"mean": m, "std": s} for n, (m, s) in zip(options.names, stats, strict=True)
     }
     if per_image:
-        _write_csv(files, options, stats, out / csv_name, summary)
+        _write_csv(done, files, options, stats, out, csv_name, summary)
+        summary.outputs = [str(out / csv_name)]
     else:
-        _write_pairs(names, files, options, stats, out, summary)
+        _write_pairs(done, files, options, stats, out, summary)
+        summary.outputs = [str(out / "train-*.parquet")]
+    summary.outputs.append(str(out / SUMMARY_FILE))
     summary.complete = True
     (out / SUMMARY_FILE).write_text(json.dumps(asdict(summary), indent=2) + "\n")
-    # The final shards hold every score; the scored copies would be read as training shards.
+    # The final shards hold every score; the scratch is of no further use.
     shutil.rmtree(scored_dir)
+    shutil.rmtree(out / ROWS_DIR, ignore_errors=True)
     return summary
 
 
-def _write_pairs(names, files, options: Options, stats, out: Path, summary: Summary) -> None:
+def _write_pairs(units, files, options: Options, stats, out: Path, summary: Summary) -> None:
     counts = {"image_0_chosen": 0, "image_1_chosen": 0, "tie": 0}
-    for name, path in zip(names, files, strict=True):
-        table = pq.read_table(path)
+    for unit, path in zip(units, files, strict=True):
+        table = pq.read_table(path)  # the unit's checksums and scores
         c = [combined(table, [f"score_{n}_{side}" for n in options.names], stats, options.weights)
              for side in (0, 1)]  # fmt: skip
         label_0, label_1, prob = pair_labels(c[0], c[1], options.tie_threshold, options.temperature)
@@ -388,19 +480,23 @@ def _write_pairs(names, files, options: Options, stats, out: Path, summary: Summ
         counts["tie"] += int((label_0 == 0.5).sum())
         counts["image_0_chosen"] += int((label_0 == 1).sum())
         counts["image_1_chosen"] += int((label_1 == 1).sum())
-        final = out / f"{name}.parquet"
-        if final.is_file():
-            continue  # written by an earlier (killed) call: the same values
-        new = {"score_combined_0": c[0], "score_combined_1": c[1], "label_0": label_0,
-               "label_1": label_1, "prob_0": prob}  # fmt: skip
-        for name, values in new.items():
-            table = table.append_column(name, pa.array(values))
-        write_parquet_atomic(table, final)
+        final = out / f"{unit.name}.parquet"
+        if not final.is_file():  # else written by an earlier (killed) call: the same values
+            table = joined(unit, table, out, ["jpg_0", "jpg_1"])
+            new = {"score_combined_0": c[0], "score_combined_1": c[1], "label_0": label_0,
+                   "label_1": label_1, "prob_0": prob}  # fmt: skip
+            for name, values in new.items():
+                table = table.append_column(name, pa.array(values))
+            write_parquet_atomic(table, final)
+        # A hub unit's kept rows are in its shard now: the disk holds one copy of them.
+        (out / ROWS_DIR / f"{unit.name}.parquet").unlink(missing_ok=True)
     summary.ties = counts["tie"]
     summary.labels = counts
 
 
-def _write_csv(files, options: Options, stats, target: Path, summary: Summary) -> None:
+def _write_csv(units, files, options: Options, stats, out: Path, csv_name: str,
+               summary: Summary) -> None:  # fmt: skip
+    target = out / csv_name
     scores = np.concatenate(
         [
             combined(
@@ -422,8 +518,8 @@ def _write_csv(files, options: Options, stats, target: Path, summary: Summary) -
     header = True
     labels = {"1": 0, "0": 0}
     with open(tmp, "w", encoding="utf-8", newline="") as handle:
-        for path in files:
-            frame = pq.read_table(path).to_pandas()
+        for unit, path in zip(units, files, strict=True):
+            frame = joined(unit, pq.read_table(path), out, ["image"]).to_pandas()
             frame["score_combined"] = combined(
                 pa.Table.from_pandas(frame), [f"score_{n}" for n in options.names], stats,
                 options.weights,
@@ -446,7 +542,7 @@ def _write_csv(files, options: Options, stats, target: Path, summary: Summary) -
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = cli.Parser(prog="python -m data.relabel", description=__doc__.splitlines()[0])
+    parser = cli.Parser(prog="python -m evaluation.relabel", description=__doc__.splitlines()[0])
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--data", help="parquet pairs: directory, glob or file, or a hub dataset")
     source.add_argument("--pairs", help="your own pairs: JSONL/CSV manifest (with --images)")
@@ -489,25 +585,86 @@ def check_args(args: argparse.Namespace) -> None:
         raise cli.UsageError("--pairs_dirs takes two folders: W,L")
 
 
-def source_units(args: argparse.Namespace) -> tuple[Iterable[Unit], bool, str]:
-    """(units, per_image, CSV output name)."""
+def source_units(args: argparse.Namespace) -> Source:
     others = [f"--{n}" for n in ("csv", "pairs", "pairs_dirs") if getattr(args, n)]
     try:
         columns = columns_flag(args.columns, others)
     except ValueError as exc:
         raise cli.UsageError(str(exc)) from exc
     if args.csv:
-        return csv_units(args.csv, args.images, args.chunk_rows), True, Path(args.csv).name
+        return csv_source(args.csv, args.images, args.chunk_rows)
     if args.data:
         files = local_parquet_files(args.data)  # None: not a local path but a hub name
         if files is None:
-            return hub_units(args.data, args.hub_split, columns, args.chunk_rows), False, ""
-        return parquet_units(files, columns), False, ""
+            return hub_source(args.data, args.hub_split, columns, args.chunk_rows)
+        units = parquet_units(files, columns)
+        rows = sum(pq.read_metadata(f).num_rows for f in files)
+        return Source(units, False, "", sum(os.path.getsize(f) for f in files), rows)
     if args.pairs:
         table = load_manifest(args.pairs, args.images)
     else:
         table = load_pair_dirs(*args.pairs_dirs.split(","), args.captions)
-    return pair_table_units(table, args.chunk_rows), False, ""
+    units = pair_table_units(table, args.chunk_rows)
+    return Source(units, False, "", pair_image_bytes(table), len(table))
+
+
+# ---------------------------------------------------------------- free space
+
+SPACE_MARGIN = 1.1  # the output re-encodes the input (its own compression and pages): 10% spare
+# Per added value and row: a float64 in the final shard and in the scratch (8 + 8 bytes), or its
+# text in the output CSV (up to ~22 characters).
+VALUE_BYTES = 24
+SAMPLED_PAIRS = 256  # own pairs: their image files' sizes are sampled, not all looked up
+
+
+def pair_image_bytes(table: PairTable, sample: int = SAMPLED_PAIRS) -> int:
+    """About the bytes of every pair's two images, which the output embeds: the mean over up to
+    ``sample`` evenly spaced pairs, times the pairs (a file that cannot be read counts 0)."""
+    if not len(table):
+        return 0
+    rows = np.unique(np.linspace(0, len(table) - 1, min(sample, len(table))).astype(int))
+    paths = [path for row in rows for path in table.paths(int(row))]
+    total = sum(os.path.getsize(path) for path in paths if os.path.isfile(path))
+    return round(total / len(rows) * len(table))
+
+
+def output_estimate(source: Source, scorers: int) -> int | None:
+    """Bytes that the output and the scratch take, about, at most: the input the output copies
+    plus the added values (a checksum and a score per scorer for each image; per pair the
+    combined scores, labels and prob_0, per image row its combined score, label and split),
+    times SPACE_MARGIN; None when the input's size is unknown."""
+    if source.input_bytes is None:
+        return None
+    images = 1 if source.per_image else 2
+    values = images * (scorers + 1) + (3 if source.per_image else 5)
+    added = (source.rows or 0) * values * VALUE_BYTES
+    return math.ceil(SPACE_MARGIN * (source.input_bytes + added))
+
+
+def readable_size(count: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}"
+    return f"{int(count)} bytes"
+
+
+def check_free_space(out: Path, needed: int | None, free: int | None = None) -> None:
+    """Stop before anything is scored when ``needed`` bytes, less those an earlier (killed) call
+    already wrote under ``out``, exceed ``free`` (default: the free bytes of ``out``'s
+    filesystem): better a line now than a full disk after hours of scoring."""
+    if needed is None:
+        logger.warning("the input's size is unknown: free space under --out is not checked")
+        return
+    written = sum(f.stat().st_size for f in out.rglob("*") if f.is_file()) if out.is_dir() else 0
+    if free is None:
+        existing = next(p for p in (out, *out.absolute().parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+    if needed - written > free:
+        raise cli.UsageError(
+            f"--out {out}: the relabelled data needs about {readable_size(needed - written)} "
+            f"(estimated from the input), and {readable_size(free)} is free there; "
+            "free some space or choose another --out"
+        )
 
 
 def check_resume(out: Path, identity: dict, args_file: str = ARGS_FILE) -> None:
@@ -524,8 +681,19 @@ def check_resume(out: Path, identity: dict, args_file: str = ARGS_FILE) -> None:
     path.write_text(json.dumps(identity, indent=2) + "\n")
 
 
-def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None) -> Summary:
-    """Parse, relabel, return the summary; ``scorers`` replaces --scorer's built ones (tests)."""
+def relabelling_record(out: Path) -> dict | None:
+    """The arguments a finished relabelling in ``out`` was made with (what read, which scorers,
+    weights), or None when ``out`` holds none: what a model trained on it cites on its card."""
+    args, summary = Path(out) / ARGS_FILE, Path(out) / SUMMARY_FILE
+    if not (args.is_file() and summary.is_file()):
+        return None
+    return json.loads(args.read_text())
+
+
+def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None,
+        free_bytes: int | None = None) -> Summary:  # fmt: skip
+    """Parse, relabel, return the summary; ``scorers`` replaces --scorer's built ones and
+    ``free_bytes`` the free space on --out's filesystem (tests)."""
     args = build_parser().parse_args(None if argv is None else list(argv))
     check_args(args)
     specs = [s.partition("=") for s in args.scorer]
@@ -535,12 +703,15 @@ def run(argv: Sequence[str] | None = None, scorers: Sequence | None = None) -> S
     weights = parse_weights(args.weights, len(names))
     options = Options(names, weights, args.tie_threshold, args.temperature, args.threshold,
                       args.quantile, args.batch_size)  # fmt: skip
-    units, per_image, csv_name = source_units(args)
+    source = source_units(args)
+    if not (args.out / SUMMARY_FILE).is_file():  # else finished before: nothing more to write
+        check_free_space(args.out, output_estimate(source, len(names)), free_bytes)
     identity = {k: v for k, v in vars(args).items() if k not in ("max_units", "device", "out")}
     check_resume(args.out, json.loads(json.dumps(identity, default=str)))
     if scorers is None:
         scorers = [build_named(name, path, args.device) for name, _, path in specs]
-    return relabel(units, scorers, options, args.out, per_image, csv_name, args.max_units)
+    return relabel(source.units, scorers, options, args.out, source.per_image, source.csv_name,
+                   args.max_units)  # fmt: skip
 
 
 def build_named(name: str, path: str, device: str | None):
@@ -564,8 +735,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     print(f"relabelled {summary.rows} rows ({summary.images} images, {summary.unreadable_images} "
           f"unreadable): {summary.labels}")  # fmt: skip
+    if summary.outputs:  # (a relabel.json of an older version lists none)
+        print(f"wrote {', '.join(summary.outputs)}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main, prog="python -m data.relabel"))
+    sys.exit(cli.run(main, prog="python -m evaluation.relabel"))

@@ -25,38 +25,14 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 
-import generate
-from checkpointing import full_model
+from common import cli
+from models import generation
+from training.checkpointing import full_model
+from training.validation_checks import validation_prompts
 
 VALIDATION_DIR = "validation"
 GRID_CELL = (64, 256)  # grid tile size: the training resolution, clipped to this range
 BATCH_SIZE = 8  # images per pipeline call (an image does not depend on its batch)
-
-
-def validation_problems(config: Any) -> list[str]:
-    """Start-up checks of the validation flags (config.TrainConfig.validate calls this)."""
-    problems = []
-    if config.validation_prompts and not Path(config.validation_prompts).is_file():
-        problems.append(f"--validation_prompts {config.validation_prompts}: no such file")
-    has_prompts = bool(config.validation_prompts or config.validation_prompt)
-    for name in ("validation_steps", "validation_images", "validation_inference_steps"):
-        if getattr(config, name) < 1:
-            problems.append(f"--{name} must be >= 1")
-    if config.validation_scorer:
-        from evaluation.scorers import SCORERS
-
-        name = config.validation_scorer.split("=", 1)[0]
-        if name not in SCORERS:
-            problems.append(f"--validation_scorer {name!r}: choose from {sorted(SCORERS)}")
-        if not has_prompts:
-            problems.append("--validation_scorer needs --validation_prompts or --validation_prompt")
-    return problems
-
-
-def validation_prompts(config: Any) -> list[str]:
-    """The file's prompts, then the repeated flags'."""
-    path = config.validation_prompts
-    return (generate.read_prompts(path) if path else []) + list(config.validation_prompt)
 
 
 @dataclass
@@ -83,10 +59,9 @@ class Validator:
         self.output_dir = Path(config.output_dir)
         self.scorer = None
         if config.validation_scorer and accelerator.is_main_process:
-            from evaluate import parse_named
             from evaluation.scorers import build_scorer
 
-            ((name, path),) = parse_named([config.validation_scorer], "--validation_scorer")
+            ((name, path),) = cli.parse_named([config.validation_scorer], "--validation_scorer")
             self.scorer = build_scorer(name, path, str(accelerator.device))
         self._frozen: dict[str, Any] | None = None
 
@@ -105,13 +80,13 @@ class Validator:
     def seeds(self) -> list[list[int]]:
         """Image j of prompt i has seed i * images + j: fixed for the run, none shared."""
         images = list(range(self.config.validation_images))
-        return [generate.prompt_seeds(i, images, distinct=True) for i in range(len(self.prompts))]
+        return [generation.prompt_seeds(i, images, distinct=True) for i in range(len(self.prompts))]
 
     def frozen_parts(self) -> dict[str, Any]:
         """The pipeline's VAE, tokenizers and text encoders: the run's own, or (with --cache,
         which loads none) loaded once here in the compute dtype."""
         if self._frozen is None:
-            from diffusion import VaeEncoder
+            from diffusion.denoising import VaeEncoder
             from models.loading import load_family, load_vae
 
             family, encoder = self.models.family, self.models.latent_encoder
@@ -135,7 +110,9 @@ class Validator:
         cls = family.pipeline_class
         name = self.config.validation_scheduler
         # SD3 / Flux sample only with their flow sampler, whatever the (SD) default names.
-        scheduler_cls = generate.SCHEDULERS[name if name in family.samplers else family.samplers[0]]
+        scheduler_cls = generation.SCHEDULERS[
+            name if name in family.samplers else family.samplers[0]
+        ]
         parts = {
             **self.frozen_parts(),
             family.denoiser_folder: unet,
@@ -151,14 +128,18 @@ class Validator:
         return pipe
 
     @torch.no_grad()
-    def images(self, unet: torch.nn.Module) -> list[generate.Generation]:
+    def images(self, unet: torch.nn.Module) -> list[generation.Generation]:
         """The validation images from ``unet``, which is left in the mode it was in."""
         was_training = unet.training
         unet.eval()  # dropout (e.g. LoRA's) off while sampling
-        devices = [self.accelerator.device] if self.accelerator.device.type == "cuda" else []
+        device = self.accelerator.device
+        devices = [device] if device.type == "cuda" else []
+        # Autocast in the compute dtype on every backend (accelerate's is off under DeepSpeed),
+        # so a gathered copy samples what the fp32 policy of a plain run samples.
+        autocast = torch.autocast(device.type, self.dtype, enabled=self.dtype != torch.float32)
         try:
-            with torch.random.fork_rng(devices=devices), self.accelerator.autocast():
-                return generate.generate(
+            with torch.random.fork_rng(devices=devices), autocast:
+                return generation.generate(
                     self.pipeline(unet),
                     self.prompts,
                     list(range(self.config.validation_images)),
@@ -174,7 +155,9 @@ class Validator:
 
     def run(self, step: int, policy: torch.nn.Module) -> ValidationResult | None:
         """Validate at ``step``: the result on the main process, None on the others."""
-        unet = full_model(self.accelerator, policy)  # collective under FSDP: every rank calls it
+        # Collective under FSDP and DeepSpeed (every rank calls it); their gathered copy is built
+        # beside the pipeline's other parts, in the compute dtype (norms fp32).
+        unet = full_model(self.accelerator, policy, self.accelerator.device, self.dtype)
         result = None
         if self.accelerator.is_main_process:
             result = self._validate(step, unet)
@@ -184,7 +167,7 @@ class Validator:
     def _validate(self, step: int, unet: torch.nn.Module) -> ValidationResult:
         generations = self.images(unet)
         cell = min(max(self.config.resolution, GRID_CELL[0]), GRID_CELL[1])
-        grid = generate.labelled_grid(generations, cell=cell)
+        grid = generation.labelled_grid(generations, cell=cell)
         path = grid_path(self.output_dir, step)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid.save(path)

@@ -2,8 +2,10 @@
 
 Everything here runs before any weights load and reads only small files: the model's configs
 (for its native resolution, and to report a wrong ``--pretrained_model`` at once), the output
-directory (a finished run is not overwritten by accident) and ``metrics.jsonl`` (one run per
-file). Problems a user can fix raise ``cli.UsageError`` naming the flag.
+directory (a finished run is not overwritten by accident), the launcher's environment (a launch
+that runs fewer processes than it was asked for), the tracker's credentials and
+``metrics.jsonl`` (one run per file). Problems a user can fix raise ``cli.UsageError`` naming
+the flag.
 """
 
 from __future__ import annotations
@@ -12,27 +14,32 @@ import dataclasses
 import json
 import logging
 import os
-import re
 import shutil
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from cli import UsageError
-from config import TrainConfig
+from common import cli
+from common.cli import UsageError
+from models.configs import check_local_path, denoiser_model_config, model_config, native_resolution
+from training.config import TrainConfig, parse_args, parse_config
 
 logger = logging.getLogger("prefdiff")
 
-METRICS_FILE = "metrics.jsonl"  # one JSON line per optimizer step, appended as it is logged
+# One JSON line per optimizer step, appended as it is logged, with the step's validation score
+# when it validates (step 0's validation: a line of its own).
+METRICS_FILE = "metrics.jsonl"
 # A finished run's exported policy (checkpointing.export_unet): transformer/ for SD3 and Flux.
 EXPORT_DIRS = ("unet", "transformer", "lora")
-# What train.py writes into OUTPUT_DIR, removed by --overwrite_output_dir (logs/ is kept: the
-# trackers add a new run beside the old one there).
-RUN_FILES = (*EXPORT_DIRS, METRICS_FILE, "train_config.json")
+# What train.py writes into OUTPUT_DIR, removed by --overwrite_output_dir so that two runs'
+# curves and grids never mix: the export, metrics, config, model card (hub.CARD_FILE), the
+# validation grids (validation.VALIDATION_DIR) and the trackers' logs/ (TensorBoard's events).
+RUN_FILES = (*EXPORT_DIRS, METRICS_FILE, "train_config.json", "README.md", "validation", "logs")
 # A resolution this many times above or below the native one is announced as a warning: the
 # cost of a step grows with the square of the side, and a model trained at one size draws
 # poorly at a very different one.
 FAR_FROM_NATIVE = 2.0
-_HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 @dataclasses.dataclass
@@ -42,15 +49,6 @@ class Startup:
     native_resolution: int
     notes: list[str] = dataclasses.field(default_factory=list)  # shown in the start-up block
     warnings: list[str] = dataclasses.field(default_factory=list)  # logged as warnings too
-
-
-def _looks_local(source: str) -> bool:
-    """A hub name is exactly ``owner/name`` whose owner is not a local directory; anything
-    else that does not exist (``./x``, ``/x``, ``a/b/c``, ``assets/typo``, ``name``) is a
-    local path that is missing."""
-    if not _HUB_NAME.match(source):
-        return True
-    return Path(source.split("/", 1)[0]).is_dir()
 
 
 def model_flags(config: TrainConfig) -> list[tuple[str, str]]:
@@ -67,61 +65,6 @@ def check_local_paths(config: TrainConfig) -> None:
     """A model flag naming a local path that does not exist: UsageError at once (no imports)."""
     for flag, source in model_flags(config):
         check_local_path(source, flag)
-
-
-def check_local_path(source: str, flag: str) -> None:
-    path = Path(source).expanduser()
-    if not path.exists() and _looks_local(source):
-        raise UsageError(f"{flag} {source}: no such directory (a hub name has the form owner/name)")
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"{flag} {source}: not a directory (give a diffusers model directory)")
-
-
-def model_config(source: str, subfolder: str | None, flag: str, revision: str | None) -> dict:
-    """The config.json of a model part, read without any weights; UsageError naming ``flag``
-    when ``source`` is a missing local path, not a diffusers model, or a hub name that cannot be
-    reached (with ``HF_HUB_OFFLINE=1`` only the local cache is looked at, with no retries)."""
-    check_local_path(source, flag)
-    path = Path(source).expanduser()
-    from diffusers import ConfigMixin
-    from huggingface_hub import constants
-
-    class _Config(ConfigMixin):
-        config_name = "config.json"
-
-    where = f"{subfolder}/config.json" if subfolder else "config.json"
-    try:
-        return dict(_Config.load_config(source, subfolder=subfolder, revision=revision))
-    except (OSError, ValueError) as exc:
-        if path.exists():
-            reason = f"no {where} there: not a diffusers model directory"
-        elif constants.HF_HUB_OFFLINE:
-            reason = "not in the local hub cache, and HF_HUB_OFFLINE=1 (nothing is downloaded)"
-        else:
-            reason = f"could not be read from the hub ({str(exc).splitlines()[0]})"
-        raise UsageError(f"{flag} {source}: {reason}") from exc
-
-
-# Flux's transformer config has no sample_size: FluxPipeline's default_sample_size (1024 px).
-FLUX_LATENT_SIZE = 128
-
-
-def native_resolution(unet: dict, vae: dict) -> int:
-    """The pixel size the model was trained at: the UNet's latent ``sample_size`` times the
-    VAE's downsampling factor, 2 per down block after the first (SD1.5: 64 x 8 = 512)."""
-    latent = unet.get("sample_size", FLUX_LATENT_SIZE)
-    return int(latent) * 2 ** (len(vae["block_out_channels"]) - 1)
-
-
-def denoiser_model_config(source: str, flag: str, revision: str | None) -> dict:
-    """``model_config`` of the denoiser: ``unet/`` (SD1.5, SDXL) or ``transformer/`` (SD3, Flux)."""
-    try:
-        return model_config(source, "unet", flag, revision)
-    except UsageError as missing_unet:
-        try:
-            return model_config(source, "transformer", flag, revision)
-        except UsageError:
-            raise missing_unet from None
 
 
 def check_models(config: TrainConfig) -> int:
@@ -180,15 +123,16 @@ def check_output_dir(config: TrainConfig) -> None:
     if found:
         raise UsageError(
             f"--output_dir {config.output_dir} holds a finished run "
-            f"({', '.join(str(p) for p in found)}): pass --overwrite_output_dir to replace it, "
-            "--resume_from_checkpoint latest to continue it, or choose another --output_dir"
+            f"({', '.join(str(p) for p in found)}): pass --overwrite_output_dir true to replace "
+            "it, --resume_from_checkpoint latest to continue it, or choose another --output_dir"
         )
 
 
 def clear_previous_run(output_dir: Path) -> list[str]:
-    """--overwrite_output_dir: remove what an earlier run wrote (checkpoints, export, metrics),
-    so no checkpoint of it is resumed later and its metrics do not mix with the new ones."""
-    from checkpointing import CHECKPOINT_PREFIX
+    """--overwrite_output_dir: remove what an earlier run wrote (checkpoints, export, metrics,
+    validation grids, tracker logs), so no checkpoint of it is resumed later and its metrics,
+    curves and grids do not mix with the new ones."""
+    from training.checkpointing import CHECKPOINT_PREFIX
 
     removed = []
     for path in [*output_dir.glob(f"{CHECKPOINT_PREFIX}*"), *(output_dir / n for n in RUN_FILES)]:
@@ -207,9 +151,76 @@ def is_main_launch_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def launched_alone(environ: Mapping[str, str], launcher_environ: Mapping[str, str]) -> bool:
+    """True when ``accelerate launch`` was asked for more than one process but started only this
+    one. Its single-process launcher (no ``--multi_gpu``, no multi-GPU ``--config_file``, at
+    most one GPU visible) exports no process count; it sets ``MASTER_ADDR`` for its child only
+    when asked for more than one process or machine, and never ``WORLD_SIZE`` (accelerate 1.16,
+    utils/launch.py, ``prepare_simple_launcher_cmd_env``). Compared with the launcher's own
+    environment, so a ``MASTER_ADDR`` the user exported does not count."""
+    return (
+        "ACCELERATE_MIXED_PRECISION" in environ  # set by every accelerate launcher
+        and "WORLD_SIZE" not in environ
+        and "MASTER_ADDR" in environ
+        and "MASTER_ADDR" not in launcher_environ
+    )
+
+
+def launcher_problem() -> str | None:
+    """A launch that runs one process where more were asked for trains at a fraction of the
+    global batch the recipe computed; None when the launch is as asked (or cannot be told)."""
+    try:
+        import psutil  # accelerate's own dependency
+
+        launcher_environ = psutil.Process(os.getppid()).environ()
+    except Exception:  # another platform, or the launcher's environment is not readable
+        return None
+    if not launched_alone(os.environ, launcher_environ):
+        return None
+    return (
+        "accelerate launch was asked for more than one process (--num_processes or "
+        "--num_machines > 1) but started only this one: add --multi_gpu (on a CPU machine "
+        "also ACCELERATE_USE_CPU=1) or a multi-GPU --config_file, or launch --num_processes 1"
+    )
+
+
+# wandb modes that need no account (WANDB_MODE or a wandb settings file).
+WANDB_LOCAL_MODES = ("offline", "disabled", "dryrun")
+
+
+def tracker_problem(config: TrainConfig) -> str | None:
+    """``--report_to wandb`` without an account would fail after the models load, inside
+    wandb.init: the credentials are looked up now the way wandb looks them up (WANDB_API_KEY,
+    a settings file, .netrc), without prompting and without the network."""
+    if config.report_to != "wandb":
+        return None
+    try:
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth import authenticate
+    except ImportError:  # a wandb other than requirements' lock: wandb.init decides later
+        return None
+    try:
+        settings = wandb_setup.singleton().settings
+        if settings.mode in WANDB_LOCAL_MODES:
+            return None
+        found = authenticate.authenticate_session(
+            host=settings.base_url, source="train.py", prompt=False, update_session=False
+        )
+    except Exception as exc:  # wandb's own errors: a malformed key, an invalid WANDB_MODE
+        return f"--report_to wandb: {str(exc).splitlines()[0]}"
+    if found is not None:
+        return None
+    return (
+        "--report_to wandb: no W&B API key (WANDB_API_KEY, `wandb login`, or a wandb settings "
+        "file): log in, set WANDB_MODE=offline to log locally (wandb sync later), or use "
+        "--report_to tensorboard"
+    )
+
+
 def prepare(config: TrainConfig) -> tuple[TrainConfig, Startup]:
-    """Check the model flags and the output directory; fill in the native resolution; collect
-    the start-up block's notes and warnings. Call before any weights or data load."""
+    """Check the model flags, the output directory, the launch and the tracker; fill in the
+    native resolution; collect the start-up block's notes and warnings. Call before any weights
+    or data load; it removes nothing (``clear_previous_run`` does, once the data is checked)."""
     native = check_models(config)
     if config.resolution is None:
         config = dataclasses.replace(config, resolution=native)
@@ -218,12 +229,19 @@ def prepare(config: TrainConfig) -> tuple[TrainConfig, Startup]:
     startup.notes.append(line)
     startup.warnings += [w for w in (far, warmup_warning(config)) if w]
     check_output_dir(config)
-    output_dir = Path(config.output_dir)
-    if config.overwrite_output_dir and is_main_launch_process() and output_dir.is_dir():
-        removed = clear_previous_run(output_dir)
-        if removed:
-            startup.notes.append(f"--overwrite_output_dir: removed {', '.join(sorted(removed))}")
+    for problem in (launcher_problem(), tracker_problem(config)):
+        if problem:
+            raise UsageError(problem)
     return config, startup
+
+
+def overwrite(config: TrainConfig) -> str | None:
+    """--overwrite_output_dir on the main process: clear the earlier run; the start-up note."""
+    output_dir = Path(config.output_dir)
+    if not (config.overwrite_output_dir and is_main_launch_process() and output_dir.is_dir()):
+        return None
+    removed = clear_previous_run(output_dir)
+    return f"--overwrite_output_dir: removed {', '.join(sorted(removed))}" if removed else None
 
 
 def start_metrics(path: Path, resumed_step: int) -> None:
@@ -262,11 +280,11 @@ def results(config: TrainConfig, model_dir: Path) -> str:
     what = "LoRA adapters" if config.lora_rank else denoiser
     load = "lora_dir" if config.lora_rank else "unet_dir"
     lines = [
-        f"{what}: {model_dir} (models.load_pipeline({config.pretrained_model!r}, "
+        f"{what}: {model_dir} (models.pipeline.load_pipeline({config.pretrained_model!r}, "
         f"{load}={str(model_dir)!r}); generate.py --{'lora' if config.lora_rank else 'unet'} "
         f"{out})",
         f"config, versions, git SHA: {out / 'train_config.json'}",
-        f"metrics, one line per step: {out / METRICS_FILE}",
+        f"metrics, one line per step (validation scores included): {out / METRICS_FILE}",
     ]
     lines.append(f"model card: {out / 'README.md'}")
     if (out / "validation").is_dir():
@@ -275,9 +293,20 @@ def results(config: TrainConfig, model_dir: Path) -> str:
         lines.append(f"TensorBoard logs: {out / 'logs'}")
     elif config.report_to == "wandb":
         lines.append("wandb run: see wandb's lines above (offline runs: wandb sync)")
-    from checkpointing import checkpoint_dirs
+    from training.checkpointing import checkpoint_dirs
 
     checkpoints = checkpoint_dirs(out)
     if checkpoints:
         lines.append(f"checkpoints: {', '.join(str(p) for p in checkpoints)}")
     return "results:\n  " + "\n  ".join(lines)
+
+
+def answer_help_early(module_name: str) -> None:
+    """``train.py --help``, flag mistakes and missing local model paths, answered before the
+    heavy imports that follow this call in ``train.py`` (only when it runs as a script)."""
+    if module_name != "__main__":
+        return
+    cli.quiet_third_party()
+    # A missing local model first: validating the rest may read files (prompts, data paths).
+    cli.run(lambda argv: check_local_paths(parse_args(argv)), sys.argv[1:])
+    cli.run(parse_config, sys.argv[1:])

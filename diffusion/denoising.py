@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 
-from flow_matching import FlowMatching
+from diffusion.flow_matching import FlowMatching
 
 # How the denoiser is called: (model, noisy, timesteps, condition) -> model output [N, C, h, w].
 # None: a UNet, model(noisy, timesteps, **condition).sample; families with another calling
@@ -255,24 +255,10 @@ def denoise(
     )
 
 
-def batch_errors(
-    policy: torch.nn.Module,
-    reference: torch.nn.Module | None,
-    encoder: LatentEncoder,
-    scheduler: NoiseProcess,
-    condition: dict[str, Any],
-    images: torch.Tensor,
-    group_size: int,
-    first_group: int,
-    seed: int,
-    autocast: Callable[[], AbstractContextManager],
-    return_timesteps: bool = False,
-    forward: Forward | None = None,
-) -> tuple[torch.Tensor, ...]:
-    """``denoise`` without predictions: (policy_err [N] with grad, ref_err [N] or None), and the
-    timesteps [N] with ``return_timesteps``."""
-    out = denoise(policy, reference, encoder, scheduler, condition, images, group_size,
-                  first_group, seed, autocast, forward=forward)  # fmt: skip
+def batch_errors(*args: Any, return_timesteps: bool = False, **kwargs: Any) -> tuple:
+    """``denoise`` (same arguments) without predictions: (policy_err [N] with grad, ref_err [N]
+    or None), and the timesteps [N] with ``return_timesteps``."""
+    out = denoise(*args, **{**kwargs, "keep_predictions": False})
     if return_timesteps:
         return out.policy_err, out.ref_err, out.timesteps
     return out.policy_err, out.ref_err

@@ -1,0 +1,1 @@
+"""Shared command-line plumbing; imports no other project module."""

@@ -1,0 +1,540 @@
+"""The online phase of training: collect (sample, score, advantages), then update.
+
+A collection takes ``collect_batches`` prompt batches from the prompt stream; each batch of P
+prompts becomes one micro-batch of ``N = P * G`` images (``--group_size`` G), laid out group
+member first (image ``n = g * P + p`` is member g of prompt p), drawn from the old policy under
+``no_grad`` with the online sampler (``diffusion/sampling.py``), decoded and scored by the reward. A
+prompt's whole group is sampled on one process, so group means need no communication; the
+rewards of every process are gathered for the global std (Flow-GRPO's ``global_std``) and the
+reward statistics, in rank order, so 2 processes and 1 process reading the same prompt batches
+compute the same advantages.
+
+Then the trainer consumes the collection's micro-batches (``inner_epochs`` passes, each in a
+seeded order), ``gradient_accumulation_steps`` per optimizer step: the loss of every trained
+step of a micro-batch is backpropagated on its own (activations freed step by step), scaled by
+1 / trained steps (accelerate scales by 1 / accumulation), with gradients synchronised only at
+the last backward of an optimizer step. Sampling and training use the same micro-batches, so the
+recomputed log-probabilities of the first optimizer step after a collection equal the stored
+ones exactly in fp32 (``online/ratio_at_first_step`` = 1).
+
+- GRPO (``trajectory`` collection; Flow-GRPO / DDPO): per stored step, the policy's log-prob of
+  the stored next latent, the clipped ratio objective, and the KL of the step's mean to the
+  reference's (the frozen base; adapters off under LoRA) when ``kl_coef`` > 0.
+- NFT (``endpoint`` collection; DiffusionNFT): only the clean latents and advantages are kept;
+  per sample a seeded permutation of the sampler's timesteps, fresh noise per trained step, the
+  NFT loss against the old policy, which samples the next collection and is soft-updated before
+  it (``nft_old_decay``). Under LoRA the old policy is a copy of the adapter weights only.
+
+Randomness derives from ``(seed, stream, prompt draw, member, ...)`` only (``sample_generator``):
+a sample is independent of its batch, its process and of resuming. A checkpoint holds the
+collection in progress (per process) and the old policy, so a run resumed between two optimizer
+steps of one collection continues exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType
+from safetensors.torch import load_file, save_file
+
+from common.cli import UsageError
+from data.prompts import PromptBatch
+from diffusion.sampling import (
+    Sampler,
+    decode_images,
+    draw_noise,
+    guided_output,
+    sample_generator,
+    sample_rollout,
+    step_log_prob,
+)
+from evaluation.reward_client import RemoteReward
+from evaluation.rewards import Reward, RewardScores, ScorerReward, reward_stats
+from losses import get_spec
+from losses.common import LossFn
+from losses.online import group_advantages, nft_old_decay
+from training.config import TrainConfig
+
+logger = logging.getLogger("prefdiff")
+
+TRAJECTORY, ENDPOINT = "trajectory", "endpoint"  # LossSpec.online: what a collection keeps
+# Keys of the per-sample random streams (sample_generator(seed, KEY, draw, member, ...)).
+INIT_NOISE, SDE_NOISE, NFT_NOISE, WINDOW, ORDER = 1, 2, 3, 4, 5
+# Flow-GRPO's advantage epsilon (flow_grpo/stat_tracking.py), also DiffusionNFT's.
+ADVANTAGE_EPS = 1e-4
+STATE_DIR = "online"  # inside a checkpoint: the collection in progress and the old policy
+OLD_POLICY_FILE = "old_policy.safetensors"
+
+
+def trained_count(num_steps: int, fraction: float) -> int:
+    """Flow-GRPO's ``int(num_steps * timestep_fraction)``, at least one step."""
+    return max(1, int(num_steps * fraction))
+
+
+def window_bounds(config: TrainConfig) -> tuple[int, int]:
+    """``--sde_window_range LO,HI`` (half-open): the window starts in LO .. HI - size; default
+    [0, steps - 1), the last step (to the clean image) never stochastic."""
+    if config.sde_window_range:
+        low, high = (int(v) for v in config.sde_window_range.split(","))
+        return low, high
+    return 0, config.sampling_steps - 1
+
+
+def build_sampler(config: TrainConfig, schedule: Any, kind: str, collection: int) -> Sampler:
+    """The sampler of one collection: GRPO's SDE (every step, or a window whose start is drawn
+    per collection, as Flow-GRPO-Fast / MixGRPO) with the steps to train; NFT's ODE (noise 0
+    unless --noise_level says otherwise), keeping no steps."""
+    steps = schedule.num_steps
+    level = config.noise_level
+    if level is None:
+        level = schedule.default_noise_level if kind == TRAJECTORY else 0.0
+    if config.sde_window_size:
+        low, high = window_bounds(config)
+        rng = np.random.default_rng([config.seed, WINDOW, collection])
+        start = int(rng.integers(low, high - config.sde_window_size + 1))
+        window = range(start, start + config.sde_window_size)
+        levels = tuple(level if i in window else 0.0 for i in range(steps))
+        candidates = list(window)
+    else:
+        levels = (level,) * steps
+        candidates = list(range(trained_count(steps, config.trained_steps_fraction)))
+    trained = tuple(i for i in candidates if schedule.has_noise(i, levels[i]))
+    if kind == TRAJECTORY and not trained:
+        raise UsageError(
+            f"no stochastic step to train (noise level {level}, steps {candidates}): raise "
+            "--noise_level or --trained_steps_fraction"
+        )
+    guidance = config.guidance_scale
+    return Sampler(schedule, levels, trained if kind == TRAJECTORY else (), guidance)
+
+
+@dataclass
+class Collected:
+    """One micro-batch of a collection: P prompts x G images (member-major)."""
+
+    prompts: list[str]  # [P]
+    metadata: list[dict[str, Any]]  # [P]
+    draws: list[int]  # [P] global draw index of each prompt: its group id
+    final: torch.Tensor  # [N, *D] fp32 clean latents
+    x_t: torch.Tensor  # [S, N, *D] the latents before each trained step (GRPO)
+    x_next: torch.Tensor  # [S, N, *D]
+    log_probs: torch.Tensor  # [S, N] fp32 at sampling
+    rewards: torch.Tensor  # [N] fp32
+    advantages: torch.Tensor | None = None  # [N] fp32, after the gather
+
+    @property
+    def group_ids(self) -> torch.Tensor:
+        """[N]: the draw index of each image's prompt."""
+        return torch.tensor(self.draws * (self.final.shape[0] // len(self.draws)))
+
+    TENSORS: ClassVar[tuple[str, ...]] = (
+        "final", "x_t", "x_next", "log_probs", "rewards", "advantages"
+    )  # fmt: skip
+
+
+@dataclass
+class Collection:
+    """A collection in progress: its micro-batches, the order they are trained in, how far."""
+
+    index: int  # collections before this one (its sampler's window derives from it)
+    batches: list[Collected]
+    order: list[int]  # micro-batch indices over all inner epochs
+    cursor: int = 0  # entries of ``order`` consumed
+    metrics: dict[str, float] = field(default_factory=dict)  # reward statistics
+
+    @property
+    def exhausted(self) -> bool:
+        return self.cursor >= len(self.order)
+
+
+class OldPolicy:
+    """DiffusionNFT's old policy: a copy of the trainable weights (the LoRA adapters, or the
+    whole denoiser), swapped into the policy's parameters for its forwards."""
+
+    def __init__(self, params: list[torch.nn.Parameter]):
+        self.params = params
+        self.weights = [p.detach().clone() for p in params]
+
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Inside: the policy's trainable parameters hold the old weights (no autograd graph
+        may be open on them: call before the policy's own forward)."""
+        current = [p.data for p in self.params]
+        for param, old in zip(self.params, self.weights, strict=True):
+            param.data = old
+        try:
+            yield
+        finally:
+            for param, data in zip(self.params, current, strict=True):
+                param.data = data
+
+    @torch.no_grad()
+    def soft_update(self, decay: float) -> None:
+        """theta_old <- decay theta_old + (1 - decay) theta."""
+        for param, old in zip(self.params, self.weights, strict=True):
+            old.mul_(decay).add_(param.detach().to(old.dtype), alpha=1 - decay)
+
+
+def build_reward(config: TrainConfig, device: torch.device, prompts: list[str]) -> Reward:
+    """The run's reward (``evaluation.rewards.Reward``): the --reward scorers in this process, or
+    the server at --reward_url (unreachable: one line at start-up); every prompt is checked
+    against what the rewards read from it."""
+    if config.reward_url:
+        reward = RemoteReward(config.reward_url, config.reward, config.reward_weights)
+        reward.check()
+    else:
+        where = config.reward_device or str(device)
+        reward = ScorerReward.from_flags(config.reward, config.reward_weights, where)
+    reward.check_prompts(prompts)
+    return reward
+
+
+def check_backend(accelerator: Accelerator, kind: str) -> None:
+    """The online loop backpropagates each trained step on its own and syncs gradients by hand
+    (``no_sync``): DeepSpeed's engine, which steps inside backward, cannot run it; NFT swaps the
+    old policy's weights into the parameters, which FSDP's flat shards do not allow."""
+    backend = accelerator.distributed_type
+    if backend == DistributedType.DEEPSPEED or (
+        kind == ENDPOINT and backend == DistributedType.FSDP
+    ):
+        raise UsageError(
+            f"the online losses do not run under {backend.value} yet: launch with DDP "
+            "(configs/multi_gpu.yaml)"
+        )
+
+
+class OnlineTrainer:
+    """Collects and trains; ``accumulate`` is the online counterpart of train.py's
+    ``accumulate_gradients`` (one optimizer step's micro-batches)."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        accelerator: Accelerator,
+        models: Any,  # models.Components
+        policy: torch.nn.Module,  # as prepared by accelerate
+        loss_fn: LossFn,
+        reward: Reward,
+    ):
+        self.config, self.accelerator, self.models = config, accelerator, models
+        self.policy, self.loss_fn, self.reward = policy, loss_fn, reward
+        self.kind = get_spec(config.loss).online
+        check_backend(accelerator, self.kind)
+        family, process = models.family, models.noise_scheduler
+        self.schedule = family.sampling_schedule(process, config.sampling_steps, config.sde_type)
+        build_sampler(config, self.schedule, self.kind, 0)  # a bad setting fails at start-up
+        vae = models.latent_encoder.vae
+        factor = 2 ** (len(vae.config.block_out_channels) - 1)
+        side = config.resolution // factor
+        self.latent_shape = (vae.config.latent_channels, side, side)
+        self.batches_per_collection = config.collect_batches or config.gradient_accumulation_steps
+        self.collections = 0
+        self.current: Collection | None = None
+        trainable = [p for p in models.policy.parameters() if p.requires_grad]
+        self.old = OldPolicy(trainable) if self.kind == ENDPOINT else None
+        self.register_checkpoint_hooks()
+
+    def describe(self) -> list[str]:
+        """The start-up block's lines on collection and updates."""
+        config = self.config
+        sampler = build_sampler(config, self.schedule, self.kind, 0)
+        noisy = [i for i, level in enumerate(sampler.noise_levels) if level > 0]
+        images = config.train_batch_size * config.group_size
+        batches = self.batches_per_collection
+        steps = batches * config.inner_epochs // config.gradient_accumulation_steps
+        window = ""
+        if config.sde_window_size:
+            window = f" (a window of {config.sde_window_size}, drawn per collection)"
+        trained = (
+            f"trained steps {list(sampler.trained_steps)}{window}"
+            if self.kind == TRAJECTORY
+            else f"{trained_count(self.schedule.num_steps, config.trained_steps_fraction)} "
+            "re-noised timesteps per image trained"
+        )
+        return [
+            f"online: {config.group_size} images per prompt, {self.schedule.num_steps} sampler "
+            f"steps (noise {max(sampler.noise_levels)} at steps {noisy}), guidance "
+            f"{config.guidance_scale}; {trained}",
+            f"collection: {batches} batches x {images} images per process, {config.inner_epochs} "
+            f"inner epoch(s) = {steps} optimizer step(s) per collection",
+        ]
+
+    # ------------------------------------------------------------------ collection
+    def condition(self, prompts: list[str], repeats: int) -> tuple[dict, dict | None]:
+        """The denoiser's conditioning for ``prompts`` [P] repeated ``repeats`` times
+        (member-major), and the unconditional one when guidance is on."""
+        res = self.config.resolution
+        n = len(prompts) * repeats
+        geometry = ([(res, res)] * n, [(0, 0)] * n)
+        cond = self.models.family.condition(prompts, *geometry)
+        uncond = None
+        if self.config.guidance_scale != 1.0:
+            uncond = self.models.family.condition([""] * len(prompts), *geometry)
+        return cond, uncond
+
+    def initial_noise(self, draws: list[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Initial latents [N, *D] (shared by a group with --share_initial_noise) and each
+        sample's SDE noise generator, member-major."""
+        seed, members = self.config.seed, range(self.config.group_size)
+        if self.config.share_initial_noise:
+            starts = [sample_generator(seed, INIT_NOISE, d) for g in members for d in draws]
+        else:
+            starts = [sample_generator(seed, INIT_NOISE, d, g) for g in members for d in draws]
+        sde = [sample_generator(seed, SDE_NOISE, d, g) for g in members for d in draws]
+        return draw_noise(starts, self.latent_shape), sde
+
+    def sample(self, batch: PromptBatch, sampler: Sampler) -> tuple[Collected, RewardScores]:
+        """One prompt batch -> its images' rollouts and rewards, and the reward's scores (total
+        and components)."""
+        device = self.accelerator.device
+        group = self.config.group_size
+        cond, uncond = self.condition(batch.prompts, group)
+        noise, generators = self.initial_noise(batch.draws)
+        with self.old.active() if self.old is not None else nullcontext():
+            rollout = sample_rollout(self.policy, self.models.family.forward, sampler,
+                                     noise.to(device), generators, cond, uncond,
+                                     self.accelerator.autocast)  # fmt: skip
+        with torch.no_grad():
+            images = decode_images(self.models.latent_encoder.vae, rollout.final)
+        scores = self.reward.score(images, batch.prompts * group, batch.metadata * group)
+        return Collected(batch.prompts, batch.metadata, batch.draws, rollout.final,
+                         rollout.x_t, rollout.x_next, rollout.log_probs,
+                         scores.total.float(), None), scores  # fmt: skip
+
+    def collect(self, batches: Iterator[PromptBatch], state: Any) -> None:
+        """Sample, score and normalise a collection (NFT: after soft-updating the old policy
+        with the decay of the optimizer steps so far)."""
+        config = self.config
+        if self.old is not None and self.collections > 0:
+            self.old.soft_update(nft_old_decay(state.global_step, config.nft_decay))
+        sampler = build_sampler(config, self.schedule, self.kind, self.collections)
+        records, scores = [], []
+        for _ in range(self.batches_per_collection):
+            batch = next(batches)
+            state.micro_batches += 1
+            state.positions.update({str(k): v for k, v in batch.positions.items()})
+            record, score = self.sample(batch, sampler)
+            records.append(record)
+            scores.append(score)
+        metrics = self.normalise(records, scores)
+        rng = np.random.default_rng([config.seed, ORDER, self.collections,
+                                     self.accelerator.process_index])  # fmt: skip
+        order = [int(i) for _ in range(config.inner_epochs)
+                 for i in rng.permutation(len(records))]  # fmt: skip
+        self.current = Collection(self.collections, records, order, 0, metrics)
+        self.collections += 1
+
+    def normalise(self, records: list[Collected], scores: list[RewardScores]) -> dict[str, float]:
+        """Group advantages over the rewards of every process (gathered in rank order) and the
+        step's reward statistics."""
+        accelerator = self.accelerator
+        device = accelerator.device
+        local = torch.cat([r.rewards for r in records]).to(device)
+        ids = torch.cat([r.group_ids for r in records]).to(device)
+        every = accelerator.gather(local).cpu()
+        every_ids = accelerator.gather(ids).cpu()
+        global_std = self.config.advantage_std == "global"
+        advantages = group_advantages(every, every_ids, ADVANTAGE_EPS, global_std)
+        start = accelerator.process_index * local.numel()
+        mine = advantages[start : start + local.numel()].split([r.rewards.numel() for r in records])
+        for record, adv in zip(records, mine, strict=True):
+            record.advantages = adv.clone()
+        components = {
+            name: accelerator.gather(torch.cat([s.components[name] for s in scores]).to(device))
+            .cpu()
+            for name in scores[0].components
+        }  # fmt: skip
+        metrics = reward_stats(RewardScores(every, components), every_ids)
+        metrics["online/advantage_std"] = advantages.std(correction=0).item()
+        metrics["online/images_scored"] = float((self.collections + 1) * every.numel())
+        return metrics
+
+    # ------------------------------------------------------------------ updates
+    def accumulate(self, batches: Iterator[PromptBatch], state: Any) -> list[dict[str, float]]:
+        """The micro-batches of one optimizer step (collecting first when the last collection
+        is used up) -> their metrics; gradients are synchronised at the last backward."""
+        accumulation = self.config.gradient_accumulation_steps
+        micro_metrics = []
+        for m in range(accumulation):
+            if self.current is None or self.current.exhausted:
+                self.collect(batches, state)
+            collection = self.current
+            first_step = collection.cursor < accumulation
+            record = collection.batches[collection.order[collection.cursor]]
+            epoch = collection.cursor // len(collection.batches)
+            collection.cursor += 1
+            last = m == accumulation - 1
+            if self.kind == TRAJECTORY:
+                sampler = self.collection_sampler(collection)
+                metrics = self.grpo_micro_batch(record, sampler, last, first_step)
+            else:
+                metrics = self.nft_micro_batch(record, epoch, last, state.global_step)
+            micro_metrics.append({**metrics, **collection.metrics})
+        return micro_metrics
+
+    def collection_sampler(self, collection: Collection) -> Sampler:
+        return build_sampler(self.config, self.schedule, self.kind, collection.index)
+
+    def sync_context(self, last_backward: bool):
+        return nullcontext() if last_backward else self.accelerator.no_sync(self.policy)
+
+    def grpo_micro_batch(
+        self, record: Collected, sampler: Sampler, last: bool, first_step: bool
+    ) -> dict[str, float]:
+        """Per trained step: ratio of the recomputed to the stored log-prob, the clipped
+        objective and the KL to the reference; one backward per step."""
+        accelerator, models = self.accelerator, self.models
+        device = accelerator.device
+        cond, uncond = self.condition(record.prompts, self.config.group_size)
+        advantages = record.advantages.to(device)
+        steps = sampler.trained_steps
+        totals: dict[str, float] = {}
+        ratios = []
+        for s, index in enumerate(steps):
+            x, x_next = record.x_t[s].to(device), record.x_next[s].to(device)
+            ref_mean = None
+            if models.reference is not None:
+                with torch.no_grad():
+                    ref_mean = step_log_prob(models.reference, models.family.forward, sampler,
+                                             index, x, x_next, cond, uncond,
+                                             accelerator.autocast).mean  # fmt: skip
+            with self.sync_context(last and s == len(steps) - 1):
+                out = step_log_prob(self.policy, models.family.forward, sampler, index, x, x_next,
+                                    cond, uncond, accelerator.autocast)  # fmt: skip
+                std = sampler.schedule.kl_std(index, out.std)
+                loss, metrics = self.loss_fn(out.log_prob, record.log_probs[s].to(device),
+                                             advantages, kl_mean=out.mean if ref_mean is not None
+                                             else None, ref_mean=ref_mean, std=std)  # fmt: skip
+                accelerator.backward(loss / len(steps))
+            ratios.append(torch.exp(out.log_prob.detach() - record.log_probs[s].to(device)))
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value / len(steps)
+        ratio = torch.stack(ratios)
+        worst = ratio.flatten()[(ratio - 1).abs().argmax()].item()
+        return {
+            "loss": totals.pop("loss"),
+            **{f"online/{name}": value for name, value in totals.items()},
+            "online/ratio_min": ratio.min().item(),
+            "online/ratio_max": ratio.max().item(),
+            # Before the collection's first update every ratio must be exactly 1 (fp32).
+            "online/ratio_at_first_step": worst if first_step else math.nan,
+        }
+
+    def nft_micro_batch(
+        self, record: Collected, epoch: int, last: bool, global_step: int
+    ) -> dict[str, float]:
+        """Per trained step: the clean latents re-noised at a seeded, per-sample permutation of
+        the sampler's timesteps; the policy (conditional), the old policy and the reference
+        at the same input; one backward per step."""
+        accelerator, models, config = self.accelerator, self.models, self.config
+        device = accelerator.device
+        forward = models.family.forward
+        cond, _ = self.condition(record.prompts, config.group_size)
+        steps = self.schedule.num_steps
+        count = trained_count(steps, config.trained_steps_fraction)
+        members = [(d, g) for g in range(config.group_size) for d in record.draws]
+        gens = [sample_generator(config.seed, NFT_NOISE, d, g, epoch) for d, g in members]
+        order = torch.stack([torch.randperm(steps, generator=gen) for gen in gens])  # [N, steps]
+        noise = draw_noise(gens, (count, *record.final.shape[1:]))  # [N, count, *D]
+        x0 = record.final.to(device)
+        advantages = record.advantages.to(device)
+        totals: dict[str, float] = {}
+        for j in range(count):
+            index = order[:, j]
+            x_t, target, scale = self.schedule.noised(x0, noise[:, j].to(device), index)
+            t = self.schedule.model_timesteps(index).to(device)
+            with torch.no_grad(), accelerator.autocast():
+                with self.old.active():
+                    v_old = guided_output(self.policy, forward, x_t, t, cond, None, 1.0)
+                v_ref = None
+                if models.reference is not None:
+                    v_ref = guided_output(models.reference, forward, x_t, t, cond, None, 1.0)
+            with self.sync_context(last and j == count - 1):
+                with accelerator.autocast():
+                    v_theta = guided_output(self.policy, forward, x_t, t, cond, None, 1.0)
+                loss, metrics = self.loss_fn(v_theta, v_old, target, advantages, scale,
+                                             v_ref=v_ref)  # fmt: skip
+                accelerator.backward(loss / count)
+            for name, value in metrics.items():
+                totals[name] = totals.get(name, 0.0) + value / count
+        decay = nft_old_decay(global_step, config.nft_decay)
+        return {
+            "loss": totals.pop("loss"),
+            **{f"online/{name}": value for name, value in totals.items()},
+            "online/old_decay": decay,
+        }
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_files(self, directory: Path) -> tuple[Path, Path]:
+        rank = self.accelerator.process_index
+        folder = Path(directory) / STATE_DIR
+        return folder / f"rank-{rank}.json", folder / f"rank-{rank}.safetensors"
+
+    def save(self, directory: Path) -> None:
+        """This process's collection in progress (and, from the main process, the old policy)."""
+        info_path, tensor_path = self.state_files(directory)
+        info_path.parent.mkdir(parents=True, exist_ok=True)
+        info: dict[str, Any] = {"collections": self.collections, "collection": None}
+        current = self.current
+        if current is not None and not current.exhausted:
+            tensors = {}
+            for i, record in enumerate(current.batches):
+                for name in Collected.TENSORS:
+                    tensors[f"{i}.{name}"] = getattr(record, name).contiguous().cpu()
+            save_file(tensors, str(tensor_path))
+            info["collection"] = {
+                "index": current.index,
+                "order": current.order,
+                "cursor": current.cursor,
+                "metrics": current.metrics,
+                "batches": [
+                    {"prompts": r.prompts, "metadata": r.metadata, "draws": r.draws}
+                    for r in current.batches
+                ],
+            }
+        info_path.write_text(json.dumps(info) + "\n")
+        if self.old is not None and self.accelerator.is_main_process:
+            weights = {str(i): w.contiguous().cpu() for i, w in enumerate(self.old.weights)}
+            save_file(weights, str(info_path.parent / OLD_POLICY_FILE))
+
+    def load(self, directory: Path) -> None:
+        info_path, tensor_path = self.state_files(directory)
+        info = json.loads(info_path.read_text())
+        self.collections = info["collections"]
+        self.current = None
+        saved = info["collection"]
+        if saved is not None:
+            tensors = load_file(str(tensor_path))
+            batches = [
+                Collected(**meta, **{name: tensors[f"{i}.{name}"] for name in Collected.TENSORS})
+                for i, meta in enumerate(saved.pop("batches"))
+            ]
+            self.current = Collection(batches=batches, **saved)
+        if self.old is not None:
+            weights = load_file(str(info_path.parent / OLD_POLICY_FILE))
+            for i, old in enumerate(self.old.weights):
+                old.copy_(weights[str(i)])
+
+    def register_checkpoint_hooks(self) -> None:
+        """Every process saves and loads its own part with accelerate's state (the hooks run
+        on every process; the model hooks registered before run first)."""
+
+        def save_hook(models: list, weights: list, output_dir: str) -> None:
+            self.save(Path(output_dir))
+
+        def load_hook(models: list, input_dir: str) -> None:
+            self.load(Path(input_dir))
+
+        self.accelerator.register_save_state_pre_hook(save_hook)
+        self.accelerator.register_load_state_pre_hook(load_hook)
