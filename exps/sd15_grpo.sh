@@ -22,10 +22,12 @@
 #   micro-batches of 4 (8 samples per GPU x 4 batches, 4 per train batch x accumulation 4);
 # - steps are trained in order (the gradient is summed over them before the optimizer step);
 #   DDPO shuffles each sample's step order.
+# exps/sdxl_grpo.sh runs this recipe with SDXL's defaults.
 #   PROMPTS=simple_animals.txt REWARD=aesthetic=/models/aesthetic bash exps/sd15_grpo.sh
 source "$(dirname "$0")/common.sh"
 
 MODEL=${MODEL:-runwayml/stable-diffusion-v1-5}
+VAE=${VAE:-none}                                       # "none": the model's own VAE
 PROMPTS=${PROMPTS:?set PROMPTS to a prompt file (DDPO: its assets/simple_animals.txt)}
 REWARD=${REWARD:?set REWARD, e.g. aesthetic=DIR (DDPO: the LAION aesthetic predictor)}
 REWARD_WEIGHTS=${REWARD_WEIGHTS:-1}
@@ -51,4 +53,4 @@ REPORT_TO=${REPORT_TO:-wandb}
 
 split_collection
 setup_project
-launch_train --loss grpo --pretrained_model "$MODEL" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --noise_level "$ETA" --trained_steps_fraction 1.0 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std group --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef 0 --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"
+launch_train --loss grpo --pretrained_model "$MODEL" --pretrained_vae "$VAE" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --noise_level "$ETA" --trained_steps_fraction 1.0 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std group --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef 0 --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"

@@ -33,35 +33,19 @@
 #   PROMPTS=/data/pickscore/train.txt bash exps/sd35_flow_grpo.sh
 source "$(dirname "$0")/common.sh"
 
-MODEL=${MODEL:-stabilityai/stable-diffusion-3.5-medium}
 PROMPTS=${PROMPTS:?set PROMPTS to a prompt file (Flow-GRPO: its dataset/pickscore/train.txt)}
-REWARD=${REWARD:-pickscore}                            # NAME or NAME=DIR (evaluation/scorers.py)
-REWARD_WEIGHTS=${REWARD_WEIGHTS:-0.0384615384615}      # 1/26: flow_grpo's PickScore / 26
-REWARD_URL=${REWARD_URL:-}                             # a reward server's URL instead
 OUTPUT_DIR=${OUTPUT_DIR:-outputs/sd35_flow_grpo}
-NUM_PROCESSES=${NUM_PROCESSES:-8}
-GROUP=${GROUP:-24}                                     # images per prompt
-GROUPS_PER_EPOCH=${GROUPS_PER_EPOCH:-48}               # prompts sampled per collection, all GPUs
 UPDATES_PER_EPOCH=${UPDATES_PER_EPOCH:-2}              # optimizer steps per collection
-BATCH=${BATCH:-1}                                      # prompts per micro-batch (x GROUP images)
-SAMPLING_STEPS=${SAMPLING_STEPS:-10}
 NOISE_LEVEL=${NOISE_LEVEL:-0.7}
 GUIDANCE=${GUIDANCE:-4.5}
 CLIP_RANGE=${CLIP_RANGE:-1e-4}
 KL=${KL:-0.01}
 LR=${LR:-3e-4}
 STEPS=${STEPS:-2000}
-RESOLUTION=${RESOLUTION:-512}
-PRECISION=${PRECISION:-fp16}
 GRAD_CKPT=${GRAD_CKPT:-true}                           # ours: 24 images per micro-batch with CFG
-LORA_RANK=${LORA_RANK:-32}
-LORA_ALPHA=${LORA_ALPHA:-64}
-LORA_TARGETS=${LORA_TARGETS:-attn.to_q,attn.to_k,attn.to_v,attn.to_out.0,attn.add_q_proj,attn.add_k_proj,attn.add_v_proj,attn.to_add_out}
-VALIDATION_PROMPTS=${VALIDATION_PROMPTS:-}             # a prompt file; empty: no validation
-EVAL_STEPS=${EVAL_STEPS:-40}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-120}              # released: every 60 epochs = 120 steps
-REPORT_TO=${REPORT_TO:-wandb}
 
+source "$(dirname "$0")/sd35_online_settings.sh"
 split_collection
 setup_project
 launch_train --loss grpo --pretrained_model "$MODEL" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" ${REWARD_URL:+--reward_url "$REWARD_URL"} --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --sde_type sde --noise_level "$NOISE_LEVEL" --trained_steps_fraction 0.99 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std global --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef "$KL" --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_target_modules "$LORA_TARGETS" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_inference_steps "$EVAL_STEPS" --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"

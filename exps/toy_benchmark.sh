@@ -70,6 +70,11 @@ dpo_safeguard loss=dpo beta=1000 winner_preserving_mu=0.9 learning_rate=4e-5 max
 kto_batch8    loss=kto tasks=warm beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=8  # KTO's spread (README): the third base's batch
 grpo          group_size=8 train_batch_size=4 sampling_steps=10 guidance_scale=$GRPO_GUIDANCE kl_coef=0.04 learning_rate=3e-4 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # the family's noise (DDPO's eta 1; the flow base: Flow-GRPO's a 0.7), Flow-GRPO's 10 steps and KL 0.04; lr: rose steadily on this base in the online trainer's test (5e-4 unstable); not tuned here
 nft           group_size=8 train_batch_size=4 sampling_steps=10 learning_rate=3e-4 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # released: ODE sampling without CFG, beta 1, KL 1e-4, old-policy decay 1; lr as grpo's, not tuned here
+grpo_lr1e3    loss=grpo group_size=8 train_batch_size=4 sampling_steps=10 guidance_scale=$GRPO_GUIDANCE kl_coef=0.04 learning_rate=1e-3 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # tuning arm (SPLIT=validation)
+grpo_multi    loss=grpo group_size=8 train_batch_size=1 collect_batches=4 sampling_steps=10 guidance_scale=$GRPO_GUIDANCE kl_coef=0.04 learning_rate=3e-4 lr_warmup_steps=0 max_train_steps=$((ONLINE_STEPS * 4)) eval_every=28  # tuning arm: the same images, 4 optimizer steps per collection (one per prompt group)
+nft_lr1e4     loss=nft group_size=8 train_batch_size=4 sampling_steps=10 learning_rate=1e-4 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # tuning arm
+nft_lr3e5     loss=nft group_size=8 train_batch_size=4 sampling_steps=10 learning_rate=3e-5 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # tuning arm
+nft_multi     loss=nft group_size=8 train_batch_size=1 collect_batches=4 sampling_steps=10 learning_rate=1e-4 lr_warmup_steps=0 max_train_steps=$((ONLINE_STEPS * 4)) eval_every=28  # tuning arm
 "}
 TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}

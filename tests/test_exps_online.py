@@ -78,12 +78,22 @@ def header(script: Path) -> str:
     return " ".join(comments)
 
 
+def recipe_text(script: Path) -> str:
+    """The recipe's text with that of the recipes it sources (``source "$(dirname "$0")/X"``)."""
+    text = script.read_text()
+    for name in re.findall(r'^source "\$\(dirname "\$0"\)/(\S+)"$', text, re.M):
+        if name != "common.sh":
+            text += recipe_text(script.parent / name)
+    return text
+
+
 def dry_run(script: Path, tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     folder = tmp_path / "exps"
     folder.mkdir(exist_ok=True)
-    shutil.copy(script, folder / script.name)
+    for sibling in script.parent.glob("*.sh"):  # a recipe may source another (sdxl -> sd15)
+        shutil.copy(sibling, folder / sibling.name)
     (folder / "common.sh").write_text(STUB + SPLIT)
-    text = script.read_text()
+    text = recipe_text(script)
     required = {k: v for k, v in REQUIRED.items() if f"{k}=${{{k}:?" in text}
     env = {**os.environ, **required, **env}
     return subprocess.run(["bash", str(folder / script.name)], env=env, capture_output=True,
