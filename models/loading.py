@@ -220,7 +220,8 @@ def load_components(
     family.configure(policy.config, config)
     # With the loaded VAE's and denoiser's own geometry, not the released models' 8x and 2x2.
     vae_scale = vae_scale_factor(latent_encoder.config)
-    family.check_resolution(config.resolution, vae_scale)
+    if config.resolution is not None:  # None: a caller that trains nothing (train.py fills it)
+        family.check_resolution(config.resolution, vae_scale)
     scheduler = family_cls.scheduler_class.from_pretrained(
         source, subfolder="scheduler", revision=config.revision
     )
