@@ -16,6 +16,7 @@ answer_help_early(__name__)
 
 import json
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -78,11 +79,19 @@ class TrainResult:
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
     """Average over micro-batches, then over processes; nan entries (a class absent from a
-    batch) are left out of the average rather than poisoning it."""
+    batch) are left out of the average rather than poisoning it. A metric named ``..._min`` or
+    ``..._max`` is an extreme: the min or max over every micro-batch of every process."""
     names = sorted(micro_metrics[0])
     local = torch.tensor([[m[n] for n in names] for m in micro_metrics], dtype=torch.float64)
-    gathered = accelerator.gather(local.to(accelerator.device)).cpu()
-    return dict(zip(names, gathered.nanmean(dim=0).tolist(), strict=True))
+    gathered = accelerator.gather(local.to(accelerator.device)).cpu()  # [micro x processes, M]
+    seen = ~gathered.isnan()
+    lowest = torch.where(seen, gathered, math.inf).amin(dim=0)
+    highest = torch.where(seen, gathered, -math.inf).amax(dim=0)
+    reduced = gathered.nanmean(dim=0)
+    for i, name in enumerate(names):
+        if name.endswith(("_min", "_max")) and seen[:, i].any():
+            reduced[i] = lowest[i] if name.endswith("_min") else highest[i]
+    return dict(zip(names, reduced.tolist(), strict=True))
 
 
 def gradient_norm(accelerator: Accelerator, policy: torch.nn.Module, max_norm: float) -> float:
@@ -129,6 +138,15 @@ def describe_loss(config: TrainConfig) -> str:
     return f"{config.loss} ({', '.join(used)})" if used else config.loss
 
 
+def describe_sources(config: TrainConfig, online: bool) -> str:
+    """Where latents and text features come from: the VAE and encoders, or the cache."""
+    if not config.cache:
+        return "latents and text from the VAE and text encoders"
+    if online:
+        return f"text from {config.cache} (no text encoders), samples decoded by the VAE"
+    return f"latents and text from {config.cache}"
+
+
 def describe_policy(config: TrainConfig, denoiser: type) -> str:
     """'full UNet2DConditionModel', 'LoRA rank 16 on FluxTransformer2DModel': what trains."""
     name = denoiser.__name__
@@ -160,9 +178,8 @@ def log_startup(
         f"steps: {config.max_train_steps}, learning rate {config.learning_rate}"
         f" ({config.lr_scheduler}, {config.lr_warmup_steps} warm-up)",
         f"precision: {config.mixed_precision} compute, trainable weights fp32",
-        f"policy: {describe_policy(config, denoiser)}, "
-        f"optimizer {config.optimizer}, latents and text from "
-        f"{config.cache or 'the VAE and text encoders'}",
+        f"policy: {describe_policy(config, denoiser)}, optimizer {config.optimizer}, "
+        f"{describe_sources(config, spec.online is not None)}",
         f"trainable parameters: {trainable:,}",
         f"output: {config.output_dir}",
         *notes,
@@ -259,7 +276,8 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
     if needs.reference:  # what the backend casts in the policy's forward, for the reference
         fsdp_plugin = getattr(accelerator.state, "fsdp_plugin", None)  # set only under FSDP
         casts = forward_casts(accelerator.distributed_type, weight_dtype, fsdp_plugin)
-    models = load_components(config, needs.reference, weight_dtype, accelerator.device, casts)
+    models = load_components(config, needs.reference, weight_dtype, accelerator.device, casts,
+                             decodes=spec.online is not None)  # fmt: skip
     config.resolve_family_defaults(models.family.default_guidance)
     run_info["config"] = config.to_dict()  # saved and carded with the resolved values
     # The scheduler's timestep count is a fact some losses read (MaPO's T).
@@ -514,10 +532,13 @@ def main(argv: list[str] | None = None) -> TrainResult | None:
     )
     while state.global_step < config.max_train_steps:
         gradients = online_gradients if run.online is not None else accumulate_gradients
+        started = time.perf_counter()
         micro_metrics, skipped, grad_norm = gradients(run)
         losses = [m["loss"] for m in micro_metrics]
         nonfinite = optimizer_step(run.accelerator, run.optimizer, run.lr_scheduler, losses,
                                    grad_norm)  # fmt: skip
+        if run.online is not None:  # time/collect and time/update of the step
+            micro_metrics = run.online.timed(micro_metrics, time.perf_counter() - started)
         state.global_step += 1
         count_nonfinite(run, nonfinite, grad_norm)
         stop = run.consecutive_nonfinite >= config.max_consecutive_nonfinite

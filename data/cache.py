@@ -15,6 +15,11 @@ without the cache (``diffusion.scaled_latents``), so cached and uncached runs se
 latents. Only the centre crop can be cached (a random crop is a new image every time); both flip
 orientations are stored when the cache is built with flips.
 
+A prompt set's cache (``build_cache.py --prompts FILE``, for the online losses) holds only the
+text shards: every prompt's features and the empty prompt's (classifier-free guidance), and a
+manifest with ``"contents": "text"`` and the model but no VAE or resolution (text features do
+not depend on them). ``check_prompt_cache`` checks it against the prompt file at start-up.
+
 Shards are written whole under a temporary name and renamed, so an interrupted build leaves only
 complete shards, and a rebuild skips every key they already hold.
 """
@@ -42,6 +47,7 @@ from data.kto_table import load_labeled_csv
 from data.pair_table import PairTable
 from data.parquet_index import REQUIRED_COLUMNS, local_parquet_files, missing_column
 from data.pickapic_hub import open_hub_pairs
+from data.prompts import PromptTable
 from data.transforms import ImageTransform, TransformedImages
 
 logger = logging.getLogger(__name__)
@@ -49,6 +55,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATENT_PREFIX = "latents-"
 TEXT_PREFIX = "text-"
+TEXT_ONLY = "text"  # manifest "contents" of a prompt set's cache (text features, no latents)
 HUB_CHUNK_ROWS = 256  # rows of a hub dataset read at a time
 CACHE_FORMAT = 2  # 2: crops and resize rounding as torchvision computes them
 
@@ -80,6 +87,22 @@ def cache_identity(
         "variant": variant,
         "resolution": resolution,
     }
+
+
+def text_cache_identity(pretrained_model: str, revision: str | None, variant: str | None) -> dict:
+    """What text features depend on: the model's text encoders (no VAE, no resolution)."""
+    return {
+        "format": CACHE_FORMAT,
+        "pretrained_model": pretrained_model,
+        "revision": revision,
+        "variant": variant,
+    }
+
+
+def default_prompt_cache_dir(prompts: str) -> Path:
+    """Beside the prompt file: ``prefdiff-text-cache-<file stem>``."""
+    path = Path(prompts)
+    return path.parent / f"prefdiff-text-cache-{path.stem}"
 
 
 def default_cache_dir(data: str | None, csv: str | None, resolution: int) -> Path:
@@ -180,6 +203,11 @@ def write_manifest(directory: Path, manifest: dict) -> None:
 def check_manifest(directory: str | Path, expected: dict, needs_flips: bool) -> dict:
     """Stop at start-up when the cache was built for another model, resolution or flips."""
     manifest = read_manifest(directory)
+    if manifest.get("contents") == TEXT_ONLY:
+        raise DataError(
+            f"--cache {directory} holds text features only (built with --prompts, for an online "
+            "run): build a cache of this data with scripts/build_cache.py and the run's flags"
+        )
     wrong = [
         f"{name}: cache has {manifest.get(name)!r}, run wants {value!r}"
         for name, value in expected.items()
@@ -190,6 +218,38 @@ def check_manifest(directory: str | Path, expected: dict, needs_flips: bool) -> 
     if wrong:
         raise DataError(f"--cache {directory} does not match this run:\n  " + "\n  ".join(wrong))
     return manifest
+
+
+def check_prompt_cache(
+    directory: str | Path, expected: dict, table: PromptTable, needs_empty: bool
+) -> None:
+    """Stop at start-up unless the cache holds this model's text features (``expected``:
+    ``text_cache_identity``) for every prompt of ``table`` and, when ``needs_empty`` (guidance's
+    unconditional branch), for the empty prompt. One line naming the cache and the prompt file."""
+    manifest = read_manifest(directory)
+    rebuild = (
+        f"rebuild it: python scripts/build_cache.py --prompts {table.source} --pretrained_model "
+        f"{expected['pretrained_model']} --cache {directory}"
+    )
+    wrong = [
+        f"{name} {manifest.get(name)!r} where this run has {value!r}"
+        for name, value in expected.items()
+        if manifest.get(name) != value
+    ]
+    if wrong:
+        raise DataError(f"--cache {directory} was built for another model ({'; '.join(wrong)}): "
+                        "use the cache of this model or a new --cache DIR")  # fmt: skip
+    cached = {name.split(".", 1)[0] for name in _index(Path(directory), TEXT_PREFIX)}
+    missing = [(line, p) for line, p in zip(table.lines, table.prompts, strict=True)
+               if caption_key(p) not in cached]  # fmt: skip
+    if missing:
+        (line, prompt), more = missing[0], len(missing) - 1
+        others = f" and {more} other prompt(s)" if more else ""
+        raise DataError(f"--cache {directory} has no text features for {table.source} line {line} "
+                        f"({prompt!r}){others}: {rebuild}")  # fmt: skip
+    if needs_empty and caption_key("") not in cached:
+        raise DataError(f"--cache {directory} has no text features for the empty prompt (the "
+                        f"unconditional branch of --guidance_scale): {rebuild}")  # fmt: skip
 
 
 def _shards(directory: Path, prefix: str) -> list[Path]:

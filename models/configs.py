@@ -4,7 +4,9 @@ user hears it in one line naming the flag, before anything heavy loads."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from common.cli import UsageError
 
@@ -57,11 +59,17 @@ def model_config(source: str, subfolder: str | None, flag: str, revision: str | 
 FLUX_LATENT_SIZE = 128
 
 
+def vae_scale_factor(vae: Mapping[str, Any]) -> int:
+    """Pixels per latent pixel: 2 per VAE down block after the first (SD, SDXL, SD3, Flux: 8),
+    as diffusers' pipelines compute their ``vae_scale_factor``."""
+    return 2 ** (len(vae["block_out_channels"]) - 1)
+
+
 def native_resolution(unet: dict, vae: dict) -> int:
     """The pixel size the model was trained at: the UNet's latent ``sample_size`` times the
-    VAE's downsampling factor, 2 per down block after the first (SD1.5: 64 x 8 = 512)."""
+    VAE's downsampling factor (SD1.5: 64 x 8 = 512)."""
     latent = unet.get("sample_size", FLUX_LATENT_SIZE)
-    return int(latent) * 2 ** (len(vae["block_out_channels"]) - 1)
+    return int(latent) * vae_scale_factor(vae)
 
 
 def denoiser_model_config(source: str, flag: str, revision: str | None) -> dict:

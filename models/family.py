@@ -63,6 +63,9 @@ class ModelFamily:
     empty_prompt: str = "encode"
     # Replaces the encoders when set (a text cache): captions [B] -> the same features.
     text_source: Callable[[list[str]], TextFeatures] | None = None
+    # Latent pixels per side of one denoiser token: 1 for the UNets; the transformers' patch
+    # side, read from the denoiser's config by ``configure``.
+    patch: int = 1
 
     name: ClassVar[str] = "sd15"
     pipeline_class: ClassVar[type[DiffusionPipeline]] = StableDiffusionPipeline
@@ -84,6 +87,20 @@ class ModelFamily:
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
         """Settings read from the denoiser's config and the run's (none for the UNets)."""
 
+    def check_resolution(self, resolution: int, vae_scale: int) -> None:
+        """UsageError unless the loaded VAE's scale times the denoiser's patch divides
+        ``resolution`` (a latent of whole patches); call after ``configure``."""
+        per_token = vae_scale * self.patch
+        if resolution % per_token == 0:
+            return
+        patch = self.patch
+        patches = f", the transformer takes {patch}x{patch} latent patches" if patch > 1 else ""
+        raise UsageError(
+            f"--resolution {resolution}: {self.name} needs a multiple of {per_token} (the VAE "
+            f"downsamples {vae_scale}x{patches}); try --resolution "
+            f"{max(per_token, resolution - resolution % per_token)}"
+        )
+
     @property
     def default_guidance(self) -> float:
         """The guidance scale this family's pipeline samples with when none is given (validation):
@@ -92,7 +109,9 @@ class ModelFamily:
         return NO_GUIDANCE
 
     @staticmethod
-    def noise_process(scheduler: Any, train_config: Any, resolution: int) -> Any:
+    def noise_process(
+        scheduler: Any, train_config: Any, resolution: int, pixels_per_token: int | None = None
+    ) -> Any:
         """What ``diffusion.denoise`` noises with: the DDPM scheduler itself for the UNets."""
         return scheduler
 

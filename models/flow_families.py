@@ -16,7 +16,6 @@ from diffusers.schedulers import FlowMatchEulerDiscreteScheduler
 from peft.utils import get_peft_model_state_dict
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, T5EncoderModel
 
-from common.cli import UsageError
 from diffusion.flow_matching import FlowMatching, resolution_shift
 from diffusion.sampling import FlowSchedule, Schedule
 from models.family import (
@@ -28,9 +27,13 @@ from models.family import (
     text_folders,
 )
 
-# Both VAEs downsample 8x and both transformers see 2x2 latent patches: one image token per
-# 16 x 16 pixels (SD3's patch embedding, Flux's packing).
+# The released VAEs downsample 8x and both transformers see 2x2 latent patches: one image token
+# per 16 x 16 pixels (SD3's patch embedding, Flux's packing). Only for callers without loaded
+# models: models.loading passes the loaded VAE's and transformer's own (``check_resolution``).
 PIXELS_PER_TOKEN = 16
+# FluxPipeline packs 2x2 latent patches into one token (``pack_latents``); Flux's transformer
+# config says patch_size 1, as its input layer sees the packed tokens.
+FLUX_PACKING = 2
 
 
 @dataclass
@@ -44,16 +47,17 @@ class FlowFamily(ModelFamily):
     max_sequence_length: ClassVar[int] = 256
     samplers: ClassVar[tuple[str, ...]] = ("flow_euler",)
 
+    def configure(self, denoiser_config: Any, train_config: Any) -> None:
+        self.patch = denoiser_config["patch_size"]
+
     @staticmethod
-    def noise_process(scheduler: Any, train_config: Any, resolution: int) -> FlowMatching:
+    def noise_process(
+        scheduler: Any, train_config: Any, resolution: int, pixels_per_token: int | None = None
+    ) -> FlowMatching:
         """Flow matching with the run's sigma sampling and the scheduler's shift at this
-        resolution (``--flow_shift`` overrides it)."""
-        if resolution % PIXELS_PER_TOKEN:
-            raise UsageError(
-                f"--resolution {resolution}: SD3 and Flux need a multiple of {PIXELS_PER_TOKEN} "
-                "(the VAE's 8x and the transformer's 2x2 patches)"
-            )
-        tokens = (resolution // PIXELS_PER_TOKEN) ** 2
+        resolution's image-token count (``--flow_shift`` overrides it); ``pixels_per_token``:
+        the loaded VAE's scale times the transformer's patch (checked by ``check_resolution``)."""
+        tokens = (resolution // (pixels_per_token or PIXELS_PER_TOKEN)) ** 2
         shift = train_config.flow_shift
         return FlowMatching(
             scheduler,
@@ -186,6 +190,7 @@ class FluxFamily(FlowFamily):
         return "axes_dims_rope" in unet_config
 
     def configure(self, denoiser_config: Any, train_config: Any) -> None:
+        self.patch = FLUX_PACKING
         if denoiser_config.get("guidance_embeds", False):
             self.guidance = train_config.flux_guidance
 

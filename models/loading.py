@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from data.cache import CachedLatentEncoder, TextCache
 from diffusion.denoising import LatentEncoder, NoiseProcess, VaeEncoder
+from models.configs import vae_scale_factor
 from models.families import denoiser_config, family_for
 from models.family import ModelFamily
 from models.lora import AdaptersDisabled, FullUNetIO, LoraIO, add_lora
@@ -165,10 +166,13 @@ def load_components(
     weight_dtype: torch.dtype,
     device: torch.device,
     casts: ForwardCasts | None = None,
+    decodes: bool = False,
 ) -> Components:
     """``casts``: what the training backend does to the policy's weights and inputs in its
     forward beyond autocast (``distributed.forward_casts``; None: nothing, a plain or DDP run),
-    copied onto a frozen reference so that both compute the same at step 0."""
+    copied onto a frozen reference so that both compute the same at step 0. ``decodes``: the
+    run decodes its own samples (the online losses), so the VAE loads even with ``--cache``,
+    which then stands in for the text encoders only."""
     source = config.pretrained_model
     lora = config.lora_rank > 0
     # With LoRA the base weights are frozen: stored in the compute dtype like the reference.
@@ -199,21 +203,29 @@ def load_components(
         compile_unet(policy, config.compile_backend)
 
     if config.cache:
-        # Neither the VAE nor the text encoders are loaded: only the VAE's config (its scale).
-        path, kwargs = vae_source(config)
-        where = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision")}
-        latent_encoder = CachedLatentEncoder(AutoencoderKL.load_config(path, **where), device)
+        # The text encoders are not loaded: the cache holds every caption's (prompt's) features.
         family = family_cls([], [], config.resolution, config.time_ids,
                             empty_prompt=config.empty_prompt_embeddings)  # fmt: skip
         family.text_source = TextCache(config.cache, family_cls.text_feature_names, device)
     else:
-        latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))
         family = load_family(config, family_cls, weight_dtype, device)
+    if config.cache and not decodes:
+        # Nor the VAE: only its config (its scale); the cache holds the images' latents.
+        path, kwargs = vae_source(config)
+        where = {k: v for k, v in kwargs.items() if k in ("subfolder", "revision")}
+        latent_encoder = CachedLatentEncoder(AutoencoderKL.load_config(path, **where), device)
+    else:
+        latent_encoder = VaeEncoder(load_vae(config, weight_dtype, device))
 
     family.configure(policy.config, config)
+    # With the loaded VAE's and denoiser's own geometry, not the released models' 8x and 2x2.
+    vae_scale = vae_scale_factor(latent_encoder.config)
+    if config.resolution is not None:  # None: a caller that trains nothing (train.py fills it)
+        family.check_resolution(config.resolution, vae_scale)
     scheduler = family_cls.scheduler_class.from_pretrained(
         source, subfolder="scheduler", revision=config.revision
     )
-    process = family_cls.noise_process(scheduler, config, config.resolution)
+    process = family_cls.noise_process(scheduler, config, config.resolution,
+                                       vae_scale * family.patch)  # fmt: skip
     policy_io = LoraIO(family_cls) if lora else FullUNetIO(family_cls.denoiser_folder)
     return Components(policy, reference, latent_encoder, family, process, policy_io)

@@ -7,7 +7,14 @@ matches the run:
     python train.py --pretrained_model M --data PARQUET_DIR --resolution 512 --cache \
         PARQUET_DIR/prefdiff-cache-512px
 
-``--cache`` names the output directory (default: ``prefdiff-cache-<R>px`` next to the data).
+For an online run (``--loss grpo|nft``), ``--prompts FILE`` caches the prompt set's text features
+instead (and the empty prompt's, for classifier-free guidance); no data, VAE or resolution:
+
+    python scripts/build_cache.py --pretrained_model M --prompts prompts.txt --cache CACHE
+    python train.py --loss grpo --pretrained_model M --prompts prompts.txt --cache CACHE ...
+
+``--cache`` names the output directory (default: ``prefdiff-cache-<R>px`` next to the data,
+``prefdiff-text-cache-<stem>`` next to the prompt file).
 Per image: the VAE posterior mean and std of the centre crop, both flip orientations when
 ``--random_flip`` is on; per caption (and the empty caption of caption dropout): the family's
 text features. Images and captions are deduplicated by content. A hub dataset ``--data owner/name``
@@ -27,25 +34,30 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from common import cli
 from common.cli import UsageError
 from data.cache import (
     LATENT_PREFIX,
     MANIFEST,
+    TEXT_ONLY,
     TEXT_PREFIX,
     ShardWriter,
     cache_identity,
     caption_key,
     centre_crop_pixels,
     default_cache_dir,
+    default_prompt_cache_dir,
     image_key,
     read_manifest,
     source_images,
+    text_cache_identity,
     write_manifest,
 )
 from data.columns import parse_columns
 from data.decode import UnreadableImage, load_rgb
 from data.kto_table import parse_split_labels
 from data.parquet_index import local_parquet_files
+from data.prompts import load_prompts
 from diffusion.denoising import posterior_moments
 from models.families import denoiser_config, family_for
 from models.family import ModelFamily
@@ -99,11 +111,23 @@ def _encode_captions(
     return len(todo)
 
 
+def open_cache_dir(out_dir: Path, manifest: dict) -> None:
+    """Create ``out_dir`` with ``manifest``, or continue a build of the same manifest there."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).is_file():
+        previous = read_manifest(out_dir)
+        if previous != manifest:
+            raise UsageError(
+                f"--cache {out_dir} holds a cache built with {previous}; this build is "
+                f"{manifest}: use another --cache directory"
+            )
+    write_manifest(out_dir, manifest)
+
+
 def build_cache(
     config: TrainConfig, out_dir: Path, batch_size: int = 16, entries_per_shard: int = 256
 ) -> CacheStats:
     """Build (or finish) the cache of ``config``'s model and data in ``out_dir``."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     identity = cache_identity(
         config.pretrained_model,
         config.pretrained_vae,
@@ -112,15 +136,7 @@ def build_cache(
         config.resolution,
     )
     family_cls = family_for(denoiser_config(config.pretrained_model, config.revision))
-    manifest = {**identity, "family": family_cls.name, "flips": config.random_flip}
-    if (out_dir / MANIFEST).is_file():
-        previous = read_manifest(out_dir)
-        if previous != manifest:
-            raise ValueError(
-                f"{out_dir} holds a cache built with {previous}; this build is {manifest}: "
-                "use another --cache directory"
-            )
-    write_manifest(out_dir, manifest)
+    open_cache_dir(out_dir, {**identity, "family": family_cls.name, "flips": config.random_flip})
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     vae = load_vae(config, torch.float32, device)
@@ -166,6 +182,33 @@ def build_cache(
     return stats
 
 
+def build_prompt_cache(
+    config: TrainConfig, out_dir: Path, batch_size: int = 16, entries_per_shard: int = 256
+) -> CacheStats:
+    """Build (or extend) the text cache of ``config.prompts`` in ``out_dir``: every prompt's
+    features and the empty prompt's (classifier-free guidance's unconditional branch). Another
+    prompt file of the same model may be added to the same directory."""
+    table = load_prompts(config.prompts)
+    family_cls = family_for(denoiser_config(config.pretrained_model, config.revision))
+    identity = text_cache_identity(config.pretrained_model, config.revision, config.variant)
+    open_cache_dir(out_dir, {**identity, "family": family_cls.name, "contents": TEXT_ONLY})
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    family = load_family(config, family_cls, torch.float32, device)
+    texts = ShardWriter(out_dir, TEXT_PREFIX, entries_per_shard)
+    captions = sorted({"", *table.prompts})
+    stats = CacheStats(captions_encoded=_encode_captions(captions, family, batch_size, texts))
+    texts.flush()
+    return stats
+
+
+def prompt_cache_dir(config: TrainConfig) -> Path:
+    """``--prompts``: the output directory; data flags beside it are refused."""
+    data = [f"--{name}" for name in ("data", "csv", "pairs", "pairs_dirs") if getattr(config, name)]
+    if data:
+        raise UsageError(f"--prompts builds a prompt set's text cache: drop {' and '.join(data)}")
+    return Path(config.cache or default_prompt_cache_dir(config.prompts))
+
+
 def main(argv: list[str] | None = None) -> CacheStats:
     parser = build_parser()
     parser.description = __doc__.splitlines()[0]
@@ -174,10 +217,17 @@ def main(argv: list[str] | None = None) -> CacheStats:
     args = vars(parser.parse_args(argv))
     batch_size, per_shard = args.pop("encode_batch_size"), args.pop("entries_per_shard")
     config = TrainConfig(**args)
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
+    if config.prompts:  # an online run's prompt set: text features only
+        out_dir = prompt_cache_dir(config)
+        config = dataclasses.replace(config, resolution=config.resolution or check_models(config))
+        stats = build_prompt_cache(config, out_dir, batch_size, per_shard)
+        print(f"prompt cache {out_dir}: {stats.captions_encoded} new texts encoded (prompts and "
+              "the empty prompt)")  # fmt: skip
+        return stats
     config.validate()
     if config.resolution is None:  # as train.py: the model's native size
         config = dataclasses.replace(config, resolution=check_models(config))
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level="INFO")
     # Beside the CSV or manifest, or inside the parquet directory or the chosen folder.
     beside = config.csv or config.pairs or (config.pairs_dirs or "").split(",")[0] or None
     if not (beside or config.cache) and local_parquet_files(config.data) is None:
@@ -189,4 +239,4 @@ def main(argv: list[str] | None = None) -> CacheStats:
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main)  # a user error (a flag, the data, a cache of another build): one line

@@ -140,6 +140,36 @@ def test_a_resolution_the_patches_do_not_divide_is_refused(tiny_flux_dir):
         load_components(config, False, torch.float32, torch.device("cpu"))
 
 
+def test_the_resolution_check_reads_the_loaded_vae_and_transformer(tiny_sd3_dir, tmp_path):
+    """After the models load: the tiny SD3's VAE downsamples 8x and its transformer takes 2x2
+    patches, so 40 px (5 x 5 latents) is refused in one line; with a VAE of one level fewer
+    (4x) 40 px is 10 x 10 latents of whole patches, and loads and runs."""
+    import shutil
+
+    from diffusers import AutoencoderKL
+
+    from common.cli import UsageError
+
+    config = parse_config(["--pretrained_model", str(tiny_sd3_dir), "--resolution", "40", *UNREAD])
+    with pytest.raises(UsageError, match=r"^--resolution 40: sd3 needs a multiple of 16 \(the "
+                       r"VAE downsamples 8x, the transformer takes 2x2 latent patches\); try "
+                       r"--resolution 32$"):  # fmt: skip
+        load_components(config, False, torch.float32, torch.device("cpu"))
+    variant = tmp_path / "sd3-vae-4x"
+    shutil.copytree(tiny_sd3_dir, variant)
+    vae = dict(AutoencoderKL.load_config(tiny_sd3_dir, subfolder="vae"))
+    fewer = {k: vae[k][:-1] for k in ("block_out_channels", "down_block_types", "up_block_types")}
+    shutil.rmtree(variant / "vae")
+    AutoencoderKL.from_config({**vae, **fewer}).save_pretrained(variant / "vae")
+    config = parse_config(["--pretrained_model", str(variant), "--resolution", "40", *UNREAD])
+    models = load_components(config, False, torch.float32, torch.device("cpu"))
+    latents = torch.randn(1, 16, 10, 10)
+    cond = models.family.condition(["a red circle"], [(40, 40)], [(0, 0)])
+    with torch.no_grad():
+        out = models.family.forward(models.policy, latents, torch.tensor([500.0]), cond)
+    assert out.shape == latents.shape
+
+
 def test_sd3_text_features_equal_the_pipelines_prompt_encoding(sd3, tiny_sd3_dir):
     pipe = StableDiffusion3Pipeline.from_pretrained(tiny_sd3_dir)
     captions = ["a red circle on a gray background", ""]

@@ -11,6 +11,7 @@ put in place of ``--reward``'s through ``train.build_reward``. The reward test u
 
 import json
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -272,6 +273,84 @@ def test_nft_trains_against_an_old_policy_that_follows_its_decay(
         base = base_params(model)
         for name, param in run.models.reference.named_parameters():
             assert torch.equal(param, base[name])
+
+
+# --------------------------------------------------------------------------- step metrics
+
+
+def test_extremes_are_reduced_by_min_and_max_the_rest_averaged():
+    """Two micro-batches: a ``_min`` / ``_max`` metric is the extreme over both (nan, a value
+    absent from a micro-batch, left out), every other metric their mean."""
+    from accelerate import Accelerator
+
+    micro_metrics = [
+        {"loss": 1.0, "online/ratio_min": 0.9, "online/ratio_max": 1.2, "x_min": math.nan},
+        {"loss": 3.0, "online/ratio_min": 0.8, "online/ratio_max": 1.1, "x_min": 0.5},
+    ]
+    logs = train.reduce_metrics(Accelerator(cpu=True), micro_metrics)
+    assert logs == {"loss": 2.0, "online/ratio_min": 0.8, "online/ratio_max": 1.2, "x_min": 0.5}
+
+
+def test_ratio_extremes_span_the_steps_micro_batches_and_times_split_the_step(
+    tiny_sd15_dir, brightness, prompt_file, tmp_path
+):
+    """Accumulation 2 over a collection of 4 micro-batches: the 2nd optimizer step trains on
+    micro-batches sampled before the 1st update, so its ratios leave 1; its logged min / max are
+    the extremes of exp(new - stored log-prob) over both micro-batches and every trained step,
+    recomputed here by hand. The 1st step collects (time/collect > 0), the 2nd does not (0)."""
+    args = online_args(tiny_sd15_dir, prompt_file, tmp_path / "out", "grpo", "--train_batch_size",
+                       "1", "--gradient_accumulation_steps", "2", "--collect_batches", "4",
+                       "--kl_coef", "0")  # fmt: skip
+    run = setup_run(args)
+    online, group = run.online, run.config.group_size
+    for step in range(2):
+        if step == 1:  # the policy's ratios on the step's two micro-batches, before it trains
+            collection = online.current
+            sampler = online.collection_sampler(collection)
+            ratios = []
+            for index in collection.order[collection.cursor : collection.cursor + 2]:
+                record = collection.batches[index]
+                cond, uncond = online.condition(record.prompts, group)
+                for s, i in enumerate(sampler.trained_steps):
+                    with torch.no_grad():
+                        out = step_log_prob(run.policy, run.models.family.forward, sampler, i,
+                                            record.x_t[s], record.x_next[s], cond, uncond,
+                                            run.accelerator.autocast)  # fmt: skip
+                    ratios.append(torch.exp(out.log_prob - record.log_probs[s]))
+            by_hand = torch.stack(ratios)  # [2 micro-batches x 2 trained steps, 3 images]
+        micro_metrics, _, grad_norm = train.online_gradients(run)
+        train.optimizer_step(run.accelerator, run.optimizer, run.lr_scheduler,
+                             [m["loss"] for m in micro_metrics], grad_norm)  # fmt: skip
+        timed = online.timed(micro_metrics, 100.0)
+        logs = train.reduce_metrics(run.accelerator, timed)
+        if step == 0:
+            assert logs["online/ratio_min"] == logs["online/ratio_max"] == 1.0
+            assert (
+                0 < logs["time/collect"] < 100 and logs["time/update"] == 100 - logs["time/collect"]
+            )
+    assert logs["time/collect"] == 0.0 and logs["time/update"] == 100.0  # no collection
+    per_micro = [(m["online/ratio_min"], m["online/ratio_max"]) for m in micro_metrics]
+    assert per_micro[0] != per_micro[1]  # an average of the two would not be an extreme
+    assert logs["online/ratio_min"] == min(low for low, _ in per_micro)
+    assert logs["online/ratio_max"] == max(high for _, high in per_micro)
+    assert logs["online/ratio_min"] == pytest.approx(by_hand.min().item(), rel=1e-6)
+    assert logs["online/ratio_max"] == pytest.approx(by_hand.max().item(), rel=1e-6)
+    assert (by_hand != 1).all()  # the 1st update moved the policy off the sampling one
+
+
+def test_the_run_logs_its_collect_and_update_seconds(tiny_sd15_dir, brightness, prompt_file,
+                                                     tmp_path):  # fmt: skip
+    """train.main: per optimizer step the seconds sampling and scoring, and the rest of the
+    step; one collection serves two steps (--collect_batches 2), so the second collects 0 s."""
+    args = online_args(tiny_sd15_dir, prompt_file, tmp_path / "out", "grpo", "--collect_batches",
+                       "2", "--train_batch_size", "1")  # fmt: skip
+    started = time.perf_counter()
+    first, second = train.main(args).history
+    elapsed = time.perf_counter() - started
+    assert first["time/collect"] > 0 and second["time/collect"] == 0.0
+    assert first["time/update"] > 0 and second["time/update"] > 0
+    total = first["time/collect"] + first["time/update"] + second["time/update"]
+    assert total < elapsed
 
 
 # --------------------------------------------------------------------------- resume, processes

@@ -5,7 +5,13 @@ from diffusers.optimization import get_scheduler
 from torch.utils.data import DataLoader, IterableDataset
 
 from data.batches import collate_images, collate_pairs
-from data.cache import CachedImageTransform, cache_identity, check_manifest
+from data.cache import (
+    CachedImageTransform,
+    cache_identity,
+    check_manifest,
+    check_prompt_cache,
+    text_cache_identity,
+)
 from data.columns import parse_columns
 from data.examples import PairOptions
 from data.kto_csv import LabeledImages, parse_split_labels
@@ -25,11 +31,16 @@ def build_dataset(config: TrainConfig, spec: LossSpec, rank: int, world_size: in
     """Pairs for pairwise losses; labelled images (the CSV, or the chosen half of pairs) otherwise.
 
     Validates the data at start-up: a bad path, column or label stops the run here. Online
-    losses read prompts (``--prompts``) instead."""
+    losses read prompts (``--prompts``) instead, and a ``--cache`` is checked to hold their text
+    features."""
     if spec.online is not None:
         table = load_prompts(config.prompts)
         if rank == 0:
             report_bad_lines(table)
+        if config.cache:  # the prompts' text features (build_cache.py --prompts), checked now
+            identity = text_cache_identity(config.pretrained_model, config.revision,
+                                           config.variant)  # fmt: skip
+            check_prompt_cache(config.cache, identity, table, config.guidance_scale != 1.0)
         return PromptStream(table, config.seed, rank, world_size, config.dataloader_num_workers)
     if config.cache:  # cached posterior moments stand in for pixels (data/cache.py)
         identity = cache_identity(config.pretrained_model, config.pretrained_vae,

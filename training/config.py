@@ -225,7 +225,8 @@ class _Settings:
     )
     cache: str | None = unset(
         "latent/text cache from scripts/build_cache.py: train without loading the VAE or text "
-        "encoders (needs centre crop)",
+        "encoders (needs centre crop); online losses: the --prompts' text features "
+        "(build_cache.py --prompts FILE), the VAE still loads to decode samples",
     )
     resolution: int | None = arg(
         None,
@@ -446,7 +447,7 @@ class _Settings:
             problems.append(f"--prompts {self.prompts}: no such file")
         if not (self.reward or self.reward_url):
             problems.append(f"{name} needs --reward NAME[=PATH] (repeatable) or --reward_url")
-        for flag in ("csv", "pairs", "pairs_dirs", "cache"):
+        for flag in ("csv", "pairs", "pairs_dirs"):
             if getattr(self, flag):
                 problems.append(f"{name} samples its own images: drop --{flag}")
         steps = self.sampling_steps

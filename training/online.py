@@ -25,6 +25,10 @@ ones exactly in fp32 (``online/ratio_at_first_step`` = 1).
   NFT loss against the old policy, which samples the next collection and is soft-updated before
   it (``nft_old_decay``). Under LoRA the old policy is a copy of the adapter weights only.
 
+With ``--cache`` (``scripts/build_cache.py --prompts``) the prompts' text features are read from
+the cache and the text encoders never load; the VAE still decodes the samples for the reward.
+Each optimizer step logs its wall time split into ``time/collect`` and ``time/update``.
+
 Randomness derives from ``(seed, stream, prompt draw, member, ...)`` only (``sample_generator``):
 a sample is independent of its batch, its process and of resuming. A checkpoint holds the
 collection in progress (per process) and the old policy, so a run resumed between two optimizer
@@ -36,6 +40,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -64,6 +69,7 @@ from evaluation.rewards import Reward, RewardScores, ScorerReward, reward_stats
 from losses import get_spec
 from losses.common import LossFn
 from losses.online import group_advantages, nft_old_decay
+from models.configs import vae_scale_factor
 from training.config import TrainConfig
 
 logger = logging.getLogger("prefdiff")
@@ -234,13 +240,13 @@ class OnlineTrainer:
         family, process = models.family, models.noise_scheduler
         self.schedule = family.sampling_schedule(process, config.sampling_steps, config.sde_type)
         build_sampler(config, self.schedule, self.kind, 0)  # a bad setting fails at start-up
-        vae = models.latent_encoder.vae
-        factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        side = config.resolution // factor
-        self.latent_shape = (vae.config.latent_channels, side, side)
+        vae_config = models.latent_encoder.config
+        side = config.resolution // vae_scale_factor(vae_config)
+        self.latent_shape = (vae_config["latent_channels"], side, side)
         self.batches_per_collection = config.collect_batches or config.gradient_accumulation_steps
         self.collections = 0
         self.current: Collection | None = None
+        self.collect_seconds = 0.0  # of the optimizer step in progress (``timed``)
         trainable = [p for p in models.policy.parameters() if p.requires_grad]
         self.old = OldPolicy(trainable) if self.kind == ENDPOINT else None
         self.register_checkpoint_hooks()
@@ -366,9 +372,12 @@ class OnlineTrainer:
         is used up) -> their metrics; gradients are synchronised at the last backward."""
         accumulation = self.config.gradient_accumulation_steps
         micro_metrics = []
+        self.collect_seconds = 0.0
         for m in range(accumulation):
             if self.current is None or self.current.exhausted:
+                started = time.perf_counter()
                 self.collect(batches, state)
+                self.collect_seconds += time.perf_counter() - started
             collection = self.current
             first_step = collection.cursor < accumulation
             record = collection.batches[collection.order[collection.cursor]]
@@ -382,6 +391,17 @@ class OnlineTrainer:
                 metrics = self.nft_micro_batch(record, epoch, last, state.global_step)
             micro_metrics.append({**metrics, **collection.metrics})
         return micro_metrics
+
+    def timed(
+        self, micro_metrics: list[dict[str, float]], seconds: float
+    ) -> list[dict[str, float]]:
+        """The step's metrics with its wall time (``seconds``: accumulation to the optimizer
+        step's end) split into ``time/collect`` (sampling, decoding, scoring, advantages) and
+        ``time/update`` (the rest: forwards, backwards, clipping, the optimizer step). Step
+        totals, repeated in every micro-batch's metrics so that their average is the total."""
+        timing = {"time/collect": self.collect_seconds,
+                  "time/update": seconds - self.collect_seconds}  # fmt: skip
+        return [{**metrics, **timing} for metrics in micro_metrics]
 
     def collection_sampler(self, collection: Collection) -> Sampler:
         return build_sampler(self.config, self.schedule, self.kind, collection.index)
@@ -425,6 +445,8 @@ class OnlineTrainer:
         return {
             "loss": totals.pop("loss"),
             **{f"online/{name}": value for name, value in totals.items()},
+            # Extremes over this micro-batch's samples and trained steps; train.reduce_metrics
+            # takes the min / max of them over the step's micro-batches and the processes.
             "online/ratio_min": ratio.min().item(),
             "online/ratio_max": ratio.max().item(),
             # Before the collection's first update every ratio must be exactly 1 (fp32).

@@ -2,11 +2,11 @@
 
 At step 0, every ``--validation_steps`` optimizer steps and at the end, the main process builds
 the family's pipeline around the live policy (the training run's own VAE and text encoders, or,
-with ``--cache``, ones loaded once for this), samples every validation prompt with
-``--validation_images`` seeds and writes the labelled grid to ``OUTPUT_DIR/validation/
-step-<N>.png`` (and ``step-<N>.json``: prompts, seeds, scores), to TensorBoard's image panel and
-to wandb. With ``--validation_scorer`` the images are scored by any registered scorer and the
-mean is logged as ``validation/<scorer>``.
+with ``--cache``, the ones the cache stands in for, loaded once for this), samples every
+validation prompt with ``--validation_images`` seeds and writes the labelled grid to
+``OUTPUT_DIR/validation/step-<N>.png`` (and ``step-<N>.json``: prompts, seeds, scores), to
+TensorBoard's image panel and to wandb. With ``--validation_scorer`` the images are scored by
+any registered scorer and the mean is logged as ``validation/<scorer>``.
 
 Validation never changes training: the images come from private generators (as in
 generate.py), the global RNG is forked around sampling, the policy is put back in train mode,
@@ -83,19 +83,21 @@ class Validator:
         return [generation.prompt_seeds(i, images, distinct=True) for i in range(len(self.prompts))]
 
     def frozen_parts(self) -> dict[str, Any]:
-        """The pipeline's VAE, tokenizers and text encoders: the run's own, or (with --cache,
-        which loads none) loaded once here in the compute dtype."""
+        """The pipeline's VAE, tokenizers and text encoders: the run's own, or those a --cache
+        stands in for (all of them offline; the text encoders online) loaded once here in the
+        compute dtype."""
         if self._frozen is None:
             from diffusion.denoising import VaeEncoder
             from models.loading import load_family, load_vae
 
             family, encoder = self.models.family, self.models.latent_encoder
             device = self.accelerator.device
-            if not isinstance(encoder, VaeEncoder) or not family.text_encoders:
+            if not family.text_encoders:
                 family = load_family(self.config, type(family), self.dtype, device)
-                vae = load_vae(self.config, self.dtype, device)
-            else:
+            if isinstance(encoder, VaeEncoder):
                 vae = encoder.vae
+            else:
+                vae = load_vae(self.config, self.dtype, device)
             parts: dict[str, Any] = {"vae": vae}
             for (tok, enc), tokenizer, text_encoder in zip(
                 family.text_subfolders, family.tokenizers, family.text_encoders, strict=True
