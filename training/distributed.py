@@ -2,16 +2,23 @@
 
 - ``configure_backend``: before ``accelerator.prepare``, make train.py's flags the ones that hold
   (accumulation, clipping, micro-batch size) whatever ``accelerate launch`` exported, and refuse
-  combinations that cannot work (LoRA under FSDP).
+  combinations that cannot work (LoRA under FSDP; NFT under ZeRO-3 or FSDP version 2).
 - ``deepspeed_step_outcome``: under DeepSpeed the engine steps inside ``accelerator.backward``;
   its own signals say whether that step was applied and what the gradient norm was.
 - ``fp32_state_dict``: the trainable weights as fp32 masters (ZeRO keeps them in its optimizer;
   the module it runs holds half-precision copies).
 - ``forward_casts``: what the backend does to the policy's weights and inputs in its forward,
   which the frozen reference must copy to compute the same at step 0.
+- ``gradient_sync``: a backward that reduces gradients across processes (and lets DeepSpeed's
+  engine step) or one that only accumulates, for loops that backpropagate several times per
+  optimizer step outside ``accelerator.accumulate`` (the online trainer).
+- ``fsdp_flat_params`` / ``drop_gathered_params``: FSDP's local shards, for code that writes
+  weights itself (NFT's old policy).
 """
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +27,7 @@ from accelerate import Accelerator
 from accelerate.utils import DeepSpeedPlugin, DistributedType
 
 from common.cli import UsageError
+from losses import get_spec
 from models.precision import ForwardCasts
 from training.config import TrainConfig
 
@@ -66,18 +74,41 @@ def configure_deepspeed(plugin: DeepSpeedPlugin, config: TrainConfig, num_proces
     plugin.gradient_clipping = float(config.max_grad_norm)
 
 
-def check_backend(backend: DistributedType, config: TrainConfig) -> None:
+def check_backend(
+    backend: DistributedType,
+    config: TrainConfig,
+    zero_stage: int | None = None,
+    fsdp_version: int | None = None,
+) -> None:
     """Refuse what the launch backend cannot do, before any model loads."""
     if backend == DistributedType.FSDP and config.lora_rank:
         raise LaunchConfigError(
             "--lora_rank is not supported under FSDP (its sharded parameters and the adapters' "
             "frozen base do not mix): launch LoRA with configs/multi_gpu.yaml (DDP) or DeepSpeed"
         )
+    # NFT's old policy is put into the parameters each process holds: whole tensors (DDP,
+    # ZeRO-1/2) or FSDP version 1's flat shards. ZeRO-3 partitions parameters and FSDP version
+    # 2 gathers from buffers of its own: there the old policy would silently be the policy.
+    if get_spec(config.loss).online != "endpoint":
+        return
+    if backend == DistributedType.DEEPSPEED and zero_stage == 3:
+        raise LaunchConfigError(
+            "--loss nft does not run under DeepSpeed ZeRO-3 (its old policy needs whole "
+            "parameters): use ZeRO-2 (configs/deepspeed_zero2.yaml), FSDP or DDP"
+        )
+    if backend == DistributedType.FSDP and fsdp_version == 2:
+        raise LaunchConfigError(
+            "--loss nft does not run under FSDP version 2 (its old policy writes version 1's "
+            "flat shards): use fsdp_version 1 as in configs/fsdp.yaml"
+        )
 
 
 def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
     """Call right after building the Accelerator, before ``prepare``."""
-    check_backend(accelerator.distributed_type, config)
+    plugin = accelerator.state.deepspeed_plugin
+    check_backend(accelerator.distributed_type, config,
+                  zero_stage=None if plugin is None else plugin.zero_stage,
+                  fsdp_version=2 if accelerator.is_fsdp2 else 1)  # fmt: skip
     # `accelerate launch` exports ACCELERATE_GRADIENT_ACCUMULATION_STEPS (from its flag or the
     # yaml), which overrides the Accelerator's argument; the loop counts micro-batches with
     # config.gradient_accumulation_steps, so that value must be accelerate's too.
@@ -89,7 +120,6 @@ def configure_backend(accelerator: Accelerator, config: TrainConfig) -> None:
             config.gradient_accumulation_steps,
         )
         accelerator.gradient_accumulation_steps = config.gradient_accumulation_steps
-    plugin = accelerator.state.deepspeed_plugin
     if plugin is not None:
         configure_deepspeed(plugin, config, accelerator.num_processes)
 
@@ -153,3 +183,45 @@ def fp32_state_dict(accelerator: Accelerator, model: Any) -> dict[str, torch.Ten
     for name, buffer in module.named_buffers():
         state[name] = buffer.detach().cpu()
     return state if accelerator.is_main_process else None
+
+
+@contextmanager
+def gradient_sync(accelerator: Accelerator, model: Any, sync: bool) -> Iterator[None]:
+    """Around one ``accelerator.backward``: with ``sync``, gradients are reduced across processes
+    and, under DeepSpeed, the engine clips and steps (the optimizer step's last backward);
+    without, they only accumulate (DDP / FSDP ``no_sync``; DeepSpeed: no accumulation boundary,
+    which accelerate passes on from ``sync_gradients``). The engine steps at the boundary it is
+    told, not after a count of micro-steps, so any number of backwards may make one step; it
+    scales each loss by 1 / ``gradient_accumulation_steps`` as accelerate does elsewhere."""
+    accelerator.sync_gradients = sync
+    try:
+        with nullcontext() if sync else accelerator.no_sync(model):
+            yield
+    finally:
+        accelerator.sync_gradients = True  # outside accumulate(), accelerate's default
+
+
+def fsdp_flat_params(model: Any) -> list[torch.nn.Parameter] | None:
+    """The trainable flat parameters of an FSDP (version 1) module, each this process's local
+    shard outside a forward (with ``use_orig_params`` the original parameters are views into
+    them); None for any other module."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    if not isinstance(model, FullyShardedDataParallel):
+        return None
+    handles = [unit._handle for unit in FullyShardedDataParallel.fsdp_modules(model)]
+    return [h.flat_param for h in handles if h is not None and h.flat_param.requires_grad]
+
+
+def drop_gathered_params(model: Any) -> None:
+    """After writing FSDP (version 1) shards in place: free the full parameters FSDP keeps
+    gathered after a forward without backward (the root's always; every unit's under
+    SHARD_GRAD_OP), which its next forward would otherwise reuse without gathering the new
+    values. Outside any forward and backward only."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    for unit in FullyShardedDataParallel.fsdp_modules(model):
+        handle = unit._handle
+        if handle is not None and handle.uses_sharded_strategy:
+            handle.reshard(True)
+            handle.post_reshard()

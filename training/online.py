@@ -13,9 +13,10 @@ Then the trainer consumes the collection's micro-batches (``inner_epochs`` passe
 seeded order), ``gradient_accumulation_steps`` per optimizer step: the loss of every trained
 step of a micro-batch is backpropagated on its own (activations freed step by step), scaled by
 1 / trained steps (accelerate scales by 1 / accumulation), with gradients synchronised only at
-the last backward of an optimizer step. Sampling and training use the same micro-batches, so the
-recomputed log-probabilities of the first optimizer step after a collection equal the stored
-ones exactly in fp32 (``online/ratio_at_first_step`` = 1).
+the last backward of an optimizer step, the only one DeepSpeed's engine takes as the boundary
+at which it steps (``training.distributed.gradient_sync``). Sampling and training use the same
+micro-batches, so the recomputed log-probabilities of the first optimizer step after a
+collection equal the stored ones exactly in fp32 (``online/ratio_at_first_step`` = 1).
 
 - GRPO (``trajectory`` collection; Flow-GRPO / DDPO): per stored step, the policy's log-prob of
   the stored next latent, the clipped ratio objective, and the KL of the step's mean to the
@@ -23,7 +24,8 @@ ones exactly in fp32 (``online/ratio_at_first_step`` = 1).
 - NFT (``endpoint`` collection; DiffusionNFT): only the clean latents and advantages are kept;
   per sample a seeded permutation of the sampler's timesteps, fresh noise per trained step, the
   NFT loss against the old policy, which samples the next collection and is soft-updated before
-  it (``nft_old_decay``). Under LoRA the old policy is a copy of the adapter weights only.
+  it (``nft_old_decay``). Under LoRA the old policy is a copy of the adapter weights only; under
+  FSDP of this process's flat shards (``OldPolicy``).
 
 With ``--cache`` (``scripts/build_cache.py --prompts``) the prompts' text features are read from
 the cache and the text encoders never load; the VAE still decodes the samples for the reward.
@@ -50,7 +52,6 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType
 from safetensors.torch import load_file, save_file
 
 from common.cli import UsageError
@@ -71,6 +72,7 @@ from losses.common import LossFn
 from losses.online import group_advantages, nft_old_decay
 from models.configs import vae_scale_factor
 from training.config import TrainConfig
+from training.distributed import drop_gathered_params, fsdp_flat_params, gradient_sync
 
 logger = logging.getLogger("prefdiff")
 
@@ -81,6 +83,7 @@ INIT_NOISE, SDE_NOISE, NFT_NOISE, WINDOW, ORDER = 1, 2, 3, 4, 5
 ADVANTAGE_EPS = 1e-4
 STATE_DIR = "online"  # inside a checkpoint: the collection in progress and the old policy
 OLD_POLICY_FILE = "old_policy.safetensors"
+OLD_POLICY_SHARD = "old_policy-rank-{rank}.safetensors"  # under FSDP: each process's shards
 
 
 def trained_count(num_steps: int, fraction: float) -> int:
@@ -165,25 +168,46 @@ class Collection:
 
 
 class OldPolicy:
-    """DiffusionNFT's old policy: a copy of the trainable weights (the LoRA adapters, or the
-    whole denoiser), swapped into the policy's parameters for its forwards."""
+    """DiffusionNFT's old policy: an fp32 copy of the trainable weights this process holds (the
+    LoRA adapters or the whole denoiser; under FSDP the local shards of its flat parameters),
+    put in the policy's place for its forwards and soft-updated elementwise."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
-        self.weights = [p.detach().clone() for p in params]
+    def __init__(self, policy: torch.nn.Module, module: torch.nn.Module):
+        """``policy`` as prepared by accelerate, ``module`` the denoiser inside it."""
+        flat = fsdp_flat_params(policy)
+        self.policy, self.sharded = policy, flat is not None
+        self.params = flat if flat is not None else [p for p in module.parameters()
+                                                     if p.requires_grad]  # fmt: skip
+        # fp32 whatever the parameters hold (DeepSpeed's engine: bf16 / fp16 copies), so that
+        # soft updates with a decay near 1 are not rounded away.
+        self.weights = [p.detach().float().clone() for p in self.params]
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        """Inside: the policy's trainable parameters hold the old weights (no autograd graph
-        may be open on them: call before the policy's own forward)."""
+        """Inside: the policy computes with the old weights (no autograd graph may be open on
+        its parameters: call before the policy's own forward)."""
+        if self.sharded:  # FSDP gathers from shards it holds pointers to: write them in place
+            current = [p.detach().clone() for p in self.params]
+            self.copy_into(self.weights)
+            try:
+                yield
+            finally:
+                self.copy_into(current)
+            return
         current = [p.data for p in self.params]
         for param, old in zip(self.params, self.weights, strict=True):
-            param.data = old
+            param.data = old.to(param.dtype)
         try:
             yield
         finally:
             for param, data in zip(self.params, current, strict=True):
                 param.data = data
+
+    @torch.no_grad()
+    def copy_into(self, values: list[torch.Tensor]) -> None:
+        for param, value in zip(self.params, values, strict=True):
+            param.copy_(value)
+        drop_gathered_params(self.policy)
 
     @torch.no_grad()
     def soft_update(self, decay: float) -> None:
@@ -206,20 +230,6 @@ def build_reward(config: TrainConfig, device: torch.device, prompts: list[str]) 
     return reward
 
 
-def check_backend(accelerator: Accelerator, kind: str) -> None:
-    """The online loop backpropagates each trained step on its own and syncs gradients by hand
-    (``no_sync``): DeepSpeed's engine, which steps inside backward, cannot run it; NFT swaps the
-    old policy's weights into the parameters, which FSDP's flat shards do not allow."""
-    backend = accelerator.distributed_type
-    if backend == DistributedType.DEEPSPEED or (
-        kind == ENDPOINT and backend == DistributedType.FSDP
-    ):
-        raise UsageError(
-            f"the online losses do not run under {backend.value} yet: launch with DDP "
-            "(configs/multi_gpu.yaml)"
-        )
-
-
 class OnlineTrainer:
     """Collects and trains; ``accumulate`` is the online counterpart of train.py's
     ``accumulate_gradients`` (one optimizer step's micro-batches)."""
@@ -236,7 +246,6 @@ class OnlineTrainer:
         self.config, self.accelerator, self.models = config, accelerator, models
         self.policy, self.loss_fn, self.reward = policy, loss_fn, reward
         self.kind = get_spec(config.loss).online
-        check_backend(accelerator, self.kind)
         family, process = models.family, models.noise_scheduler
         self.schedule = family.sampling_schedule(process, config.sampling_steps, config.sde_type)
         build_sampler(config, self.schedule, self.kind, 0)  # a bad setting fails at start-up
@@ -247,8 +256,7 @@ class OnlineTrainer:
         self.collections = 0
         self.current: Collection | None = None
         self.collect_seconds = 0.0  # of the optimizer step in progress (``timed``)
-        trainable = [p for p in models.policy.parameters() if p.requires_grad]
-        self.old = OldPolicy(trainable) if self.kind == ENDPOINT else None
+        self.old = OldPolicy(policy, models.policy) if self.kind == ENDPOINT else None
         self.register_checkpoint_hooks()
 
     def describe(self) -> list[str]:
@@ -407,7 +415,7 @@ class OnlineTrainer:
         return build_sampler(self.config, self.schedule, self.kind, collection.index)
 
     def sync_context(self, last_backward: bool):
-        return nullcontext() if last_backward else self.accelerator.no_sync(self.policy)
+        return gradient_sync(self.accelerator, self.policy, last_backward)
 
     def grpo_micro_batch(
         self, record: Collected, sampler: Sampler, last: bool, first_step: bool
@@ -503,8 +511,15 @@ class OnlineTrainer:
         folder = Path(directory) / STATE_DIR
         return folder / f"rank-{rank}.json", folder / f"rank-{rank}.safetensors"
 
+    def old_policy_name(self) -> str:
+        """The old policy's file: one, saved by the main process, or under FSDP one per process
+        (each holds its own shards)."""
+        if self.old is not None and self.old.sharded:
+            return OLD_POLICY_SHARD.format(rank=self.accelerator.process_index)
+        return OLD_POLICY_FILE
+
     def save(self, directory: Path) -> None:
-        """This process's collection in progress (and, from the main process, the old policy)."""
+        """This process's collection in progress (and the old policy: ``old_policy_name``)."""
         info_path, tensor_path = self.state_files(directory)
         info_path.parent.mkdir(parents=True, exist_ok=True)
         info: dict[str, Any] = {"collections": self.collections, "collection": None}
@@ -526,9 +541,10 @@ class OnlineTrainer:
                 ],
             }
         info_path.write_text(json.dumps(info) + "\n")
-        if self.old is not None and self.accelerator.is_main_process:
-            weights = {str(i): w.contiguous().cpu() for i, w in enumerate(self.old.weights)}
-            save_file(weights, str(info_path.parent / OLD_POLICY_FILE))
+        old = self.old
+        if old is not None and (old.sharded or self.accelerator.is_main_process):
+            weights = {str(i): w.contiguous().cpu() for i, w in enumerate(old.weights)}
+            save_file(weights, str(info_path.parent / self.old_policy_name()))
 
     def load(self, directory: Path) -> None:
         info_path, tensor_path = self.state_files(directory)
@@ -544,7 +560,7 @@ class OnlineTrainer:
             ]
             self.current = Collection(batches=batches, **saved)
         if self.old is not None:
-            weights = load_file(str(info_path.parent / OLD_POLICY_FILE))
+            weights = load_file(str(info_path.parent / self.old_policy_name()))
             for i, old in enumerate(self.old.weights):
                 old.copy_(weights[str(i)])
 
