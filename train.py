@@ -51,7 +51,7 @@ from training.distributed import (
     forward_casts,
 )
 from training.model_card import data_source, label_text, write_model_card
-from training.online import OnlineTrainer, build_reward
+from training.online import SAMPLES_FILE, OnlineTrainer, build_reward
 from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
@@ -310,6 +310,8 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
                 models.family.denoiser_class)  # fmt: skip
     if accelerator.is_main_process:  # one run per metrics file: a resumed run keeps its past
         startup.start_metrics(output_dir / METRICS_FILE, state.global_step)
+        if online is not None:  # the same rule for its per-image log
+            startup.start_metrics(output_dir / SAMPLES_FILE, state.global_step)
     validator = Validator.build(config, models, accelerator, weight_dtype)
     run = Run(config, accelerator, models, policy, optimizer, lr_scheduler, loss_fn, needs,
               dataset, batches, state, run_info, output_dir, validator, online=online)  # fmt: skip

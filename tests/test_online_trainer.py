@@ -27,7 +27,7 @@ from tests.support import one_thread_per_rank, reset_accelerate
 from tests.test_rewards import TOY_REWARDS, server_url  # noqa: F401  (its fixture: a server)
 from training import startup
 from training.config import TrainConfig, parse_config
-from training.online import OLD_POLICY_FILE, STATE_DIR, build_sampler
+from training.online import OLD_POLICY_FILE, SAMPLES_FILE, STATE_DIR, build_sampler
 
 PROMPTS = [
     "a red circle on a white background",
@@ -351,6 +351,37 @@ def test_the_run_logs_its_collect_and_update_seconds(tiny_sd15_dir, brightness, 
     assert first["time/update"] > 0 and second["time/update"] > 0
     total = first["time/collect"] + first["time/update"] + second["time/update"]
     assert total < elapsed
+
+
+def test_every_scored_image_is_logged_with_its_components_and_advantage(
+    tiny_sd15_dir, prompt_file, tmp_path
+):
+    """online_samples.jsonl: a row per scored image with its prompt, group, each reward
+    component, the weighted total and the advantage, which the logged rewards reproduce by
+    hand; a run resumed from step 1 keeps step 1's rows and rewrites step 2's identically."""
+    # online_args scores with toy_warm; toy_colour joins it at weight 0.5
+    rewards = ("--reward", "toy_colour", "--reward_weights", "1,0.5", "--advantage_std", "group")
+    out = tmp_path / "out"
+    train.main(online_args(tiny_sd15_dir, prompt_file, out, "grpo", *rewards,
+                           "--checkpointing_steps", "1"))  # fmt: skip
+    lines = (out / SAMPLES_FILE).read_text().splitlines()
+    rows = [json.loads(line) for line in lines]
+    assert len(rows) == 2 * 2 * 3  # 2 steps x 2 prompts x 3 images
+    assert [r["step"] for r in rows] == [1] * 6 + [2] * 6
+    for r in rows:
+        assert r["prompt"] in PROMPTS and set(r) >= {"toy_warm", "toy_colour", "group"}
+        assert r["reward"] == pytest.approx(r["toy_warm"] + 0.5 * r["toy_colour"], abs=1e-6)
+    for step in (1, 2):
+        for group in {r["group"] for r in rows if r["step"] == step}:
+            members = [r for r in rows if r["step"] == step and r["group"] == group]
+            assert len({r["prompt"] for r in members}) == 1 and len(members) == 3
+            values = np.array([r["reward"] for r in members])
+            expected = (values - values.mean()) / (values.std() + 1e-4)
+            assert [r["advantage"] for r in members] == pytest.approx(expected.tolist(), abs=1e-5)
+    reset_accelerate()
+    train.main(online_args(tiny_sd15_dir, prompt_file, out, "grpo", *rewards,
+                           "--resume_from_checkpoint", str(out / "checkpoint-1")))  # fmt: skip
+    assert (out / SAMPLES_FILE).read_text().splitlines() == lines
 
 
 # --------------------------------------------------------------------------- resume, processes

@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 
 from common.cli import UsageError
@@ -83,6 +84,7 @@ INIT_NOISE, SDE_NOISE, NFT_NOISE, WINDOW, ORDER = 1, 2, 3, 4, 5
 ADVANTAGE_EPS = 1e-4
 STATE_DIR = "online"  # inside a checkpoint: the collection in progress and the old policy
 OLD_POLICY_FILE = "old_policy.safetensors"
+SAMPLES_FILE = "online_samples.jsonl"  # in the output dir: one line per scored image
 OLD_POLICY_SHARD = "old_policy-rank-{rank}.safetensors"  # under FSDP: each process's shards
 
 
@@ -230,6 +232,27 @@ def build_reward(config: TrainConfig, device: torch.device, prompts: list[str]) 
     return reward
 
 
+def log_samples(
+    path: Path,
+    step: int,
+    collection: int,
+    prompts: list[str],
+    group_ids: torch.Tensor,
+    rewards: torch.Tensor,
+    components: dict[str, torch.Tensor],
+    advantages: torch.Tensor,
+) -> None:
+    """One JSON line per scored image (every process's, in rank order): its prompt and group,
+    each reward component, the combined reward and the advantage it is trained with."""
+    with open(path, "a") as f:
+        for i, prompt in enumerate(prompts):
+            row = {"step": step, "collection": collection, "prompt": prompt,
+                   "group": int(group_ids[i]), "reward": float(rewards[i]),
+                   **{name: float(v[i]) for name, v in components.items()},
+                   "advantage": float(advantages[i])}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
 class OnlineTrainer:
     """Collects and trains; ``accumulate`` is the online counterpart of train.py's
     ``accumulate_gradients`` (one optimizer step's micro-batches)."""
@@ -341,7 +364,7 @@ class OnlineTrainer:
             record, score = self.sample(batch, sampler)
             records.append(record)
             scores.append(score)
-        metrics = self.normalise(records, scores)
+        metrics = self.normalise(records, scores, state.global_step + 1)
         rng = np.random.default_rng([config.seed, ORDER, self.collections,
                                      self.accelerator.process_index])  # fmt: skip
         order = [int(i) for _ in range(config.inner_epochs)
@@ -349,9 +372,12 @@ class OnlineTrainer:
         self.current = Collection(self.collections, records, order, 0, metrics)
         self.collections += 1
 
-    def normalise(self, records: list[Collected], scores: list[RewardScores]) -> dict[str, float]:
+    def normalise(
+        self, records: list[Collected], scores: list[RewardScores], step: int
+    ) -> dict[str, float]:
         """Group advantages over the rewards of every process (gathered in rank order) and the
-        step's reward statistics."""
+        step's reward statistics; the main process appends every image's scores to
+        ``SAMPLES_FILE`` under ``step``, the optimizer step the collection first feeds."""
         accelerator = self.accelerator
         device = accelerator.device
         local = torch.cat([r.rewards for r in records]).to(device)
@@ -369,6 +395,11 @@ class OnlineTrainer:
             .cpu()
             for name in scores[0].components
         }  # fmt: skip
+        prompts = gather_object([r.prompts[n % len(r.prompts)] for r in records
+                                 for n in range(r.rewards.numel())])  # fmt: skip
+        if accelerator.is_main_process:
+            log_samples(Path(self.config.output_dir) / SAMPLES_FILE, step, self.collections,
+                        prompts, every_ids, every, components, advantages)  # fmt: skip
         metrics = reward_stats(RewardScores(every, components), every_ids)
         metrics["online/advantage_std"] = advantages.std(correction=0).item()
         metrics["online/images_scored"] = float((self.collections + 1) * every.numel())
