@@ -11,13 +11,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from accelerate import debug_launcher
 
 import train
 from common.cli import UsageError
 from diffusion.sampling import FlowSchedule, Sampler, sample_rollout, step_log_prob
 from evaluation.rewards import RewardScores
-from tests.support import reset_accelerate
-from tests.test_online_trainer import BrightnessReward, flat, online_args, setup_run
+from tests.support import one_thread_per_rank, reset_accelerate
+from tests.test_online_trainer import BrightnessReward, base_params, flat, online_args, setup_run
 from training.config import TrainConfig, parse_config
 from training.online import STATE_DIR, build_sampler, shuffled_steps
 
@@ -172,9 +174,9 @@ def test_a_filtered_group_leaves_no_gradient_and_unfiltered_only_its_kl(
     step's gradient is the red group's own loss gradient (the mean over the 3 images kept), the
     blue micro-batch, last, running only its zero backward; unfiltered, it is half of that plus
     half the gradient of the blue group's KL term, written out here by hand."""
-    run = setup_run(online_args(tiny_sd15_dir, two_prompts, tmp_path / "out", "grpo",
-                                "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
-                                "--kl_coef", "0.5", "--filter_zero_advantages", "true"))  # fmt: skip
+    args = ("--train_batch_size", "1", "--gradient_accumulation_steps", "2", "--kl_coef", "0.5",
+            "--filter_zero_advantages", "true")  # fmt: skip
+    run = setup_run(online_args(tiny_sd15_dir, two_prompts, tmp_path / "out", "grpo", *args))
     online, policy, config = run.online, run.policy, run.config
     assert "images whose advantage is exactly 0 are left out" in online.describe()[2]
     online.collect(run.batches, run.state)
@@ -260,3 +262,31 @@ def test_resume_mid_collection_equals_an_uninterrupted_run(extra, tiny_sd15_dir,
     assert torch.equal(flat(whole.models.policy.parameters()),
                        flat(resumed.models.policy.parameters()))  # fmt: skip
     assert [h["loss"] for h in whole.history[1:]] == [h["loss"] for h in resumed.history]
+
+
+def filtered_rank_main(args: list[str], report_dir: str) -> None:
+    reset_accelerate()
+    train.build_reward = lambda config, device, prompts: RedOnlyReward()
+    result = train.main(args)
+    rank = dist.get_rank()
+    torch.save(flat(result.models.policy.parameters()), Path(report_dir) / f"params-{rank}.pt")
+    (Path(report_dir) / f"rank-{rank}.json").write_text(json.dumps(result.history))
+
+
+def test_a_process_whose_samples_are_all_filtered_still_reaches_the_gradient_sync(
+    tiny_sd15_dir, two_prompts, tmp_path, monkeypatch
+):
+    """2 processes, one prompt each per step: the one with the blue group keeps no image, runs
+    its zero backward only, and the all-reduce completes (no hang); both end on the same
+    weights, which moved (the red group's gradient, averaged with the other's zero)."""
+    with one_thread_per_rank(monkeypatch):
+        report = tmp_path / "report"
+        report.mkdir()
+        extra = ("--train_batch_size", "1", "--filter_zero_advantages", "true")
+        args = online_args(tiny_sd15_dir, two_prompts, tmp_path / "two", "grpo", *extra)
+        debug_launcher(filtered_rank_main, args=(args, str(report)), num_processes=2)
+    ranks = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(2)]
+    assert [step["online/filtered"] for step in ranks[0]] == [0.5, 0.5]
+    params = [torch.load(report / f"params-{r}.pt") for r in range(2)]
+    assert torch.equal(params[0], params[1]), "ranks diverged"
+    assert not torch.equal(params[0], flat(base_params(tiny_sd15_dir).values()))
