@@ -20,7 +20,10 @@ collection equal the stored ones exactly in fp32 (``online/ratio_at_first_step``
 
 - GRPO (``trajectory`` collection; Flow-GRPO / DDPO): per stored step, the policy's log-prob of
   the stored next latent, the clipped ratio objective, and the KL of the step's mean to the
-  reference's (the frozen base; adapters off under LoRA) when ``kl_coef`` > 0.
+  reference's (the frozen base; adapters off under LoRA) when ``kl_coef`` > 0. The steps kept
+  are the first ones, a window (Flow-GRPO-Fast's random or MixGRPO's progressive one, a
+  function of the collection index: ``window``) or each image's shuffled share (DanceGRPO:
+  ``shuffled_steps``); images of zero advantage can be left out (``grpo_micro_batch``).
 - NFT (``endpoint`` collection; DiffusionNFT): only the clean latents and advantages are kept;
   per sample a seeded permutation of the sampler's timesteps, fresh noise per trained step, the
   NFT loss against the old policy, which samples the next collection and is soft-updated before
