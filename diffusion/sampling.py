@@ -7,10 +7,13 @@ builds the one its noise process needs (``ModelFamily.sampling_schedule``); noth
 which family it runs.
 
 ``sample_rollout`` draws images from a policy under ``no_grad`` and keeps, for the steps to be
-trained, the latents before and after the step and the step's log-probability (fp32).
+trained, the latents before and after the step and the step's log-probability (fp32): the same
+steps for every sample, or each sample's own (DanceGRPO's shuffled subset), stored slot by slot.
 ``step_log_prob`` recomputes a stored step's log-probability through the same code path
 (``guided_output`` then ``Schedule.step`` with the stored next latent), so before any update it
-equals the stored value bit for bit in fp32: a ratio of exactly 1.
+equals the stored value bit for bit in fp32: a ratio of exactly 1. A slot whose samples sit at
+different steps is recomputed with per-sample step indices ([B] tensors): the step functions
+broadcast a [B] sigma exactly as a scalar one, element by element, so the values are the same.
 
 Randomness comes from per-sample generators the caller passes (``sample_generator``): the
 initial noise, which the caller may share within a prompt's group, and one stream of SDE noise
@@ -31,6 +34,7 @@ from diffusion.denoising import Forward, predict
 from losses.online import ddim_sde_step, flow_sde_step
 
 Autocast = Callable[[], AbstractContextManager]
+Index = int | torch.Tensor  # one step for the whole batch, or [B] long: each sample's own
 # Flow-GRPO's noise level a (config/grpo.py, the headline "sde" recipes) and DDPO's eta
 # (config/base.py, sample.eta): the released values of the two stochastic samplers.
 FLOW_GRPO_NOISE_LEVEL = 0.7
@@ -59,7 +63,7 @@ class Schedule(Protocol):
 
     def step(
         self,
-        index: int,
+        index: Index,
         x: torch.Tensor,
         output: torch.Tensor,
         noise_level: float,
@@ -72,7 +76,7 @@ class Schedule(Protocol):
         """Whether step ``index`` is stochastic (a positive std) at this noise level."""
         ...
 
-    def kl_std(self, index: int, std: torch.Tensor) -> torch.Tensor:
+    def kl_std(self, index: Index, std: torch.Tensor) -> torch.Tensor:
         """The std the GRPO KL term divides by at step ``index``."""
         ...
 
@@ -119,8 +123,15 @@ class FlowSchedule:
     def model_timesteps(self, index: torch.Tensor) -> torch.Tensor:
         return self.sigmas[index.cpu()] * self.num_train_timesteps
 
+    def sigma_pair(self, index: Index) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """sigma and sigma_next of step ``index``: floats, or [B] tensors for [B] indices."""
+        if isinstance(index, torch.Tensor):
+            index = index.cpu()
+            return self.sigmas[index], self.sigmas[index + 1]
+        return float(self.sigmas[index]), float(self.sigmas[index + 1])
+
     def step(self, index, x, output, noise_level, x_next) -> StepResult:
-        sigma, sigma_next = float(self.sigmas[index]), float(self.sigmas[index + 1])
+        sigma, sigma_next = self.sigma_pair(index)
         result = flow_sde_step(x, output, sigma, sigma_next, noise_level, x_next=x_next,
                                sigma_max=float(self.sigmas[1]), sde_type=self.sde_type)  # fmt: skip
         return StepResult(*result)
@@ -129,8 +140,11 @@ class FlowSchedule:
         # cps's std is sigma_next sin(a pi / 2): the last step (to sigma 0) has none.
         return noise_level > 0 and not (self.sde_type == "cps" and self.sigmas[index + 1] == 0)
 
-    def kl_std(self, index: int, std: torch.Tensor) -> torch.Tensor:
+    def kl_std(self, index: Index, std: torch.Tensor) -> torch.Tensor:
         # Flow-GRPO divides by s^2 = std^2 / (sigma - sigma_next) (its KL is |dt| x the exact one).
+        if isinstance(index, torch.Tensor):
+            sigma, sigma_next = self.sigma_pair(index)
+            return std / _as_column((sigma - sigma_next).sqrt(), std)
         return std / float(self.sigmas[index] - self.sigmas[index + 1]) ** 0.5
 
     def noised(self, x0, noise, index):
@@ -159,7 +173,12 @@ class DDIMSchedule:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
-    def alphas(self, index: int) -> tuple[float, float]:
+    def alphas(self, index: Index) -> tuple[float | torch.Tensor, float | torch.Tensor]:
+        """alpha_bar and the previous alpha_bar of step ``index`` (floats, or [B] tensors)."""
+        if isinstance(index, torch.Tensor):
+            t = self.timesteps[index.cpu()]
+            prev = (t - len(self.alphas_cumprod) // self.num_steps).clamp(min=0)
+            return self.alphas_cumprod[t], self.alphas_cumprod[prev]
         t = int(self.timesteps[index])
         prev = max(t - len(self.alphas_cumprod) // self.num_steps, 0)
         return float(self.alphas_cumprod[t]), float(self.alphas_cumprod[prev])
@@ -177,7 +196,7 @@ class DDIMSchedule:
         alpha_bar, alpha_bar_prev = self.alphas(index)
         return noise_level > 0 and alpha_bar_prev > alpha_bar
 
-    def kl_std(self, index: int, std: torch.Tensor) -> torch.Tensor:
+    def kl_std(self, index: Index, std: torch.Tensor) -> torch.Tensor:
         return std  # the exact per-dimension KL (DDPO has no KL term)
 
     def noised(self, x0, noise, index):
@@ -229,6 +248,18 @@ class Sampler:
     noise_levels: tuple[float, ...]  # [N]
     trained_steps: tuple[int, ...]  # ascending step indices, each with noise
     guidance_scale: float = 1.0
+    # 0: every sample keeps all ``trained_steps``; k > 0: each keeps its own k of them, chosen by
+    # the caller (``sample_rollout``'s ``kept``: DanceGRPO's per-sample shuffled subset).
+    steps_per_sample: int = 0
+
+    def level(self, index: Index) -> float:
+        """The noise level of step ``index``; per-sample indices must share one."""
+        if not isinstance(index, torch.Tensor):
+            return self.noise_levels[index]
+        levels = {self.noise_levels[i] for i in index.tolist()}
+        if len(levels) != 1:
+            raise ValueError(f"per-sample steps {index.tolist()} have noise levels {levels}")
+        return levels.pop()
 
 
 @dataclass
@@ -239,20 +270,24 @@ class Rollout:
     x_t: torch.Tensor  # [S, B, *D] fp32: the latent before each trained step
     x_next: torch.Tensor  # [S, B, *D] fp32: the latent the step drew
     log_probs: torch.Tensor  # [S, B] fp32
+    # [S, B] long: the step each slot holds per sample (None: slot s is trained_steps[s] for all)
+    steps: torch.Tensor | None = None
 
 
 def denoiser_output(
     model: torch.nn.Module,
     forward: Forward | None,
     sampler: Sampler,
-    index: int,
+    index: Index,
     x: torch.Tensor,
     cond: dict[str, Any],
     uncond: dict[str, Any] | None,
     autocast: Autocast,
 ) -> torch.Tensor:
-    """The (guided) denoiser output [B, *D] fp32 at step ``index`` for latents ``x``."""
-    timesteps = sampler.schedule.model_timesteps(torch.full((x.shape[0],), index))
+    """The (guided) denoiser output [B, *D] fp32 at step ``index`` (or each sample's) for ``x``."""
+    if not isinstance(index, torch.Tensor):
+        index = torch.full((x.shape[0],), index)
+    timesteps = sampler.schedule.model_timesteps(index)
     with autocast():
         return guided_output(model, forward, x, timesteps.to(x.device), cond, uncond,
                              sampler.guidance_scale)  # fmt: skip
@@ -262,17 +297,18 @@ def step_log_prob(
     model: torch.nn.Module,
     forward: Forward | None,
     sampler: Sampler,
-    index: int,
+    index: Index,
     x: torch.Tensor,
     x_next: torch.Tensor,
     cond: dict[str, Any],
     uncond: dict[str, Any] | None,
     autocast: Autocast,
 ) -> StepResult:
-    """The model's log-probability [B] of the stored ``x_next`` at step ``index`` (with grad
-    when called with grad), and the step's mean and std: the sampler's own code path."""
+    """The model's log-probability [B] of the stored ``x_next`` at step ``index`` (an int, or
+    [B] per-sample steps) with grad when called with grad, and the step's mean and std: the
+    sampler's own code path."""
     output = denoiser_output(model, forward, sampler, index, x, cond, uncond, autocast)
-    return sampler.schedule.step(index, x, output, sampler.noise_levels[index], x_next)
+    return sampler.schedule.step(index, x, output, sampler.level(index), x_next)
 
 
 @torch.no_grad()
@@ -285,12 +321,24 @@ def sample_rollout(
     cond: dict[str, Any],
     uncond: dict[str, Any] | None,
     autocast: Autocast,
+    kept: torch.Tensor | None = None,
 ) -> Rollout:
     """Run the sampler from ``noise`` [B, *D] (fp32); a stochastic step draws its noise from
-    each sample's generator in ``sde_generators`` [B]; deterministic steps go to the mean."""
+    each sample's generator in ``sde_generators`` [B]; deterministic steps go to the mean.
+    ``kept`` [B, k] (``sampler.steps_per_sample`` = k): the steps each sample keeps, slot j of
+    the rollout holding each sample's ``kept[:, j]``; default: ``sampler.trained_steps``."""
     schedule = sampler.schedule
+    batch = len(noise)
+    if (kept is None) != (sampler.steps_per_sample == 0):
+        raise ValueError(
+            "sample_rollout: pass kept exactly when the sampler keeps per-sample steps"
+        )
+    slots = kept if kept is not None else torch.tensor(sampler.trained_steps).expand(batch, -1)
+    slots = slots.reshape(batch, -1)
     x = noise.float()
-    kept_x, kept_next, kept_logp = [], [], []
+    kept_x = x.new_zeros((slots.shape[1], *x.shape))
+    kept_next = torch.zeros_like(kept_x)
+    kept_logp = x.new_zeros((slots.shape[1], batch))
     for index in range(schedule.num_steps):
         level = sampler.noise_levels[index]
         output = denoiser_output(model, forward, sampler, index, x, cond, uncond, autocast)
@@ -299,20 +347,17 @@ def sample_rollout(
         if schedule.has_noise(index, level):
             eps = draw_noise(sde_generators, x.shape[1:]).to(x.device)
             x_next = probe.mean + probe.std * eps
-        if index in sampler.trained_steps:
+        rows, slot = (slots == index).nonzero(as_tuple=True)
+        if len(rows):
             # Evaluated at the drawn latent exactly as step_log_prob recomputes it.
             result = schedule.step(index, x, output, level, x_next)
-            kept_x.append(x)
-            kept_next.append(result.x_next)
-            kept_logp.append(result.log_prob)
+            rows, slot = rows.to(x.device), slot.to(x.device)
+            kept_x[slot, rows] = x[rows]
+            kept_next[slot, rows] = result.x_next[rows]
+            kept_logp[slot, rows] = result.log_prob[rows]
         x = x_next.detach().float()
-    empty = noise.new_zeros((0, *noise.shape))
-    return Rollout(
-        final=x,
-        x_t=torch.stack(kept_x) if kept_x else empty,
-        x_next=torch.stack(kept_next) if kept_next else empty,
-        log_probs=torch.stack(kept_logp) if kept_logp else noise.new_zeros((0, len(noise))),
-    )
+    steps = kept.T.contiguous() if kept is not None else None
+    return Rollout(final=x, x_t=kept_x, x_next=kept_next, log_probs=kept_logp, steps=steps)
 
 
 def decode_images(vae: Any, latents: torch.Tensor) -> list[Image.Image]:

@@ -8,9 +8,10 @@
 # 4.5 in sampling and training (the guided velocity is trained); 24 images per prompt, 48
 # prompts per epoch, 2 optimizer steps per epoch, 1 inner epoch; clip range 1e-4, advantages
 # clipped to 5; KL 0.01 (PickScore's; 0.04 in its GenEval and OCR configs); advantages
-# (r - prompt mean) / (std of the whole epoch + 1e-4); distinct initial noise per image; LoRA
-# r 32, alpha 64, gaussian init, on attn.{to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,
-# add_v_proj,to_add_out} (not the second attention of SD3.5-M's dual-attention blocks); AdamW
+# (r - prompt mean) / (std of the whole epoch + 1e-4), samples whose advantage is exactly 0
+# left out of training; distinct initial noise per image; LoRA r 32, alpha 64, gaussian init,
+# on attn.{to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out} (not the
+# second attention of SD3.5-M's dual-attention blocks); AdamW
 # lr 3e-4, wd 1e-4, betas 0.9 / 0.999, eps 1e-8, no schedule, grad clip 1.0; fp16 mixed
 # precision; evaluation 40 Euler steps, guidance 4.5. The released prompts are flow_grpo
 # dataset/pickscore/train.txt (Pick-a-Pic captions), not shipped here: give PROMPTS (one prompt
@@ -22,8 +23,10 @@
 #   process differs (48 groups need NUM_PROCESSES x BATCH to divide 24: 8 GPUs by default);
 # - no EMA of the adapters (released: decay min((1+s)/(10+s), 0.9) every 8 steps, used only for
 #   evaluation and checkpoints): validation and the export use the trained adapters;
-# - samples whose advantage is exactly 0 (groups with equal rewards) are trained, contributing
-#   only their KL gradient; the release drops them from the epoch;
+# - samples whose advantage is exactly 0 (groups with equal rewards) are left out of training, as
+#   released, but none is put back: the release returns a few at random so that its filtered
+#   epoch splits into equal micro-batches; here the micro-batches stay whole groups and each
+#   optimizer step averages over the images it keeps on each GPU;
 # - the frozen transformer is stored in fp16 (prefdiff's LoRA base in the compute dtype); the
 #   release moves it to the GPU in fp32 and runs it under fp16 autocast;
 # - no step limit was released (runs until stopped by hand): STEPS is ours.
@@ -48,4 +51,4 @@ CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-120}              # released: every 60 epoc
 source "$(dirname "$0")/sd35_online_settings.sh"
 split_collection
 setup_project
-launch_train --loss grpo --pretrained_model "$MODEL" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" ${REWARD_URL:+--reward_url "$REWARD_URL"} --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --sde_type sde --noise_level "$NOISE_LEVEL" --trained_steps_fraction 0.99 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std global --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef "$KL" --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_target_modules "$LORA_TARGETS" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_inference_steps "$EVAL_STEPS" --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"
+launch_train --loss grpo --pretrained_model "$MODEL" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" ${REWARD_URL:+--reward_url "$REWARD_URL"} --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --sde_type sde --noise_level "$NOISE_LEVEL" --trained_steps_fraction 0.99 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std global --filter_zero_advantages true --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef "$KL" --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_target_modules "$LORA_TARGETS" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_inference_steps "$EVAL_STEPS" --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"

@@ -7,6 +7,7 @@ recipe's own variable logic runs and train.py's parser reads exactly the argv it
 """
 
 import json
+import math
 import os
 import re
 import shutil
@@ -37,7 +38,8 @@ RELEASED = {
         "noise_level": 0.7, "sde_type": "sde", "guidance_scale": 4.5,
         "trained_steps_fraction": 0.99,
         "clip_range": 1e-4, "adv_clip_max": 5.0, "kl_coef": 0.01, "advantage_std": "global",
-        "share_initial_noise": False, "lora_rank": 32, "lora_alpha": 64.0, "learning_rate": 3e-4,
+        "filter_zero_advantages": True, "share_initial_noise": False, "lora_rank": 32,
+        "lora_alpha": 64.0, "learning_rate": 3e-4,
         "weight_decay": 1e-4, "max_grad_norm": 1.0, "resolution": 512, "mixed_precision": "fp16",
         "reward": ["pickscore"], "reward_weights": "0.0384615384615",
     },
@@ -182,5 +184,10 @@ def test_the_recipe_runs_on_a_tiny_model(script, request, tmp_path):
     assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
     (logged,) = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged["online/images_scored"] == 4.0  # 2 prompts x 2 images
-    if config["loss"] == "grpo":  # the stored log-probs recompute exactly: ratio 1 in fp32
+    if config["loss"] == "grpo" and config["filter_zero_advantages"]:
+        # toy_colour finds no colour in the tiny model's noise: every image scores 0, so every
+        # group is equal and left out (no ratio is computed); the step still completes.
+        assert logged["online/filtered"] == 1.0 and logged["loss"] == 0.0
+        assert math.isnan(logged["online/ratio_at_first_step"])
+    elif config["loss"] == "grpo":  # the stored log-probs recompute exactly: ratio 1 in fp32
         assert logged["online/ratio_at_first_step"] == 1.0

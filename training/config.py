@@ -44,6 +44,16 @@ OPTIMIZERS = ("adamw", "adamw8bit", "adafactor")
 # Online methods: advantages normalised by the std of the whole collection (Flow-GRPO's and
 # DiffusionNFT's global_std) or of each prompt's group (DDPO's per-prompt tracker).
 ADVANTAGE_STDS = ("global", "group")
+# grpo's SDE window: its start drawn per collection (Flow-GRPO-Fast, scripts/train_sd3_fast.py) or
+# sliding from the range's start (MixGRPO, fastvideo/utils/grpo_states.py "progressive").
+WINDOW_SCHEDULES = ("random", "progressive")
+# MixGRPO's released progressive window (scripts/finetune/finetune_flux_grpo_MixGRPO.sh at e5cdd6a):
+# it moves by prog_overlap_step = 1 every iters_per_group = 25 iterations (= collections here).
+MIXGRPO_WINDOW_SHIFT = 1
+MIXGRPO_WINDOW_EVERY = 25
+# grpo's trained steps: the first ones in order (Flow-GRPO, DDPO) or, per image, a shuffled subset
+# of the steps before the last (DanceGRPO fastvideo/train_grpo_flux.py, --ignore_last).
+TRAINED_STEP_ORDERS = ("first", "shuffled")
 
 LIBRARIES = (
     "torch",
@@ -159,7 +169,8 @@ class _Settings:
     trained_steps_fraction: float = arg(
         0.99,
         "online: grpo trains the first int(steps x this) sampler steps (Flow-GRPO 0.99, DDPO "
-        "1.0); nft trains as many of each image's shuffled timesteps",
+        "1.0), or with --trained_steps_order shuffled int((steps - 1) x this) of each image's "
+        "(DanceGRPO 0.6); nft trains as many of each image's shuffled timesteps",
     )
     sde_window_size: int = arg(
         0,
@@ -167,9 +178,37 @@ class _Settings:
         "(Flow-GRPO-Fast 3, MixGRPO 4); 0: every step",
     )
     sde_window_range: str | None = unset(
-        "grpo: LO,HI: the window starts in LO .. HI - size, drawn per collection "
-        "(default: 0,sampling_steps-1)"
+        "grpo: LO,HI: the window lies in steps LO .. HI - 1 (random: its start drawn in LO .. "
+        "HI - size; progressive: its end clipped at HI) (default: 0,sampling_steps-1)"
     )  # fmt: skip
+    sde_window_schedule: str = arg(
+        "random",
+        "grpo: how the --sde_window_size window moves: random (Flow-GRPO-Fast: its start drawn "
+        "per collection) or progressive (MixGRPO: it starts at LO and moves by "
+        "--sde_window_shift every --sde_window_every collections, back to LO once past HI - 1)",
+        choices=list(WINDOW_SCHEDULES),
+    )
+    sde_window_shift: int = arg(
+        MIXGRPO_WINDOW_SHIFT, "grpo, progressive window: steps it moves by (MixGRPO: 1)"
+    )
+    sde_window_every: int = arg(
+        MIXGRPO_WINDOW_EVERY,
+        "grpo, progressive window: collections between two moves (MixGRPO: 25 iterations)",
+    )
+    trained_steps_order: str = arg(
+        "first",
+        "grpo: which sampler steps train: first (the first int(steps x "
+        "--trained_steps_fraction), in order: Flow-GRPO, DDPO) or shuffled (DanceGRPO: per "
+        "image int((steps - 1) x fraction) of the steps before the last, in a seeded random "
+        "order)",
+        choices=list(TRAINED_STEP_ORDERS),
+    )
+    filter_zero_advantages: bool = arg(
+        False,
+        "grpo: leave samples whose advantage is exactly 0 (groups with equal rewards) out of "
+        "training, their KL term included (Flow-GRPO); each optimizer step averages over the "
+        "samples it keeps",
+    )
     share_initial_noise: bool = arg(
         False, "online: a prompt's images share their initial noise (SDE noise stays per image)"
     )
@@ -462,6 +501,7 @@ class _Settings:
             (self.kl_coef is None or self.kl_coef >= 0, "--kl_coef must be >= 0"),
         ]
         problems += [message for ok, message in checks if not ok]
+        problems += self.step_choice_problems(spec)
         if self.sde_window_range:
             problems += self.window_problems()
         elif self.sde_window_size >= steps:
@@ -476,6 +516,33 @@ class _Settings:
                 f"positive multiple of --gradient_accumulation_steps "
                 f"{self.gradient_accumulation_steps} (whole optimizer steps per collection)"
             )
+        return problems
+
+    def step_choice_problems(self, spec: Any) -> list[str]:
+        """The progressive window's moves, the shuffled steps and the advantage filter: grpo's
+        (nft keeps no sampler step and re-noises each image at shuffled timesteps itself)."""
+        problems = []
+        grpo = spec.online == "trajectory"
+        progressive = self.sde_window_schedule == "progressive"
+        if progressive and not self.sde_window_size:
+            problems.append("--sde_window_schedule progressive needs --sde_window_size > 0")
+        if progressive and (self.sde_window_shift < 1 or self.sde_window_every < 1):
+            problems.append("--sde_window_shift and --sde_window_every must be >= 1")
+        if self.trained_steps_order == "shuffled":
+            if not grpo:
+                problems.append(
+                    f"--trained_steps_order shuffled is grpo's: --loss {self.loss} re-noises "
+                    "each image at its own shuffled timesteps already"
+                )
+            if self.sde_window_size:
+                problems.append(
+                    "--trained_steps_order shuffled draws from every step before the last: drop "
+                    "--sde_window_size (a window trains all its steps)"
+                )
+            if self.sampling_steps < 2:
+                problems.append("--trained_steps_order shuffled needs --sampling_steps >= 2")
+        if self.filter_zero_advantages and not grpo:
+            problems.append(f"--filter_zero_advantages is grpo's, not --loss {self.loss}'s")
         return problems
 
     def window_problems(self) -> list[str]:

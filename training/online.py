@@ -20,7 +20,10 @@ collection equal the stored ones exactly in fp32 (``online/ratio_at_first_step``
 
 - GRPO (``trajectory`` collection; Flow-GRPO / DDPO): per stored step, the policy's log-prob of
   the stored next latent, the clipped ratio objective, and the KL of the step's mean to the
-  reference's (the frozen base; adapters off under LoRA) when ``kl_coef`` > 0.
+  reference's (the frozen base; adapters off under LoRA) when ``kl_coef`` > 0. The steps kept
+  are the first ones, a window (Flow-GRPO-Fast's random or MixGRPO's progressive one, a
+  function of the collection index: ``window``) or each image's shuffled share (DanceGRPO:
+  ``shuffled_steps``); images of zero advantage can be left out (``grpo_micro_batch``).
 - NFT (``endpoint`` collection; DiffusionNFT): only the clean latents and advantages are kept;
   per sample a seeded permutation of the sampler's timesteps, fresh noise per trained step, the
   NFT loss against the old policy, which samples the next collection and is soft-updated before
@@ -79,7 +82,7 @@ logger = logging.getLogger("prefdiff")
 
 TRAJECTORY, ENDPOINT = "trajectory", "endpoint"  # LossSpec.online: what a collection keeps
 # Keys of the per-sample random streams (sample_generator(seed, KEY, draw, member, ...)).
-INIT_NOISE, SDE_NOISE, NFT_NOISE, WINDOW, ORDER = 1, 2, 3, 4, 5
+INIT_NOISE, SDE_NOISE, NFT_NOISE, WINDOW, ORDER, TRAINED_STEPS = 1, 2, 3, 4, 5, 6
 # Flow-GRPO's advantage epsilon (flow_grpo/stat_tracking.py), also DiffusionNFT's.
 ADVANTAGE_EPS = 1e-4
 STATE_DIR = "online"  # inside a checkpoint: the collection in progress and the old policy
@@ -94,7 +97,7 @@ def trained_count(num_steps: int, fraction: float) -> int:
 
 
 def window_bounds(config: TrainConfig) -> tuple[int, int]:
-    """``--sde_window_range LO,HI`` (half-open): the window starts in LO .. HI - size; default
+    """``--sde_window_range LO,HI`` (half-open): the steps the window may cover; default
     [0, steps - 1), the last step (to the clean image) never stochastic."""
     if config.sde_window_range:
         low, high = (int(v) for v in config.sde_window_range.split(","))
@@ -102,32 +105,80 @@ def window_bounds(config: TrainConfig) -> tuple[int, int]:
     return 0, config.sampling_steps - 1
 
 
+def progressive_starts(config: TrainConfig) -> list[int]:
+    """MixGRPO's progressive window starts (fastvideo/utils/grpo_states.py, ``roll_back``): LO,
+    LO + shift, ... while the window still covers a step below HI, then LO again."""
+    low, high = window_bounds(config)
+    return list(range(low, high, config.sde_window_shift))
+
+
+def window(config: TrainConfig, collection: int) -> range:
+    """The SDE window of collection ``collection`` (a function of the index alone, so a resumed
+    run continues the schedule). random: Flow-GRPO-Fast's start k ~ U{LO .. HI - size}, seeded by
+    the collection; progressive: MixGRPO's start moves by --sde_window_shift every
+    --sde_window_every collections (its "iterations": one rollout of a prompt batch and the
+    updates on it), the end clipped at HI. The release clips at HI = steps - 2 exclusive and
+    also holds the start HI for a round, where its window is empty and nothing trains; here the
+    start goes back to LO after the last start that leaves a step to train."""
+    low, high = window_bounds(config)
+    size = config.sde_window_size
+    if config.sde_window_schedule == "progressive":
+        starts = progressive_starts(config)
+        start = starts[(collection // config.sde_window_every) % len(starts)]
+        return range(start, min(start + size, high))
+    rng = np.random.default_rng([config.seed, WINDOW, collection])
+    start = int(rng.integers(low, high - size + 1))
+    return range(start, start + size)
+
+
 def build_sampler(config: TrainConfig, schedule: Any, kind: str, collection: int) -> Sampler:
-    """The sampler of one collection: GRPO's SDE (every step, or a window whose start is drawn
-    per collection, as Flow-GRPO-Fast / MixGRPO) with the steps to train; NFT's ODE (noise 0
-    unless --noise_level says otherwise), keeping no steps."""
+    """The sampler of one collection: GRPO's SDE (every step, or a window, random per collection
+    as Flow-GRPO-Fast or progressive as MixGRPO) with the steps to train (DanceGRPO: each image
+    trains its own shuffled share of the steps before the last, ``shuffled_steps``); NFT's ODE
+    (noise 0 unless --noise_level says otherwise), keeping no steps."""
     steps = schedule.num_steps
     level = config.noise_level
     if level is None:
         level = schedule.default_noise_level if kind == TRAJECTORY else 0.0
+    per_sample = 0
     if config.sde_window_size:
-        low, high = window_bounds(config)
-        rng = np.random.default_rng([config.seed, WINDOW, collection])
-        start = int(rng.integers(low, high - config.sde_window_size + 1))
-        window = range(start, start + config.sde_window_size)
-        levels = tuple(level if i in window else 0.0 for i in range(steps))
-        candidates = list(window)
+        span = window(config, collection)
+        levels = tuple(level if i in span else 0.0 for i in range(steps))
+        candidates = list(span)
     else:
         levels = (level,) * steps
         candidates = list(range(trained_count(steps, config.trained_steps_fraction)))
+        if config.trained_steps_order == "shuffled":
+            candidates = list(range(steps - 1))  # --ignore_last
+            per_sample = trained_count(steps - 1, config.trained_steps_fraction)
     trained = tuple(i for i in candidates if schedule.has_noise(i, levels[i]))
-    if kind == TRAJECTORY and not trained:
+    if kind == TRAJECTORY and (not trained or len(trained) < per_sample):
         raise UsageError(
             f"no stochastic step to train (noise level {level}, steps {candidates}): raise "
             "--noise_level or --trained_steps_fraction"
         )
-    guidance = config.guidance_scale
-    return Sampler(schedule, levels, trained if kind == TRAJECTORY else (), guidance)
+    if kind != TRAJECTORY:
+        trained, per_sample = (), 0
+    return Sampler(schedule, levels, trained, config.guidance_scale, per_sample)
+
+
+def shuffled_steps(config: TrainConfig, sampler: Sampler, draws: list[int]) -> torch.Tensor:
+    """DanceGRPO's per-image steps [N, k], member-major: a permutation of the sampler's candidate
+    steps from the image's own stream (seed, TRAINED_STEPS, draw, member), its first k in that
+    order; the same image gets the same steps on any process count and after a resume."""
+    candidates = torch.tensor(sampler.trained_steps)
+    count = sampler.steps_per_sample
+    rows = []
+    for g in range(config.group_size):
+        for d in draws:
+            gen = sample_generator(config.seed, TRAINED_STEPS, d, g)
+            rows.append(candidates[torch.randperm(len(candidates), generator=gen)[:count]])
+    return torch.stack(rows)
+
+
+def take(rows: torch.Tensor, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
+    """The ``rows`` of each per-sample tensor; None and broadcast ([1, ...]) ones as given."""
+    return [t if t is None or t.shape[0] == 1 else t[rows] for t in tensors]
 
 
 @dataclass
@@ -143,6 +194,7 @@ class Collected:
     log_probs: torch.Tensor  # [S, N] fp32 at sampling
     rewards: torch.Tensor  # [N] fp32
     advantages: torch.Tensor | None = None  # [N] fp32, after the gather
+    steps: torch.Tensor | None = None  # [S, N] long: each image's step per slot (shuffled order)
 
     @property
     def group_ids(self) -> torch.Tensor:
@@ -150,8 +202,12 @@ class Collected:
         return torch.tensor(self.draws * (self.final.shape[0] // len(self.draws)))
 
     TENSORS: ClassVar[tuple[str, ...]] = (
-        "final", "x_t", "x_next", "log_probs", "rewards", "advantages"
+        "final", "x_t", "x_next", "log_probs", "rewards", "advantages", "steps"
     )  # fmt: skip
+
+    def index(self, slot: int, sampler: Sampler) -> int | torch.Tensor:
+        """The step of stored slot ``slot``: shared, or each image's own ([N] long)."""
+        return sampler.trained_steps[slot] if self.steps is None else self.steps[slot]
 
 
 @dataclass
@@ -290,22 +346,44 @@ class OnlineTrainer:
         images = config.train_batch_size * config.group_size
         batches = self.batches_per_collection
         steps = batches * config.inner_epochs // config.gradient_accumulation_steps
-        window = ""
-        if config.sde_window_size:
-            window = f" (a window of {config.sde_window_size}, drawn per collection)"
-        trained = (
-            f"trained steps {list(sampler.trained_steps)}{window}"
-            if self.kind == TRAJECTORY
-            else f"{trained_count(self.schedule.num_steps, config.trained_steps_fraction)} "
-            "re-noised timesteps per image trained"
-        )
-        return [
+        if self.kind == TRAJECTORY:
+            trained = f"trained steps {list(sampler.trained_steps)}{self.describe_steps(sampler)}"
+        else:
+            count = trained_count(self.schedule.num_steps, config.trained_steps_fraction)
+            trained = f"{count} re-noised timesteps per image trained"
+        lines = [
             f"online: {config.group_size} images per prompt, {self.schedule.num_steps} sampler "
             f"steps (noise {max(sampler.noise_levels)} at steps {noisy}), guidance "
             f"{config.guidance_scale}; {trained}",
             f"collection: {batches} batches x {images} images per process, {config.inner_epochs} "
             f"inner epoch(s) = {steps} optimizer step(s) per collection",
         ]
+        if config.filter_zero_advantages:
+            lines.append(
+                "images whose advantage is exactly 0 are left out of training (their KL term "
+                "too); each optimizer step averages over the images it keeps on each process"
+            )
+        return lines
+
+    def describe_steps(self, sampler: Sampler) -> str:
+        """How the trained steps change between collections or images (grpo)."""
+        config = self.config
+        if sampler.steps_per_sample:
+            return (
+                f": each image trains {sampler.steps_per_sample} of them, its own seeded shuffle "
+                "(DanceGRPO)"
+            )
+        if not config.sde_window_size:
+            return ""
+        if config.sde_window_schedule == "random":
+            return f" (a window of {config.sde_window_size}, drawn per collection)"
+        low, high = window_bounds(config)
+        starts = progressive_starts(config)
+        return (
+            f" (first collection; a window of {config.sde_window_size} moving by "
+            f"{config.sde_window_shift} every {config.sde_window_every} collections over steps "
+            f"{low}..{high - 1}, starts {starts[0]}..{starts[-1]}, then back to {low}: MixGRPO)"
+        )
 
     # ------------------------------------------------------------------ collection
     def condition(self, prompts: list[str], repeats: int) -> tuple[dict, dict | None]:
@@ -338,16 +416,19 @@ class OnlineTrainer:
         group = self.config.group_size
         cond, uncond = self.condition(batch.prompts, group)
         noise, generators = self.initial_noise(batch.draws)
+        kept = None
+        if sampler.steps_per_sample:
+            kept = shuffled_steps(self.config, sampler, batch.draws)
         with self.old.active() if self.old is not None else nullcontext():
             rollout = sample_rollout(self.policy, self.models.family.forward, sampler,
                                      noise.to(device), generators, cond, uncond,
-                                     self.accelerator.autocast)  # fmt: skip
+                                     self.accelerator.autocast, kept)  # fmt: skip
         with torch.no_grad():
             images = decode_images(self.models.latent_encoder.vae, rollout.final)
         scores = self.reward.score(images, batch.prompts * group, batch.metadata * group)
         return Collected(batch.prompts, batch.metadata, batch.draws, rollout.final,
                          rollout.x_t, rollout.x_next, rollout.log_probs,
-                         scores.total.float(), None), scores  # fmt: skip
+                         scores.total.float(), None, rollout.steps), scores  # fmt: skip
 
     def collect(self, batches: Iterator[PromptBatch], state: Any) -> None:
         """Sample, score and normalise a collection (NFT: after soft-updating the old policy
@@ -412,24 +493,43 @@ class OnlineTrainer:
         accumulation = self.config.gradient_accumulation_steps
         micro_metrics = []
         self.collect_seconds = 0.0
+        # A step never spans two collections (config: whole optimizer steps per collection).
+        if self.current is None or self.current.exhausted:
+            started = time.perf_counter()
+            self.collect(batches, state)
+            self.collect_seconds += time.perf_counter() - started
+        collection = self.current
+        first_step = collection.cursor < accumulation
+        step_batches = collection.order[collection.cursor : collection.cursor + accumulation]
+        kept = sum(int(self.kept(collection.batches[i]).sum()) for i in step_batches)
         for m in range(accumulation):
-            if self.current is None or self.current.exhausted:
-                started = time.perf_counter()
-                self.collect(batches, state)
-                self.collect_seconds += time.perf_counter() - started
-            collection = self.current
-            first_step = collection.cursor < accumulation
             record = collection.batches[collection.order[collection.cursor]]
             epoch = collection.cursor // len(collection.batches)
             collection.cursor += 1
             last = m == accumulation - 1
             if self.kind == TRAJECTORY:
                 sampler = self.collection_sampler(collection)
-                metrics = self.grpo_micro_batch(record, sampler, last, first_step)
+                metrics = self.grpo_micro_batch(record, sampler, last, first_step, kept)
             else:
                 metrics = self.nft_micro_batch(record, epoch, last, state.global_step)
             micro_metrics.append({**metrics, **collection.metrics})
         return micro_metrics
+
+    def kept(self, record: Collected) -> torch.Tensor:
+        """[N] bool: the images that train. With --filter_zero_advantages those whose advantage
+        is not exactly 0 (Flow-GRPO's scripts/train_sd3.py "Filter out samples"), a group of
+        equal rewards always out: the mean of equal floats can be an ulp off them, which leaves
+        an advantage of ~1e-13 instead of 0 (a group lies whole in one micro-batch)."""
+        if not self.config.filter_zero_advantages:
+            return torch.ones_like(record.advantages, dtype=torch.bool)
+        ids = torch.unique(record.group_ids, return_inverse=True)[1]
+        low = torch.full((int(ids.max()) + 1,), math.inf).scatter_reduce(
+            0, ids, record.rewards.float(), "amin"
+        )
+        high = torch.full_like(low, -math.inf).scatter_reduce(
+            0, ids, record.rewards.float(), "amax"
+        )
+        return (record.advantages != 0) & (high > low)[ids]
 
     def timed(
         self, micro_metrics: list[dict[str, float]], seconds: float
@@ -449,36 +549,62 @@ class OnlineTrainer:
         return gradient_sync(self.accelerator, self.policy, last_backward)
 
     def grpo_micro_batch(
-        self, record: Collected, sampler: Sampler, last: bool, first_step: bool
+        self, record: Collected, sampler: Sampler, last: bool, first_step: bool, step_kept: int
     ) -> dict[str, float]:
         """Per trained step: ratio of the recomputed to the stored log-prob, the clipped
-        objective and the KL to the reference; one backward per step."""
+        objective and the KL to the reference; one backward per step.
+
+        With --filter_zero_advantages the loss (its KL term too) is the mean over this
+        micro-batch's kept images, weighted so that the optimizer step's gradient is the mean
+        over the ``step_kept`` images its micro-batches keep on this process (the release's
+        loop, whose filtered micro-batches are equal in size, averages over them the same way);
+        the whole micro-batch still runs through the policy, so the ratios stay those of the
+        sampling batch. A micro-batch that keeps no image runs no forward, unless it holds the
+        step's last backward: then one zero-valued backward so that every process reaches the
+        gradient synchronisation."""
         accelerator, models = self.accelerator, self.models
         device = accelerator.device
+        kept = self.kept(record)
+        if not kept.any():
+            return self.filtered_micro_batch(record, sampler, last)
+        rows = None if kept.all() else kept.nonzero().squeeze(1).to(device)
+        # Over the step: each kept image weighs 1 / step_kept (accelerate divides by accumulation).
+        scale = 1.0
+        if self.config.filter_zero_advantages:
+            scale = self.config.gradient_accumulation_steps * int(kept.sum()) / step_kept
         cond, uncond = self.condition(record.prompts, self.config.group_size)
         advantages = record.advantages.to(device)
-        steps = sampler.trained_steps
+        slots = record.x_t.shape[0]
         totals: dict[str, float] = {}
         ratios = []
-        for s, index in enumerate(steps):
+        for s in range(slots):
+            index = record.index(s, sampler)
             x, x_next = record.x_t[s].to(device), record.x_next[s].to(device)
+            old = record.log_probs[s].to(device)
             ref_mean = None
             if models.reference is not None:
                 with torch.no_grad():
                     ref_mean = step_log_prob(models.reference, models.family.forward, sampler,
                                              index, x, x_next, cond, uncond,
                                              accelerator.autocast).mean  # fmt: skip
-            with self.sync_context(last and s == len(steps) - 1):
+            with self.sync_context(last and s == slots - 1):
                 out = step_log_prob(self.policy, models.family.forward, sampler, index, x, x_next,
                                     cond, uncond, accelerator.autocast)  # fmt: skip
                 std = sampler.schedule.kl_std(index, out.std)
-                loss, metrics = self.loss_fn(out.log_prob, record.log_probs[s].to(device),
-                                             advantages, kl_mean=out.mean if ref_mean is not None
-                                             else None, ref_mean=ref_mean, std=std)  # fmt: skip
-                accelerator.backward(loss / len(steps))
-            ratios.append(torch.exp(out.log_prob.detach() - record.log_probs[s].to(device)))
+                kl_mean = out.mean if ref_mean is not None else None
+                if rows is None:
+                    loss, metrics = self.loss_fn(out.log_prob, old, advantages, kl_mean=kl_mean,
+                                                 ref_mean=ref_mean, std=std)  # fmt: skip
+                else:
+                    loss, metrics = self.loss_fn(*take(rows, out.log_prob, old, advantages),
+                                                 kl_mean=take(rows, kl_mean)[0],
+                                                 ref_mean=take(rows, ref_mean)[0],
+                                                 std=take(rows, std)[0])  # fmt: skip
+                accelerator.backward(loss * scale / slots)
+            ratios.append(torch.exp(out.log_prob.detach() - old))
+            metrics["loss"] *= scale  # what this micro-batch adds to the step's loss
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value / len(steps)
+                totals[name] = totals.get(name, 0.0) + value / slots
         ratio = torch.stack(ratios)
         worst = ratio.flatten()[(ratio - 1).abs().argmax()].item()
         return {
@@ -490,6 +616,36 @@ class OnlineTrainer:
             "online/ratio_max": ratio.max().item(),
             # Before the collection's first update every ratio must be exactly 1 (fp32).
             "online/ratio_at_first_step": worst if first_step else math.nan,
+            "online/filtered": 1.0 - kept.float().mean().item(),
+        }
+
+    def filtered_micro_batch(self, record: Collected, sampler: Sampler, last: bool) -> dict:
+        """A micro-batch whose every image is left out: no loss. Holding the step's last
+        backward, it still runs one (zero-valued, through the policy's first trained step) so
+        that every process reaches the gradient synchronisation (DDP, FSDP: the all-reduce;
+        DeepSpeed: the step boundary). Its metrics: loss 0, the loss's own nan (left out of
+        the step's averages), 1 image in 1 filtered."""
+        accelerator, device = self.accelerator, self.accelerator.device
+        if last:
+            cond, uncond = self.condition(record.prompts, self.config.group_size)
+            with self.sync_context(True):
+                out = step_log_prob(self.policy, self.models.family.forward, sampler,
+                                    record.index(0, sampler), record.x_t[0].to(device),
+                                    record.x_next[0].to(device), cond, uncond,
+                                    accelerator.autocast)  # fmt: skip
+                accelerator.backward(out.log_prob.sum() * 0.0)
+        empty = torch.zeros(0)
+        kl = dict(kl_mean=empty[:, None], ref_mean=empty[:, None], std=torch.ones(1, 1))
+        _, metrics = self.loss_fn(empty, empty, empty,
+                                  **(kl if self.models.reference is not None else {}))  # fmt: skip
+        metrics.pop("loss")
+        return {
+            "loss": 0.0,
+            **{f"online/{name}": math.nan for name in metrics},
+            "online/ratio_min": math.nan,
+            "online/ratio_max": math.nan,
+            "online/ratio_at_first_step": math.nan,
+            "online/filtered": 1.0,
         }
 
     def nft_micro_batch(
@@ -559,7 +715,8 @@ class OnlineTrainer:
             tensors = {}
             for i, record in enumerate(current.batches):
                 for name in Collected.TENSORS:
-                    tensors[f"{i}.{name}"] = getattr(record, name).contiguous().cpu()
+                    if getattr(record, name) is not None:  # steps: only when shuffled
+                        tensors[f"{i}.{name}"] = getattr(record, name).contiguous().cpu()
             save_file(tensors, str(tensor_path))
             info["collection"] = {
                 "index": current.index,
@@ -586,7 +743,9 @@ class OnlineTrainer:
         if saved is not None:
             tensors = load_file(str(tensor_path))
             batches = [
-                Collected(**meta, **{name: tensors[f"{i}.{name}"] for name in Collected.TENSORS})
+                Collected(
+                    **meta, **{name: tensors.get(f"{i}.{name}") for name in Collected.TENSORS}
+                )
                 for i, meta in enumerate(saved.pop("batches"))
             ]
             self.current = Collection(batches=batches, **saved)
