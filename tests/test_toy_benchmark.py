@@ -45,7 +45,13 @@ from scripts.toy_benchmark import (
     stored_record,
     train_argv,
 )
-from scripts.toy_benchmark_report import RunMetrics, loss_row, stalled_share, write_report
+from scripts.toy_benchmark_report import (
+    RunMetrics,
+    loss_row,
+    stalled_share,
+    training_signal_row,
+    write_report,
+)
 from training.config import CAPTION_DROPOUT
 
 SETTINGS = """
@@ -356,6 +362,23 @@ def test_matched_budgets_by_hand():
     assert [(e.name, e.images_scored, e.cpu_s) for e in evals] == [
         ("grpo-s1@21", 672.0, 105.0), ("grpo-s1@35", 1120.0, 175.0)
     ]  # fmt: skip
+
+
+def test_the_training_signal_of_an_online_run_by_hand():
+    """42 steps of 32 images: the first 7 at reward 0.25, the last 7 at 0.5: +25.0 points,
+    half-width 1.96 sqrt(.25 x .75 / 224 + .5 x .5 / 224) = 8.66; a quarter of the groups flat
+    on every step, clip fraction 0.1, approx. KL 0.002 (nan steps skipped)."""
+    kl = [float("nan")] + [0.002] * 41
+    history = [{"online/images_scored": 32.0 * (i + 1), "reward/mean": 0.25 if i < 21 else 0.5,
+                "reward/zero_spread_groups": 0.25, "online/clipfrac": 0.1,
+                "online/approx_kl": kl[i]} for i in range(42)]  # fmt: skip
+    row = training_signal_row({"name": "grpo-s0", "history": history})
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells == ["grpo-s0", "7 + 7", "25.0%", "50.0%", "+25.0 [+16.3, +33.7]", "25.0%",
+                     "10.0%", "0.002"]  # fmt: skip
+    nft = [{k: v for k, v in h.items() if k.startswith("reward/") or k.endswith("scored")}
+           for h in history]  # fmt: skip
+    assert training_signal_row({"name": "nft-s0", "history": nft}).endswith("| 25.0% | - | - |")
 
 
 def test_offline_budgets_count_the_training_images_and_the_data_builds_share():
