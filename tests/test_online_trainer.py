@@ -387,33 +387,42 @@ def test_every_scored_image_is_logged_with_its_components_and_advantage(
 # --------------------------------------------------------------------------- resume, processes
 
 
+def resumed_mid_collection(model: Path, prompts: Path, tmp_path: Path, loss: str,
+                           *extra: str) -> Path:  # fmt: skip
+    """Two optimizer steps per collection, three steps: a run stopped after step 1 (its checkpoint
+    holds the collection in progress) and resumed ends on the uninterrupted run's weights, with
+    its losses at steps 2-3. Returns the resumed run's output dir."""
+    common = ("--collect_batches", "2", "--train_batch_size", "1", *extra)
+    whole = train.main(online_args(model, prompts, tmp_path / "whole", loss, *common,
+                                   "--max_train_steps", "3"))  # fmt: skip
+    reset_accelerate()
+    out = tmp_path / "parts"
+    train.main(online_args(model, prompts, out, loss, *common, "--max_train_steps", "1",
+                           "--checkpointing_steps", "1"))  # fmt: skip
+    saved = json.loads((out / "checkpoint-1" / STATE_DIR / "rank-0.json").read_text())
+    assert saved["collection"]["cursor"] == 1 and saved["collections"] == 1
+    reset_accelerate()
+    resumed = train.main(online_args(model, prompts, out, loss, *common, "--max_train_steps", "3",
+                                     "--resume_from_checkpoint", "latest"))  # fmt: skip
+    assert torch.equal(flat(whole.models.policy.parameters()),
+                       flat(resumed.models.policy.parameters()))  # fmt: skip
+    assert [h["loss"] for h in whole.history[1:]] == [h["loss"] for h in resumed.history]
+    return out
+
+
 @pytest.mark.parametrize("loss", ["grpo", "nft"])
 def test_resume_mid_collection_equals_an_uninterrupted_run(loss, tiny_sd15_dir, brightness,
                                                            prompt_file, tmp_path):  # fmt: skip
     """Two optimizer steps per collection (--collect_batches 2): a checkpoint after step 1 holds
     the collection in progress (and NFT's old policy); resumed, steps 2-3 match exactly."""
-    common = ("--collect_batches", "2", "--train_batch_size", "1")
-    whole = train.main(online_args(tiny_sd15_dir, prompt_file, tmp_path / "whole", loss,
-                                   *common, "--max_train_steps", "3"))  # fmt: skip
-    reset_accelerate()
-    out = tmp_path / "parts"
-    train.main(online_args(tiny_sd15_dir, prompt_file, out, loss, *common,
-                           "--max_train_steps", "1", "--checkpointing_steps", "1"))  # fmt: skip
-    saved = json.loads((out / "checkpoint-1" / STATE_DIR / "rank-0.json").read_text())
-    assert saved["collection"]["cursor"] == 1 and saved["collections"] == 1
+    out = resumed_mid_collection(tiny_sd15_dir, prompt_file, tmp_path, loss)
     assert (out / "checkpoint-1" / STATE_DIR / OLD_POLICY_FILE).is_file() == (loss == "nft")
-    reset_accelerate()
-    resumed = train.main(online_args(tiny_sd15_dir, prompt_file, out, loss, *common,
-                                     "--max_train_steps", "3",
-                                     "--resume_from_checkpoint", "latest"))  # fmt: skip
-    assert torch.equal(flat(whole.models.policy.parameters()),
-                       flat(resumed.models.policy.parameters()))  # fmt: skip
-    assert [h["loss"] for h in whole.history[1:]] == [h["loss"] for h in resumed.history]
 
 
-def rank_main(args: list[str], report_dir: str) -> None:
+def rank_main(args: list[str], report_dir: str, reward: type = BrightnessReward) -> None:
+    """One process of a 2-process run: its final weights and history, written to report_dir."""
     reset_accelerate()
-    train.build_reward = lambda config, device, prompts: BrightnessReward()
+    train.build_reward = lambda config, device, prompts: reward()
     result = train.main(args)
     rank = dist.get_rank()
     torch.save(flat(result.models.policy.parameters()), Path(report_dir) / f"params-{rank}.pt")

@@ -11,17 +11,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 from accelerate import debug_launcher
 
 import train
 from common.cli import UsageError
 from diffusion.sampling import FlowSchedule, Sampler, sample_rollout, step_log_prob
 from evaluation.rewards import RewardScores
-from tests.support import one_thread_per_rank, reset_accelerate
-from tests.test_online_trainer import BrightnessReward, base_params, flat, online_args, setup_run
+from tests.support import one_thread_per_rank
+from tests.test_online_trainer import (
+    BrightnessReward,
+    base_params,
+    flat,
+    online_args,
+    rank_main,
+    resumed_mid_collection,
+    setup_run,
+)
 from training.config import TrainConfig, parse_config
-from training.online import STATE_DIR, build_sampler, shuffled_steps
+from training.online import build_sampler, shuffled_steps
 
 RED, BLUE = "a red circle on a white background", "a blue square on a black background"
 
@@ -246,31 +253,7 @@ def test_resume_mid_collection_equals_an_uninterrupted_run(extra, tiny_sd15_dir,
     """Two optimizer steps per collection, three steps: resumed after step 1 (mid-collection),
     steps 2 and 3 (the 2nd collection: the window moved, new images and their own steps) match
     the uninterrupted run exactly."""
-    common = ("--collect_batches", "2", "--train_batch_size", "1", *extra)
-    whole = train.main(online_args(tiny_sd15_dir, two_prompts, tmp_path / "whole", "grpo",
-                                   *common, "--max_train_steps", "3"))  # fmt: skip
-    reset_accelerate()
-    out = tmp_path / "parts"
-    train.main(online_args(tiny_sd15_dir, two_prompts, out, "grpo", *common,
-                           "--max_train_steps", "1", "--checkpointing_steps", "1"))  # fmt: skip
-    saved = json.loads((out / "checkpoint-1" / STATE_DIR / "rank-0.json").read_text())
-    assert saved["collection"]["cursor"] == 1 and saved["collections"] == 1
-    reset_accelerate()
-    resumed = train.main(online_args(tiny_sd15_dir, two_prompts, out, "grpo", *common,
-                                     "--max_train_steps", "3",
-                                     "--resume_from_checkpoint", "latest"))  # fmt: skip
-    assert torch.equal(flat(whole.models.policy.parameters()),
-                       flat(resumed.models.policy.parameters()))  # fmt: skip
-    assert [h["loss"] for h in whole.history[1:]] == [h["loss"] for h in resumed.history]
-
-
-def filtered_rank_main(args: list[str], report_dir: str) -> None:
-    reset_accelerate()
-    train.build_reward = lambda config, device, prompts: RedOnlyReward()
-    result = train.main(args)
-    rank = dist.get_rank()
-    torch.save(flat(result.models.policy.parameters()), Path(report_dir) / f"params-{rank}.pt")
-    (Path(report_dir) / f"rank-{rank}.json").write_text(json.dumps(result.history))
+    resumed_mid_collection(tiny_sd15_dir, two_prompts, tmp_path, "grpo", *extra)
 
 
 def test_a_process_whose_samples_are_all_filtered_still_reaches_the_gradient_sync(
@@ -284,7 +267,7 @@ def test_a_process_whose_samples_are_all_filtered_still_reaches_the_gradient_syn
         report.mkdir()
         extra = ("--train_batch_size", "1", "--filter_zero_advantages", "true")
         args = online_args(tiny_sd15_dir, two_prompts, tmp_path / "two", "grpo", *extra)
-        debug_launcher(filtered_rank_main, args=(args, str(report)), num_processes=2)
+        debug_launcher(rank_main, args=(args, str(report), RedOnlyReward), num_processes=2)
     ranks = [json.loads((report / f"rank-{r}.json").read_text()) for r in range(2)]
     assert [step["online/filtered"] for step in ranks[0]] == [0.5, 0.5]
     params = [torch.load(report / f"params-{r}.pt") for r in range(2)]
