@@ -292,6 +292,7 @@ def setup(config: TrainConfig, checks: startup.Startup, argv: list[str] | None) 
     online = None
     if reward is not None:  # before resuming: it saves and loads its own state
         online = OnlineTrainer(config, accelerator, models, policy, loss_fn, reward)
+        online.samples_path = output_dir / SAMPLES_FILE
 
     state = checkpointing.TrainerState()
     resume_dir = checkpointing.resolve_resume(output_dir, config.resume_from_checkpoint)

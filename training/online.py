@@ -335,6 +335,7 @@ class OnlineTrainer:
         self.collections = 0
         self.current: Collection | None = None
         self.collect_seconds = 0.0  # of the optimizer step in progress (``timed``)
+        self.samples_path: Path | None = None  # train.py: OUTPUT_DIR/SAMPLES_FILE
         self.old = OldPolicy(policy, models.policy) if self.kind == ENDPOINT else None
         self.register_checkpoint_hooks()
 
@@ -457,8 +458,8 @@ class OnlineTrainer:
         self, records: list[Collected], scores: list[RewardScores], step: int
     ) -> dict[str, float]:
         """Group advantages over the rewards of every process (gathered in rank order) and the
-        step's reward statistics; the main process appends every image's scores to
-        ``SAMPLES_FILE`` under ``step``, the optimizer step the collection first feeds."""
+        step's reward statistics; with ``samples_path`` set, the main process appends every
+        image's scores there under ``step``, the optimizer step the collection first feeds."""
         accelerator = self.accelerator
         device = accelerator.device
         local = torch.cat([r.rewards for r in records]).to(device)
@@ -476,11 +477,12 @@ class OnlineTrainer:
             .cpu()
             for name in scores[0].components
         }  # fmt: skip
-        prompts = gather_object([r.prompts[n % len(r.prompts)] for r in records
-                                 for n in range(r.rewards.numel())])  # fmt: skip
-        if accelerator.is_main_process:
-            log_samples(Path(self.config.output_dir) / SAMPLES_FILE, step, self.collections,
-                        prompts, every_ids, every, components, advantages)  # fmt: skip
+        if self.samples_path is not None:  # every process gathers; the main one writes
+            prompts = gather_object([r.prompts[n % len(r.prompts)] for r in records
+                                     for n in range(r.rewards.numel())])  # fmt: skip
+            if accelerator.is_main_process:
+                log_samples(self.samples_path, step, self.collections, prompts, every_ids, every,
+                            components, advantages)  # fmt: skip
         metrics = reward_stats(RewardScores(every, components), every_ids)
         metrics["online/advantage_std"] = advantages.std(correction=0).item()
         metrics["online/images_scored"] = float((self.collections + 1) * every.numel())
