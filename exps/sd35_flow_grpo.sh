@@ -48,7 +48,7 @@ STEPS=${STEPS:-2000}
 GRAD_CKPT=${GRAD_CKPT:-true}                           # ours: 24 images per micro-batch with CFG
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-120}              # released: every 60 epochs = 120 steps
 
-source "$(dirname "$0")/sd35_online_settings.sh"
+source "$(dirname "$0")/settings/sd35_online.sh"
 split_collection
 setup_project
 launch_train --loss grpo --pretrained_model "$MODEL" --prompts "$PROMPTS" --reward "$REWARD" --reward_weights "$REWARD_WEIGHTS" ${REWARD_URL:+--reward_url "$REWARD_URL"} --output_dir "$OUTPUT_DIR" --group_size "$GROUP" --train_batch_size "$BATCH" --collect_batches "$COLLECT" --gradient_accumulation_steps "$ACCUM" --inner_epochs 1 --sampling_steps "$SAMPLING_STEPS" --sde_type sde --noise_level "$NOISE_LEVEL" --trained_steps_fraction 0.99 --guidance_scale "$GUIDANCE" --share_initial_noise false --advantage_std global --filter_zero_advantages true --clip_range "$CLIP_RANGE" --adv_clip_max 5 --kl_coef "$KL" --learning_rate "$LR" --lr_scheduler constant --lr_warmup_steps 0 --adam_beta1 0.9 --adam_beta2 0.999 --adam_epsilon 1e-8 --weight_decay 1e-4 --max_grad_norm 1.0 --max_train_steps "$STEPS" --resolution "$RESOLUTION" --mixed_precision "$PRECISION" --gradient_checkpointing "$GRAD_CKPT" --lora_rank "$LORA_RANK" --lora_alpha "$LORA_ALPHA" --lora_target_modules "$LORA_TARGETS" ${VALIDATION_PROMPTS:+--validation_prompts "$VALIDATION_PROMPTS"} --validation_inference_steps "$EVAL_STEPS" --validation_guidance_scale "$GUIDANCE" --checkpointing_steps "$CHECKPOINT_EVERY" --dataloader_num_workers 1 --report_to "$REPORT_TO"

@@ -94,6 +94,7 @@ def dry_run(script: Path, tmp_path: Path, **env: str) -> subprocess.CompletedPro
     folder.mkdir(exist_ok=True)
     for sibling in script.parent.glob("*.sh"):  # a recipe may source another (sdxl -> sd15)
         shutil.copy(sibling, folder / sibling.name)
+    shutil.copytree(script.parent / "settings", folder / "settings", dirs_exist_ok=True)
     (folder / "common.sh").write_text(STUB + SPLIT)
     text = recipe_text(script)
     required = {k: v for k, v in REQUIRED.items() if f"{k}=${{{k}:?" in text}
