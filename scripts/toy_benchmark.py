@@ -524,7 +524,11 @@ def checkpoint_evals(records: list[dict], budgets: dict[str, dict]) -> list[Chec
 
 def run_checkpoint_eval(args: argparse.Namespace, item: CheckpointEval) -> dict:
     """Generate the split's images from one saved checkpoint's denoiser."""
-    unet = args.out / "runs" / item.task / item.run / f"checkpoint-{item.step}" / "unet"
+    checkpoint = args.out / "runs" / item.task / item.run / f"checkpoint-{item.step}"
+    from models.families import denoiser_config, family_for
+
+    folder = family_for(denoiser_config(args.model)).denoiser_folder  # unet/ or transformer/
+    unet = checkpoint / folder
     start = time.perf_counter()
     generate_heldout(args, unet, eval_dir(args, item.task, item.name))
     return {
