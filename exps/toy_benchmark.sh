@@ -13,8 +13,8 @@
 # (MODEL=assets/toy-sd3 GUIDANCE=1 for the flow base); writes assets/toy_online_vs_offline/BASE/
 # (toy_results.md and toy_online_vs_offline.png, reward against images scored). On 2026-12-05
 # the two bases' runs ran side by side on the 2 cores (4 training processes, plus tests): the
-# SD1.5 base took 65.6 min; the flow base's did not finish in the session (its online runs took
-# 13-14 min each); on an idle machine, from the CPU seconds, about 35 and 72 min. QUICK=1
+# SD1.5 base took 65.6 min, the flow base about 130 (online runs 13-14 min each, loaded; its
+# checkpoint evaluations in a RESUME=1 run); from the CPU seconds, about 35 and 72 min idle. QUICK=1
 # COMPARE=1 (SD1.5 base, colour, seed 0) took 8.6 min, loaded.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
 # took 73.6 min on the quiet 2-core machine, IPO then at beta 1000 (README, "Toy benchmark");
