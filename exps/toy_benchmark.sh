@@ -79,6 +79,14 @@ grpo_multi    loss=grpo group_size=8 train_batch_size=1 collect_batches=4 sampli
 nft_lr1e4     loss=nft group_size=8 train_batch_size=4 sampling_steps=10 learning_rate=1e-4 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # tuning arm
 nft_lr3e5     loss=nft group_size=8 train_batch_size=4 sampling_steps=10 learning_rate=3e-5 lr_warmup_steps=0 max_train_steps=$ONLINE_STEPS eval_every=7  # tuning arm
 nft_multi     loss=nft group_size=8 train_batch_size=1 collect_batches=4 sampling_steps=10 learning_rate=1e-4 lr_warmup_steps=0 max_train_steps=$((ONLINE_STEPS * 4)) eval_every=28  # tuning arm
+# Offline tuning arms, re-checked on the validation split (colour; KTO's batch on seeds 0-4, the
+# rest on seeds 0 and 4, as first tuned on all 12 held-out prompts; docs/toy-benchmark.md, "Tuning"):
+kto_b16       loss=kto tasks=colour beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=16  # tuning arm: the first choice
+kto_b8        loss=kto tasks=colour beta=$KTO_BETA learning_rate=3e-5 max_train_steps=600 kto_desirable_prob=0.5 caption_dropout=0.2 train_batch_size=8  # tuning arm
+dpo_300       loss=dpo tasks=colour beta=1000 learning_rate=4e-5 max_train_steps=300  # tuning arm
+dpo_500       loss=dpo tasks=colour beta=1000 learning_rate=4e-5 max_train_steps=500  # tuning arm
+ipo_b100      loss=ipo tasks=colour beta=100 learning_rate=4e-5 max_train_steps=400  # tuning arm
+ipo_b1000     loss=ipo tasks=colour beta=1000 learning_rate=4e-5 max_train_steps=400  # tuning arm: DPO's toy beta
 "}
 TASKS=${TASKS:-colour warm}
 TRAIN_SEEDS=${TRAIN_SEEDS:-0 1 2}
