@@ -6,8 +6,9 @@
 # benchmark"): the test split (SPLIT=test, reported) or the validation split (SPLIT=validation,
 # for choosing settings; results then go to outputs/, not assets/). Plus a reward-vs-drift
 # frontier over beta for DPO and KTO, and a noisy-label column (the colour task with NOISE of the
-# pair labels flipped). Writes assets/toy_results.md and plots. The online losses (grpo, nft)
-# sample from the training prompts, rewarded by the rule that labelled the pairs.
+# pair labels flipped). Writes assets/toy_results.md and plots. The online losses (grpo, nft),
+# which sample from the training prompts rewarded by the rule that labelled the pairs, run in
+# COMPARE=1 (or when MAIN names them), at budgets matched to DPO's and KTO's.
 # COMPARE=1: offline against online (issue 27): dpo, kto, grpo and nft only, both tasks, seeds
 # 0-2, online budgets matched by images scored and by CPU seconds; run it once per toy base
 # (MODEL=assets/toy-sd3 GUIDANCE=1 for the flow base); writes assets/toy_online_vs_offline/BASE/
@@ -115,7 +116,7 @@ WARMUP=${WARMUP:-10}
 CAPTION_DROPOUT=${CAPTION_DROPOUT:-0}
 PARALLEL=${PARALLEL:-2}
 RESUME=${RESUME:-0}                 # 1: keep OUT's data and finished runs whose settings match
-MAIN=${MAIN:-}                      # empty: every registered loss
+MAIN=${MAIN:-}                      # empty: every registered offline loss, and the WIDE variants
 if [ "$COMPARE" = 1 ]; then
   MAIN=${MAIN:-dpo kto grpo nft}; WIDE=""; FRONTIER=""; NOISY=""
 fi

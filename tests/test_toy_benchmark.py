@@ -146,10 +146,11 @@ def test_the_plan_holds_every_table_once():
 
 def test_the_full_command_runs_every_loss_and_the_wide_variants():
     variants = parse_variants(SETTINGS)
-    registered = ["dpo", "kto", "sft"]
+    registered = ["dpo", "grpo", "kto", "nft", "sft"]
     main = full_benchmark_variants(registered, ["dpo", "kto_b16", "absent"], variants)
     # kto_b16 is a WIDE variant, not a loss: the full command runs it too (it was skipped
     # before: the plan runs only the main table's names); a name without a line is not added.
+    # The online losses are COMPARE=1's: they sample instead of reading the pairs.
     assert main == ["dpo", "kto", "sft", "kto_b16"]
 
 
