@@ -18,7 +18,7 @@
 # checkpoint evaluations in a RESUME=1 run); from the CPU seconds, about 35 and 72 min idle. QUICK=1
 # COMPARE=1 (SD1.5 base, colour, seed 0) took 8.6 min, loaded.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
-# took 73.6 min on the quiet 2-core machine, IPO then at beta 1000 (README, "Toy benchmark");
+# took 64.0 min on the quiet 2-core machine on 2026-12-05 (README, "Toy benchmark");
 # QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.8 min.
 #
 # DPO's and KTO's betas were tuned on the earlier toy bases' warm task, their learning rate x
