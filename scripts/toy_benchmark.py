@@ -527,13 +527,12 @@ def checkpoint_evals(records: list[dict], budgets: dict[str, dict]) -> list[Chec
 
 def run_checkpoint_eval(args: argparse.Namespace, item: CheckpointEval) -> dict:
     """Generate the split's images from one saved checkpoint's denoiser."""
-    checkpoint = args.out / "runs" / item.task / item.run / f"checkpoint-{item.step}"
     from models.families import denoiser_config, family_for
 
-    folder = family_for(denoiser_config(args.model)).denoiser_folder  # unet/ or transformer/
-    unet = checkpoint / folder
+    checkpoint = args.out / "runs" / item.task / item.run / f"checkpoint-{item.step}"
+    denoiser = checkpoint / family_for(denoiser_config(args.model)).denoiser_folder  # unet/ ...
     start = time.perf_counter()
-    generate_heldout(args, unet, eval_dir(args, item.task, item.name))
+    generate_heldout(args, denoiser, eval_dir(args, item.task, item.name))
     return {
         "task": item.task, "name": item.name, "seed": item.seed, "parent": item.run,
         "step": item.step, "images_scored": item.images_scored, "cpu_s": item.cpu_s,
