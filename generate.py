@@ -33,6 +33,7 @@ from models.generation import (
     METADATA_CSV,
     SCHEDULERS,
     Generation,
+    default_guidance,
     generate,
     labelled_grid,
     load_pipeline,
@@ -63,7 +64,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="sampler (default: ddim; flow_euler for SD3 and Flux)",
     )
     parser.add_argument("--steps", type=int, default=20, help="inference steps")
-    parser.add_argument("--guidance_scale", type=float, default=1.0, help="CFG scale (<=1: off)")
+    parser.add_argument(
+        "--guidance_scale",
+        type=float,
+        default=None,
+        help="CFG scale (<=1: off; default 1, or 3.5 for guidance-distilled Flux.1-dev)",
+    )
     parser.add_argument("--resolution", type=int, default=None, help="pixels (default: native)")
     parser.add_argument("--batch_size", type=int, default=16, help="images per pipeline call")
     parser.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], default="fp32")
@@ -89,6 +95,8 @@ def main(argv: Sequence[str] | None = None) -> list[Generation]:
     pipe = load_pipeline(
         args.model, args.unet, args.scheduler, DTYPES[args.dtype], args.device, args.lora
     )
+    if args.guidance_scale is None:
+        args.guidance_scale = default_guidance(args.model)
     generations = generate(
         pipe,
         prompts,

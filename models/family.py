@@ -108,6 +108,12 @@ class ModelFamily:
         guidance off (diffusers' pipelines apply it only above 1)."""
         return NO_GUIDANCE
 
+    @classmethod
+    def sampling_guidance(cls, denoiser_config: dict) -> float:
+        """The guidance scale a model of this family samples with when the user gives none
+        (generate.py), read from its denoiser's config alone: 1, classifier-free guidance off."""
+        return NO_GUIDANCE
+
     @staticmethod
     def noise_process(
         scheduler: Any, train_config: Any, resolution: int, pixels_per_token: int | None = None

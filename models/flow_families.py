@@ -200,6 +200,13 @@ class FluxFamily(FlowFamily):
         # embedding (it is not CFG there): sample at the value trained with, not at 1.
         return NO_GUIDANCE if self.guidance is None else self.guidance
 
+    @classmethod
+    def sampling_guidance(cls, denoiser_config: dict) -> float:
+        # A guidance-distilled checkpoint (Flux.1-dev) at 1 would be told "no guidance" through
+        # its embedding: FluxPipeline's own default instead. Flux.1-schnell has no embedding.
+        distilled = denoiser_config.get("guidance_embeds", False)
+        return FLUX_DEFAULT_GUIDANCE if distilled else NO_GUIDANCE
+
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> TextFeatures:
         tokenizer, clip = self.tokenizers[0], self.text_encoders[0]

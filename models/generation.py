@@ -109,6 +109,13 @@ def choose_sampler(model: str, scheduler: str | None, strict: bool = True) -> tu
     return family, scheduler
 
 
+def default_guidance(model: str) -> float:
+    """The guidance scale ``model`` samples with when none is given: its family's
+    (``sampling_guidance``: 1, no CFG, but FluxPipeline's 3.5 for guidance-distilled Flux)."""
+    config = denoiser_config(str(model))
+    return family_for(config).sampling_guidance(config)
+
+
 def load_pipeline(
     model: str,
     unet: str | Path | None = None,

@@ -5,6 +5,7 @@ train.py end to end on tiny SD3.5- and Flux-shaped models (full, LoRA, cached, r
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,10 +18,19 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 
+import generate as generate_cli
 from diffusion.denoising import draw_groups, group_generator, noisy_inputs_and_target
 from diffusion.flow_matching import FlowMatching, resolution_shift, sample_u, shifted
 from losses import get_spec
-from models.flow_families import FluxFamily, SD3Family, image_ids, pack_latents, unpack_latents
+from models import generation
+from models.flow_families import (
+    FLUX_DEFAULT_GUIDANCE,
+    FluxFamily,
+    SD3Family,
+    image_ids,
+    pack_latents,
+    unpack_latents,
+)
 from models.loading import load_components
 from models.pipeline import load_pipeline
 from tests.support import reset_accelerate
@@ -436,3 +446,15 @@ def test_default_guidance_is_the_familys_training_guidance():
     explicit = TrainConfig(validation_guidance_scale=1.0)
     explicit.resolve_family_defaults(3.5)
     assert explicit.validation_guidance_scale == 1.0  # a value the user gave is kept
+
+
+def test_generate_samples_a_distilled_flux_at_the_pipelines_guidance(tiny_flux_dir):
+    """generate.py with no --guidance_scale: guidance-distilled Flux (the tiny model has the
+    embedding) at FluxPipeline's 3.5, since 1 would feed its embedding "no guidance"; Flux
+    without the embedding, SD3 and the UNets at 1 (CFG off)."""
+    repo = Path(__file__).resolve().parents[1]
+    assert generation.default_guidance(tiny_flux_dir) == FLUX_DEFAULT_GUIDANCE == 3.5
+    assert generation.default_guidance(repo / "assets" / "toy-sd3") == 1.0
+    assert generation.default_guidance(repo / "assets" / "toy-sd15") == 1.0
+    assert FluxFamily.sampling_guidance({"guidance_embeds": False}) == 1.0
+    assert generate_cli.parse_args(["--prompt", "a", "--out", "x"]).guidance_scale is None
