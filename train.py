@@ -77,10 +77,16 @@ class TrainResult:
     validation: list = field(default_factory=list)  # validation.ValidationResult (main process)
 
 
+# Ratios that must be exactly 1 (the online trainer's exactness check): reduced to the value
+# furthest from 1, since a mean would let a 0.998 in one micro-batch offset a 1.002 in another.
+FURTHEST_FROM_ONE = ("online/ratio_at_first_step",)
+
+
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:
     """Average over micro-batches, then over processes; nan entries (a class absent from a
     batch) are left out of the average rather than poisoning it. A metric named ``..._min`` or
-    ``..._max`` is an extreme: the min or max over every micro-batch of every process."""
+    ``..._max`` is an extreme: the min or max over every micro-batch of every process; one of
+    ``FURTHEST_FROM_ONE`` the value furthest from 1 over them."""
     names = sorted(micro_metrics[0])
     local = torch.tensor([[m[n] for n in names] for m in micro_metrics], dtype=torch.float64)
     gathered = accelerator.gather(local.to(accelerator.device)).cpu()  # [micro x processes, M]
@@ -89,8 +95,12 @@ def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float
     highest = torch.where(seen, gathered, -math.inf).amax(dim=0)
     reduced = gathered.nanmean(dim=0)
     for i, name in enumerate(names):
-        if name.endswith(("_min", "_max")) and seen[:, i].any():
+        if not seen[:, i].any():
+            continue
+        if name.endswith(("_min", "_max")):
             reduced[i] = lowest[i] if name.endswith("_min") else highest[i]
+        elif name in FURTHEST_FROM_ONE:
+            reduced[i] = max(lowest[i], highest[i], key=lambda value: abs(value - 1))
     return dict(zip(names, reduced.tolist(), strict=True))
 
 

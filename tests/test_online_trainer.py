@@ -291,6 +291,19 @@ def test_extremes_are_reduced_by_min_and_max_the_rest_averaged():
     assert logs == {"loss": 2.0, "online/ratio_min": 0.8, "online/ratio_max": 1.2, "x_min": 0.5}
 
 
+@pytest.mark.parametrize(("first", "second", "logged"), [
+    (1.002, 0.999, 1.002),  # a mean would log 1.0005, half the error
+    (1.001, 0.997, 0.997),
+    (1.0, math.nan, 1.0),  # nan: a micro-batch that is not the first step's
+])  # fmt: skip
+def test_the_first_steps_ratio_is_the_one_furthest_from_1(first, second, logged):
+    from accelerate import Accelerator
+
+    micro_metrics = [{"online/ratio_at_first_step": first}, {"online/ratio_at_first_step": second}]
+    logs = train.reduce_metrics(Accelerator(cpu=True), micro_metrics)
+    assert logs["online/ratio_at_first_step"] == pytest.approx(logged, abs=1e-12)
+
+
 def test_ratio_extremes_span_the_steps_micro_batches_and_times_split_the_step(
     tiny_sd15_dir, brightness, prompt_file, tmp_path
 ):
