@@ -499,6 +499,13 @@ def split_text(settings: dict) -> str:
     )
 
 
+def wide_seeds_note(settings: dict) -> str:
+    """The variants given more seeds and theirs, or nothing when none are (COMPARE=1)."""
+    if not settings["wide"]:
+        return ""
+    return f" ({', '.join(settings['wide'])}: {settings['wide_seeds']})"
+
+
 def write_report(result: dict, results_dir: Path) -> str:
     settings = result["settings"]
     metrics = run_metrics(result)
@@ -515,8 +522,8 @@ def write_report(result: dict, results_dir: Path) -> str:
         f"{settings['eval_seeds']} images each, every image from its own seed; the base's "
         f"sampler (DDIM; flow Euler for SD3 / Flux) {settings['sample_steps']} steps, "
         f"guidance {settings['guidance_scale']}, {settings['resolution']} px. "
-        f"Training seeds: {settings['train_seeds']} "
-        f"({', '.join(settings['wide'])}: {settings['wide_seeds']}).{reused_note(result)}",
+        f"Training seeds: {settings['train_seeds']}{wide_seeds_note(settings)}."
+        f"{reused_note(result)}",
         "",
         "Columns: reward rate = share of held-out images the task's rule accepts, mean over "
         "training seeds, and the worst seed; the 95% Wilson interval pools all the loss's images "

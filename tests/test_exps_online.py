@@ -99,8 +99,10 @@ def dry_run(script: Path, tmp_path: Path, **env: str) -> subprocess.CompletedPro
     text = recipe_text(script)
     required = {k: v for k, v in REQUIRED.items() if f"{k}=${{{k}:?" in text}
     env = {**os.environ, **required, **env}
+    # The timeout only guards against a hang: a dry run takes seconds, but minutes on a
+    # machine loaded by other jobs (30 s failed there).
     return subprocess.run(["bash", str(folder / script.name)], env=env, capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+                          text=True, timeout=180)  # fmt: skip
 
 
 def recipe_argv(script: Path, tmp_path: Path, **env: str) -> list[str]:

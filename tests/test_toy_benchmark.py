@@ -304,6 +304,7 @@ def test_the_report_reads_the_test_split_and_compares_methods_at_matched_budgets
     assert set(scored["prompt"]) == set(TEST_PROMPTS.read_text().splitlines())
     text = write_report(result, tmp_path / "results")
     assert "The **test** split of the held-out prompts" in text
+    assert "Training seeds: [0, 1, 2] (dpo, kto: [0, 1, 2, 3, 4])." in text
     assert "| colour | base | 6 | 16.7% |" in text  # 1 of the 6 test images: not validation's 0
     assert "| grpo | 1 | 100.0% |" in text  # the main table: the final weights, not checkpoints
     rows = {tuple(c.strip() for c in line.strip("|").split("|")[:2]): line
@@ -323,8 +324,10 @@ def test_the_report_reads_the_test_split_and_compares_methods_at_matched_budgets
     assert "| colour | grpo-s0@21 | 6 | 66.7% |" in text  # every evaluated checkpoint is listed
     assert (tmp_path / "results" / "toy_online_vs_offline.png").stat().st_size > 5000
     validation = fake_benchmark(tmp_path / "v", "validation")
+    validation["settings"]["wide"] = []  # as COMPARE=1: no variant gets more seeds
     text = write_report(validation, tmp_path / "v" / "results")
     assert "The **validation** split" in text and "| colour | base | 6 | 0.0% |" in text
+    assert "Training seeds: [0, 1, 2].\n" in text
 
 
 # --------------------------------------------------------------------------- online arms
@@ -399,13 +402,16 @@ def test_offline_budgets_count_the_training_images_and_the_data_builds_share():
 @pytest.mark.skipif(
     "grpo" not in loss_names(), reason="the online losses (branch online-trainer) are not merged"
 )
-def test_an_online_arm_runs_end_to_end_on_the_tiny_model(tiny_sd15_dir, tmp_path):
+@pytest.mark.parametrize("family", ["sd15", "sd3"])
+def test_an_online_arm_runs_end_to_end_on_the_tiny_model(family, request, tmp_path):
     """GRPO through run_job (2 steps, a checkpoint at each), then its matched checkpoint's
-    evaluation: CPU recorded, images counted, the test split's prompts generated."""
+    evaluation: CPU recorded, images counted, the test split's prompts generated; on a UNet and
+    on a flow base, whose checkpoints hold transformer/, not unet/."""
+    model = request.getfixturevalue(f"tiny_{family}_dir")
     line = ("grpo group_size=2 train_batch_size=2 sampling_steps=2 learning_rate=1e-4 "
             "max_train_steps=2 eval_every=1")  # fmt: skip
     variant = parse_variants(line)["grpo"]
-    args = parse_args(["--variants", "v.txt", "--model", str(tiny_sd15_dir), "--out",
+    args = parse_args(["--variants", "v.txt", "--model", str(model), "--out",
                        str(tmp_path), "--eval_seeds", "1", "--sample_steps", "2",
                        "--resolution", "32"])  # fmt: skip
     record = run_job(args, Job("colour", "grpo-s0", variant, 0))
