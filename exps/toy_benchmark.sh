@@ -12,10 +12,9 @@
 # COMPARE=1: offline against online (issue 27): dpo, kto, grpo and nft only, both tasks, seeds
 # 0-2, online budgets matched by images scored and by CPU seconds; run it once per toy base
 # (MODEL=assets/toy-sd3 GUIDANCE=1 for the flow base); writes assets/toy_online_vs_offline/BASE/
-# (toy_results.md and toy_online_vs_offline.png, reward against images scored). On 2026-12-05
-# the SD1.5 base's took 31.8 min alone on the quiet 2 cores; the flow base's about 130 min beside
-# it and tests (loaded), about 72 min alone by its CPU seconds (not timed alone). QUICK=1
-# COMPARE=1 (SD1.5 base, colour, seed 0) took 8.6 min, loaded.
+# (toy_results.md and toy_online_vs_offline.png, reward against images scored). On 2026-12-05,
+# each alone on the quiet 2 cores, the SD1.5 base's took 31.8 min and the flow base's 80.8 min
+# (both 112.6 min). QUICK=1 COMPARE=1 (SD1.5 base, colour, seed 0) took 8.6 min, loaded.
 # An empty FRONTIER or NOISY leaves that part out. Two runs at a time, one thread each: 91 runs
 # took 64.0 min on the quiet 2-core machine on 2026-12-05 (README, "Toy benchmark");
 # QUICK=1 (dpo, kto, sft; one seed; colour task; no frontier or noisy column) 3.8 min.
