@@ -50,7 +50,8 @@ QUICK=${QUICK:-0}
 KTO_BETA=${KTO_BETA:-300}
 # Online runs: ONLINE_STEPS of 8 images x 4 prompts = 32 images scored a step; 21 steps score the
 # 672 images of the offline data (42 training prompts x 16), so 42 steps are twice the offline
-# budget; a checkpoint every 7 steps (224 images) for the matched budgets. GRPO samples and trains
+# budget; a checkpoint every 7 steps (224 images) for the matched budgets. ONLINE_STEPS=168 (8x
+# the offline images, colour): assets/toy_online_vs_offline/toy-sd15-168/ (docs/toy-benchmark.md). GRPO samples and trains
 # with the toy protocol's guidance, as DDPO does (guidance 5 there); NFT is CFG-free as released.
 ONLINE_STEPS=${ONLINE_STEPS:-42}
 GRPO_GUIDANCE=${GRPO_GUIDANCE:-${GUIDANCE:-3.0}}
