@@ -51,7 +51,7 @@ from training.distributed import (
     forward_casts,
 )
 from training.model_card import data_source, label_text, write_model_card
-from training.online import SAMPLES_FILE, OnlineTrainer, build_reward
+from training.online import FURTHEST_FROM_ONE, SAMPLES_FILE, OnlineTrainer, build_reward
 from training.validation import ValidationResult, Validator
 
 logger = get_logger("prefdiff")
@@ -75,11 +75,6 @@ class TrainResult:
     nonfinite_steps: int = 0
     unreadable_files: list[str] = field(default_factory=list)  # parquet shards skipped whole
     validation: list = field(default_factory=list)  # validation.ValidationResult (main process)
-
-
-# Ratios that must be exactly 1 (the online trainer's exactness check): reduced to the value
-# furthest from 1, since a mean would let a 0.998 in one micro-batch offset a 1.002 in another.
-FURTHEST_FROM_ONE = ("online/ratio_at_first_step",)
 
 
 def reduce_metrics(accelerator: Accelerator, micro_metrics: list[dict[str, float]]) -> dict:

@@ -88,6 +88,10 @@ ADVANTAGE_EPS = 1e-4
 STATE_DIR = "online"  # inside a checkpoint: the collection in progress and the old policy
 OLD_POLICY_FILE = "old_policy.safetensors"
 SAMPLES_FILE = "online_samples.jsonl"  # in the output dir: one line per scored image
+# Metrics that must be exactly 1 (the exactness check before a collection's first update):
+# train.reduce_metrics keeps the value furthest from 1 over micro-batches and processes, since
+# a mean would let a 0.998 in one micro-batch offset a 1.002 in another.
+FURTHEST_FROM_ONE = ("online/ratio_at_first_step",)
 OLD_POLICY_SHARD = "old_policy-rank-{rank}.safetensors"  # under FSDP: each process's shards
 
 
